@@ -1,0 +1,56 @@
+"""The public verbs: ``sparsify`` a model into a trainable MST module."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .config import MSTConfig
+from .passes.linear import rewrite_linear
+from .runtime.handle import MSTHandle
+
+
+def _as_config(config: MSTConfig | dict | None) -> MSTConfig:
+    if config is None:
+        return MSTConfig()
+    if isinstance(config, MSTConfig):
+        return config
+    if isinstance(config, dict):
+        return MSTConfig.from_dict(config)
+    raise TypeError(f"config must be an MSTConfig, a dict or None, got {type(config).__name__}")
+
+
+def sparsify(
+    model: nn.Module,
+    config: MSTConfig | dict | None = None,
+    *,
+    example_inputs: Any = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` and rewrite it for Mixed Sparsity Training.
+
+    Returns a trainable module ``sm`` that shares parameters with ``model`` (training ``sm`` trains
+    ``model`` in place) and carries the runtime handle ``sm.mst``. Every weight starts dense (the
+    start of warm-up), so ``sm`` computes what ``model`` computes until sparsity is raised.
+
+    ``example_inputs`` (a tensor, a tuple of positional args or a dict of keyword args) is needed
+    only for models that ``torch.fx.symbolic_trace`` cannot trace. ``filter_fn(module, fqn)``
+    returns False for modules whose weights must stay dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
+    cfg = _as_config(config)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
+    gm, how = capture(model, example_inputs)
+    lin = rewrite_linear(gm, filter_fn=filter_fn, modules=dict(model.named_modules()))
+    lin.warn_if_empty()
+    attention: dict[str, nn.Module] = {}
+    skipped = list(lin.skipped)
+    # attention pass
+    weights = {s.name: (gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
+    gm.mst = MSTHandle(gm, cfg, weights, attention, lin.other_uses, skipped, how)
+    return gm

@@ -1,0 +1,134 @@
+"""Capture a model as an FX GraphModule that shares parameters with the model.
+
+``torch.fx.symbolic_trace`` first (keeps torch-level ops and module calls); if the model is not
+symbolically traceable (data-dependent control flow, Hugging Face ``transformers`` v5), fall back to
+``torch.export.export(..., strict=False).module()`` with the batch and sequence dims left dynamic.
+Both keep the model's own ``nn.Parameter`` objects, so training the captured module trains the
+model in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CaptureError
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional args, or a dict of keyword args."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Batch and sequence dims of every tensor input are AUTO: dynamic where the model allows it."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return {i: auto for i in range(min(x.dim(), 2))}
+        return None
+
+    sig = inspect.signature(model.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        else:
+            out[name] = spec(value)
+    return out
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """Hugging Face models must be captured with use_cache=False (a cache object is not a tensor)."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "use_cache", None)
+    if old is not None:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if old is not None:
+            cfg.use_cache = old
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphModule, str]:
+    """Return ``(graph_module, how)`` with ``how`` in ``{"fx", "export"}``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    try:
+        return torch.fx.symbolic_trace(model), "fx"
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
+        fx_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if example_inputs is None:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
+            "torch.export needs example inputs; pass example_inputs=(tensor, ...) or a dict of keyword arguments"
+        )
+    args, kwargs = _split_inputs(example_inputs)
+    _warn_dropout(model)
+    was_training = model.training
+    try:
+        with _no_kv_cache(model), _eval_mode(model):
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+        gm = ep.module()
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
+            f"torch.export.export failed ({type(e).__name__}: {first}); check that example_inputs match the "
+            "model's forward signature, or pass a filter_fn / wrap the model so its forward takes and returns tensors"
+        ) from None
+    _share_parameters(model, gm)
+    # torch.export bakes the train/eval mode into the graph, and its module refuses train()/eval();
+    # the graph is captured in eval mode, so train()/eval() only set the flag.
+    gm.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, mode), gm)
+    gm.eval = types.MethodType(lambda self: nn.Module.train(self, False), gm)
+    gm.train(was_training)
+    return gm, "export"
+
+
+def _warn_dropout(model: nn.Module) -> None:
+    ps = sorted({m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0})
+    if ps:
+        warnings.warn(
+            f"{type(model).__name__} has dropout (p={max(ps)}) but is captured by torch.export, which bakes "
+            "eval mode into the graph: it will train without dropout. Set dropout to 0 in the model config "
+            "to silence this.",
+            stacklevel=3,
+        )
+
+
+def _share_parameters(model: nn.Module, gm: nn.Module) -> None:
+    """Make sure every parameter of ``gm`` IS the model's parameter of the same name."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        q = own.get(name)
+        if q is not None and q is not p:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            setattr(owner, leaf, q)

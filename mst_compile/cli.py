@@ -1,0 +1,78 @@
+"""``mstc``: a thin command line over the Python API. Importing this module does not import torch."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import MstCompileError
+
+
+class _Failure(click.ClickException):
+    """One readable line on stderr and exit status 2, like click's own usage errors."""
+
+    exit_code = 2
+
+
+def _friendly(fn):
+    """Turn mst_compile's own errors (and bad values) into one readable line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MstCompileError, ValueError, TypeError) as e:
+            raise _Failure(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mst-compile")
+def main() -> None:
+    """mst_compile: Mixed Sparsity Training for PyTorch transformers."""
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--sparsity", type=float, default=None, help="Ultra-phase sparsity to show densities for (default: the config's).")
+@_friendly
+def inspect(model_file: str, sparsity: float | None) -> None:
+    """Show which sites of MODEL_FILE's model() MST rewrites, with densities and FLOP shares."""
+    from .modelfile import load_model_file
+
+    mf = load_model_file(model_file)
+    if not 0.0 <= (sparsity if sparsity is not None else 0.0) < 1.0:
+        raise click.BadParameter(f"{sparsity} is not in [0, 1)", param_hint="--sparsity")
+    from .api import sparsify
+    from .config import MSTConfig
+    from .runtime.handle import linear_flop_shares
+
+    cfg = mf.config() or MSTConfig()
+    sm = sparsify(mf.model(), cfg, example_inputs=mf.example_inputs())
+    s = cfg.sparsity if sparsity is None else sparsity
+    plan = sm.mst.plan
+    alloc = sm.mst.allocation(s)
+    shares = linear_flop_shares(plan)
+    rows = [("site", "kind", "shape", "params", f"density@{s:g}", "linear FLOPs")]
+    for e in plan:
+        if e.kind == "linear":
+            rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / e.params:.3f}", f"{shares[e.name]:.1%}"))
+        else:
+            rows.append((e.name, e.kind, "-", "-", sm.mst.config.attention, "-"))
+    total = sum(e.params for e in plan if e.kind == "linear")
+    active = sum(alloc.values())
+    rows.append(("total", f"{len(plan)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0 or i == len(rows) - 2:
+            click.echo("  ".join("-" * w for w in widths))
+    click.echo(f"captured with {sm.mst.capture}; skipped: {len(sm.mst.skipped)}")
+    for site, why in sm.mst.skipped:
+        click.echo(f"  skipped {site}: {why}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""MSTConfig: every knob of Mixed Sparsity Training (DESIGN §2-5), validated on construction.
+
+Importing this module does not import torch, so the CLI can build and check configs cheaply.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")
+PHASES = ("warmup", "ultra", "restoration")
+SPARSE_KERNELS = ("auto", "dense", "csr")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MSTConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+@dataclass
+class MSTConfig:
+    """Configuration of one MST run.
+
+    Sparsity variation (DESIGN §3): dense start, cubic ramp to ``sparsity`` over
+    ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
+    ``final_sparsity`` at ``T = total_steps``. ``schedule`` replaces all of that with any piecewise
+    linear list of ``(step, sparsity)`` points.
+    """
+
+    total_steps: int = 1000
+    sparsity: float = 0.9  # s_max, held during ultra-sparsification
+    final_sparsity: float = 0.5  # s_end, reached at the end of restoration
+    warmup_end: float = 0.1  # t1 / T
+    ultra_end: float = 0.8  # t2 / T
+    schedule: list[tuple[int, float]] | None = None  # overrides the three phases when given
+    distribution: str = "er"
+    update_interval: int = 100  # ΔT: steps between Mixed-Growing topology updates
+    drop_fraction: float = 0.3  # ζ for every phase unless drop_fractions is given
+    drop_fractions: tuple[float, float, float] | None = None  # ζ per phase (warmup, ultra, restoration)
+    grow_gradient_fraction: float = 0.75  # 0.75 = Mixed-Growing 3:1, 1.0 = RigL, 0.0 = SET
+    attention: str = "sparse"  # pattern used in attention_phases; dense causal elsewhere
+    stride: int | None = None  # HSA stride l; None means T/8 of the running sequence length
+    attention_phases: tuple[str, ...] = ("ultra",)
+    sparse_kernel: str = "auto"  # CPU linear kernel: auto picks CSR below the measured crossover
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0:
+            _fail("total_steps", self.total_steps, "an integer > 0")
+        for name in ("sparsity", "final_sparsity"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+                _fail(name, v, "a number in [0, 1)")
+        for name in ("warmup_end", "ultra_end"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+                _fail(name, v, "a fraction of total_steps in [0, 1]")
+        if self.warmup_end > self.ultra_end:
+            _fail("ultra_end", self.ultra_end, f"a fraction >= warmup_end ({self.warmup_end})")
+        if self.schedule is not None:
+            pts = [tuple(p) for p in self.schedule]
+            if not pts or any(len(p) != 2 for p in pts):
+                _fail("schedule", self.schedule, "a non-empty list of (step, sparsity) pairs")
+            steps = [p[0] for p in pts]
+            if any(int(s) != s or s < 0 for s in steps) or steps != sorted(set(steps)):
+                _fail("schedule", self.schedule, "steps that are integers >= 0 in strictly increasing order")
+            if any(not 0.0 <= p[1] < 1.0 for p in pts):
+                _fail("schedule", self.schedule, "sparsities in [0, 1)")
+            self.schedule = [(int(s), float(v)) for s, v in pts]
+        if self.distribution not in DISTRIBUTIONS:
+            _fail("distribution", self.distribution, f"one of {', '.join(DISTRIBUTIONS)}")
+        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
+            _fail("update_interval", self.update_interval, "an integer >= 1")
+        if not isinstance(self.drop_fraction, (int, float)) or not 0.0 <= self.drop_fraction <= 1.0:
+            _fail("drop_fraction", self.drop_fraction, "a number in [0, 1]")
+        if self.drop_fractions is not None:
+            dfs = tuple(self.drop_fractions)
+            if len(dfs) != 3 or any(not isinstance(z, (int, float)) or not 0.0 <= z <= 1.0 for z in dfs):
+                _fail("drop_fractions", self.drop_fractions, "three numbers in [0, 1] (warmup, ultra, restoration)")
+            self.drop_fractions = tuple(float(z) for z in dfs)
+        if not isinstance(self.grow_gradient_fraction, (int, float)) or not 0.0 <= self.grow_gradient_fraction <= 1.0:
+            _fail("grow_gradient_fraction", self.grow_gradient_fraction, "a number in [0, 1]")
+        if self.attention not in ATTENTION_PATTERNS:
+            _fail("attention", self.attention, f"one of {', '.join(ATTENTION_PATTERNS)}")
+        if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1):
+            _fail("stride", self.stride, "None (T/8) or an integer >= 1")
+        phases = tuple(self.attention_phases)
+        if any(p not in PHASES for p in phases):
+            _fail("attention_phases", self.attention_phases, f"phase names from {', '.join(PHASES)}")
+        self.attention_phases = phases
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("seed", self.seed, "an integer")
+
+    @property
+    def phase_drop_fractions(self) -> tuple[float, float, float]:
+        """ζ_k for (warmup, ultra, restoration)."""
+        if self.drop_fractions is not None:
+            return self.drop_fractions
+        return (float(self.drop_fraction),) * 3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["schedule"] is not None:
+            d["schedule"] = [list(p) for p in d["schedule"]]
+        for k in ("drop_fractions", "attention_phases"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MSTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"MSTConfig got unknown keys {unknown}: allowed keys are {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "MSTConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,21 @@
+"""Exceptions raised by mst_compile. Every error names the object, what was expected and what to do."""
+
+
+class MstCompileError(Exception):
+    """Base class of every error mst_compile raises on purpose."""
+
+
+class CaptureError(MstCompileError):
+    """Neither torch.fx nor torch.export could capture the model."""
+
+
+class CheckpointError(MstCompileError):
+    """A checkpoint or MST state does not fit the model it is loaded into."""
+
+
+class ExportValidationError(MstCompileError):
+    """onnxruntime and PyTorch disagree on an exported model's outputs."""
+
+    def __init__(self, message: str, diffs: dict | None = None):
+        super().__init__(message)
+        self.diffs = dict(diffs or {})

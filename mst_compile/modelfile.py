@@ -1,0 +1,76 @@
+"""Load a user's ``model.py``: it defines ``model()`` and optionally ``example_inputs()``,
+``config()`` and ``data()``. Every failure is one ``MstCompileError`` naming the file and the fix."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MstCompileError
+
+
+@dataclass
+class ModelFile:
+    path: Path
+    namespace: Any
+
+    def hook(self, name: str) -> Callable | None:
+        fn = getattr(self.namespace, name, None)
+        return fn if callable(fn) else None
+
+    def call(self, name: str, *args):
+        fn = self.hook(name)
+        if fn is None:
+            raise MstCompileError(f"{self.path} does not define {name}()")
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a user's hook failing is reported in one line
+            raise MstCompileError(f"{self.path}: {name}() raised {type(e).__name__}: {e}") from e
+
+    def model(self):
+        import torch.nn as nn
+
+        m = self.call("model")
+        if not isinstance(m, nn.Module):
+            raise MstCompileError(f"{self.path}: model() returned {type(m).__name__}, expected a torch.nn.Module")
+        return m
+
+    def example_inputs(self):
+        return self.call("example_inputs") if self.hook("example_inputs") else None
+
+    def config(self):
+        from .config import MSTConfig
+
+        if self.hook("config") is None:
+            return None
+        cfg = self.call("config")
+        if isinstance(cfg, dict):
+            cfg = MSTConfig.from_dict(cfg)
+        if not isinstance(cfg, MSTConfig):
+            raise MstCompileError(f"{self.path}: config() returned {type(cfg).__name__}, expected MSTConfig or dict")
+        return cfg
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    """Import ``path`` as a module and check that it defines ``model()``."""
+    p = Path(path)
+    if not p.is_file():
+        raise MstCompileError(f"model file {p} does not exist: pass the path of a .py file that defines model()")
+    name = f"_mst_user_model_{abs(hash(str(p.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        raise MstCompileError(f"cannot import {p}: expected a Python source file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(p.resolve().parent))  # let model.py import its neighbours
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001
+        raise MstCompileError(f"importing {p} raised {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    mf = ModelFile(p, mod)
+    if mf.hook("model") is None:
+        raise MstCompileError(f"{p} does not define model(): add `def model(): return MyModel(...)`")
+    return mf

@@ -1,0 +1,76 @@
+"""Layer-wise density allocation (DESIGN §2): how many weights each sparse tensor keeps.
+
+``allocate`` returns exact active counts per tensor whose sum is ``round((1 - s) · Σ N_l)``, so the
+realised global density matches the target to one weight, whatever the rounding of each layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from ..config import DISTRIBUTIONS
+
+
+def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[str, float]:
+    """Relative density of each tensor before scaling by ε (uniform: 1; ER/ERK: Σdims / Πdims)."""
+    if distribution == "uniform":
+        return {n: 1.0 for n in shapes}
+    out = {}
+    for n, shape in shapes.items():
+        dims = list(shape) if distribution == "erk" else list(shape[:2])  # ER ignores kernel dims
+        out[n] = sum(dims) / math.prod(dims)
+    return out
+
+
+def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er") -> dict[str, int]:
+    """Active weight count per tensor for a global ``sparsity`` under ``distribution``.
+
+    ER: density_l = ε·(n_in + n_out)/(n_in·n_out) with ε chosen so Σ density_l·N_l equals the
+    target; a tensor whose density would exceed 1 is made dense and ε is solved again over the rest.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution={distribution!r} is unknown: expected one of {', '.join(DISTRIBUTIONS)}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r} is invalid: expected a number in [0, 1)")
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numel.values())
+    target = round((1.0 - sparsity) * total)
+    raw = _raw_scores(shapes, distribution)
+
+    dense: set[str] = set()
+    while True:
+        rest = [n for n in shapes if n not in dense]
+        budget = target - sum(numel[n] for n in dense)
+        denom = sum(raw[n] * numel[n] for n in rest)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [n for n in rest if eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    exact = {n: float(numel[n]) if n in dense else eps * raw[n] * numel[n] for n in shapes}
+    return _round_to_total(exact, numel, target)
+
+
+def _round_to_total(exact: dict[str, float], cap: dict[str, int], target: int) -> dict[str, int]:
+    """Floor every count, then hand out the remainder by largest fractional part (never above cap)."""
+    counts = {n: min(cap[n], math.floor(v)) for n, v in exact.items()}
+    short = target - sum(counts.values())
+    order = sorted(exact, key=lambda n: (-(exact[n] - math.floor(exact[n])), n))
+    while short > 0:
+        progressed = False
+        for n in order:
+            if short == 0:
+                break
+            if counts[n] < cap[n]:
+                counts[n] += 1
+                short -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+def densities(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er") -> dict[str, float]:
+    """Realised density per tensor (active count / numel) for a global sparsity."""
+    counts = allocate(shapes, sparsity, distribution)
+    return {n: counts[n] / math.prod(shapes[n]) for n in shapes}

@@ -1,0 +1,152 @@
+"""``sm.mst``: the runtime handle of a sparsified module.
+
+It owns the sparse state of every rewritten site: masks and densities of the sparse weights and
+the pattern of each attention site. It imports nothing from ``passes`` so any training loop (ours or
+a user's) can drive it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import MSTConfig
+from .density import allocate
+from .sparse_linear import SparseWeight
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One rewritten site: ``kind`` is ``"linear"`` (one per sparse weight) or ``"attention"``."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None
+    params: int = 0  # weights in the tensor (0 for attention)
+    uses: int = 1  # graph nodes that use it (2 for a weight used twice)
+
+
+class MSTHandle:
+    """Masks, densities and attention patterns of one sparsified module."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: MSTConfig,
+        weights: dict[str, tuple[nn.Parameter, SparseWeight, int]],
+        attention: dict[str, nn.Module] | None = None,
+        other_uses: Iterable[str] = (),
+        skipped: list[tuple[str, str]] | None = None,
+        capture: str = "fx",
+    ):
+        self._module_ref = module  # the GraphModule (kept for the scheduler; no cycle concern for GC)
+        self.config = config
+        self._weights = weights  # name -> (parameter, SparseWeight, uses)
+        self._attention = dict(attention or {})
+        self.skipped = list(skipped or [])
+        self.capture = capture
+        self._hooks = [self._mask_grad_hook(n) for n in other_uses]
+
+    # -- what was rewritten -------------------------------------------------------------------
+    @property
+    def plan(self) -> list[PlanEntry]:
+        lin = [PlanEntry(n, "linear", tuple(p.shape), p.numel(), u) for n, (p, _, u) in self._weights.items()]
+        att = [PlanEntry(n, "attention", None) for n in self._attention]
+        return lin + att
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The sparse parameters by name."""
+        return {n: p for n, (p, _, _) in self._weights.items()}
+
+    def sparse_weights(self) -> dict[str, SparseWeight]:
+        return {n: sw for n, (_, sw, _) in self._weights.items()}
+
+    def attention_sites(self) -> dict[str, nn.Module]:
+        return dict(self._attention)
+
+    # -- masks and densities ------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: sw.mask for n, (_, sw, _) in self._weights.items()}
+
+    def densities(self) -> dict[str, float]:
+        return {n: sw.active() / sw.numel for n, (_, sw, _) in self._weights.items()}
+
+    def density(self) -> float:
+        """Overall density of the sparse weights (active / total)."""
+        total = sum(sw.numel for _, sw, _ in self._weights.values())
+        return sum(sw.active() for _, sw, _ in self._weights.values()) / total if total else 1.0
+
+    def allocation(self, sparsity: float) -> dict[str, int]:
+        """Active count per weight for a global sparsity under the configured distribution."""
+        shapes = {n: tuple(p.shape) for n, (p, _, _) in self._weights.items()}
+        return allocate(shapes, sparsity, self.config.distribution)
+
+    @torch.no_grad()
+    def set_sparsity(self, sparsity: float) -> dict[str, float]:
+        """Re-allocate densities for ``sparsity`` and keep each weight's largest-magnitude entries.
+
+        Pruned weights are zeroed; the returned dict is the new density per weight.
+        """
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"set_sparsity(sparsity={sparsity!r}): expected a number in [0, 1)")
+        for name, count in self.allocation(float(sparsity)).items():
+            param, sw, _ = self._weights[name]
+            mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+            if count:
+                mask[torch.topk(param.detach().abs().flatten(), count, sorted=False).indices] = True
+            mask = mask.view_as(param)
+            sw.set_mask(mask)
+            param.mul_(mask)
+        self._on_masks_changed()
+        return self.densities()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every masked weight (the invariant the sparse op relies on)."""
+        for param, sw, _ in self._weights.values():
+            param.mul_(sw.mask)
+
+    def _on_masks_changed(self) -> None:
+        """Called after any mask change: lets each site re-pick its kernel for the new density."""
+
+    def _mask_grad_hook(self, name: str):
+        """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient."""
+        param, sw, _ = self._weights[name]
+        return param.register_hook(lambda g, sw=sw: g * sw.mask)
+
+    # -- attention ----------------------------------------------------------------------------
+    def set_attention(self, pattern: str | dict[str, str] | list[str], stride: int | None = None) -> None:
+        """Switch attention patterns: one name for all sites, or a dict/list per site."""
+        names = list(self._attention)
+        if isinstance(pattern, str):
+            chosen = {n: pattern for n in names}
+        elif isinstance(pattern, dict):
+            unknown = sorted(set(pattern) - set(names))
+            if unknown:
+                raise ValueError(f"set_attention: unknown attention sites {unknown}; sites are {names}")
+            chosen = dict(pattern)
+        else:
+            pattern = list(pattern)
+            if len(pattern) != len(names):
+                raise ValueError(f"set_attention: got {len(pattern)} patterns for {len(names)} attention sites")
+            chosen = dict(zip(names, pattern))
+        for n, p in chosen.items():
+            self._attention[n].set_pattern(p, stride=stride if stride is not None else self._attention[n].stride)
+
+    def attention_patterns(self) -> dict[str, str]:
+        return {n: m.pattern for n, m in self._attention.items()}
+
+    def __repr__(self) -> str:
+        lin = len(self._weights)
+        return f"MSTHandle({lin} sparse weights, {len(self._attention)} attention sites, density={self.density():.3f})"
+
+
+def linear_flop_shares(plan: list[PlanEntry]) -> dict[str, float]:
+    """Each linear site's share of the linear FLOPs per token (uses × n_in × n_out)."""
+    work = {e.name: e.uses * math.prod(e.shape) for e in plan if e.kind == "linear"}
+    total = sum(work.values()) or 1
+    return {n: w / total for n, w in work.items()}
+

@@ -1,0 +1,115 @@
+"""The mask-carrying sparse linear op.
+
+``mst::sparse_linear(x, weight, mask, bias, probe)`` computes ``x @ weightᵀ + bias`` where ``weight``
+is already zero wherever ``mask`` is 0 (the runtime keeps that invariant after every optimizer step,
+so the forward needs no extra masking pass). Its backward returns
+
+- ``grad_x``      = grad_y @ weight
+- ``grad_weight`` = (grad_yᵀ @ x) ⊙ mask     (masked: inactive weights get no gradient)
+- ``grad_probe``  = grad_yᵀ @ x              (the dense weight gradient, only when asked for)
+
+``probe`` is how the runtime asks for the dense gradient without any side channel: on the step
+before a topology update it is a zero tensor of the weight's shape with ``requires_grad=True``, so
+autograd delivers the dense gradient into ``probe.grad`` (gradient accumulation, DDP and
+``torch.compile`` all see an ordinary input). On every other step it is an empty tensor and the
+dense gradient is never formed beyond what the masked gradient needs.
+
+Being a ``torch.library`` custom op, the node survives ``torch.fx``, ``torch.export`` and
+``torch.compile`` unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_NO_PROBE = torch.empty(0)
+
+
+@torch.library.custom_op("mst::sparse_linear", mutates_args=())
+def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], probe: Tensor) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+@sparse_linear.register_fake
+def _(x, weight, mask, bias, probe):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, mask, bias, probe = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w, _, need_b, need_probe = ctx.needs_input_grad
+    gy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+    grad_x = grad_w = grad_b = grad_probe = None
+    if need_x:
+        grad_x = grad_y @ weight  # (..., in)
+    if need_w or need_probe:
+        dense = gy.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        if need_probe:
+            grad_probe = dense
+        if need_w:
+            grad_w = dense * mask if need_probe else dense.mul_(mask)
+    if need_b and ctx.has_bias:
+        grad_b = gy.sum(0)
+    return grad_x, grad_w, None, grad_b, grad_probe
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class SparseWeight(nn.Module):
+    """The sparse state of ONE parameter tensor, called at every use site of that parameter.
+
+    A tied weight (``lm_head`` sharing the token embedding) has one ``SparseWeight`` however many
+    graph nodes use it, so all uses share one mask. The mask is a non-persistent buffer: it moves
+    with ``.to()`` but ``sm.state_dict()`` keeps the model's own keys; masks are saved through
+    ``sm.mst.state_dict()``.
+    """
+
+    def __init__(self, name: str, weight: nn.Parameter):
+        super().__init__()
+        self.name = name
+        self.weight_shape = tuple(weight.shape)
+        self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
+        self.probe = _NO_PROBE
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    def active(self) -> int:
+        return int(self.mask.sum())
+
+    def set_mask(self, mask: Tensor) -> None:
+        """Replace the mask (the only way masks change, so caches keyed on it stay valid)."""
+        if mask.shape != self.mask.shape:
+            raise ValueError(f"mask for {self.name} has shape {tuple(mask.shape)}, expected {self.weight_shape}")
+        self.mask.copy_(mask)
+
+    def collect_dense_grad(self, on: bool) -> None:
+        """Ask (or stop asking) the next backward passes for the dense weight gradient in ``probe.grad``."""
+        if on:
+            self.probe = torch.zeros(self.weight_shape, device=self.mask.device, requires_grad=True)
+        else:
+            self.probe = _NO_PROBE
+
+    def dense_grad(self) -> Tensor | None:
+        return None if self.probe.grad is None else self.probe.grad
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
+        mask, probe = self.mask, self.probe
+        if transposed:  # weight stored (in, out), as in HF Conv1D / x @ W
+            weight, mask = weight.t(), mask.t()
+            if probe.dim() == 2:
+                probe = probe.t()
+        if probe.dim() == 2 and probe.dtype != weight.dtype:
+            probe = probe.to(weight.dtype)
+        return sparse_linear(x, weight, mask, bias, probe)

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mst_compile.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mst_compile.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().endswith("False"), out.stdout
+
+
+def test_inspect_prints_plan_table():
+    r = CliRunner().invoke(main, ["inspect", str(ROOT / "examples" / "tiny_gpt.py")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:4] == ["site", "kind", "shape", "params"]
+    body = [line for line in lines if line.startswith("h.0.attn.c_attn.weight")]
+    assert body and "384x128" in body[0] and "49,152" in body[0]
+    total = [line for line in lines if line.startswith("total")][0]
+    assert "0.100" in total and "100.0%" in total
+
+
+def test_inspect_without_model_function_exits_2(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("x = 1\n")
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 2
+    assert r.output.strip().count("\n") == 0 and "does not define model()" in r.output
+
+
+def test_inspect_missing_or_raising_file(tmp_path):
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "nope.py")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    f = tmp_path / "bad.py"
+    f.write_text("def model():\n    raise RuntimeError('boom')\n")
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 2 and "model() raised RuntimeError: boom" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_inspect_real_subprocess_one_line_error(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def model():\n    return 3\n")
+    p = subprocess.run([sys.executable, "-m", "mst_compile", "inspect", str(f)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"Error: {f}: model() returned int, expected a torch.nn.Module"
