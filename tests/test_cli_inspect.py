@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mst_compile.cli import main
@@ -24,6 +25,14 @@ def test_inspect_prints_plan_table():
     assert body and "384x128" in body[0] and "49,152" in body[0]
     total = [line for line in lines if line.startswith("total")][0]
     assert "0.100" in total and "100.0%" in total
+
+
+@pytest.mark.parametrize("example,sites", [("hf_gpt2", 17), ("hf_llama", 29)])
+def test_inspect_hf_examples(example, sites):
+    r = CliRunner().invoke(main, ["inspect", str(ROOT / "examples" / f"{example}.py")])
+    assert r.exit_code == 0, r.output
+    total = [line for line in r.output.splitlines() if line.startswith("total")][0]
+    assert f"{sites} sites" in total and "captured with export" in r.output
 
 
 def test_inspect_without_model_function_exits_2(tmp_path):
