@@ -31,8 +31,8 @@ def test_inspect_prints_plan_table():
 def test_inspect_hf_examples(example, sites):
     r = CliRunner().invoke(main, ["inspect", str(ROOT / "examples" / f"{example}.py")])
     assert r.exit_code == 0, r.output
-    total = [line for line in r.output.splitlines() if line.startswith("total")][0]
-    assert f"{sites} sites" in total and "captured with export" in r.output
+    linear_rows = [line for line in r.output.splitlines() if line.split()[1:2] == ["linear"]]
+    assert len(linear_rows) == sites and "captured with export" in r.output
 
 
 def test_inspect_without_model_function_exits_2(tmp_path):
