@@ -1,0 +1,85 @@
+"""Hybrid sparse attention vs dense causal SDPA: forward+backward time and FLOP ratio.
+
+    PYTHONPATH=. python benchmarks/attention.py [--T 1024 4096] [--batch 1] [--heads 12] [--dim 64] [--reps 5]
+
+For every T and stride l (T/8, the published default, and l ≈ √T) each pattern runs forward +
+backward on the same q, k, v and output gradient as dense causal ``F.scaled_dot_product_attention``.
+The runs are interleaved (dense, pattern, dense, pattern, ...) and each keeps its fastest repetition,
+so background load hits both sides alike. ``speedup`` = dense time / pattern time; ``flop ratio`` =
+dense attended keys / pattern attended keys (what a perfect kernel would gain).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mst_compile.runtime.attention import hsa_attention, mean_attended_keys
+
+
+def _fwd_bwd(fn, q, k, v, g):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(g)
+
+    return run
+
+
+def _time(run) -> float:
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
+def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, T, dim, generator=gen).requires_grad_() for _ in range(3))
+    g = torch.randn(batch, heads, T, dim, generator=gen)
+    runs = {"dense": _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, g)}
+    for p in patterns:
+        runs[p] = _fwd_bwd(lambda q, k, v, p=p: hsa_attention(q, k, v, pattern=p, stride=l), q, k, v, g)
+    for run in runs.values():  # warm-up: allocator, mask caches
+        run()
+    best = {name: math.inf for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            best[name] = min(best[name], _time(run))
+    dense_keys = mean_attended_keys("dense", T, l)
+    return [
+        dict(pattern=p, T=T, l=l, ms=best[p] * 1e3, dense_ms=best["dense"] * 1e3,
+             speedup=best["dense"] / best[p], flop_ratio=dense_keys / mean_attended_keys(p, T, l))
+        for p in patterns
+    ]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--stride", type=int, nargs="*", default=None, help="strides to run (default: T/8 and ≈√T)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--patterns", nargs="+", default=["local", "strided", "sparse"])
+    args = ap.parse_args(argv)
+    print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.dim}, fp32, {torch.get_num_threads()} threads, "
+          f"best of {args.reps} interleaved runs")
+    print("| pattern | T | l | fwd+bwd ms | dense causal SDPA ms | speedup | FLOP ratio |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for T in args.T:
+        strides = args.stride or sorted({T // 8, 2 ** round(math.log2(math.sqrt(T)))}, reverse=True)
+        for l in strides:
+            for r in bench(T, l, args.batch, args.heads, args.dim, args.reps, args.patterns):
+                rows.append(r)
+                print(f"| {r['pattern']} | {r['T']} | {r['l']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
+                      f"{r['speedup']:.2f}x | {r['flop_ratio']:.2f}x |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

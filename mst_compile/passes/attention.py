@@ -1,0 +1,443 @@
+"""Attention pass: every causal attention site becomes ONE switchable HSA module call.
+
+Sites matched (torch level from ``torch.fx.symbolic_trace``, ATen level from ``torch.export``):
+
+    scaled_dot_product_attention(q, k, v, attn_mask?, dropout_p, is_causal, scale?, enable_gqa?)
+    softmax(S) [-> casts / dropout] @ v   where S = (q @ kᵀ) with any of: * c, / c,
+                                          masked_fill(m, -inf), + additive_mask, where(m, ., -inf)
+
+Each becomes ``call_module mst_attn.attn_<i>(q, k, v, attn_mask=?, scale=?, enable_gqa=?)`` with a
+``HybridSparseAttention`` (pattern ``dense`` unless asked otherwise); the replaced score, mask and
+softmax nodes are erased once nothing else uses them.
+
+Is a site causal? ``is_causal=True`` says so. An explicit mask (an SDPA ``attn_mask`` or the mask of
+the hand-written spelling) is evaluated: the graph runs once on ``example_inputs`` (for exported
+graphs, on inputs built from the placeholders' recorded shapes when none are given), computing only
+the mask's ancestors, and the mask's allowed set is compared with ``tril(ones(T, T))``:
+
+- a mask that depends on the inputs' shapes only (not their values; found by walking its ancestors
+  and ignoring shape-only uses such as ``size``, ``sym_size``, ``new_ones``, ``*_like``) must equal the
+  causal mask exactly; it is dropped and the site runs as ``is_causal``;
+- a mask that depends on input values (a padding ``attention_mask``) must allow nothing that
+  causality forbids; it is kept and passed to the module at run time;
+- anything else (no mask, a bidirectional or padding-only mask, an additive bias that is not 0/-inf,
+  query and key lengths that differ) is non-causal: left as it is and reported in ``skipped``.
+
+The evaluation is at the example's sequence length; a mask that is causal there but not at other
+lengths (a sliding window wider than the example) would be mistaken for causal.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx import _pytree as fx_pytree
+
+from ..runtime.attention import HybridSparseAttention, _check_pattern, _check_stride
+from . import PassResult
+
+aten = torch.ops.aten
+CONTAINER = "mst_attn"
+_SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, aten.softmax.int, aten._softmax.default, "softmax"}
+_MATMUL = {operator.matmul, torch.matmul, torch.Tensor.matmul, aten.matmul.default, "matmul"}
+_TRANSPOSE = {torch.transpose, aten.transpose.int, "transpose"}
+_PERMUTE = {torch.permute, aten.permute.default, "permute"}
+_CAST = {"to", "type", "float", "half", "bfloat16", "type_as", "contiguous", aten.to.dtype, aten.to.dtype_layout,
+         aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
+_DROPOUT = {F.dropout, aten.dropout.default, "dropout"}
+_MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
+_DIV = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"}
+_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
+_FILL = {torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill"}
+_WHERE = {torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
+# uses of a tensor that read only its shape, dtype or device, never its values
+_SHAPE_ONLY = {"size", "dim", "numel", "new_ones", "new_zeros", "new_empty", "new_full", getattr, torch.numel,
+               aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
+               aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
+               torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, aten.ones_like.default,
+               aten.zeros_like.default, aten.empty_like.default, aten.full_like.default}
+
+
+@dataclass
+class AttentionSite:
+    """One rewritten attention site: its name (the attention module's path) and its HSA module."""
+
+    name: str
+    module: HybridSparseAttention
+    kind: str = "attention"
+    spelling: str = "sdpa"  # "sdpa" or "softmax" (hand-written)
+
+
+@dataclass
+class _Match:
+    out: fx.Node  # the node whose value the HSA call replaces
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    spelling: str
+    causal: bool = False  # is_causal=True
+    mask: fx.Node | None = None
+    mask_kind: str = "sdpa"  # sdpa/add: bool True = allowed or additive 0/-inf; fill: True = blocked; where: True = allowed
+    scale: list = field(default_factory=list)  # [(op, factor)], op in {"mul", "div"}; [] = SDPA default
+    default_scale: bool = True
+    gqa: bool = False
+    dropout_p: float = 0.0
+    why_not: str | None = None  # a reason to skip found while matching
+
+
+def _is(node, targets) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in targets
+    return node.op == "call_function" and node.target in targets
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _ndim(node) -> int | None:
+    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _key_of_transpose(node) -> fx.Node | None:
+    """``k`` when ``node`` is kᵀ (last two dims swapped), else None."""
+    if _is(node, _TRANSPOSE):
+        a, b = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        nd = _ndim(node.args[0])
+        dims = {d % nd for d in (a, b)} if nd else {a, b}
+        if dims in ({-2, -1}, {2, 3}) or (nd and dims == {nd - 2, nd - 1}):
+            return node.args[0]
+    if _is(node, _PERMUTE):
+        perm = list(node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:])
+        if perm == [0, 1, 3, 2] or perm == [0, 2, 1]:
+            return node.args[0]
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
+        return node.args[0]
+    return None
+
+
+def _is_neg_inf(x) -> bool:
+    return isinstance(x, (int, float)) and (x == -math.inf or x <= -1e4)
+
+
+def _match_sdpa(node: fx.Node) -> _Match:
+    m = _Match(out=node, q=_arg(node, 0, "query"), k=_arg(node, 1, "key"), v=_arg(node, 2, "value"), spelling="sdpa")
+    m.mask = _arg(node, 3, "attn_mask")
+    m.causal = bool(_arg(node, 5, "is_causal", False))
+    m.gqa = bool(_arg(node, 7, "enable_gqa", False))
+    p = _arg(node, 4, "dropout_p", 0.0)
+    m.dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
+    scale = _arg(node, 6, "scale")
+    if scale is not None:
+        m.scale, m.default_scale = [("mul", scale)], False
+    return m
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    """The one user that reads the node's values (shape queries and metadata asserts aside)."""
+    users = [u for u in node.users if not _is(u, _SHAPE_ONLY)]
+    return users[0] if len(users) == 1 else None
+
+
+def _match_softmax(gm: fx.GraphModule, sm: fx.Node) -> _Match | None:
+    """softmax(scores) -> [casts/dropout] -> @ v, with scores traced back to q @ kᵀ."""
+    dim = _arg(sm, 1, "dim")
+    if dim not in (-1, 3) and not (_ndim(sm) and dim == _ndim(sm) - 1):
+        return None
+    node, dropout = sm, 0.0
+    while True:  # walk down to P @ v
+        nxt = _single_user(node)
+        if nxt is None:
+            return None
+        if _is(nxt, _CAST):
+            node = nxt
+        elif _is(nxt, _DROPOUT):
+            p, train = _arg(nxt, 1, "p", 0.5), _arg(nxt, 2, "training" if nxt.op == "call_function" else "train", True)
+            dropout = float(p) if train and isinstance(p, (int, float)) else dropout
+            node = nxt
+        elif nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.Dropout):
+            dropout, node = gm.get_submodule(nxt.target).p, nxt
+        elif _is(nxt, _MATMUL) and nxt.args[0] is node:
+            out, v = nxt, nxt.args[1]
+            break
+        else:
+            return None
+    m = _Match(out=out, q=None, k=None, v=v, spelling="softmax", dropout_p=dropout, default_scale=False)
+    node = sm.args[0]
+    while True:  # walk up to q @ kᵀ
+        if _single_user(node) is None:
+            m.why_not = "the attention scores are used elsewhere"
+        if _is(node, _MATMUL):
+            k = _key_of_transpose(node.args[1])
+            if k is None:
+                return None
+            m.q, m.k = node.args[0], k
+            return m
+        if _is(node, _CAST):
+            node = node.args[0]
+        elif _is(node, _MUL | _DIV):
+            a, b = node.args[0], node.args[1]
+            x, c = (a, b) if _is_scores(a) else (b, a)
+            if not _is_scores(x) or (_is(node, _DIV) and x is not a):
+                return None
+            m.scale.append(("mul" if _is(node, _MUL) else "div", c))
+            node = x
+        elif _is(node, _FILL) and m.mask is None:
+            if not _is_neg_inf(_arg(node, 2, "value")):
+                return None
+            m.mask, m.mask_kind, node = node.args[1], "fill", node.args[0]
+        elif _is(node, _ADD) and m.mask is None:
+            a, b = node.args[0], node.args[1]
+            x, mask = (a, b) if _is_scores(a) else (b, a)
+            if not _is_scores(x) or not isinstance(mask, fx.Node):
+                return None
+            m.mask, m.mask_kind, node = mask, "add", x
+        elif _is(node, _WHERE) and m.mask is None and _is_neg_inf(node.args[2]):
+            m.mask, m.mask_kind, node = node.args[0], "where", node.args[1]
+        else:
+            return None
+
+
+def _is_scores(node) -> bool:
+    """True when ``node`` leads back to a q @ kᵀ through score ops (tells scores from mask/scale)."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 16:
+        if _is(node, _MATMUL):
+            return _key_of_transpose(node.args[1]) is not None
+        if not _is(node, _CAST | _MUL | _DIV | _FILL | _ADD | _WHERE):
+            return False
+        node = node.args[1] if _is(node, _WHERE) else node.args[0]
+        seen += 1
+    return False
+
+
+def _ancestors(nodes) -> set[fx.Node]:
+    out, todo = set(), [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(n.all_input_nodes)
+    return out
+
+
+def _depends_on_data(mask: fx.Node) -> bool:
+    """True when the mask reads the VALUES of a graph input (not only its shape)."""
+    seen, todo = set(), [mask]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if _is(n, _SHAPE_ONLY):
+            continue
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _probe_inputs(gm: fx.GraphModule, example_inputs) -> list:
+    """Flat placeholder values: from ``example_inputs`` or, for exported graphs, recorded shapes."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            args, kwargs = (), dict(example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            args, kwargs = tuple(example_inputs), {}
+        else:
+            args, kwargs = (example_inputs,), {}
+        spec = getattr(gm, "_in_spec", None)
+        if spec is not None:  # an exported module: inputs are flattened by its pytree spec
+            return list(fx_pytree.tree_flatten_spec((args, kwargs), spec))
+        vals = list(args) + [kwargs.get(p.target, p.args[0] if p.args else None) for p in phs[len(args):]]
+        return vals
+    vals = []
+    for p in phs:
+        fake = p.meta.get("val")
+        if not isinstance(fake, torch.Tensor):
+            if p.args:  # a default value
+                vals.append(p.args[0])
+                continue
+            raise ValueError(f"no example value for input '{p.target}'")
+        shape = [int(getattr(d, "node", None).hint) if isinstance(d, torch.SymInt) else int(d) for d in fake.shape]
+        vals.append(torch.ones(shape, dtype=fake.dtype) if not fake.dtype.is_floating_point else torch.randn(shape, dtype=fake.dtype))
+    return vals
+
+
+class _Probe(fx.Interpreter):
+    """Runs only the ancestors of the requested nodes."""
+
+    def __init__(self, gm, needed):
+        super().__init__(gm, garbage_collect_values=False)
+        self.needed = needed
+
+    def run_node(self, n):
+        if n.op == "placeholder" or n in self.needed:
+            return super().run_node(n)
+        return None
+
+
+def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs) -> dict:
+    if not nodes:
+        return {}
+    probe = _Probe(gm, _ancestors(nodes))
+    with torch.no_grad():
+        probe.run(*_probe_inputs(gm, example_inputs), enable_io_processing=False)
+    return {n: probe.env.get(n) for n in nodes}
+
+
+def _allowed(value: torch.Tensor, kind: str) -> torch.Tensor | str:
+    """Boolean allowed-set of a mask, or a reason why it is not a pure mask."""
+    if kind == "fill":
+        return ~value.bool()
+    if kind == "where" or value.dtype == torch.bool:
+        return value.bool()
+    blocked = value <= -1e4
+    if not bool(((value == 0) | blocked).all()):
+        return "the additive attention mask is a bias (values other than 0 and -inf)"
+    return ~blocked
+
+
+def _verdict(m: _Match, value, data_dependent: bool) -> tuple[bool, str | None]:
+    """(keep_mask, reason_to_skip)."""
+    if m.why_not:
+        return False, m.why_not
+    if m.mask is None:
+        if m.causal:
+            return False, None
+        return False, "non-causal attention (no causal mask: encoder / bidirectional)"
+    if isinstance(value, Exception):
+        first = (str(value).strip().splitlines() or [""])[0]
+        return False, f"could not evaluate the attention mask ({type(value).__name__}: {first}); pass example_inputs"
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False, "the attention mask is not a tensor of shape (..., T, T)"
+    allowed = _allowed(value, m.mask_kind)
+    if isinstance(allowed, str):
+        return False, allowed
+    Tq, Tk = allowed.shape[-2:]
+    if Tq != Tk:
+        return False, f"query and key lengths differ ({Tq} vs {Tk}): not causal self-attention"
+    causal = torch.ones(Tq, Tk, dtype=torch.bool, device=allowed.device).tril()
+    if not bool((allowed <= causal).all()):
+        return False, "non-causal attention (the mask allows future keys: encoder / bidirectional)"
+    if data_dependent:
+        return True, None
+    if not bool((allowed == causal).all()):
+        return False, "the attention mask removes causal keys too (a window or block mask), not plain causal"
+    return False, None
+
+
+def _site_name(node: fx.Node, used: set[str]) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    path = path if isinstance(path, str) and path else f"attention_{len(used)}"
+    name, i = path, 1
+    while name in used:
+        name, i = f"{path}.{i}", i + 1
+    used.add(name)
+    return name
+
+
+_ASSERT = {aten._assert_tensor_metadata.default}
+
+
+def _erase_dead(graph: fx.Graph, seeds) -> None:
+    """Erase the nodes the rewrite left unused (and their unused inputs), nothing else.
+
+    Random ops (SDPA and dropout are tagged nondeterministic) count as removable here, and a node used
+    only by metadata asserts goes together with them.
+    """
+    todo, erased = list(seeds), set()
+    while todo:
+        n = todo.pop()
+        if n in erased or n.op in ("placeholder", "output") or any(not _is(u, _ASSERT) for u in n.users):
+            continue
+        if n.op != "get_attr" and n.is_impure(impure_random=False):
+            continue
+        for u in list(n.users):
+            graph.erase_node(u)
+            erased.add(u)
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        todo.extend(inputs)
+
+
+def _scale_arg(graph: fx.Graph, m: _Match):
+    """The softmax spelling's scale as one constant or one graph value (1.0 when none is applied)."""
+    const, nodes = 1.0, []
+    for op, c in m.scale:
+        if isinstance(c, fx.Node):
+            nodes.append((op, c))
+        elif isinstance(c, (int, float)):
+            const = const * c if op == "mul" else const / c
+        else:
+            return None
+    if m.default_scale and not m.scale:
+        return None
+    out = const
+    for op, c in nodes:
+        out = graph.call_function(operator.mul if op == "mul" else operator.truediv, (out, c))
+    return out
+
+
+def rewrite_attention(gm: fx.GraphModule, *, pattern: str = "dense", stride: int | None = None, example_inputs=None) -> PassResult:
+    """Replace every causal attention site of ``gm`` by a ``HybridSparseAttention`` call (in place)."""
+    _check_pattern(pattern, "rewrite_attention")
+    _check_stride(stride, "rewrite_attention")
+    graph = gm.graph
+    matches = []
+    for node in list(graph.nodes):
+        if _is(node, _SDPA):
+            matches.append(_match_sdpa(node))
+        elif _is(node, _SOFTMAX):
+            m = _match_softmax(gm, node)
+            if m is not None:
+                matches.append(m)
+    masks = list({m.mask: None for m in matches if isinstance(m.mask, fx.Node) and not m.why_not})
+    try:
+        values = _evaluate(gm, masks, example_inputs)
+    except Exception as e:  # noqa: BLE001 - reported per site below
+        values = {n: e for n in masks}
+    if not hasattr(gm, CONTAINER):
+        gm.add_module(CONTAINER, nn.Module())
+    container = gm.get_submodule(CONTAINER)
+    result = PassResult(gm=gm, name="attention")
+    used = {getattr(mod, "site", "") for mod in container.children()}
+    for m in matches:
+        name = _site_name(m.out, used)
+        if m.mask is not None and not isinstance(m.mask, fx.Node):
+            keep, why = False, "the attention mask is not a graph value"
+        else:
+            keep, why = _verdict(m, values.get(m.mask), m.mask is not None and _depends_on_data(m.mask))
+        if why:
+            result.skipped.append((name, why))
+            continue
+        module = HybridSparseAttention(name, pattern, stride, dropout_p=m.dropout_p)
+        slot = f"attn_{len(list(container.children()))}"
+        container.add_module(slot, module)
+        with graph.inserting_before(m.out):
+            kwargs = {"attn_mask": m.mask if keep else None, "scale": _scale_arg(graph, m)}
+            if m.gqa:
+                kwargs["enable_gqa"] = True
+            if m.mask_kind == "fill" and keep:  # the module takes True = allowed
+                kwargs["attn_mask"] = graph.call_function(torch.logical_not, (m.mask,))
+            new = graph.call_module(f"{CONTAINER}.{slot}", (m.q, m.k, m.v), kwargs)
+        new.meta.update(m.out.meta)
+        m.out.replace_all_uses_with(new)
+        _erase_dead(graph, [m.out])
+        result.sites.append(AttentionSite(name, module, spelling=m.spelling))
+    graph.lint()
+    gm.recompile()
+    return result

@@ -1,0 +1,178 @@
+"""Hybrid sparse attention (HSA, DESIGN §5): one switchable module per causal attention site.
+
+Patterns, for query i, key j <= i and stride l:
+
+- ``dense``:   every j <= i (plain causal SDPA)
+- ``local``:   i - j < l
+- ``strided``: (i - j) mod l == 0
+- ``sparse``:  local ∪ strided in one head (the default of MST's ultra-sparse phase)
+
+``hsa_attention`` skips the masked work in forward and backward (see ``attention_kernels``);
+``pattern_mask`` is the dense boolean oracle, for tests only; ``mean_attended_keys`` is the exact
+mean number of keys per query, which the FLOP ledger multiplies into the attention cost.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention_kernels import hsa_kernel
+
+PATTERNS = ("dense", "local", "strided", "sparse")
+_KEEP = object()  # set_pattern(stride=...) default: keep the current stride
+
+
+def default_stride(T: int) -> int:
+    """The published default l = T/8 (128 at T = 1024), at least 1."""
+    return max(1, T // 8)
+
+
+def _check_pattern(pattern, who: str) -> str:
+    if pattern not in PATTERNS:
+        raise ValueError(f"{who}: unknown attention pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
+    return pattern
+
+
+def _check_stride(stride, who: str, T: int | None = None) -> int | None:
+    """``stride`` must be None (T/8 at run time) or an int in [1, T]."""
+    if stride is None:
+        return None
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{who}: stride={stride!r} is invalid; expected an integer >= 1 or None (T/8)")
+    if T is not None and stride > T:
+        raise ValueError(f"{who}: stride={stride} is larger than the sequence length T={T}; expected 1 <= stride <= T")
+    return stride
+
+
+def pattern_mask(T: int, stride: int | None, pattern: str, device=None) -> Tensor:
+    """Boolean (T, T) mask, True where query i may attend key j. The reference oracle: tests only."""
+    _check_pattern(pattern, "pattern_mask")
+    l = _check_stride(stride, "pattern_mask") or default_stride(T)
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    causal = j <= i
+    if pattern == "dense":
+        return causal
+    local, strided = (i - j) < l, (i - j) % l == 0
+    keep = {"local": local, "strided": strided, "sparse": local | strided}[pattern]
+    return causal & keep
+
+
+def mean_attended_keys(pattern: str, T: int, stride: int | None) -> float:
+    """Exact mean over the T queries of the number of keys each attends ((T+1)/2 for dense).
+
+    Per query i (0-based): local min(i+1, l); strided ⌊i/l⌋ + 1; sparse min(i+1, l) + ⌊i/l⌋
+    (the strided keys other than j = i all lie at distance >= l, outside the band).
+    """
+    _check_pattern(pattern, "mean_attended_keys")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"mean_attended_keys: T={T!r} is invalid; expected an integer >= 1")
+    l = _check_stride(stride, "mean_attended_keys") or default_stride(T)
+    if pattern == "dense":
+        return (T + 1) / 2
+    ll = min(l, T)
+    band = ll * (ll + 1) // 2 + (T - ll) * ll  # Σ min(i+1, l)
+    q, r = divmod(T, l)
+    floors = l * q * (q - 1) // 2 + r * q  # Σ ⌊i/l⌋
+    total = {"local": band, "strided": floors + T, "sparse": band + floors}[pattern]
+    return total / T
+
+
+def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int | None, scale: float | None = None) -> Tensor:
+    """Causal attention restricted to ``pattern`` with stride ``stride`` (None: T/8).
+
+    q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0 (grouped-query attention). ``dense`` is
+    plain causal SDPA; the sparse patterns never form a T×T matrix, forward or backward.
+    """
+    _check_pattern(pattern, "hsa_attention")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"hsa_attention: expected 4-D q, k, v (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1]:
+        raise ValueError(
+            f"hsa_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit: expected "
+            "k and v of shape (B, Hkv, T, D) with the query's heads a multiple of Hkv (causal self-attention)"
+        )
+    l = _check_stride(stride, "hsa_attention", T) or default_stride(T)
+    if pattern == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != H)
+    return hsa_kernel(q, k, v, local=pattern != "strided", strided=pattern != "local", stride=l, scale=scale)
+
+
+def _allowed(mask: Tensor) -> Tensor:
+    """Boolean view of an SDPA mask: bool as is; additive float masks allow entries above min/2."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+class HybridSparseAttention(nn.Module):
+    """One attention site. ``pattern``/``stride`` switch at run time without re-capturing.
+
+    ``forward(q, k, v, attn_mask=None, scale=None, enable_gqa=False)`` receives what the site
+    computed before the rewrite. The site is causal; ``attn_mask`` is only given when the site's mask
+    depends on the model's inputs (a padding mask on top of causality); the pass drops masks that are
+    a function of the shapes alone.
+
+    A runtime ``attn_mask`` with a sparse pattern: when the mask removes nothing that causality keeps
+    (no padding in this batch) the fast kernel runs; otherwise the pattern AND the mask are both
+    applied through masked dense SDPA (exact, but without the saving) and a warning says so once.
+    Attention dropout (``dropout_p``) applies to ``dense`` only; sparse patterns run without it.
+    """
+
+    def __init__(self, site: str, pattern: str = "dense", stride: int | None = None, dropout_p: float = 0.0):
+        super().__init__()
+        self.site = site
+        self.dropout_p = float(dropout_p)
+        self.pattern = "dense"
+        self.stride: int | None = None
+        self._warned: set[str] = set()
+        self.set_pattern(pattern, stride=stride)
+
+    def set_pattern(self, pattern: str, stride=_KEEP) -> None:
+        """Switch this site's pattern (and stride; default: keep it; None: T/8 at run time)."""
+        who = f"attention site '{self.site}'"
+        self.pattern = _check_pattern(pattern, who)
+        if stride is not _KEEP:
+            self.stride = _check_stride(stride, who)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"attention site '{self.site}': {msg}", stacklevel=3)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale=None, enable_gqa: bool = False) -> Tensor:
+        squeeze = q.dim() == 3  # (B·H, T, D) from a bmm-style spelling
+        if squeeze:
+            q, k, v = q[None], k[None], v[None]
+        scale = None if scale is None else float(scale)
+        T = q.shape[-2]
+        gqa = enable_gqa or k.shape[-3] != q.shape[-3]
+        if self.pattern == "dense":
+            p = self.dropout_p if self.training else 0.0
+            if attn_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale, enable_gqa=gqa)
+            return out[0] if squeeze else out
+        l = _check_stride(self.stride, f"attention site '{self.site}'", T) or default_stride(T)
+        if self.training and self.dropout_p > 0:
+            self._warn_once("dropout", f"attention dropout p={self.dropout_p} is not applied by the '{self.pattern}' pattern")
+        if attn_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            if not bool((_allowed(attn_mask) | ~causal).all()):
+                self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
+                                f"'{self.pattern}' pattern runs as masked dense attention for such batches")
+                keep = pattern_mask(T, l, self.pattern, q.device)
+                mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                return out[0] if squeeze else out
+        out = hsa_attention(q, k, v, pattern=self.pattern, stride=l, scale=scale)
+        return out[0] if squeeze else out
