@@ -9,6 +9,7 @@ from torch import nn
 
 from .capture import capture
 from .config import MSTConfig
+from .passes.attention import rewrite_attention
 from .passes.linear import rewrite_linear
 from .runtime.handle import MSTHandle
 
@@ -51,6 +52,9 @@ def sparsify(
     attention: dict[str, nn.Module] = {}
     skipped = list(lin.skipped)
     # attention pass
+    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=example_inputs)
+    attention.update({s.name: s.module for s in att.sites})
+    skipped.extend(att.skipped)
     weights = {s.name: (gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
     gm.mst = MSTHandle(gm, cfg, weights, attention, lin.other_uses, skipped, how)
     return gm
