@@ -111,7 +111,11 @@ class CsrStructure:
             return c * out_f + r if transposed else r * in_f + c
 
         self.crow, self.col, self.idx = _csr(m, w_index)
-        self.crow_t, self.col_t, self.idx_t = _csr(m.t(), lambda c, r: w_index(r, c))
+        self.crow_t, self.col_t, idx_t = _csr(m.t(), lambda c, r: w_index(r, c))
+        # Wᵀ's values are a permutation of W's: gather them from the compact value vector
+        where = torch.empty(out_f * in_f, dtype=torch.long, device=mask.device)
+        where[self.idx] = torch.arange(self.nnz, device=mask.device)
+        self.perm_t = where[idx_t]  # (nnz,) position in W's values of each value of Wᵀ
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             self.pattern = torch.sparse_csr_tensor(
@@ -121,13 +125,25 @@ class CsrStructure:
         """True while ``mask`` is the same tensor, unmodified in place, on the same device."""
         return self.version == (mask._version, mask.data_ptr(), mask.device)
 
-    def weight_csr(self, weight: Tensor) -> Tensor:
-        """W as a CSR tensor (out, in), values gathered from the current dense weight."""
-        return _make_csr(self.crow, self.col, weight.reshape(-1)[self.idx], self.shape)
+    def values(self, weight: Tensor) -> Tensor:
+        """The active values of the current dense weight, in W's CSR order."""
+        return weight.reshape(-1).index_select(0, self.idx)  # (nnz,)
 
-    def weight_t_csr(self, weight: Tensor) -> Tensor:
-        """Wᵀ as a CSR tensor (in, out)."""
-        return _make_csr(self.crow_t, self.col_t, weight.reshape(-1)[self.idx_t], self.shape[::-1])
+    def weight_csr(self, values: Tensor) -> Tensor:
+        """W as a CSR tensor (out, in)."""
+        return _make_csr(self.crow, self.col, values, self.shape)
+
+    def weight_t_csr(self, values: Tensor) -> Tensor:
+        """Wᵀ as a CSR tensor (in, out), from W's values."""
+        return _make_csr(self.crow_t, self.col_t, values.index_select(0, self.perm_t), self.shape[::-1])
+
+
+def _spmm(a: Tensor, b: Tensor) -> Tensor:
+    """CSR (M, K) @ row-major dense (K, N). On CPU torch's vectorized spmm_reduce kernel ran ~1.7x
+    faster than the MKL sparse BLAS path (55 vs 30 GFLOP/s on the 2-core AVX-512 CPU)."""
+    if a.device.type == "cpu":
+        return torch.sparse.mm(a, b, "sum")
+    return a @ b
 
 
 def _make_csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
@@ -145,12 +161,10 @@ class _CsrLinear(torch.autograd.Function):
         lead = x.shape[:-1]
         xT = x.reshape(-1, in_f).t().contiguous()  # (in, N): MKL wants the dense operand row-major
         with torch.no_grad():
-            yT = st.weight_csr(weight) @ xT  # (out, N)
-            y = torch.empty(yT.shape[1], out_f, dtype=x.dtype, device=x.device)  # (N, out)
+            yT = _spmm(st.weight_csr(st.values(weight)), xT)  # (out, N)
             if bias is not None:
-                torch.add(yT.t(), bias, out=y)  # transpose back fused with the bias add
-            else:
-                y.copy_(yT.t())
+                yT.add_(bias.unsqueeze(1))  # contiguous broadcast: cheaper before the transpose than after
+            y = yT.t().contiguous()  # (N, out), the layout the masked-dense path returns
         ctx.save_for_backward(xT, weight)
         ctx.st, ctx.x_shape, ctx.has_bias = st, x.shape, bias is not None
         return y.view(*lead, out_f)
@@ -163,7 +177,7 @@ class _CsrLinear(torch.autograd.Function):
         gyT = grad_y.reshape(-1, st.shape[0]).t().contiguous()  # (out, N)
         grad_x = grad_w = grad_b = grad_probe = None
         if need_x:
-            dxT = st.weight_t_csr(weight) @ gyT  # (in, N)
+            dxT = _spmm(st.weight_t_csr(st.values(weight)), gyT)  # (in, N)
             grad_x = dxT.t().contiguous().view(ctx.x_shape)
         if need_probe:
             # the dense weight gradient, requested for the coming topology update; stored orientation

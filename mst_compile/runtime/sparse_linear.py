@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .csr import CsrStructure, choose_kernel, csr_linear, csr_usable
+
 _NO_PROBE = torch.empty(0)
 
 
@@ -80,6 +82,8 @@ class SparseWeight(nn.Module):
         self.weight_shape = tuple(weight.shape)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
         self.probe = _NO_PROBE
+        self.kernel = "dense"  # "dense" (masked-dense op) | "csr" (compressed kernels, CPU)
+        self._csr: dict[bool, CsrStructure] = {}  # transposed -> structure of the current mask
 
     @property
     def numel(self) -> int:
@@ -93,6 +97,19 @@ class SparseWeight(nn.Module):
         if mask.shape != self.mask.shape:
             raise ValueError(f"mask for {self.name} has shape {tuple(mask.shape)}, expected {self.weight_shape}")
         self.mask.copy_(mask)
+        self._csr.clear()  # the compressed structure follows the mask; values are re-read every forward
+
+    def select_kernel(self, setting: str = "auto") -> str:
+        """Pick the linear kernel from the current mask density and device (call after masks change)."""
+        density = self.active() / self.numel if self.numel else 1.0
+        self.kernel = choose_kernel(density, self.mask.device, self.weight_shape, setting)
+        return self.kernel
+
+    def _structure(self, transposed: bool) -> CsrStructure:
+        st = self._csr.get(transposed)
+        if st is None or not st.valid_for(self.mask):  # also catches in-place edits and .to(device)
+            st = self._csr[transposed] = CsrStructure(self.mask, transposed)
+        return st
 
     def collect_dense_grad(self, on: bool) -> None:
         """Ask (or stop asking) the next backward passes for the dense weight gradient in ``probe.grad``."""
@@ -106,6 +123,8 @@ class SparseWeight(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
         mask, probe = self.mask, self.probe
+        if self.kernel == "csr" and csr_usable(x, weight):
+            return csr_linear(x, weight, bias, probe, self._structure(transposed))
         if transposed:  # weight stored (in, out), as in HF Conv1D / x @ W
             weight, mask = weight.t(), mask.t()
             if probe.dim() == 2:
