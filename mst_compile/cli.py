@@ -74,5 +74,49 @@ def inspect(model_file: str, sparsity: float | None) -> None:
         click.echo(f"  skipped {site}: {why}")
 
 
+
+def _train_options(fn):
+    from .train.options import click_options
+
+    return click_options(fn)
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<timestamp>).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder exactly where it stopped.")
+@click.option("--dense", is_flag=True, help="Train the dense baseline: the same run without sparsity.")
+@click.option("--quiet", is_flag=True, help="No progress output; only the final summary.")
+@_train_options
+@_friendly
+def train(model_file: str, config_file: str | None, out: str | None, resume: str | None, dense: bool, quiet: bool, **flags) -> None:
+    """Train MODEL_FILE's model() with MST on the built-in corpus (or --data) and summarise the run."""
+    from .train.loop import TrainingDiverged, TrainingInterrupted, summary_line
+    from .train.loop import train as run_training
+    from .train.options import configs_for_model_file, split_flags
+
+    train_flags, mst_flags = split_flags(flags)
+    if dense:
+        train_flags["dense"] = True
+    if resume and (train_flags or mst_flags or config_file):
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in [*train_flags, *mst_flags]) or "--config"
+        raise _Failure(f"--resume {resume} continues with the run's saved config.toml; drop {given} (or start a new run)")
+    from .modelfile import load_model_file
+
+    mf = load_model_file(model_file)
+    tc, mst = (None, None) if resume else configs_for_model_file(mf, config_file, train_flags, mst_flags)
+    try:
+        summary = run_training(mf, tc, mst, out=out, resume=resume, progress=not quiet)
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    except TrainingDiverged as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise _Failure(f"{type(e).__name__}: {e}") from None
+    if summary.get("rank", 0) == 0:
+        click.echo(summary_line(summary))
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

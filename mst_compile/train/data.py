@@ -1,0 +1,269 @@
+"""Training data: token files on disk, memory-mapped, and batches that depend only on (seed, step).
+
+The default corpus is the Python standard library's own source (found via ``sysconfig``, without
+site-packages), so ``mstc train`` runs with nothing to download. Text is tokenized once into
+``train.bin`` / ``val.bin`` under a cache folder keyed by the files' names, sizes and mtimes; later
+runs memory-map those files, so reading a batch is a few slices and never stalls a step.
+
+A batch is drawn from a generator seeded by ``(seed, split, step, micro-batch, rank)``, not from a
+running stream: resuming at step k reads exactly the batches an uninterrupted run reads.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import MstCompileError
+
+_SPLITS = {"train": 0, "val": 1}
+
+
+def cache_dir() -> Path:
+    """``$MST_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/mst_compile``, else ``~/.cache/mst_compile``."""
+    if os.environ.get("MST_COMPILE_CACHE"):
+        return Path(os.environ["MST_COMPILE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mst_compile"
+
+
+# -- which files -----------------------------------------------------------------------------
+def stdlib_files() -> list[Path]:
+    """Every ``.py`` file of the standard library, site-packages and dist-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__"))
+        out += [Path(d) / f for f in sorted(files) if f.endswith(".py")]
+    return out
+
+
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def data_files(spec: str) -> list[Path]:
+    """A text file, a folder (every non-binary file below it, hidden ones skipped) or a glob."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = []
+        for d, dirs, names in os.walk(p):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            files += [Path(d) / n for n in sorted(names) if not n.startswith(".")]
+        files = [f for f in files if f.is_file() and not _looks_binary(f)]
+    elif any(c in spec for c in "*?["):
+        files = [Path(f) for f in sorted(glob.glob(str(p), recursive=True)) if Path(f).is_file()]
+    else:
+        raise MstCompileError(f"--data {spec}: no such file or folder (expected a text file, a folder or a glob like 'docs/*.txt')")
+    if not files:
+        raise MstCompileError(f"--data {spec}: no text files found there")
+    return files
+
+
+# -- tokenizing into a cache -----------------------------------------------------------------
+class _Bytes:
+    vocab_size = 256
+    name = "bytes"
+
+    def encode(self, raw: bytes) -> np.ndarray:
+        return np.frombuffer(raw, dtype=np.uint8)
+
+
+class _HFTokenizer:
+    def __init__(self, folder: str):
+        p = Path(folder)
+        if not p.is_dir():
+            raise MstCompileError(f"--tokenizer {folder}: not a folder (expected a local Hugging Face tokenizer folder)")
+        try:
+            from transformers import AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any loading failure is one line
+            raise MstCompileError(f"--tokenizer {folder}: cannot load a tokenizer there ({type(e).__name__}: {e})") from None
+        self.vocab_size = len(self.tok)
+        self.name = f"hf:{p.resolve()}"
+
+    def encode(self, raw: bytes) -> np.ndarray:
+        ids = self.tok(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        if self.tok.eos_token_id is not None:
+            ids.append(self.tok.eos_token_id)  # a document boundary the model can learn
+        return np.asarray(ids, dtype=np.int64)
+
+
+def _dtype_for(vocab: int):
+    return np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.uint32
+
+
+def _is_val(path: Path, root: Path | None, val_fraction: float) -> bool:
+    """Deterministic file-level split: a stable hash of the relative path picks the val files."""
+    rel = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
+    return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
+
+
+def build_token_files(files: list[Path], tokenizer, val_fraction: float, source: str, root: Path | None = None) -> Path:
+    """Tokenize ``files`` once into ``<cache>/<key>/{train,val}.bin``; return that folder."""
+    h = hashlib.sha1(f"{tokenizer.name}|{val_fraction}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    name = "stdlib" if source == "stdlib" else Path(source.rstrip("/*")).name or "data"
+    folder = cache_dir() / f"{name}-{h.hexdigest()[:16]}"
+    if (folder / "meta.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
+    dtype = _dtype_for(tokenizer.vocab_size)
+    counts = {"train": 0, "val": 0}
+    try:
+        with open(tmp / "train.bin", "wb") as tr, open(tmp / "val.bin", "wb") as va:
+            for f in files:
+                raw = f.read_bytes()
+                if not raw:
+                    continue
+                ids = tokenizer.encode(raw + (b"\n" if not raw.endswith(b"\n") else b"")).astype(dtype)
+                split = "val" if _is_val(f, root, val_fraction) else "train"
+                (va if split == "val" else tr).write(ids.tobytes())
+                counts[split] += len(ids)
+        if counts["train"] == 0 or counts["val"] == 0:  # too few files for a file split: hold out the tail
+            _tail_split(tmp, dtype, val_fraction, counts)
+        meta = {"source": source, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                "dtype": np.dtype(dtype).name, "files": len(files), **{f"{k}_tokens": v for k, v in counts.items()}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, folder)  # atomic; another process may have finished first, which is fine
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _tail_split(folder: Path, dtype, val_fraction: float, counts: dict) -> None:
+    all_ids = np.concatenate([np.fromfile(folder / "train.bin", dtype=dtype), np.fromfile(folder / "val.bin", dtype=dtype)])
+    n_val = int(len(all_ids) * val_fraction)
+    all_ids[: len(all_ids) - n_val].tofile(folder / "train.bin")
+    all_ids[len(all_ids) - n_val:].tofile(folder / "val.bin")
+    counts.update(train=len(all_ids) - n_val, val=n_val)
+
+
+# -- batches ---------------------------------------------------------------------------------
+class TokenData:
+    """Train and val token arrays (memory-mapped or in memory) and deterministic random batches."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, vocab_size: int | None, source: str):
+        self.splits = {"train": train, "val": val}
+        self.vocab_size = vocab_size
+        self.source = source
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TokenData":
+        meta = json.loads((folder / "meta.json").read_text())
+        arrs = {}
+        for s in ("train", "val"):
+            n = meta[f"{s}_tokens"]
+            arrs[s] = np.memmap(folder / f"{s}.bin", dtype=meta["dtype"], mode="r") if n else np.zeros(0, np.uint8)
+        return cls(arrs["train"], arrs["val"], meta["vocab_size"], meta["source"])
+
+    def describe(self) -> str:
+        return f"{self.source}: {len(self.splits['train']):,} train / {len(self.splits['val']):,} val tokens"
+
+    def check(self, block_size: int) -> None:
+        for split, arr in self.splits.items():
+            if len(arr) == 0:
+                raise MstCompileError(f"the data ({self.source}) is empty: its {split} split has no tokens")
+            if len(arr) <= block_size:
+                raise MstCompileError(
+                    f"block size {block_size} is larger than the data: the {split} split of {self.source} has "
+                    f"{len(arr)} tokens; use --block-size {max(1, len(arr) - 1)} or less, or more data"
+                )
+
+    def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int, seed: int):
+        """``(x, y)`` int64 tensors of shape (B, T); y is x shifted by one token."""
+        arr = self.splits[split]
+        rng = np.random.default_rng([seed, _SPLITS[split], *key])
+        starts = rng.integers(0, len(arr) - block_size, size=batch_size)
+        chunk = np.stack([arr[i : i + block_size + 1] for i in starts]).astype(np.int64)  # (B, T+1)
+        t = torch.from_numpy(chunk)
+        return t[:, :-1], t[:, 1:]  # (B, T), (B, T)
+
+
+class HookData:
+    """Batches from a model file's ``data()`` hook returning ``get_batch(split, index)``."""
+
+    def __init__(self, fn: Callable, source: str):
+        self.fn, self.source, self.vocab_size = fn, source, None
+
+    def describe(self) -> str:
+        return f"{self.source}: batches from get_batch(split, index)"
+
+    def check(self, block_size: int) -> None:
+        pass
+
+    def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int, seed: int):
+        index = int(np.random.default_rng([seed, _SPLITS[split], *key]).integers(0, 2**62))
+        try:
+            out = self.fn(split, index)
+        except Exception as e:  # noqa: BLE001
+            raise MstCompileError(f"{self.source}: get_batch({split!r}, {index}) raised {type(e).__name__}: {e}") from e
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            return torch.as_tensor(out[0]).long(), torch.as_tensor(out[1]).long()
+        x = torch.as_tensor(out).long()
+        if x.dim() != 2 or x.size(1) < 2:
+            raise MstCompileError(f"{self.source}: get_batch must return (x, y) or a (B, T+1) token tensor, got shape {tuple(x.shape)}")
+        return x[:, :-1], x[:, 1:]
+
+
+def _as_tokens(obj: Any, what: str) -> np.ndarray:
+    arr = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise MstCompileError(f"{what} must be a 1-D array of integer token ids, got {arr.dtype} with shape {arr.shape}")
+    return arr
+
+
+def from_hook(value: Any, source: str, val_fraction: float, tokenizer: str | None):
+    """Turn what ``data()`` returned into a data object.
+
+    Accepted: a path/glob (like ``--data``); a 1-D token array (the tail is held out); a dict
+    ``{"train": tokens, "val": tokens}``; or a function ``get_batch(split, index)``.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return load_data(str(value), tokenizer, val_fraction)
+    if callable(value):
+        return HookData(value, source)
+    if isinstance(value, dict):
+        if set(value) != {"train", "val"}:
+            raise MstCompileError(f"{source} returned a dict with keys {sorted(value)}; expected exactly 'train' and 'val'")
+        tr, va = (_as_tokens(value[s], f"{source}['{s}']") for s in ("train", "val"))
+    else:
+        ids = _as_tokens(value, source)
+        n_val = int(len(ids) * val_fraction)
+        tr, va = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    vocab = int(max(tr.max(initial=0), va.max(initial=0))) + 1 if len(tr) + len(va) else None
+    return TokenData(tr, va, vocab, source)
+
+
+def load_data(spec: str | None, tokenizer: str | None, val_fraction: float):
+    """The corpus a run trains on: ``spec`` None is the standard library, bytes unless ``tokenizer``."""
+    tok = _HFTokenizer(tokenizer) if tokenizer else _Bytes()
+    if spec is None:
+        files, source, root = stdlib_files(), "stdlib", Path(sysconfig.get_paths()["stdlib"])
+    else:
+        files, source = data_files(spec), spec
+        root = Path(spec) if Path(spec).is_dir() else None
+    if sum(f.stat().st_size for f in files) == 0:
+        raise MstCompileError(f"the data {source} is empty: its {len(files)} file(s) hold no text")
+    return TokenData.from_folder(build_token_files(files, tok, val_fraction, source, root))

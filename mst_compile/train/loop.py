@@ -1,0 +1,329 @@
+"""The trainer behind ``mstc train``: ``train()`` runs one model file with MST (or dense) to the end.
+
+A step is nanoGPT's: ``grad_accum`` micro-batches of next-token cross-entropy, clip, AdamW with
+linear warm-up and cosine decay. MST needs nothing more from the loop than ``sm.mst.attach(opt)``:
+the runtime hooks the optimizer step and evolves the masks itself. The loop adds what a run needs
+around it: deterministic data, evaluation, checkpoints that resume exactly, metrics and progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MSTConfig
+from ..errors import MstCompileError
+from ..modelfile import ModelFile, load_model_file
+from . import checkpoint as ckpt
+from . import distributed
+from .accounting import Accounting, ranks_identical
+from .data import from_hook, load_data
+from .metrics import MetricsLog, Progress, duration, human
+from .options import TrainConfig, dumps_config, read_config_file
+
+_EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
+
+
+class TrainingInterrupted(MstCompileError):
+    """Ctrl-C (or SIGTERM): a checkpoint was saved and the run can be resumed."""
+
+
+class TrainingDiverged(MstCompileError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / (tc.warmup_steps + 1)
+    u = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
+
+
+def logits_of(out) -> torch.Tensor:
+    """A model may return logits, a tuple starting with them, or an output object with ``.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise MstCompileError(f"the model returned {type(out).__name__}; expected logits (B, T, vocab) or an output with .logits")
+
+
+def lm_loss(out, y: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(out)  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+class _StopRequest:
+    """First Ctrl-C/SIGTERM asks the loop to checkpoint and stop after the current step; a second aborts."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _model_block_size(model) -> int | None:
+    for obj in (model, getattr(model, "config", None)):
+        for attr in ("block_size", "n_positions", "max_position_embeddings"):
+            v = getattr(obj, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None
+
+
+def _new_run_dir(model_file: Path, dense: bool) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{model_file.stem}{'-dense' if dense else ''}-{stamp}"
+    out, i = base, 1
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def _check_out(out: str | None, resume: str | None, model_file: Path, dense: bool) -> Path:
+    """The run folder; never one that holds something unless we are resuming it."""
+    if resume:
+        r = Path(resume)
+        if not (r / "config.toml").is_file():
+            raise MstCompileError(f"--resume {r}: not a run folder (no config.toml); pass the folder mstc train wrote")
+        if out and Path(out).resolve() != r.resolve():
+            raise MstCompileError(f"--resume {r} continues in that folder; drop --out {out}")
+        return r
+    if out is None:
+        return _new_run_dir(model_file, dense)
+    o = Path(out)
+    if o.exists() and (not o.is_dir() or any(o.iterdir())):
+        raise MstCompileError(f"--out {o} already exists and is not empty; pass --resume {o} to continue that run, or choose another --out")
+    return o
+
+
+def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
+    train, mst = read_config_file(Path(run_dir) / "config.toml")
+    tc = TrainConfig(**train)
+    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+
+
+def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None = None, mst_config: MSTConfig | None = None, *,
+          out: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
+          stop_at: int | None = None) -> dict:
+    """Train ``model_file``'s ``model()`` and return the run summary (also saved as summary.json).
+
+    ``train_config`` / ``mst_config`` default to the model file's hooks. ``resume`` continues a run
+    folder with its saved config. ``stop_at`` stops after that step as if interrupted (checkpoint
+    saved, ``TrainingInterrupted`` raised): a run split in two that way equals the whole.
+    """
+    t_start = time.time()
+    mf = model_file if isinstance(model_file, ModelFile) else load_model_file(model_file)
+    if resume is not None:
+        tc, mst = load_run_config(resume)
+    else:
+        mst = mst_config or mf.config() or MSTConfig()
+        tc = train_config or TrainConfig(steps=mst.total_steps, seed=mst.seed)
+        mst = mst.replace(total_steps=tc.steps or mst.total_steps, seed=tc.seed)
+    d = distributed.setup(tc.device)
+    try:
+        return _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
+    finally:
+        d.close()
+
+
+def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
+    run_dir = d.broadcast(_check_out(str(out) if out else None, str(resume) if resume else None, mf.path, tc.dense) if d.main else None)
+    torch.manual_seed(tc.seed)
+    model = mf.model().to(d.device)
+    tc = tc.resolved(mst, _model_block_size(model))
+    limit = _model_block_size(model)
+    if limit is not None and tc.block_size > limit:
+        raise MstCompileError(f"block size {tc.block_size} is larger than the model's maximum sequence length {limit}; use --block-size {limit} or less")
+
+    # data: rank 0 tokenizes into the cache first, the others then read it
+    def get_data():
+        if tc.data is not None or mf.hook("data") is None:
+            return load_data(tc.data, tc.tokenizer, tc.val_fraction)
+        return from_hook(mf.call("data"), f"{mf.path}: data()", tc.val_fraction, tc.tokenizer)
+
+    data = get_data() if d.main else None
+    d.barrier()
+    data = data or get_data()
+    data.check(tc.block_size)
+    B, T = tc.batch_size, tc.block_size
+    x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
+    _check_model_runs(model, x0[:1].to(d.device), data)
+
+    example = mf.example_inputs() if mf.hook("example_inputs") else (x0[:1].to(d.device),)
+    acct = Accounting(model, mst, tc, example, d)
+    net = acct.module
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    acct.attach(opt)
+
+    start, best, elapsed0 = 0, math.inf, 0.0
+    if resume is not None:
+        ck = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        ckpt.check_same_model(ck, model, run_dir / "checkpoints" / "last.pt")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        acct.load_state_dict(ck["mst"], run_dir / "checkpoints" / "last.pt")
+        ckpt.set_rng_state(ck["rng"])
+        start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
+    if d.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[d.device] if d.device.type == "cuda" else None)
+
+    log = None
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path)))
+        log = MetricsLog(run_dir, keep_until_step=start if resume is not None else None)
+    bar = Progress(tc.steps, start, tc.log_interval, enabled=progress and d.main)
+    if d.main:
+        bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {data.describe()} | "
+                 f"{tc.steps} steps x {B * T * tc.grad_accum * d.world:,} tokens" + (f" | resumed at step {start}" if start else ""))
+
+    def save(step: int, name: str = "last.pt") -> None:
+        if d.main:
+            state = ckpt.make_checkpoint(step=step, model=model, optimizer=opt, mst_state=acct.state_dict(), extra={
+                "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens}})
+            ckpt.save_atomic(state, run_dir / "checkpoints" / name)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        was = acct.module.training
+        acct.module.eval()
+        res = {}
+        for split in ("train", "val"):
+            total = 0.0
+            for k in range(tc.eval_iters):
+                x, y = data.batch(split, (_EVAL_KEY, k, d.rank), B, T, tc.seed)
+                total += lm_loss(acct.module(x.to(d.device)), y.to(d.device)).item()
+            res[split] = d.all_sum([total / tc.eval_iters])[0] / d.world
+        acct.module.train(was)
+        return res
+
+    last_eval: dict[str, float] = {}
+    step_time, step_tokens = 0.0, B * T * tc.grad_accum * d.world
+    acct.module.train()
+    with _StopRequest() as stop:
+        try:
+            for step in range(start, tc.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, tc)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(tc.grad_accum):
+                    x, y = data.batch("train", (step, micro, d.rank), B, T, tc.seed)
+                    sync = net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        loss = lm_loss(net(x.to(d.device)), y.to(d.device))
+                        (loss / tc.grad_accum).backward()
+                    loss_sum += loss.item()
+                loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
+                loss_val = loss_total / d.world
+                if bad:  # before the optimizer step: no bad state reaches a checkpoint
+                    where = f"; the last good checkpoint is {run_dir / 'checkpoints' / 'last.pt'}" if (run_dir / "checkpoints" / "last.pt").exists() else ""
+                    raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}: stopping{where} (try a lower --lr)")
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                acct.after_step(step_tokens)
+                step_time += time.perf_counter() - t0
+                fields = {"phase": acct.phase, "loss": loss_val, "density": acct.density(), "reduction": acct.reduction()}
+                bar.update(done, fields)
+                if log is not None:
+                    for u in acct.new_updates():
+                        log.write({"kind": "update", **u})
+                    if done % tc.log_interval == 0 or done == tc.steps or done == start + 1:
+                        log.write({"kind": "train", "step": done, **fields, "lr": lr, "target_sparsity": acct.target_sparsity,
+                                   "attention": acct.patterns(), **acct.flops(), "tokens": acct.tokens,
+                                   "tokens_per_s": step_tokens * (done - start) / max(step_time, 1e-9)})
+                if done % tc.eval_interval == 0 or done == tc.steps:
+                    last_eval = evaluate()
+                    if log is not None:
+                        log.write({"kind": "eval", "step": done, "phase": acct.phase, "train_loss": last_eval["train"],
+                                   "val_loss": last_eval["val"], "densities": acct.densities(), **acct.flops()})
+                    bar.note(f"step {done}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
+                    if last_eval["val"] < best:
+                        best = last_eval["val"]
+                        save(done, "best.pt")
+                if done % tc.checkpoint_interval == 0 or done == tc.steps or stops or done == stop_at:
+                    save(done)
+                if (stops or done == stop_at) and done < tc.steps:
+                    raise TrainingInterrupted(
+                        f"interrupted after step {done}: checkpoint saved in {run_dir}; continue with "
+                        f"mstc train {mf.path} --resume {run_dir}")
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+    summary = {
+        "model": str(mf.path), "out": str(run_dir), "mode": "dense" if tc.dense else "mst", "steps": tc.steps,
+        "train_loss": last_eval.get("train"), "val_loss": last_eval.get("val"), "best_val_loss": best,
+        **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
+        "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
+        "wall_s": elapsed0 + time.time() - t_start,
+    }
+    if d.on:
+        summary["ranks_identical"] = ranks_identical(acct, model, d)
+    if d.main:
+        import json
+
+        ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _check_model_runs(model, x, data) -> None:
+    """One forward on real tokens before anything is written: a wrong model is one readable line."""
+    try:
+        with torch.no_grad():
+            logits = logits_of(model(x))
+    except MstCompileError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MstCompileError(f"model() failed on a batch of token ids of shape {tuple(x.shape)}: {type(e).__name__}: {msg}") from None
+    if logits.dim() != 3 or logits.shape[:2] != x.shape:
+        raise MstCompileError(f"the model returned logits of shape {tuple(logits.shape)} for tokens {tuple(x.shape)}; expected (B, T, vocab)")
+    if data.vocab_size and data.vocab_size > logits.size(-1):
+        raise MstCompileError(
+            f"the data has {data.vocab_size} token ids ({data.source}) but the model predicts only {logits.size(-1)}; "
+            "give the model a vocabulary at least that large or use a matching --tokenizer")
+
+
+def summary_line(s: dict) -> str:
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])} | train loss {loss(s['train_loss'])} | "
+            f"val loss {loss(s['val_loss'])} | FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
+            f"reduction {s['reduction']:.2f}x | {s['out']}")

@@ -1,0 +1,88 @@
+import dataclasses
+
+import pytest
+
+from mst_compile import MSTConfig
+from mst_compile.errors import MstCompileError
+from mst_compile.train.loop import lr_at
+from mst_compile.train.options import TrainConfig, build_configs, dumps_config, parse_mst_flag, read_config_file
+
+
+def test_precedence_hooks_then_file_then_flags(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 0.002\n[train]\nbatch_size = 8\nsteps = 40\n[mst]\nsparsity = 0.8\nattention_phases = ["ultra", "restoration"]\n')
+    hook_mst = MSTConfig(total_steps=500, sparsity=0.7, update_interval=25, seed=4)
+    tc, mst = build_configs(hook_mst, {"batch_size": 2, "eval_iters": 3}, str(f), {"batch_size": 4}, {"final_sparsity": 0.3})
+    assert (tc.batch_size, tc.eval_iters, tc.lr, tc.steps, tc.seed) == (4, 3, 0.002, 40, 4)
+    assert (mst.sparsity, mst.final_sparsity, mst.update_interval) == (0.8, 0.3, 25)
+    assert mst.total_steps == 40 and mst.seed == 4  # one knob each for steps and seed
+    assert mst.attention_phases == ("ultra", "restoration")
+
+
+def test_total_steps_and_steps_are_one_knob(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[mst]\ntotal_steps = 77\nseed = 9\n")
+    tc, mst = build_configs(None, None, str(f), {}, {})
+    assert tc.steps == mst.total_steps == 77 and tc.seed == mst.seed == 9
+
+
+def test_saved_config_reads_back_identically(tmp_path):
+    tc, mst = build_configs(None, None, None, {"steps": 60, "lr": 3e-4, "data": "some dir/x*.txt"},
+                            {"schedule": [(0, 0.0), (30, 0.9), (60, 0.5)], "drop_fractions": (0.3, 0.2, 0.1), "stride": 8})
+    tc = tc.resolved(mst, 64)
+    mst = mst.replace(extra={"note": "baseline", "k": 2})
+    p = tmp_path / "config.toml"
+    p.write_text(dumps_config(tc, mst, "examples/tiny_gpt.py"))
+    train, m = read_config_file(p)
+    tc2, mst2 = build_configs(None, train, None, {}, m)
+    assert tc2 == tc
+    assert mst2 == mst
+
+
+def test_unknown_keys_and_bad_files_are_readable(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nbatchsize = 8\n")
+    with pytest.raises(MstCompileError, match=r"unknown key\(s\) \['batchsize'\] in \[train\]"):
+        read_config_file(f)
+    f.write_text("spars = 0.5\n")
+    with pytest.raises(MstCompileError, match="unknown key 'spars'"):
+        read_config_file(f)
+    f.write_text("[mst\n")
+    with pytest.raises(MstCompileError, match="not valid TOML"):
+        read_config_file(f)
+    with pytest.raises(MstCompileError, match="does not exist"):
+        read_config_file(tmp_path / "none.toml")
+    f.write_text("[mst]\nsparsity = 1.5\n")
+    with pytest.raises(ValueError, match=r"MSTConfig.sparsity=1.5 is invalid"):
+        build_configs(None, None, str(f), {}, {})
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", 0.0), ("grad_accum", 1.5), ("device", "tpu"),
+                                         ("val_fraction", 1.0), ("min_lr", 5.0), ("warmup_steps", -1)])
+def test_train_config_validates(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
+        TrainConfig(**{field: value})
+
+
+def test_resolved_fills_every_default():
+    tc = TrainConfig(lr=1e-3).resolved(MSTConfig(total_steps=200), model_block_size=None)
+    assert all(getattr(tc, f.name) is not None for f in dataclasses.fields(tc) if f.name not in ("data", "tokenizer"))
+    assert (tc.steps, tc.block_size, tc.min_lr, tc.warmup_steps, tc.eval_interval, tc.checkpoint_interval) == (200, 128, 1e-4, 10, 40, 40)
+
+
+def test_flag_parsing():
+    assert parse_mst_flag("schedule", "0:0,10:0.9,20:0.5") == [(0, 0.0), (10, 0.9), (20, 0.5)]
+    assert parse_mst_flag("attention_phases", "warmup, ultra") == ("warmup", "ultra")
+    assert parse_mst_flag("stride", "auto") is None and parse_mst_flag("stride", "16") == 16
+    with pytest.raises(ValueError, match="--schedule 'x' is invalid"):
+        parse_mst_flag("schedule", "x")
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = [lr_at(s, tc) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear ramp up to the peak
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine: never increases
+    assert lrs[55] == pytest.approx(0.55, abs=1e-9)  # halfway through the decay: (lr + min_lr)/2
+    assert lr_at(100, tc) == pytest.approx(0.1)
