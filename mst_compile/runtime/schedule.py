@@ -1,0 +1,130 @@
+"""Sparsity variation and drop-fraction schedules (DESIGN §3-4) as pure functions of (step, config).
+
+Training of ``T = total_steps`` steps has three phases, with ``u`` the fraction of the current phase
+elapsed:
+
+- warm-up      [0, t1):  s(t) = s_max · (1 − (1 − u)³)          dense start, cubic ramp
+- ultra        [t1, t2): s(t) = s_max
+- restoration  [t2, T]:  s(t) = s_end + (s_max − s_end)·(1 − u³)  time mirror of the warm-up
+
+``t1 = warmup_end·T`` and ``t2 = ultra_end·T`` rounded to whole steps. A ``config.schedule`` of
+``(step, sparsity)`` points replaces s(t) by the piecewise linear curve through them (held flat
+before the first and after the last point); the phases (attention switching, drop fractions) still
+come from ``warmup_end`` and ``ultra_end``.
+
+The drop fraction restarts a cosine in each phase k with its own ζ_k:
+``ζ(t) = ζ_k/2 · (1 + cos(π·(t − τ_k)/(τ_{k+1} − τ_k)))``.
+
+Steps past ``T`` hold the state at ``T``. Nothing here touches a model or torch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from ..config import PHASES, MSTConfig
+
+
+def _at(frac: float, total: int) -> int:
+    """A fraction of total_steps rounded half up to a whole step."""
+    return int(math.floor(frac * total + 0.5))
+
+
+def phase_bounds(config: MSTConfig) -> tuple[int, int, int]:
+    """(t1, t2, T): the steps where ultra-sparsification and restoration begin, and the end."""
+    T = config.total_steps
+    return _at(config.warmup_end, T), _at(config.ultra_end, T), T
+
+
+def _clip(step: int, config: MSTConfig) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r} is invalid: expected an integer >= 0")
+    return min(step, config.total_steps)
+
+
+def phase_at(step: int, config: MSTConfig) -> str:
+    """"warmup", "ultra" or "restoration" at ``step`` (steps past total_steps stay in the last)."""
+    t = _clip(step, config)
+    t1, t2, _ = phase_bounds(config)
+    if t < t1:
+        return "warmup"
+    if t < t2:
+        return "ultra"
+    return "restoration"
+
+
+def _piecewise(t: int, points: list[tuple[int, float]]) -> float:
+    if t <= points[0][0]:
+        return points[0][1]
+    for (a, sa), (b, sb) in zip(points, points[1:]):
+        if t <= b:
+            return sa + (sb - sa) * (t - a) / (b - a)
+    return points[-1][1]
+
+
+def target_sparsity(step: int, config: MSTConfig) -> float:
+    """The scheduled global sparsity s(t) of the sparse weights at ``step``."""
+    t = _clip(step, config)
+    if config.schedule is not None:
+        return float(_piecewise(t, config.schedule))
+    t1, t2, T = phase_bounds(config)
+    s_max, s_end = float(config.sparsity), float(config.final_sparsity)
+    if t < t1:
+        u = t / t1
+        return s_max * (1.0 - (1.0 - u) ** 3)
+    if t < t2 or T == t2:  # an empty restoration phase leaves s_max in place
+        return s_max
+    u = (t - t2) / (T - t2)
+    return s_end + (s_max - s_end) * (1.0 - u**3)
+
+
+def drop_fraction(step: int, config: MSTConfig) -> float:
+    """ζ(t): a cosine from ζ_k down to 0 over each phase k, restarted at every phase boundary."""
+    t = _clip(step, config)
+    t1, t2, T = phase_bounds(config)
+    k = PHASES.index(phase_at(t, config))
+    start, end = ((0, t1), (t1, t2), (t2, T))[k]
+    if end <= start:
+        return 0.0
+    zeta = config.phase_drop_fractions[k]
+    return zeta / 2.0 * (1.0 + math.cos(math.pi * (t - start) / (end - start)))
+
+
+def is_update_step(step: int, config: MSTConfig) -> bool:
+    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... up to total_steps."""
+    return 0 < step <= config.total_steps and step % config.update_interval == 0
+
+
+def update_steps(config: MSTConfig) -> list[int]:
+    """Every step after which a topology update runs."""
+    return list(range(config.update_interval, config.total_steps + 1, config.update_interval))
+
+
+def check(config: MSTConfig) -> None:
+    """Raise on schedules that cannot run and warn on ones that silently skip what was asked."""
+    T = config.total_steps
+    if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
+        raise ValueError(f"MSTConfig.total_steps={T!r} is invalid: expected an integer > 0")
+    if config.schedule is not None and config.schedule[-1][0] > T:
+        raise ValueError(
+            f"MSTConfig.schedule has a point at step {config.schedule[-1][0]}, past total_steps={T}: "
+            "expected schedule steps in [0, total_steps]"
+        )
+    t1, t2, _ = phase_bounds(config)
+    if not 0 <= t1 <= t2 <= T:
+        raise ValueError(
+            f"MSTConfig phases do not fit: warmup_end={config.warmup_end}, ultra_end={config.ultra_end} give "
+            f"t1={t1}, t2={t2} for total_steps={T}; expected 0 <= warmup_end <= ultra_end <= 1"
+        )
+    if not update_steps(config):
+        warnings.warn(
+            f"MSTConfig.update_interval={config.update_interval} >= total_steps={T}: no topology update will "
+            "run, so the masks never change", stacklevel=3)
+        return
+    spans = {"warmup": (0, t1), "ultra": (t1, t2), "restoration": (t2, T)}
+    for name, (a, b) in spans.items():
+        if b > a and not any(phase_at(k, config) == name for k in update_steps(config)):
+            warnings.warn(
+                f"the {name} phase [{a}, {b}) of {T} steps contains no topology update "
+                f"(update_interval={config.update_interval}): its sparsity change is applied at the next update",
+                stacklevel=3)

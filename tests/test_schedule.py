@@ -1,0 +1,94 @@
+"""Schedules as pure functions (DESIGN §3-4): no model involved."""
+import math
+import warnings
+
+import pytest
+
+from mst_compile import MSTConfig
+from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, phase_at, phase_bounds,
+                                          target_sparsity, update_steps)
+
+CFG = MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.5, warmup_end=0.1, ultra_end=0.8, update_interval=10)
+
+
+def test_phase_bounds_and_names():
+    assert phase_bounds(CFG) == (100, 800, 1000)
+    assert [phase_at(t, CFG) for t in (0, 99, 100, 799, 800, 1000, 5000)] == [
+        "warmup", "warmup", "ultra", "ultra", "restoration", "restoration", "restoration"]
+    no_warmup = CFG.replace(warmup_end=0.0)
+    assert phase_at(0, no_warmup) == "ultra"
+
+
+def test_three_phase_sparsity_closed_form():
+    s_max, s_end = 0.9, 0.5
+    for t in range(0, 100):
+        u = t / 100
+        assert target_sparsity(t, CFG) == pytest.approx(s_max * (1 - (1 - u) ** 3), abs=1e-12)
+    for t in range(100, 800, 37):
+        assert target_sparsity(t, CFG) == s_max
+    for t in range(800, 1001, 13):
+        u = (t - 800) / 200
+        assert target_sparsity(t, CFG) == pytest.approx(s_end + (s_max - s_end) * (1 - u**3), abs=1e-12)
+    # endpoints: dense start, continuous into ultra, final sparsity reached and held past the end
+    assert target_sparsity(0, CFG) == 0.0
+    assert target_sparsity(99, CFG) < target_sparsity(100, CFG) == s_max
+    assert target_sparsity(1000, CFG) == pytest.approx(s_end)
+    assert target_sparsity(4000, CFG) == target_sparsity(1000, CFG)
+    # cubic shape: the warm-up ramps fastest at its start, the restoration recovers fastest at its end
+    ramp = [target_sparsity(t, CFG) for t in range(0, 101, 10)]
+    steps = [b - a for a, b in zip(ramp, ramp[1:])]
+    assert all(x > y for x, y in zip(steps, steps[1:]))
+    back = [target_sparsity(t, CFG) for t in range(800, 1001, 20)]
+    falls = [a - b for a, b in zip(back, back[1:])]
+    assert all(x < y for x, y in zip(falls, falls[1:]))
+
+
+def test_drop_fraction_restarts_a_cosine_per_phase():
+    cfg = CFG.replace(drop_fractions=(0.5, 0.3, 0.1))
+    for (start, end), zeta in zip(((0, 100), (100, 800), (800, 1000)), (0.5, 0.3, 0.1)):
+        assert drop_fraction(start, cfg) == pytest.approx(zeta)
+        assert drop_fraction((start + end) // 2, cfg) == pytest.approx(zeta / 2)
+        for t in range(start, end, 7):
+            expected = zeta / 2 * (1 + math.cos(math.pi * (t - start) / (end - start)))
+            assert drop_fraction(t, cfg) == pytest.approx(expected, abs=1e-12)
+    assert drop_fraction(1000, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert drop_fraction(99, cfg) < 0.01 and drop_fraction(100, cfg) == pytest.approx(0.3)
+    # one drop_fraction for every phase by default
+    assert [drop_fraction(t, CFG) for t in (0, 100, 800)] == pytest.approx([0.3, 0.3, 0.3])
+
+
+def test_piecewise_user_schedule():
+    cfg = CFG.replace(schedule=[(0, 0.2), (100, 0.8), (500, 0.8), (900, 0.4)])
+    assert target_sparsity(0, cfg) == 0.2
+    assert target_sparsity(50, cfg) == pytest.approx(0.5)
+    assert target_sparsity(300, cfg) == pytest.approx(0.8)
+    assert target_sparsity(700, cfg) == pytest.approx(0.6)
+    assert target_sparsity(950, cfg) == pytest.approx(0.4)  # held after the last point
+    late = CFG.replace(schedule=[(10, 0.5), (20, 0.7)])
+    assert target_sparsity(0, late) == 0.5  # held before the first point
+    # phases and drop fractions still follow warmup_end / ultra_end
+    assert phase_at(300, cfg) == "ultra" and drop_fraction(100, cfg) == pytest.approx(0.3)
+
+
+def test_update_steps():
+    cfg = MSTConfig(total_steps=35, update_interval=10)
+    assert update_steps(cfg) == [10, 20, 30]
+    assert [t for t in range(0, 50) if is_update_step(t, cfg)] == [10, 20, 30]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="total_steps=0"):
+        MSTConfig(total_steps=0)
+    with pytest.raises(ValueError, match="ultra_end"):
+        MSTConfig(warmup_end=0.5, ultra_end=0.3)
+    with pytest.raises(ValueError, match="step=-1"):
+        target_sparsity(-1, CFG)
+    with pytest.raises(ValueError, match="past total_steps=100"):
+        check(MSTConfig(total_steps=100, schedule=[(0, 0.5), (200, 0.9)]))
+    with pytest.warns(UserWarning, match="no topology update will run"):
+        check(MSTConfig(total_steps=50, update_interval=100))
+    with pytest.warns(UserWarning, match="warmup phase .* contains no topology update"):
+        check(MSTConfig(total_steps=1000, update_interval=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(MSTConfig(total_steps=1000, update_interval=50))
