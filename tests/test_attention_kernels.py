@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mst_compile.runtime import attention_cpu
 from mst_compile.runtime import attention_kernels as K
 from mst_compile.runtime.attention import (
     PATTERNS,
@@ -51,37 +52,52 @@ def _run(fn, q, k, v, g):
     return (out, *torch.autograd.grad(out, (q, k, v), g))
 
 
+def _impl(name, pattern, l, scale=None):
+    """One way to compute a pattern: the public entry point or one of the three kernels directly."""
+    local, strided = pattern != "strided", pattern != "local"
+    if name == "auto":
+        return lambda q, k, v: hsa_attention(q, k, v, pattern=pattern, stride=l, scale=scale)
+    s = 1 / math.sqrt(16) if scale is None else scale
+    if name == "fused":  # the C++ kernel, built on first use
+        if not attention_cpu.available():
+            pytest.skip("the fused CPU kernel cannot be built here (no C++ compiler / ninja)")
+        return lambda q, k, v: attention_cpu.HSAFusedCPU.apply(q, k, v, l, local, strided, s)
+    kernel = K._HSAFlash.apply if name == "flash" else K._hsa_explicit
+    return lambda q, k, v: kernel(q, k, v, K._Plan.make(q.shape[2], l, local, strided), s)
+
+
+IMPLS = ["auto", "fused", "flash", "matmul"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,l,Hq,Hkv", CASES)
-@pytest.mark.parametrize("pattern", PATTERNS)
-def test_matches_oracle_forward_and_backward(T, l, Hq, Hkv, pattern):
+@pytest.mark.parametrize("pattern", ["local", "strided", "sparse"])
+def test_matches_oracle_forward_and_backward(T, l, Hq, Hkv, pattern, impl):
     q, k, v, g = _qkv(T, Hq, Hkv)
     want = _oracle(q, k, v, g, T, l, pattern)
-    got = _run(lambda q, k, v: hsa_attention(q, k, v, pattern=pattern, stride=l), q, k, v, g)
+    got = _run(_impl(impl, pattern, l), q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape
-        _assert_close(a, b, f"{pattern} T={T} l={l} {name}")
+        _assert_close(a, b, f"{impl} {pattern} T={T} l={l} {name}")
 
 
-@pytest.mark.parametrize("T,l,Hq,Hkv", [(37, 5, 4, 2), (64, 8, 2, 2), (20, 20, 2, 1)])
-@pytest.mark.parametrize("pattern", ["local", "strided", "sparse"])
-def test_matmul_fallback_matches_oracle(T, l, Hq, Hkv, pattern):
-    """The portable path (non-CPU devices) uses the same layout with matmuls and autograd."""
+@pytest.mark.parametrize("T,l,Hq,Hkv", CASES)
+def test_dense_matches_oracle(T, l, Hq, Hkv):
     q, k, v, g = _qkv(T, Hq, Hkv)
-    want = _oracle(q, k, v, g, T, l, pattern, scale=0.3)
-    plan = K._Plan.make(T, l, pattern != "strided", pattern != "local")
-    got = _run(lambda q, k, v: K._hsa_explicit(q, k, v, plan, 0.3), q, k, v, g)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        _assert_close(a, b, f"explicit {pattern} {name}")
+    got = _run(_impl("auto", "dense", l), q, k, v, g)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _oracle(q, k, v, g, T, l, "dense")):
+        _assert_close(a, b, f"dense T={T} {name}")
 
 
-def test_custom_scale_and_strided_input_layout():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_scale_and_strided_input_layout(impl):
     """A (B, T, H, D) tensor transposed to (B, H, T, D) (nanoGPT's layout) and a custom scale."""
-    B, T, H, D = 2, 45, 4, 8
-    q, k, v, g = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(4))
+    B, T, H = 2, 45, 4
+    q, k, v, g = (torch.randn(B, T, H, 16).transpose(1, 2) for _ in range(4))
     want = _oracle(q, k, v, g, T, 6, "sparse", scale=0.7)
-    got = _run(lambda q, k, v: hsa_attention(q, k, v, pattern="sparse", stride=6, scale=0.7), q, k, v, g)
+    got = _run(_impl(impl, "sparse", 6, scale=0.7), q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        _assert_close(a, b, f"layout {name}")
+        _assert_close(a, b, f"{impl} layout {name}")
 
 
 def test_dense_is_causal_sdpa():

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention_cpu
+
 _NEG = float("-inf")
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -89,7 +91,11 @@ def _band_mask(p: _Plan, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _pack(x: Tensor, groups: int, rows: int, front: int) -> Tensor:
     """(B, H, T, D) -> zero-padded contiguous (B·H·groups, rows, D) with x at rows [front, front+T)."""
     B, H, T, D = x.shape
-    out = x.new_zeros(B, H, groups, rows, D)
+    if groups == 1 and front == 0 and rows == T and x.is_contiguous():
+        return x.view(B * H, T, D)
+    out = x.new_empty(B, H, groups, rows, D)
+    out[:, :, :, :front].zero_()
+    out[:, :, :, front + T:].zero_()
     out[:, :, :, front:front + T] = x[:, :, None]
     return out.view(B * H * groups, rows, D)
 
@@ -128,8 +134,11 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None
     return torch.matmul(torch.exp(s - lse[..., None]), v), lse
 
 
-def _parts_forward(qp: Tensor, kp: Tensor, vp: Tensor, p: _Plan, scale: float, attend):
-    """Run the band and residue parts on packed buffers; return (out, lse) over positions [0, Tq)."""
+def _parts_forward(qp: Tensor, kp: Tensor, vp: Tensor, p: _Plan, scale: float, attend, inplace: bool = False):
+    """Run the band and residue parts on packed buffers; return (out, lse) over positions [0, Tq).
+
+    ``inplace`` merges into the band's buffers (they are fresh copies, and the flash path keeps no
+    autograd graph); the autograd path builds new tensors instead."""
     BH, _, D = qp.shape
     out = lse = None
     if p.local:
@@ -147,6 +156,11 @@ def _parts_forward(qp: Tensor, kp: Tensor, vp: Tensor, p: _Plan, scale: float, a
             lo, hi = s * p.l, min(p.n * p.l, out.shape[1])  # band and residue rows both exist here
             m1, m2 = lse[:, lo:hi], l2[:, :hi - lo]
             both = torch.logaddexp(m1, m2)
+            if inplace:
+                w2 = (m2 - both).exp_()[..., None]
+                out[:, lo:hi].mul_((m1 - both).exp_()[..., None]).addcmul_(o2[:, :hi - lo], w2)
+                lse[:, lo:hi] = both
+                return out, lse
             mixed = torch.exp(m1 - both)[..., None] * out[:, lo:hi] + torch.exp(m2 - both)[..., None] * o2[:, :hi - lo]
             out = torch.cat([out[:, :lo], mixed.to(out.dtype), out[:, hi:]], 1)
             lse = torch.cat([lse[:, :lo], both, lse[:, hi:]], 1)
@@ -164,8 +178,11 @@ def _explicit_attend(q, k, v, causal, mask, scale):
 def _fold_windows(dw: Tensor, p: _Plan, rows: int) -> Tensor:
     """Adjoint of ``_windows``: sum each window's gradient back onto the packed rows (BH, rows, D)."""
     BH, _, _, D = dw.shape
-    out = dw.new_zeros(BH, rows + p.b, D)  # + b: the last chunk may reach past the packed rows
-    for o in range(0, p.W, p.b):
+    nbb = p.nb * p.b
+    out = dw.new_empty(BH, rows + p.b, D)  # + b: the last chunk may reach past the packed rows
+    out[:, :nbb].view(BH, p.nb, p.b, D).copy_(dw[:, :, :p.b])  # chunk 0 covers rows [0, nb·b) once
+    out[:, nbb:].zero_()
+    for o in range(p.b, p.W, p.b):
         w = min(p.b, p.W - o)
         out[:, o:o + p.nb * p.b].view(BH, p.nb, p.b, D)[:, :, :w] += dw[:, :, o:o + w]
     return out[:, :rows]
@@ -180,15 +197,12 @@ class _HSAFlash(torch.autograd.Function):
         g = H // k.shape[1]
         qp = _pack(q, 1, p.Tq, 0)  # (BH, Tq, D)
         kp, vp = _pack(k, g, p.front + p.Tq, p.front), _pack(v, g, p.front + p.Tq, p.front)
-        out, lse = _parts_forward(qp, kp, vp, p, scale, _flash_attend)
-        BH = B * H
-        outp = qp.new_zeros(BH, p.Tq, D)  # padded rows: out = 0, lse = 0 keep the backward finite
-        outp[:, :T] = out[:, :T]
-        lsep = lse.new_zeros(BH, p.Tq)
-        lsep[:, :T] = lse[:, :T]
-        ctx.save_for_backward(qp, kp, vp, outp, lsep)
+        out, lse = _parts_forward(qp, kp, vp, p, scale, _flash_attend, inplace=True)
+        if out.shape[1] < p.Tq:  # rows past T only need finite values: their output gradient is 0
+            out, lse = F.pad(out, (0, 0, 0, p.Tq - out.shape[1])), F.pad(lse, (0, p.Tq - lse.shape[1]))
+        ctx.save_for_backward(qp, kp, vp, out, lse)
         ctx.plan, ctx.scale, ctx.shape = p, scale, (B, H, k.shape[1], T, D)
-        return out[:, :T].reshape(B, H, T, D)
+        return out[:, :T].view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, grad):
@@ -197,9 +211,7 @@ class _HSAFlash(torch.autograd.Function):
         B, H, Hkv, T, D = ctx.shape
         BH, rows = B * H, kp.shape[1]
         gp = _pack(grad, 1, p.Tq, 0)  # (BH, Tq, D), zero on padded rows
-        dq = torch.zeros_like(qp)
-        dk = torch.zeros_like(kp)
-        dv = torch.zeros_like(vp)
+        dq = dk = dv = None
         if p.local:
             nbb = p.nb * p.b
             view = lambda x: x[:, :nbb].view(BH, p.nb, p.b, *x.shape[2:])  # noqa: E731
@@ -207,9 +219,8 @@ class _HSAFlash(torch.autograd.Function):
                 view(gp), view(qp), _windows(kp, p), _windows(vp, p), view(outp), view(lsep), 0.0, False,
                 attn_mask=_band_mask(p, qp.dtype, qp.device), scale=scale,
             )
-            dq[:, :nbb] += _blocks(dq1)
-            dk += _fold_windows(dkw, p, rows)
-            dv += _fold_windows(dvw, p, rows)
+            dq = _blocks(dq1) if nbb == p.Tq else F.pad(_blocks(dq1), (0, 0, 0, p.Tq - nbb))
+            dk, dv = _fold_windows(dkw, p, rows), _fold_windows(dvw, p, rows)
         if p.strided:
             s, m = p.shift, p.n - p.shift
             res = lambda x, start=0: _residues(x, p, start)  # noqa: E731
@@ -218,9 +229,12 @@ class _HSAFlash(torch.autograd.Function):
                 res(gp)[:, :, s:], res(qp)[:, :, s:], res(kp, p.front)[:, :, :m], res(vp, p.front)[:, :, :m],
                 res(outp)[:, :, s:], lr[:, :, s:], 0.0, True, scale=scale,
             )
-            dq[:, s * p.l:p.n * p.l] += _positions(dq2)
-            dk[:, p.front:p.front + m * p.l] += _positions(dk2)
-            dv[:, p.front:p.front + m * p.l] += _positions(dv2)
+            if dq is None:  # strided only: the residues cover every row
+                dq, dk, dv = _positions(dq2), _positions(dk2), _positions(dv2)
+            else:
+                dq[:, s * p.l:p.n * p.l] += _positions(dq2)
+                dk[:, p.front:p.front + m * p.l] += _positions(dk2)
+                dv[:, p.front:p.front + m * p.l] += _positions(dv2)
         g = H // Hkv
         dq = dq[:, :T].view(B, H, T, D)
         dk = dk[:, p.front:p.front + T].view(B, Hkv, g, T, D).sum(2)
@@ -245,7 +259,10 @@ def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, s
     """
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+    if cpu and local and q.dtype == torch.float32 and attention_cpu.available():
+        return attention_cpu.HSAFusedCPU.apply(q, k, v, stride, local, strided, scale)
     p = _Plan.make(T, stride, local, strided)
-    if q.device.type == "cpu" and q.dtype in _FLASH_DTYPES and q.dtype == k.dtype == v.dtype:
+    if cpu and q.dtype in _FLASH_DTYPES:
         return _HSAFlash.apply(q, k, v, p, scale)
     return _hsa_explicit(q, k, v, p, scale)
