@@ -4,6 +4,9 @@
 
 For every T and stride l (T/8, the published default, and l ≈ √T) each pattern runs forward +
 backward on the same q, k, v and output gradient as dense causal ``F.scaled_dot_product_attention``.
+``kernel`` is what ``hsa_attention`` picked (``fused``: the C++ kernel; ``flash``: ATen's fused CPU
+flash-attention calls on the band and residue layouts, merged by log-sum-exp; ``fused+flash``: the
+band by the C++ kernel, the residues by flash); ``--stock`` adds rows that force the ``flash`` path.
 The runs are interleaved (dense, pattern, dense, pattern, ...) and each keeps its fastest repetition,
 so background load hits both sides alike. ``speedup`` = dense time / pattern time; ``flop ratio`` =
 dense attended keys / pattern attended keys (what a perfect kernel would gain).
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mst_compile.runtime.attention import hsa_attention, mean_attended_keys
+from mst_compile.runtime.attention_kernels import _HSAFlash, _Plan, choose_kernel
 
 
 def _fwd_bwd(fn, q, k, v, g):
@@ -35,13 +39,26 @@ def _time(run) -> float:
     return time.perf_counter() - t
 
 
-def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns) -> list[dict]:
+def _stock(p: str, l: int):
+    def fn(q, k, v):
+        plan = _Plan.make(q.shape[2], l, p != "strided", p != "local")
+        return _HSAFlash.apply(q, k, v, plan, 1.0 / math.sqrt(q.shape[-1]))
+
+    return fn
+
+
+def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns, stock: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, T, dim, generator=gen).requires_grad_() for _ in range(3))
     g = torch.randn(batch, heads, T, dim, generator=gen)
     runs = {"dense": _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, g)}
+    kernel = {}
     for p in patterns:
         runs[p] = _fwd_bwd(lambda q, k, v, p=p: hsa_attention(q, k, v, pattern=p, stride=l), q, k, v, g)
+        kernel[p] = choose_kernel(q, k, v, local=p != "strided", strided=p != "local", stride=l)
+        if stock and kernel[p] != "flash":
+            runs[p + " "] = _fwd_bwd(_stock(p, l), q, k, v, g)
+            kernel[p + " "] = "flash"
     for run in runs.values():  # warm-up: allocator, mask caches
         run()
     best = {name: math.inf for name in runs}
@@ -50,9 +67,9 @@ def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns)
             best[name] = min(best[name], _time(run))
     dense_keys = mean_attended_keys("dense", T, l)
     return [
-        dict(pattern=p, T=T, l=l, ms=best[p] * 1e3, dense_ms=best["dense"] * 1e3,
-             speedup=best["dense"] / best[p], flop_ratio=dense_keys / mean_attended_keys(p, T, l))
-        for p in patterns
+        dict(pattern=p.strip(), kernel=kernel[p], T=T, l=l, ms=best[p] * 1e3, dense_ms=best["dense"] * 1e3,
+             speedup=best["dense"] / best[p], flop_ratio=dense_keys / mean_attended_keys(p.strip(), T, l))
+        for p in kernel
     ]
 
 
@@ -65,18 +82,19 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--patterns", nargs="+", default=["local", "strided", "sparse"])
+    ap.add_argument("--stock", action="store_true", help="also time the stock-kernel path where the fused one runs")
     args = ap.parse_args(argv)
     print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.dim}, fp32, {torch.get_num_threads()} threads, "
           f"best of {args.reps} interleaved runs")
-    print("| pattern | T | l | fwd+bwd ms | dense causal SDPA ms | speedup | FLOP ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pattern | kernel | T | l | fwd+bwd ms | dense causal SDPA ms | speedup | FLOP ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for T in args.T:
         strides = args.stride or sorted({T // 8, 2 ** round(math.log2(math.sqrt(T)))}, reverse=True)
         for l in strides:
-            for r in bench(T, l, args.batch, args.heads, args.dim, args.reps, args.patterns):
+            for r in bench(T, l, args.batch, args.heads, args.dim, args.reps, args.patterns, args.stock):
                 rows.append(r)
-                print(f"| {r['pattern']} | {r['T']} | {r['l']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
+                print(f"| {r['pattern']} | {r['kernel']} | {r['T']} | {r['l']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
                       f"{r['speedup']:.2f}x | {r['flop_ratio']:.2f}x |", flush=True)
     return rows
 

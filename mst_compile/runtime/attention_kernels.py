@@ -18,11 +18,15 @@ To keep the sets disjoint the strided part of ``sparse`` leaves out j == i (it i
   ``K.view(n, l, D).transpose`` is "l sequences of length n" and the strided part is plain causal
   attention along n (shifted by one row to exclude j == i).
 
-On CPU the partial attentions are ``aten::_scaled_dot_product_flash_attention_for_cpu``, which
-returns its lse, and the backward calls its backward op once per part with the MERGED output and
-lse: that gives each part's exact share of dQ and of dK/dV for its own keys, so the backward skips
-the masked work too. Elsewhere (other devices) the same layout runs through plain matmuls and
-autograd, still without a T×T matrix.
+Three implementations, picked by ``hsa_kernel``:
+
+- fp32 CPU with a band (``local``, ``sparse``): the fused C++ kernel of ``attention_cpu`` (one pass
+  per block of query rows over band and residue keys), when it can be built;
+- other CPU cases (``strided``, other dtypes, no compiler): the stock path below. The partial
+  attentions are ``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns its lse, and
+  the backward calls its backward op once per part with the MERGED output and lse: that gives each
+  part's exact share of dQ and of dK/dV for its own keys, so the backward skips the masked work too;
+- other devices: the same layout through plain matmuls and autograd, still without a T×T matrix.
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ _NEG = float("-inf")
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+HYBRID_ABOVE = 16  # residue keys per row above which the residues go through flash attention (measured)
 
 
 def band_block(l: int) -> int:
@@ -252,6 +259,58 @@ def _hsa_explicit(q: Tensor, k: Tensor, v: Tensor, p: _Plan, scale: float) -> Te
     return out[:, :T].view(B, H, T, D)
 
 
+class _HSAHybrid(torch.autograd.Function):
+    """``sparse`` with many residue keys per row (T/l large): the band by the fused kernel, the
+    residues by flash attention along the residue classes (GEMM-sized there, where the fused
+    kernel's per-key dot products are not), merged by lse; each backward gets the merged out/lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, l: int, scale: float):
+        B, H, T, D = q.shape
+        g, BH = H // k.shape[1], B * H
+        p = _Plan.make(T, l, False, True)  # residue layout: n rows of l, T padded to n·l
+        out, lse = torch.ops.mst_hsa.forward(q, k, v, l, True, False, scale)  # band: (B, H, T, D), (B, H, T)
+        out, lse = out.view(BH, T, D), lse.view(BH, T)
+        qp, kp, vp = _pack(q, 1, p.Tq, 0), _pack(k, g, p.Tq, 0), _pack(v, g, p.Tq, 0)  # (BH, n·l, D)
+        res = lambda x: _residues(x, p)  # noqa: E731
+        o2, l2 = _FLASH(res(qp)[:, :, 1:], res(kp)[:, :, :-1], res(vp)[:, :, :-1], 0.0, True, scale=scale)
+        o2, l2 = _positions(o2)[:, :T - l], _positions(l2)[:, :T - l]  # rows l..T-1
+        m1 = lse[:, l:]
+        both = torch.logaddexp(m1, l2)
+        out[:, l:].mul_((m1 - both).exp_()[..., None]).addcmul_(o2, (l2 - both).exp_()[..., None])
+        lse[:, l:] = both
+        ctx.save_for_backward(q, k, v, qp, kp, vp, out, lse)
+        ctx.plan, ctx.scale = p, scale
+        return out.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, qp, kp, vp, out, lse = ctx.saved_tensors
+        p, scale, l = ctx.plan, ctx.scale, ctx.plan.l
+        B, H, T, D = q.shape
+        Hkv, BH = k.shape[1], B * H
+        dq, dk, dv = torch.ops.mst_hsa.backward(grad, q, k, v, out.view(B, H, T, D), lse.view(B, H, T), l, True, False, scale)
+        gp, op = _pack(grad, 1, p.Tq, 0), F.pad(out, (0, 0, 0, p.Tq - T))
+        lp = F.pad(lse, (0, p.Tq - T)).view(BH, p.n, l).transpose(1, 2)  # (BH, l, n)
+        res = lambda x: _residues(x, p)  # noqa: E731
+        dq2, dk2, dv2 = _FLASH_BWD(
+            res(gp)[:, :, 1:], res(qp)[:, :, 1:], res(kp)[:, :, :-1], res(vp)[:, :, :-1], res(op)[:, :, 1:],
+            lp[:, :, 1:], 0.0, True, scale=scale,
+        )
+        dq.view(BH, T, D)[:, l:] += _positions(dq2)[:, :T - l]
+        dk[:, :, :T - l] += _positions(dk2)[:, :T - l].view(B, Hkv, H // Hkv, T - l, D).sum(2)
+        dv[:, :, :T - l] += _positions(dv2)[:, :T - l].view(B, Hkv, H // Hkv, T - l, D).sum(2)
+        return dq, dk, dv, None, None
+
+
+def choose_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int) -> str:
+    """Which implementation ``hsa_kernel`` runs: "fused", "fused+flash", "flash" or "matmul"."""
+    cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+    if cpu and local and q.dtype == torch.float32 and attention_cpu.available():
+        return "fused+flash" if strided and q.shape[-2] // stride > HYBRID_ABOVE else "fused"
+    return "flash" if cpu and q.dtype in _FLASH_DTYPES else "matmul"
+
+
 def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int, scale: float | None) -> Tensor:
     """Causal attention over the band (``local``) and/or residues (``strided``) of stride ``stride``.
 
@@ -259,10 +318,12 @@ def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, s
     """
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
-    if cpu and local and q.dtype == torch.float32 and attention_cpu.available():
+    kernel = choose_kernel(q, k, v, local=local, strided=strided, stride=stride)
+    if kernel == "fused":
         return attention_cpu.HSAFusedCPU.apply(q, k, v, stride, local, strided, scale)
+    if kernel == "fused+flash":
+        return _HSAHybrid.apply(q, k, v, stride, scale)
     p = _Plan.make(T, stride, local, strided)
-    if cpu and q.dtype in _FLASH_DTYPES:
+    if kernel == "flash":
         return _HSAFlash.apply(q, k, v, p, scale)
     return _hsa_explicit(q, k, v, p, scale)
