@@ -22,14 +22,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mst_compile  # noqa: E402
+from mst_compile.config import MSTConfig  # noqa: E402
 from mst_compile.runtime.csr import CSR_CROSSOVER_DENSITY  # noqa: E402
 from mst_compile.runtime.sparse_linear import SparseWeight  # noqa: E402
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
-DENSITIES = [0.5, 0.3, 0.2, 0.15, 0.1, 0.05]
+DENSITIES = [0.5, 0.35, 0.3, 0.25, 0.2, 0.1, 0.05]
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
@@ -100,6 +104,95 @@ def print_layer_table(rows: list[dict]) -> None:
     print(f"(choose_kernel uses CSR_CROSSOVER_DENSITY = {CSR_CROSSOVER_DENSITY})")
 
 
+# -- per step: a GPT-2-small-shaped model --------------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """nanoGPT-shaped decoder: byte vocabulary, learned positions, tied lm_head."""
+
+    def __init__(self, vocab=256, block_size=256, d=768, n_layer=12, n_head=12):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block_size, d)
+        self.blocks = nn.ModuleList(_Block(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+
+def _step_fn(model, idx, tgt):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        logits = model(idx)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_step(batch=4, T=256, n_layer=12, reps=3, sparsity=0.9) -> dict:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 256, (batch, T), generator=g)
+    tgt = torch.randint(0, 256, (batch, T), generator=g)
+    torch.manual_seed(0)
+    dense = GPT(block_size=T, n_layer=n_layer)
+    fns = {"dense model": _step_fn(dense, idx, tgt)}
+    models = {}
+    for kernel in ("dense", "auto"):
+        torch.manual_seed(0)
+        model = GPT(block_size=T, n_layer=n_layer)
+        cfg = MSTConfig(sparsity=sparsity, distribution="er", sparse_kernel=kernel)
+        sm = mst_compile.sparsify(model, cfg, example_inputs=(idx,))
+        sm.mst.set_sparsity(sparsity)
+        sm.mst.set_attention("sparse")
+        picked = [sw.select_kernel(kernel) for sw in sm.mst.sparse_weights().values()]
+        name = "MST masked-dense" if kernel == "dense" else "MST csr (auto)"
+        models[name] = (sm, picked)
+        fns[name] = _step_fn(sm, idx, tgt)
+    t = _interleaved(fns, reps)
+    sm = models["MST csr (auto)"][0]
+    dens = sm.mst.densities()
+    info = dict(density=sm.mst.density(), csr=models["MST csr (auto)"][1].count("csr"), sites=len(dens),
+                min_d=min(dens.values()), max_d=max(dens.values()), tokens=batch * T)
+    return dict(times=t, **info)
+
+
+def print_step_table(res: dict) -> None:
+    t, base = res["times"], res["times"]["dense model"]
+    print(f"\nPer step (forward+backward+AdamW), GPT-2-small shape: d=768, 12 layers, 12 heads, T=256, "
+          f"batch 4, vocab 256; ultra phase: {1 - res['density']:.0%} ER sparsity (densities "
+          f"{res['min_d']:.3f}..{res['max_d']:.3f}), sparse attention; CSR on {res['csr']}/{res['sites']} weights")
+    print("| model | ms/step | tokens/s | speedup vs dense |")
+    print("|---|---|---|---|")
+    for k, v in t.items():
+        print(f"| {k} | {v:.0f} | {res['tokens'] / v * 1e3:.0f} | {base / v:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("layer", "step"), default=None)
@@ -108,6 +201,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.only in (None, "layer"):
         print_layer_table(bench_layers(reps=args.reps))
+    if args.only in (None, "step"):
+        print_step_table(bench_step(reps=args.reps))
 
 
 if __name__ == "__main__":

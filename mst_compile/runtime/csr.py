@@ -3,7 +3,7 @@
 The masked-dense path (``mst::sparse_linear``) multiplies a weight that is zero off the mask, so it
 does the full dense work. Below a crossover density the CSR path does only the active work:
 
-- forward   y  = x @ Wᵀ      computed as (W_csr @ xᵀ)ᵀ        (sparse × dense, MKL on CPU)
+- forward   y  = x @ Wᵀ      computed as (W_csr @ xᵀ)ᵀ        (sparse × dense)
 - backward  dx = gy @ W      computed as (Wᵀ_csr @ gyᵀ)ᵀ      (a CSR of Wᵀ, cached beside W's)
 - backward  dW = (gyᵀ @ x) ⊙ mask, computed only at the active positions (sampled dense-dense
   product, SDDMM); the full dense gradient gyᵀ @ x is formed only when the runtime asks for it
@@ -15,10 +15,12 @@ from the dense weight on every forward (one gather of nnz elements), so optimize
 The dense ``nn.Parameter`` stays the source of truth: optimizers, checkpoints and the topology update
 see an ordinary dense tensor and an ordinary dense gradient that is zero off the mask.
 
-Measured on the 2-core AVX-512 CPU (torch 2.13, MKL, fp32, 1024 tokens, GPT-2-small shapes, see
-``benchmarks/kernels.py``): sparse × dense runs at ~30 GFLOP/s of useful work against ~180 GFLOP/s
-for dense GEMM, and the SDDMM at ~50 GFLOP/s; int32 indices run the SDDMM ~4x faster than int64.
-Forward+backward breaks even around density 0.2 (see ``CSR_CROSSOVER_DENSITY``).
+Measured on the 2-core AVX-512 CPU (torch 2.13, fp32, 1024 tokens, GPT-2-small shapes, see
+``benchmarks/kernels.py``): dense GEMM runs at ~180 GFLOP/s; sparse × dense at ~55 GFLOP/s of useful
+work with torch's vectorized ``spmm_reduce`` kernel (~30 with the MKL sparse BLAS path of ``@``); the
+SDDMM at ~50 GFLOP/s (int32 indices: ~4x faster than int64). The transposes between token-major
+activations and the feature-major layout the sparse kernels need cost ~10% of the CSR time.
+Forward+backward breaks even around density 0.25 (see ``CSR_CROSSOVER_DENSITY``).
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Densities below which the CSR path beats the masked-dense path on CPU (forward + backward).
-# Measured with benchmarks/kernels.py on the 2-core CPU, fp32, 1024 tokens, GPT-2-small shapes
-# (768x2304, 768x768, 768x3072, 3072x768): see the table in the module docstring of that file.
-CSR_CROSSOVER_DENSITY = 0.2
+# Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
+# Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens:
+# break-even at density 0.24 (768x768), 0.25 (3072x768), 0.27 (768x2304), 0.29 (768x3072); at 0.2
+# CSR ran 1.2-1.3x faster, at 0.1 about 2x, at 0.5 about 0.6x (slower). 0.25 takes CSR only where it
+# was not measured slower beyond noise.
+CSR_CROSSOVER_DENSITY = 0.25
 KERNELS = ("dense", "csr")
 SETTINGS = ("auto", "dense", "csr")
 _CSR_DTYPES = (torch.float32, torch.float64)  # what torch's CPU sparse kernels support
@@ -42,8 +46,9 @@ def choose_kernel(density: float, device: torch.device | str, shape: tuple[int, 
     """Pick "dense" (masked-dense) or "csr" for one sparse weight.
 
     ``setting`` is ``MSTConfig.sparse_kernel``: "dense" and "csr" force a path; "auto" takes CSR only
-    on CPU and only below the measured crossover density. On GPU the masked-dense path is kept
-    (dense tensor cores beat cuSPARSE at MST densities); "csr" still forces it where torch supports it.
+    on CPU and only below the crossover density measured there. On GPU "auto" keeps the masked-dense
+    path (no crossover was measured on a GPU); "csr" still forces the CSR path, which runs on any
+    device torch's sparse CSR ops support (only the CPU path is tested).
     """
     if setting not in SETTINGS:
         raise ValueError(f"sparse_kernel={setting!r} is invalid: expected one of {', '.join(SETTINGS)}")
