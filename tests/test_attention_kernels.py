@@ -18,7 +18,8 @@ from mst_compile.runtime.attention import (
 )
 
 # (T, l, Hq, Hkv): divisible and not, GQA, l = 1, l = T, l > T/2, tiny T
-CASES = [(64, 8, 4, 4), (37, 5, 4, 2), (50, 7, 3, 1), (33, 33, 2, 2), (20, 1, 2, 1), (130, 16, 2, 2), (9, 6, 1, 1), (1, 1, 2, 1)]
+CASES = [(64, 8, 4, 4), (37, 5, 4, 2), (50, 7, 3, 1), (33, 33, 2, 2), (20, 1, 2, 1), (130, 16, 2, 2), (9, 6, 1, 1), (1, 1, 2, 1),
+         (100, 2, 2, 1)]  # the last: T/l > HYBRID_ABOVE, so "auto" runs the fused band + flash residues
 
 
 def _qkv(T, Hq, Hkv, D=16, B=2, seed=0):
@@ -228,7 +229,7 @@ def test_float64_and_scale_none_default():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("T,l,Hq,Hkv", [(37, 2, 4, 2), (64, 3, 2, 2), (100, 4, 2, 1), (50, 25, 2, 2)])
+@pytest.mark.parametrize("T,l,Hq,Hkv", [(37, 2, 4, 2), (64, 3, 2, 2), (100, 4, 2, 1), (50, 25, 2, 2), (130, 1, 2, 2)])
 def test_hybrid_band_fused_residues_flash_matches_oracle(T, l, Hq, Hkv):
     """Many residue keys per row: fused band + flash residues, merged by lse."""
     if not attention_cpu.available():
@@ -238,3 +239,12 @@ def test_hybrid_band_fused_residues_flash_matches_oracle(T, l, Hq, Hkv):
     got = _run(lambda q, k, v: K._HSAHybrid.apply(q, k, v, l, 0.25), q, k, v, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         _assert_close(a, b, f"hybrid T={T} l={l} {name}")
+
+
+def test_kernel_choice():
+    q, k, v, _ = _qkv(100, 2, 1)
+    fused = attention_cpu.available()
+    assert K.choose_kernel(q, k, v, local=True, strided=True, stride=2) == ("fused+flash" if fused else "flash")
+    assert K.choose_kernel(q, k, v, local=True, strided=True, stride=16) == ("fused" if fused else "flash")
+    assert K.choose_kernel(q, k, v, local=False, strided=True, stride=16) == "flash"
+    assert K.choose_kernel(q.double(), k.double(), v.double(), local=True, strided=True, stride=16) == "flash"
