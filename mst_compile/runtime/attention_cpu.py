@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 
 import torch
@@ -296,14 +297,30 @@ def available() -> bool:
             with open(src + ".tmp", "w") as f:
                 f.write(_SOURCE)
             os.replace(src + ".tmp", src)
+        lock = os.path.join(build, "lock")  # left behind by a build that was killed: torch would wait forever
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
+            os.remove(lock)
         cpp_extension.load(name, [src], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
                            build_directory=build, verbose=False)
-        _state["ok"] = hasattr(torch.ops.mst_hsa, "forward")
+        _register_fakes()
+        _state["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: the stock path still works
         warnings.warn(f"mst_compile: the fused CPU attention kernel could not be built ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the stock-kernel path",
                       stacklevel=2)
     return _state["ok"]
+
+
+def _register_fakes() -> None:
+    """Shapes for tracing (torch.compile, FakeTensor): the ops return fresh contiguous tensors."""
+
+    @torch.library.register_fake("mst_hsa::forward")
+    def _fwd(q, k, v, l, local, strided, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+
+    @torch.library.register_fake("mst_hsa::backward")
+    def _bwd(go, q, k, v, out, lse, l, local, strided, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class HSAFusedCPU(torch.autograd.Function):
