@@ -1,20 +1,23 @@
 """``sm.mst``: the runtime handle of a sparsified module.
 
 It owns the sparse state of every rewritten site: masks and densities of the sparse weights and
-the pattern of each attention site. It imports nothing from ``passes`` so any training loop (ours or
-a user's) can drive it.
+the pattern of each attention site, and the scheduler that evolves them during training
+(``sm.mst.attach(optimizer)``). It imports nothing from ``passes`` so any training loop (ours or a
+user's) can drive it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from ..config import MSTConfig
 from .density import allocate
+from .ledger import FlopReport
+from .scheduler import MSTScheduler
 from .sparse_linear import SparseWeight
 
 
@@ -49,6 +52,57 @@ class MSTHandle:
         self.skipped = list(skipped or [])
         self.capture = capture
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
+        self._density_cache = {n: sw.active() / sw.numel for n, (_, sw, _) in weights.items()}
+        self._scheduler = MSTScheduler(self)
+
+    # -- training: the scheduler --------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer, *, process_group=None) -> "MSTHandle":
+        """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
+
+        After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
+        FLOP ledger charges the step, and every ``update_interval`` steps the Mixed-Growing topology
+        update runs (DESIGN §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
+        world) the dense gradients are averaged and every rank ends each update with identical masks.
+        """
+        self._scheduler.attach(optimizer, process_group)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer and forward hooks; masks, step and ledger are kept."""
+        self._scheduler.detach()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken since training started (restored by load_state_dict)."""
+        return self._scheduler.step
+
+    @property
+    def phase(self) -> str:
+        """"warmup", "ultra" or "restoration" for the iteration about to run."""
+        return self._scheduler.phase
+
+    @property
+    def target_sparsity(self) -> float:
+        """The global sparsity the current masks were allocated for (changes at update steps)."""
+        return self._scheduler.target_sparsity
+
+    @property
+    def flops(self) -> FlopReport:
+        """MST and dense-baseline training FLOPs so far (DESIGN §6)."""
+        return self._scheduler.ledger.report
+
+    @property
+    def last_update(self) -> dict[str, Any] | None:
+        """Exploration metrics of the latest topology update (None before the first)."""
+        return self._scheduler.last_update
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
+        return self._scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``CheckpointError`` when the masks do not fit the model."""
+        self._scheduler.load_state_dict(state)
 
     # -- what was rewritten -------------------------------------------------------------------
     @property
@@ -110,7 +164,10 @@ class MSTHandle:
             param.mul_(sw.mask)
 
     def _on_masks_changed(self) -> None:
-        """Called after any mask change: lets each site re-pick its kernel for the new density."""
+        """Called after any mask change: caches densities and lets each site re-pick its kernel."""
+        for name, (_, sw, _) in self._weights.items():
+            self._density_cache[name] = sw.active() / sw.numel if sw.numel else 1.0
+            sw.select_kernel(self.config.sparse_kernel)
 
     def _mask_grad_hook(self, name: str):
         """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient."""

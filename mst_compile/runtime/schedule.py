@@ -101,7 +101,10 @@ def update_steps(config: MSTConfig) -> list[int]:
 
 
 def check(config: MSTConfig) -> None:
-    """Raise on schedules that cannot run and warn on ones that silently skip what was asked."""
+    """Raise on schedules that cannot run and warn on ones that silently skip what was asked.
+
+    Warnings point at the caller of ``sm.mst.attach``.
+    """
     T = config.total_steps
     if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
         raise ValueError(f"MSTConfig.total_steps={T!r} is invalid: expected an integer > 0")
@@ -119,12 +122,14 @@ def check(config: MSTConfig) -> None:
     if not update_steps(config):
         warnings.warn(
             f"MSTConfig.update_interval={config.update_interval} >= total_steps={T}: no topology update will "
-            "run, so the masks never change", stacklevel=3)
+            "run, so the masks never change", stacklevel=4)
         return
+    if config.schedule is not None:
+        return  # a user schedule sets the sparsity directly; phases only switch attention and ζ
     spans = {"warmup": (0, t1), "ultra": (t1, t2), "restoration": (t2, T)}
     for name, (a, b) in spans.items():
-        if b > a and not any(phase_at(k, config) == name for k in update_steps(config)):
+        if b - a > 1 and not any(phase_at(k, config) == name for k in update_steps(config)):
             warnings.warn(
                 f"the {name} phase [{a}, {b}) of {T} steps contains no topology update "
                 f"(update_interval={config.update_interval}): its sparsity change is applied at the next update",
-                stacklevel=3)
+                stacklevel=4)

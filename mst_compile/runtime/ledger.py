@@ -1,0 +1,177 @@
+"""FLOP ledger (DESIGN §6): training FLOPs of the MST run and of the same model dense, per step.
+
+Counted at every training forward (grad enabled) from what actually ran:
+
+- sparse linear with density d, per row (token) it sees:
+      forward 2·d·n_in·n_out, backward 4·d·n_in·n_out,
+      plus 2·(1 − d)·n_in·n_out when the call also forms the dense gradient (the step before an update)
+- attention per site, per query token (q of shape (B, n_heads, T, d_head)):
+      4·a·d_head·n_heads forward, ×3 with backward, where a is the mean number of keys attended under
+      the active pattern ((T + 1)/2 for dense causal)
+
+The dense baseline uses d = 1, no dense-gradient extra and dense causal attention. Every other op
+(embeddings, norms, activations, the loss, the optimizer, sites the passes left alone) is left out of
+both and listed in ``excluded``. Work counted between two optimizer steps is charged to the second.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .attention import mean_attended_keys
+
+_OTHER_OPS = "embeddings, norms, activations, residual adds, the loss and the optimizer update"
+
+
+@dataclass
+class FlopReport:
+    """Cumulative MST and dense FLOPs of the steps taken so far (what ``sm.mst.flops`` returns)."""
+
+    mst_total: float = 0.0
+    dense_total: float = 0.0
+    tokens: int = 0  # tokens of every training forward so far (B·T of the inputs)
+    steps: int = 0
+    last_step_mst: float = 0.0
+    last_step_dense: float = 0.0
+    last_step_tokens: int = 0
+    linear_mst: float = 0.0  # the linear part of mst_total
+    attention_mst: float = 0.0  # the attention part of mst_total
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def reduction(self) -> float:
+        """dense_total / mst_total (1.0 before any work is counted)."""
+        return self.dense_total / self.mst_total if self.mst_total else 1.0
+
+    @property
+    def last_step_reduction(self) -> float:
+        return self.last_step_dense / self.last_step_mst if self.last_step_mst else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mst_total": self.mst_total,
+            "dense_total": self.dense_total,
+            "reduction": self.reduction,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "last_step_mst": self.last_step_mst,
+            "last_step_dense": self.last_step_dense,
+            "last_step_tokens": self.last_step_tokens,
+            "last_step_reduction": self.last_step_reduction,
+            "linear_mst": self.linear_mst,
+            "attention_mst": self.attention_mst,
+            "excluded": list(self.excluded),
+        }
+
+
+def count_tokens(args: tuple, kwargs: dict) -> int:
+    """B·T of a model call: the first integer tensor input (token ids), else the leading dims of the first tensor."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    for t in tensors:
+        if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.dim() >= 1:
+            return t.numel()
+    for t in tensors:
+        if t.dim() >= 2:
+            return t.numel() // t.shape[-1]
+        if t.dim() == 1:
+            return t.numel()
+    return 0
+
+
+class FlopLedger:
+    """Accumulates FLOPs from forward pre-hooks and charges them at every optimizer step."""
+
+    def __init__(self, linear: dict[str, tuple[int, Any]], attention: dict[str, nn.Module],
+                 density: Callable[[str], float], excluded: list[str]):
+        self._linear = linear  # name -> (n_in·n_out, SparseWeight)
+        self._attention = attention
+        self._density = density
+        self.report = FlopReport(excluded=list(excluded))
+        self._pending = [0.0, 0.0, 0, 0.0, 0.0]  # mst, dense, tokens, linear mst, attention mst
+        self._hooks: list = []
+
+    # -- hooks --------------------------------------------------------------------------------
+    def install(self, root: nn.Module) -> None:
+        self._hooks.append(root.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        for name, (work, sw) in self._linear.items():
+            self._hooks.append(sw.register_forward_pre_hook(self._linear_hook(name, work, sw)))
+        for name, site in self._attention.items():
+            self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site)))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _on_model(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._pending[2] += count_tokens(args, kwargs)
+
+    def _linear_hook(self, name: str, work: int, sw):
+        def hook(module, args):
+            if not torch.is_grad_enabled():
+                return
+            x = args[0]
+            rows = x.numel() // x.shape[-1] if x.dim() else 1
+            d = self._density(name)
+            extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
+            mst = rows * work * (6.0 * d + extra)
+            self._add(mst, rows * work * 6.0, linear=mst)
+        return hook
+
+    def _attention_hook(self, site: nn.Module):
+        def hook(module, args, kwargs=None):
+            if not torch.is_grad_enabled():
+                return
+            q = args[0]
+            T, D = q.shape[-2], q.shape[-1]
+            heads_x_batch = q.numel() // (T * D)  # B·n_heads (or B·n_heads flattened, for 3-D q)
+            per_key = 12.0 * D * heads_x_batch * T  # 4·d_head·n_heads per token forward, ×3 with backward
+            a = mean_attended_keys(site.pattern, T, site.stride) if site.pattern != "dense" else (T + 1) / 2
+            mst = per_key * a
+            self._add(mst, per_key * (T + 1) / 2, attention=mst)
+        return hook
+
+    def _add(self, mst: float, dense: float, linear: float = 0.0, attention: float = 0.0) -> None:
+        p = self._pending
+        p[0] += mst
+        p[1] += dense
+        p[3] += linear
+        p[4] += attention
+
+    # -- charging -----------------------------------------------------------------------------
+    def close_step(self) -> None:
+        """Charge everything counted since the previous optimizer step to this one."""
+        mst, dense, tokens, lin, att = self._pending
+        r = self.report
+        r.steps += 1
+        r.last_step_mst, r.last_step_dense, r.last_step_tokens = mst, dense, int(tokens)
+        r.mst_total += mst
+        r.dense_total += dense
+        r.tokens += int(tokens)
+        r.linear_mst += lin
+        r.attention_mst += att
+        self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+
+    def state_dict(self) -> dict[str, Any]:
+        r = self.report
+        return {k: getattr(r, k) for k in ("mst_total", "dense_total", "tokens", "steps", "last_step_mst",
+                                           "last_step_dense", "last_step_tokens", "linear_mst", "attention_mst")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if hasattr(self.report, k) and k != "excluded":
+                setattr(self.report, k, v)
+        self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+
+
+def excluded_ops(attention_sites: int, skipped: list[tuple[str, str]]) -> list[str]:
+    """What the ledger leaves out of both counts, in words."""
+    out = [f"ops not rewritten: {_OTHER_OPS}"]
+    if not attention_sites:
+        out.append("attention: no attention site was rewritten")
+    out.extend(f"{name}: {why}" for name, why in skipped)
+    return out

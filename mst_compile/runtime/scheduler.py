@@ -1,0 +1,321 @@
+"""The MST scheduler: drives sparsity variation, Mixed-Growing updates and HSA switching from an
+ordinary training loop.
+
+``sm.mst.attach(optimizer)`` registers an optimizer step post-hook; after that the user's loop
+(``loss.backward(); opt.step(); opt.zero_grad()``) runs MST unchanged. After optimizer step k
+(``sm.mst.step`` becomes k):
+
+1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
+2. the FLOP ledger charges the work counted since step k−1;
+3. if k is a multiple of ΔT (k <= total_steps), the topology update runs with the target s(k), the
+   drop fraction ζ(k) and the dense gradient that the backward of step k formed (DDP: averaged
+   across ranks first; rank 0's masks are then broadcast so every rank holds identical bits);
+4. if k+1 is an update step, the sparse ops are asked to form the dense gradient on the next
+   backward (gradient accumulation sums into it like any gradient);
+5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
+
+So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
+update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
+step (inf/NaN) is not counted, and a dense gradient that is not finite is replaced by random growth.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import MSTConfig
+from ..errors import CheckpointError, MstCompileError
+from . import schedule
+from .ledger import FlopLedger, excluded_ops
+from .topology import apply_change, mixed_growing
+
+FORMAT = "mst_compile.scheduler/1"
+
+
+class MSTScheduler:
+    """Step counter, topology updates, attention switching, FLOP ledger and resumable state."""
+
+    def __init__(self, handle):
+        self.h = handle
+        self.config: MSTConfig = handle.config
+        self.step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_update: dict[str, Any] | None = None
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
+        self._warned_past_end = False
+        self._probing = False
+        self._phase_applied: str | None = None
+        self._group = None
+        self._hooks: list = []
+        linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
+        self.ledger = FlopLedger(linear, handle._attention, lambda n: handle._density_cache[n],
+                                 excluded_ops(len(handle._attention), handle.skipped))
+
+    # -- where the run is ---------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return schedule.phase_at(self.step, self.config)
+
+    @property
+    def last_update_step(self) -> int:
+        """The latest step <= now at which a topology update ran (0 before the first)."""
+        t = min(self.step, self.config.total_steps)
+        return t - t % self.config.update_interval
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity the current masks were allocated for (it only changes at update steps)."""
+        return schedule.target_sparsity(self.last_update_step, self.config)
+
+    # -- attaching ----------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer, process_group=None) -> None:
+        if self.optimizer is not None:
+            raise MstCompileError(
+                "sm.mst.attach: already attached to an optimizer "
+                f"({type(self.optimizer).__name__}); call sm.mst.detach() first to switch optimizers"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        schedule.check(self.config)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in self.h.parameters().items() if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}; build it from sm.parameters() (or the model's parameters)"
+            )
+        if process_group is None and dist.is_available() and dist.is_initialized():
+            process_group = dist.group.WORLD
+        self._group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
+        self.optimizer = optimizer
+        if self.step == 0:
+            self._initial_masks()
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        self._hooks.append(self.h._module_ref.register_forward_pre_hook(self._drop_stale_probes))
+        self.ledger.install(self.h._module_ref)
+        self.h.apply_masks()
+        self._reset_masked_state()
+        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._sync_attention(force=True)
+
+    def detach(self) -> None:
+        """Remove every hook; the masks, step and ledger stay as they are."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.ledger.remove()
+        self._set_probes(False)
+        self.optimizer = None
+
+    @torch.no_grad()
+    def _initial_masks(self) -> None:
+        """At step 0 the masks follow s(0): dense for the default schedule, sparse for one that starts sparse."""
+        s0 = schedule.target_sparsity(0, self.config)
+        counts = self.h.allocation(s0)
+        if any(sw.active() != counts[n] for n, sw in self.h.sparse_weights().items()):
+            self.h.set_sparsity(s0)
+
+    # -- the hook -----------------------------------------------------------------------------
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        self.h.apply_masks()
+        self.ledger.close_step()
+        T = self.config.total_steps
+        if self.step > T:
+            if not self._warned_past_end:
+                self._warned_past_end = True
+                warnings.warn(
+                    f"MST stepped past total_steps={T} (step {self.step}): holding the final masks and attention "
+                    "patterns; raise MSTConfig.total_steps to keep the schedule going", stacklevel=3)
+            self._set_probes(False)
+            return
+        if schedule.is_update_step(self.step, self.config):
+            self._update()
+        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._sync_attention()
+
+    def _set_probes(self, on: bool) -> None:
+        if not on and not self._probing:
+            return
+        for sw in self.h.sparse_weights().values():
+            sw.collect_dense_grad(on)  # a fresh zero probe each time: no gradient carries over
+        self._probing = on
+
+    def _drop_stale_probes(self, module, args) -> None:
+        """A probe that holds a gradient while the weights' gradients were cleared is left over from
+        a step the optimizer never took (GradScaler skips steps with inf/NaN): start it afresh."""
+        if not self._probing or not torch.is_grad_enabled():
+            return
+        first = next(iter(self.h.parameters().values()), None)
+        if first is not None and first.grad is None:
+            if any(sw.probe.grad is not None for sw in self.h.sparse_weights().values()):
+                self._set_probes(True)
+
+    def _sync_attention(self, force: bool = False) -> None:
+        if not self.h._attention:
+            return
+        phase = self.phase
+        if force or phase != self._phase_applied:
+            pattern = self.config.attention if phase in self.config.attention_phases else "dense"
+            self.h.set_attention(pattern)
+            self._phase_applied = phase
+
+    # -- the topology update ------------------------------------------------------------------
+    @torch.no_grad()
+    def _dense_grads(self) -> dict[str, torch.Tensor | None]:
+        grads = {n: sw.dense_grad() for n, sw in self.h.sparse_weights().items()}
+        if self._group is None:
+            return grads
+        world = dist.get_world_size(self._group)
+        out = {}
+        for n, g in grads.items():  # the probe is no DDP parameter: average it here
+            p = self.h._weights[n][0]
+            g = torch.zeros(p.shape, device=p.device) if g is None else g.detach().float().clone()
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self._group)
+            out[n] = g.div_(world)
+        return out
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        t, cfg = self.step, self.config
+        sparsity = schedule.target_sparsity(t, cfg)
+        zeta = schedule.drop_fraction(t, cfg)
+        counts = self.h.allocation(sparsity)
+        grads = self._dense_grads()
+        changes = {}
+        for name, (param, sw, _) in self.h._weights.items():
+            changes[name] = mixed_growing(param, sw.mask, grads[name], counts[name], zeta,
+                                          cfg.grow_gradient_fraction, self._generator)
+        if self._group is not None:
+            self._agree_on_masks(changes)
+        totals = dict(pruned=0, grown_gradient=0, grown_random=0, regrown=0)
+        fallback = False
+        for name, (param, sw, _) in self.h._weights.items():
+            ch = changes[name]
+            sw.set_mask(ch.mask.view_as(param))
+            apply_change(param, ch, self.optimizer)
+            totals["pruned"] += ch.n_prune
+            totals["grown_gradient"] += ch.n_grow_gradient
+            totals["grown_random"] += ch.n_grow_random
+            totals["regrown"] += ch.regrown
+            fallback |= ch.gradient_fallback
+        self.h._on_masks_changed()
+        self._track_exploration()
+        self.last_update = {
+            "step": t,
+            "phase": schedule.phase_at(t, cfg),
+            "target_sparsity": sparsity,
+            "drop_fraction": zeta,
+            **totals,
+            "active": sum(counts.values()),
+            "ever_active": self.ever_active(),
+            "gradient_fallback": fallback,
+        }
+
+    def _agree_on_masks(self, changes) -> None:
+        """Broadcast rank 0's masks so floating-point differences can never split the ranks."""
+        names = list(changes)
+        flat = torch.cat([changes[n].mask.to(torch.uint8) for n in names])  # (Σ N_l,)
+        dist.broadcast(flat, src=dist.get_global_rank(self._group, 0), group=self._group)
+        for n, part in zip(names, torch.split(flat, [changes[n].mask.numel() for n in names])):
+            ch = changes[n]
+            old = ch.mask & ~ch.grown | ch.dropped  # the mask before the update
+            ch.mask = part.bool()
+            ch.dropped, ch.grown = old & ~ch.mask, ch.mask & ~old
+
+    def _track_exploration(self) -> None:
+        masks = self.h.masks()
+        if self._ever is None:
+            if self.h.density() >= 1.0:
+                return  # still dense: exploration starts once the topology is sparse
+            self._ever = {n: m.detach().clone() for n, m in masks.items()}
+        else:
+            for n, m in masks.items():
+                self._ever[n] |= m
+
+    def ever_active(self) -> float:
+        """Share of the sparse weights that have been active in at least one sparse topology so far."""
+        if self._ever is None:
+            return 1.0 if self.h.density() >= 1.0 else self.h.density()
+        total = sum(m.numel() for m in self._ever.values())
+        return sum(int(m.sum()) for m in self._ever.values()) / total if total else 1.0
+
+    @torch.no_grad()
+    def _reset_masked_state(self) -> None:
+        """Zero optimizer state wherever a mask is 0 (a moment left there would revive a dead weight)."""
+        if self.optimizer is None:
+            return
+        for param, sw, _ in self.h._weights.values():
+            for v in self.optimizer.state.get(param, {}).values():
+                if isinstance(v, torch.Tensor) and v.shape == param.shape:
+                    v.masked_fill_(~sw.mask, 0)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "masks": {n: m.detach().cpu().clone() for n, m in self.h.masks().items()},
+            "ever_active": None if self._ever is None else {n: m.cpu().clone() for n, m in self._ever.items()},
+            "generator": self._generator.get_state(),
+            "ledger": self.ledger.state_dict(),
+            "last_update": None if self.last_update is None else dict(self.last_update),
+            "warned_past_end": self._warned_past_end,
+            "config": self.config.to_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"sm.mst.load_state_dict: expected a dict from sm.mst.state_dict() (format {FORMAT!r}), got {got!r}")
+        self._check_masks(state["masks"])
+        self._warn_config(state.get("config") or {})
+        for name, (param, sw, _) in self.h._weights.items():
+            sw.set_mask(state["masks"][name].to(device=sw.mask.device, dtype=torch.bool))
+        self.h._on_masks_changed()
+        self.h.apply_masks()
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        ever = state.get("ever_active")
+        self._ever = None if ever is None else {n: ever[n].to(self.h.masks()[n].device).bool() for n in self.h.masks()}
+        self.ledger.load_state_dict(state.get("ledger") or {})
+        self.last_update = state.get("last_update")
+        self._warned_past_end = bool(state.get("warned_past_end", False))
+        if self.optimizer is not None:
+            self._reset_masked_state()
+            self._set_probes(schedule.is_update_step(self.step + 1, self.config) and self.step < self.config.total_steps)
+        self._sync_attention(force=True)
+
+    def _check_masks(self, masks: Any) -> None:
+        if not isinstance(masks, dict):
+            raise CheckpointError(f"sm.mst.load_state_dict: 'masks' must be a dict of name -> bool tensor, got {type(masks).__name__}")
+        ours = self.h.parameters()
+        missing = [n for n in ours if n not in masks]
+        extra = [n for n in masks if n not in ours]
+        if missing or extra:
+            raise CheckpointError(
+                f"sm.mst.load_state_dict: the checkpoint's masks do not fit this model: missing masks for {missing}, "
+                f"masks for weights the model does not have: {extra}"
+            )
+        for n, p in ours.items():
+            if not isinstance(masks[n], torch.Tensor) or tuple(masks[n].shape) != tuple(p.shape):
+                shape = tuple(masks[n].shape) if isinstance(masks[n], torch.Tensor) else type(masks[n]).__name__
+                raise CheckpointError(
+                    f"sm.mst.load_state_dict: the mask of weight '{n}' has shape {shape} in the checkpoint, "
+                    f"but the model's weight has shape {tuple(p.shape)}"
+                )
+
+    def _warn_config(self, saved: dict[str, Any]) -> None:
+        ours = self.config.to_dict()
+        diff = sorted(k for k in saved if k != "extra" and k in ours and saved[k] != ours[k])
+        if diff:
+            warnings.warn(
+                "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("
+                + ", ".join(f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in diff)
+                + "); the schedule continues under the current config", stacklevel=3)

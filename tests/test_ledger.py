@@ -1,0 +1,126 @@
+"""FLOP ledger (DESIGN §6) against FlopCounterMode, the attention mask oracle and closed forms."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mst_compile
+from _models import MLP, tiny_gpt
+from mst_compile.runtime.attention import pattern_mask
+from mst_compile.runtime.density import allocate
+from mst_compile.runtime.ledger import count_tokens
+
+B, TT = 3, 16
+aten = torch.ops.aten
+
+
+def _step(sm, opt, x):
+    sm(x).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_dense_count_matches_flop_counter_mode():
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(tiny_gpt(), {"total_steps": 100, "update_interval": 5})
+    opt = torch.optim.SGD(sm.parameters(), lr=0.0)
+    sm.mst.attach(opt)
+    x = torch.randint(0, 64, (B, TT))
+    _step(sm, opt, x)
+    f = sm.mst.flops
+    # the same architecture written with explicit matmuls, so FlopCounterMode sees every op
+    ref = tiny_gpt(flash=False)
+    with FlopCounterMode(display=False) as fc:
+        ref(x).square().mean().backward()
+    counts = fc.get_flop_counts()["Global"]
+    linear = counts[aten.mm] + counts[aten.addmm]
+    attention = counts[aten.bmm] * (TT + 1) / (2 * TT)  # FlopCounterMode counts the full T×T square
+    assert f.last_step_dense == pytest.approx(linear + attention, rel=1e-12)
+    assert f.last_step_mst == f.last_step_dense, "a dense start costs what the dense model costs"
+    assert f.tokens == f.last_step_tokens == B * TT and f.reduction == 1.0
+
+
+def test_mst_count_uses_densities_and_the_attention_pattern():
+    torch.manual_seed(0)
+    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=50, warmup_end=0.0, sparsity=0.75,
+                                attention="local", stride=4)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.0)
+    sm.mst.attach(opt)
+    assert sm.mst.phase == "ultra" and set(sm.mst.attention_patterns().values()) == {"local"}
+    _step(sm, opt, torch.randint(0, 64, (B, TT)))
+    f = sm.mst.flops
+    linear = sum(6.0 * B * TT * int(m.sum()) for m in sm.mst.masks().values())
+    keys = int(pattern_mask(TT, 4, "local").sum())  # Σ over queries of the keys attended
+    n_layer, n_head, d_head = 2, 2, 16
+    attention = n_layer * 12.0 * d_head * n_head * B * keys
+    assert f.last_step_mst == pytest.approx(linear + attention, rel=1e-12)
+    assert f.linear_mst == pytest.approx(linear) and f.attention_mst == pytest.approx(attention)
+
+
+def _mlp_run(cfg, steps, batch=5):
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(MLP(), cfg)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.01)
+    sm.mst.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        _step(sm, opt, torch.randn(batch, 16, generator=g))
+    return sm
+
+
+def test_reduction_closed_form_constant_sparsity():
+    # uniform 0.75 on 16x64 and 64x8 weights keeps exactly a quarter; the dense gradient is formed on
+    # the 3 steps before the 3 updates: reduction = 6T / (6dT + 2(1-d)·T/ΔT)
+    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=4, schedule=[(0, 0.75), (12, 0.75)], distribution="uniform")
+    sm = _mlp_run(cfg, 12)
+    d = 0.25
+    assert sm.mst.density() == d
+    assert sm.mst.flops.reduction == pytest.approx(6 * 12 / (6 * d * 12 + 2 * (1 - d) * 3), rel=1e-12)
+    assert sm.mst.flops.dense_total == pytest.approx(12 * 5 * 6 * (16 * 64 + 64 * 8))
+
+
+def test_reduction_closed_form_three_phases():
+    T, dT = 30, 3
+    cfg = mst_compile.MSTConfig(total_steps=T, update_interval=dT, sparsity=0.9, final_sparsity=0.5, warmup_end=0.2,
+                                ultra_end=0.7, distribution="uniform")
+    sm = _mlp_run(cfg, T)
+    from mst_compile.runtime.schedule import target_sparsity
+    shapes = {"fc1.weight": (64, 16), "fc2.weight": (8, 64)}
+    N = {n: s[0] * s[1] for n, s in shapes.items()}
+    mst = dense = 0.0
+    for k in range(1, T + 1):  # optimizer step k runs with the masks of the last update before it
+        last = (k - 1) // dT * dT
+        counts = allocate(shapes, target_sparsity(last, cfg), "uniform")
+        probe = k % dT == 0
+        mst += sum(6 * counts[n] + (2 * (N[n] - counts[n]) if probe else 0) for n in N)
+        dense += sum(6 * N[n] for n in N)
+    assert sm.mst.flops.reduction == pytest.approx(dense / mst, rel=1e-12)
+    assert sm.mst.flops.steps == T
+
+
+def test_tokens_come_from_the_inputs_and_eval_is_not_charged():
+    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=5, warmup_end=0.6, ultra_end=0.6), 0)
+    opt = sm.mst._scheduler.optimizer
+    with torch.no_grad():
+        sm(torch.randn(7, 16))  # evaluation: no training FLOPs
+    sm(torch.randn(2, 3, 16)).sum().backward()  # two micro-batches of one step: (2, 3) and (4,) rows
+    sm(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    f = sm.mst.flops
+    assert f.tokens == f.last_step_tokens == 10
+    assert f.last_step_dense == 10 * 6 * (16 * 64 + 64 * 8)
+    assert count_tokens((torch.zeros(4, 9, dtype=torch.long),), {}) == 36
+    assert count_tokens((), {"input_ids": torch.zeros(2, 5, dtype=torch.long), "mask": torch.ones(2, 5)}) == 10
+    assert count_tokens((torch.zeros(3, 5, 8),), {}) == 15
+
+
+def test_excluded_and_as_dict():
+    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=5, warmup_end=0.6, ultra_end=0.6), 2)
+    f = sm.mst.flops
+    assert any("no attention site" in e for e in f.excluded)
+    assert any("embeddings" in e for e in f.excluded)
+    d = f.as_dict()
+    assert d["reduction"] == f.reduction and d["mst_total"] == f.mst_total and d["excluded"] == f.excluded
+    gpt = mst_compile.sparsify(tiny_gpt(), filter_fn=lambda m, fqn: "mlp" not in fqn)
+    assert not any("no attention site" in e for e in gpt.mst.flops.excluded)
+    assert any("mlp" in e and "filter_fn" in e for e in gpt.mst.flops.excluded)

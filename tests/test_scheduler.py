@@ -1,0 +1,251 @@
+"""The scheduler inside an ordinary training loop: invariants after every step through all three phases."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mst_compile
+from _models import MLP, tiny_gpt
+from mst_compile.runtime.schedule import drop_fraction, phase_at, target_sparsity
+
+T, DT = 24, 3
+CFG = mst_compile.MSTConfig(total_steps=T, update_interval=DT, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
+                            ultra_end=0.75, drop_fractions=(0.5, 0.3, 0.2), distribution="er", seed=3)
+
+
+def _batches(seed=0, b=4, t=16, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, vocab, (b, t + 1), generator=g)
+
+
+def _lm_loss(sm, batch):
+    logits = sm(batch[:, :-1])  # (B, T, vocab)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _oracle_drop(w, mask, n):
+    active = mask.reshape(-1).nonzero().squeeze(1)
+    order = torch.argsort(w.reshape(-1).abs()[active], stable=True)
+    out = torch.zeros(mask.numel(), dtype=torch.bool)
+    out[active[order[:n]]] = True
+    return out
+
+
+class Snapshot:
+    """An optimizer post-hook registered before attach: it sees each step's state before MST does."""
+
+    def __init__(self, sm, opt):
+        self.sm, self.opt, self.seen = sm, opt, None
+        opt.register_step_post_hook(self)
+
+    def __call__(self, opt, args, kwargs):
+        sws = self.sm.mst.sparse_weights()
+        self.seen = {
+            "masks": {n: m.clone() for n, m in self.sm.mst.masks().items()},
+            "weights": {n: p.detach().clone() for n, p in self.sm.mst.parameters().items()},
+            "grads": {n: (None if sws[n].dense_grad() is None else sws[n].dense_grad().clone()) for n in sws},
+        }
+
+
+def _check_invariants(sm, opt):
+    mst = sm.mst
+    counts = mst.allocation(mst.target_sparsity)
+    for n, p in mst.parameters().items():
+        m = mst.masks()[n]
+        assert torch.all(p[~m] == 0), f"step {mst.step}: masked weights of {n} must be exactly zero"
+        assert int(m.sum()) == counts[n], f"step {mst.step}: {n} has {int(m.sum())} active, target {counts[n]}"
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                assert torch.all(v[~m] == 0), f"step {mst.step}: optimizer state {k} of {n} is not zero where masked"
+
+
+def _check_update(sm, seen, frac):
+    """The latest update against the schedule, the counting rule and a sort-based oracle."""
+    mst, t = sm.mst, sm.mst.step
+    u = mst.last_update
+    assert u["step"] == t and u["phase"] == phase_at(t, CFG)
+    zeta = drop_fraction(t, CFG)
+    assert u["drop_fraction"] == pytest.approx(zeta) and u["target_sparsity"] == pytest.approx(target_sparsity(t, CFG))
+    counts = mst.allocation(target_sparsity(t, CFG))
+    pruned = grad_grown = rand_grown = 0
+    for n, new in mst.masks().items():
+        old, w, g = seen["masks"][n], seen["weights"][n], seen["grads"][n]
+        assert g is not None, f"the dense gradient of {n} must be collected on the step before the update"
+        n_act = int(old.sum())
+        n_prune = max(math.floor(zeta * n_act), n_act - counts[n])
+        n_grow = n_prune - (n_act - counts[n])
+        n_grad = math.floor(frac * n_grow + 0.5)
+        pruned, grad_grown, rand_grown = pruned + n_prune, grad_grown + n_grad, rand_grown + n_grow - n_grad
+        after_drop = old.reshape(-1) & ~_oracle_drop(w, old, n_prune)
+        free = (~after_drop).nonzero().squeeze(1)
+        top = free[torch.argsort(g.reshape(-1).abs()[free], descending=True, stable=True)[:n_grad]]
+        assert new.reshape(-1)[top].all(), f"{n}: the top-|grad| free positions must be grown"
+        assert torch.equal(new.reshape(-1) & after_drop, after_drop), f"{n}: kept weights must stay active"
+        assert int((new.reshape(-1) & ~after_drop).sum()) == n_grow
+    assert (u["pruned"], u["grown_gradient"], u["grown_random"]) == (pruned, grad_grown, rand_grown)
+
+
+@pytest.mark.parametrize("opt_name,frac", [("adamw", 0.75), ("sgd", 0.75), ("adamw", 1.0), ("adamw", 0.0)])
+def test_invariants_through_all_three_phases(opt_name, frac):
+    torch.manual_seed(0)
+    cfg = CFG.replace(grow_gradient_fraction=frac)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    opt = (torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
+           else torch.optim.SGD(sm.parameters(), lr=0.1, momentum=0.9))
+    snap = Snapshot(sm, opt)
+    assert sm.mst.attach(opt) is sm.mst
+    assert (sm.mst.step, sm.mst.phase, sm.mst.target_sparsity, sm.mst.last_update) == (0, "warmup", 0.0, None)
+    data, phases, updates = _batches(), set(), 0
+    for _ in range(T):
+        probing = all(sw.probe.dim() == 2 for sw in sm.mst.sparse_weights().values())
+        assert probing == ((sm.mst.step + 1) % DT == 0), f"probe state wrong before step {sm.mst.step + 1}"
+        want = cfg.attention if sm.mst.phase in cfg.attention_phases else "dense"
+        assert set(sm.mst.attention_patterns().values()) == {want}
+        _lm_loss(sm, next(data)).backward()
+        opt.step()
+        opt.zero_grad()
+        phases.add(sm.mst.phase)
+        _check_invariants(sm, opt)
+        if sm.mst.step % DT == 0:
+            _check_update(sm, snap.seen, frac)
+            updates += 1
+    assert phases == {"warmup", "ultra", "restoration"} and updates == T // DT
+    assert sm.mst.target_sparsity == pytest.approx(0.5) and sm.mst.density() == pytest.approx(0.5, abs=1e-3)
+    u = sm.mst.last_update
+    if frac == 1.0:  # RigL
+        assert u["grown_random"] == 0 and u["grown_gradient"] > 0
+    if frac == 0.0:  # SET
+        assert u["grown_gradient"] == 0 and u["grown_random"] > 0
+    assert 0.5 <= u["ever_active"] <= 1.0
+
+
+def test_dense_gradient_is_the_full_gradient_of_the_step_before_the_update_with_accumulation():
+    torch.manual_seed(0)
+    model = MLP()
+    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=4, schedule=[(0, 0.7), (8, 0.7)], distribution="uniform")
+    sm = mst_compile.sparsify(model, cfg)
+    opt = torch.optim.Adam(sm.parameters(), lr=1e-2)
+    snap = Snapshot(sm, opt)
+    sm.mst.attach(opt)
+    assert sm.mst.density() == pytest.approx(0.3, abs=1e-2), "a schedule that starts sparse starts sparse"
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        ref = copy.deepcopy(model)  # the dense model at the current (masked) weights
+        for _ in range(2):  # gradient accumulation: two micro-batches per optimizer step
+            x, y = torch.randn(6, 16, generator=g), torch.randn(6, 8, generator=g)
+            F.mse_loss(sm(x), y).backward()
+            F.mse_loss(ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 4 == 0:
+            for n, grad in snap.seen["grads"].items():
+                torch.testing.assert_close(grad, dict(ref.named_parameters())[n].grad, msg=f"dense gradient of {n}")
+        else:
+            assert all(g_ is None for g_ in snap.seen["grads"].values())
+        _check_invariants(sm, opt)
+    assert sm.mst.flops.tokens == 8 * 2 * 6
+
+
+def test_static_sparsity_with_zero_drop_fraction_never_moves():
+    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=2, schedule=[(0, 0.6), (12, 0.6)], drop_fraction=0.0)
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+    sm.mst.attach(opt)
+    start = {n: m.clone() for n, m in sm.mst.masks().items()}
+    for batch, _ in zip(_batches(), range(12)):
+        _lm_loss(sm, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(torch.equal(m, start[n]) for n, m in sm.mst.masks().items())
+    assert sm.mst.last_update["pruned"] == 0 and sm.mst.last_update["grown_gradient"] == 0
+
+
+def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped():
+    cfg = mst_compile.MSTConfig(total_steps=9, update_interval=3, schedule=[(0, 0.5), (9, 0.5)], grow_gradient_fraction=1.0)
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    snap = Snapshot(sm, opt)
+    sm.mst.attach(opt)
+    data = _batches()
+    good = 0
+    for i in range(11):
+        loss = _lm_loss(sm, next(data))
+        if i in (2, 6):  # the steps right before updates overflow and are skipped by the scaler
+            loss = loss * float("inf")
+        else:
+            good += 1
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert sm.mst.step == good
+        _check_invariants(sm, opt)
+        if sm.mst.step % 3 == 0 and i not in (2, 6):
+            assert sm.mst.last_update["step"] == sm.mst.step
+            assert not sm.mst.last_update["gradient_fallback"], "a stale inf gradient must not reach the update"
+            assert all(torch.isfinite(g).all() for g in snap.seen["grads"].values())
+    assert sm.mst.step == 9
+
+
+def test_stepping_past_total_steps_warns_once_and_holds():
+    cfg = mst_compile.MSTConfig(total_steps=4, update_interval=2, warmup_end=0.0, ultra_end=0.5, sparsity=0.7, final_sparsity=0.6)
+    sm = mst_compile.sparsify(MLP(), cfg)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    sm.mst.attach(opt)
+    x = torch.randn(4, 16)
+    for _ in range(4):
+        sm(x).square().mean().backward()
+        opt.step()
+    final = {n: m.clone() for n, m in sm.mst.masks().items()}
+    with pytest.warns(UserWarning, match="past total_steps=4") as rec:
+        for _ in range(5):
+            sm(x).square().mean().backward()
+            opt.step()
+    assert len([w for w in rec if "past total_steps" in str(w.message)]) == 1
+    assert sm.mst.step == 9 and sm.mst.phase == "restoration" and sm.mst.target_sparsity == pytest.approx(0.6)
+    assert all(torch.equal(m, final[n]) for n, m in sm.mst.masks().items())
+    assert all(sw.probe.dim() != 2 for sw in sm.mst.sparse_weights().values())
+
+
+def test_bad_input():
+    sm = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 1})
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer, got list"):
+        sm.mst.attach([opt])
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match=r"does not hold the sparse weights \['fc1.weight', 'fc2.weight'\]"):
+        sm.mst.attach(other)
+    partial = torch.optim.SGD([sm.get_parameter("fc1.weight")], lr=0.1)
+    with pytest.raises(ValueError, match=r"\['fc2.weight'\]"):
+        sm.mst.attach(partial)
+    sm.mst.attach(opt)
+    with pytest.raises(mst_compile.MstCompileError, match="already attached"):
+        sm.mst.attach(opt)
+    sm.mst.detach()
+    sm.mst.attach(torch.optim.Adam(sm.parameters()))  # switching optimizers after detach is fine
+    late = mst_compile.sparsify(MLP(), {"total_steps": 10, "schedule": [(0, 0.0), (20, 0.5)]})
+    with pytest.raises(ValueError, match="past total_steps=10"):
+        late.mst.attach(torch.optim.SGD(late.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match="no topology update"):
+        short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+        short.mst.attach(torch.optim.SGD(short.parameters(), lr=0.1))
+
+
+def test_detach_stops_mst():
+    sm = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 1, "warmup_end": 0.0, "ultra_end": 1.0})
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    sm.mst.attach(opt)
+    sm(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    assert sm.mst.step == 1
+    sm.mst.detach()
+    sm(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    assert sm.mst.step == 1 and sm.mst.flops.steps == 1
