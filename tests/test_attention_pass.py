@@ -282,3 +282,26 @@ def test_non_causal_site_is_not_rewritten_even_when_sparse_is_asked():
     res = rewrite_attention(gm, pattern="sparse")
     assert res.sites == [] and "non-causal" in res.skipped[0][1]
     assert issubclass(MstCompileError, Exception)
+
+
+# ----------------------------------------------------------------------------- through sparsify / sm.mst
+
+
+def test_sparsify_plans_attention_and_switches_per_layer():
+    from mst_compile.api import sparsify
+
+    model = _gpt("flash")
+    sm = sparsify(model)
+    plan = [e.name for e in sm.mst.plan if e.kind == "attention"]
+    assert plan == ["h.0.attn", "h.1.attn"]
+    dense = sm(IDS)
+    sm.mst.set_attention({"h.0.attn": "local", "h.1.attn": "sparse"}, stride=6)
+    assert sm.mst.attention_patterns() == {"h.0.attn": "local", "h.1.attn": "sparse"}
+    got = sm(IDS)
+    model.h[0].attn.spelling, model.h[0].attn.oracle = "oracle", ("local", 6)
+    model.h[1].attn.spelling, model.h[1].attn.oracle = "oracle", ("sparse", 6)
+    torch.testing.assert_close(got, model(IDS), rtol=1e-5, atol=1e-5)
+    sm.mst.set_attention(["dense", "dense"])
+    torch.testing.assert_close(sm(IDS), dense, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'nope'"):
+        sm.mst.set_attention("nope")
