@@ -118,5 +118,18 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     if summary.get("rank", 0) == 0:
         click.echo(summary_line(summary))
 
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and report.md (default: RUN_DIR/report).")
+@_friendly
+def report(run_dirs: tuple[str, ...], out: str | None) -> None:
+    """Plot RUN_DIRS (loss vs step and FLOPs, sparsity, attention, layer densities) and write report.md."""
+    from .train.report import write_report
+
+    folder = write_report(list(run_dirs), out)
+    click.echo(f"report: {folder / 'report.md'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -7,11 +7,36 @@ attention, so "dense FLOPs" means the same thing in both runs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
+import os
+import warnings
 
 import torch
 
 from ..errors import CheckpointError
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Keep torch's own output out of the terminal while capturing: a failed ``torch.export`` prints
+    its partial graph to stderr and logs warnings, but the failure is reported as one CaptureError
+    line. Warnings raised outside torch (a model's dropout under export, say) are shown afterwards."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    torch_dir = os.path.dirname(torch.__file__)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logger.setLevel(level)
+        for w in caught:
+            if not str(w.filename).startswith(torch_dir):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class Accounting:
@@ -19,17 +44,18 @@ class Accounting:
         self.dense, self.world, self.tokens = tc.dense, d.world, 0
         self._dense_total = 0.0
         self._seen_update = None
-        if tc.dense:
-            from ..capture import capture
+        with quiet_torch():
+            if tc.dense:
+                from ..capture import capture
 
-            self.sm = None
-            self.module, _ = capture(model, example_inputs)
-            self._per_token = dense_flops_per_token(model, mst_config, example_inputs, tc.block_size)
-        else:
-            from ..api import sparsify
+                self.sm = None
+                self.module, _ = capture(model, example_inputs)
+                self._per_token = dense_flops_per_token(model, mst_config, example_inputs, tc.block_size)
+            else:
+                from ..api import sparsify
 
-            self.sm = sparsify(model, mst_config, example_inputs=example_inputs)
-            self.module = self.sm
+                self.sm = sparsify(model, mst_config, example_inputs=example_inputs)
+                self.module = self.sm
         self.module.to(d.device)
 
     @property

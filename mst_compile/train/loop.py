@@ -8,6 +8,7 @@ around it: deterministic data, evaluation, checkpoints that resume exactly, metr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ from . import distributed
 from .accounting import Accounting, ranks_identical
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress, duration, human
-from .options import TrainConfig, dumps_config, read_config_file
+from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file
 
 _EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
 
@@ -124,6 +125,8 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
+    if not (Path(run_dir) / "config.toml").is_file():
+        raise MstCompileError(f"--resume {run_dir}: not a run folder (no config.toml); pass the folder mstc train wrote")
     train, mst = read_config_file(Path(run_dir) / "config.toml")
     tc = TrainConfig(**train)
     return tc, MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
@@ -143,9 +146,10 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
     if resume is not None:
         tc, mst = load_run_config(resume)
     else:
-        mst = mst_config or mf.config() or MSTConfig()
-        tc = train_config or TrainConfig(steps=mst.total_steps, seed=mst.seed)
-        mst = mst.replace(total_steps=tc.steps or mst.total_steps, seed=tc.seed)
+        hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {})
+        mst, tc = mst_config or hook_mst, train_config or hook_tc
+        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps)
+        mst = mst.replace(total_steps=tc.steps, seed=tc.seed)
     d = distributed.setup(tc.device)
     try:
         return _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
@@ -237,6 +241,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         try:
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()
+                # what this step trains with (an update in opt.step changes it for the next one)
+                now = {"phase": acct.phase, "density": acct.density(), "target_sparsity": acct.target_sparsity,
+                       "attention": acct.patterns()}
                 lr = lr_at(step, tc)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -260,14 +267,14 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 done = step + 1
                 acct.after_step(step_tokens)
                 step_time += time.perf_counter() - t0
-                fields = {"phase": acct.phase, "loss": loss_val, "density": acct.density(), "reduction": acct.reduction()}
+                fields = {"phase": now["phase"], "loss": loss_val, "density": now["density"], "reduction": acct.reduction()}
                 bar.update(done, fields)
                 if log is not None:
                     for u in acct.new_updates():
                         log.write({"kind": "update", **u})
                     if done % tc.log_interval == 0 or done == tc.steps or done == start + 1:
-                        log.write({"kind": "train", "step": done, **fields, "lr": lr, "target_sparsity": acct.target_sparsity,
-                                   "attention": acct.patterns(), **acct.flops(), "tokens": acct.tokens,
+                        log.write({"kind": "train", "step": done, **fields, "lr": lr, "target_sparsity": now["target_sparsity"],
+                                   "attention": now["attention"], **acct.flops(), "tokens": acct.tokens,
                                    "tokens_per_s": step_tokens * (done - start) / max(step_time, 1e-9)})
                 if done % tc.eval_interval == 0 or done == tc.steps:
                     last_eval = evaluate()
