@@ -303,13 +303,15 @@ class MSTScheduler:
                 f"sm.mst.load_state_dict: the checkpoint's masks do not fit this model: missing masks for {missing}, "
                 f"masks for weights the model does not have: {extra}"
             )
+        bad = []
         for n, p in ours.items():
             if not isinstance(masks[n], torch.Tensor) or tuple(masks[n].shape) != tuple(p.shape):
                 shape = tuple(masks[n].shape) if isinstance(masks[n], torch.Tensor) else type(masks[n]).__name__
-                raise CheckpointError(
-                    f"sm.mst.load_state_dict: the mask of weight '{n}' has shape {shape} in the checkpoint, "
-                    f"but the model's weight has shape {tuple(p.shape)}"
-                )
+                bad.append(f"the mask of weight '{n}' has shape {shape} in the checkpoint, but the model's weight "
+                           f"has shape {tuple(p.shape)}")
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise CheckpointError("sm.mst.load_state_dict: " + "; ".join(bad[:3]) + more)
 
     def _warn_config(self, saved: dict[str, Any]) -> None:
         ours = self.config.to_dict()
