@@ -111,6 +111,8 @@ def _ndim(node) -> int | None:
 
 def _key_of_transpose(node) -> fx.Node | None:
     """``k`` when ``node`` is kᵀ (last two dims swapped), else None."""
+    if not isinstance(node, fx.Node):
+        return None
     if _is(node, _TRANSPOSE):
         a, b = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
         nd = _ndim(node.args[0])
@@ -208,17 +210,17 @@ def _match_softmax(gm: fx.GraphModule, sm: fx.Node) -> _Match | None:
             return None
 
 
-def _is_scores(node) -> bool:
+def _is_scores(node, depth: int = 0) -> bool:
     """True when ``node`` leads back to a q @ kᵀ through score ops (tells scores from mask/scale)."""
-    seen = 0
-    while isinstance(node, fx.Node) and seen < 16:
-        if _is(node, _MATMUL):
-            return _key_of_transpose(node.args[1]) is not None
-        if not _is(node, _CAST | _MUL | _DIV | _FILL | _ADD | _WHERE):
-            return False
-        node = node.args[1] if _is(node, _WHERE) else node.args[0]
-        seen += 1
-    return False
+    if not isinstance(node, fx.Node) or depth > 16:
+        return False
+    if _is(node, _MATMUL):
+        return _key_of_transpose(node.args[1]) is not None
+    if _is(node, _MUL | _ADD):
+        return any(_is_scores(a, depth + 1) for a in node.args[:2])
+    if _is(node, _CAST | _DIV | _FILL):
+        return _is_scores(node.args[0], depth + 1)
+    return _is(node, _WHERE) and _is_scores(node.args[1], depth + 1)
 
 
 def _ancestors(nodes) -> set[fx.Node]:
