@@ -305,3 +305,42 @@ def test_sparsify_plans_attention_and_switches_per_layer():
     torch.testing.assert_close(sm(IDS), dense, rtol=0, atol=0)
     with pytest.raises(ValueError, match="'nope'"):
         sm.mst.set_attention("nope")
+
+
+# ----------------------------------------------------------------------------- SDPA spellings
+
+
+class _Sdpa(nn.Module):
+    """SDPA with is_causal + GQA + custom scale, or an explicit causal bool / additive float mask."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, q, k, v):
+        T = q.size(-2)
+        if self.mode == "gqa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+        future = q.new_ones(T, T, dtype=torch.bool).triu(1)
+        if self.mode == "bool":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, scale=0.3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=q.new_zeros(T, T).masked_fill(future, float("-inf")))
+
+
+@pytest.mark.parametrize("mode", ["gqa", "bool", "float"])
+@pytest.mark.parametrize("how", ["fx", "export"])
+def test_sdpa_spellings(mode, how):
+    g = torch.Generator().manual_seed(0)
+    T, Hkv = 21, (2 if mode == "gqa" else 4)
+    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, Hkv, T, 8, generator=g), torch.randn(2, Hkv, T, 8, generator=g)
+    model = _Sdpa(mode)
+    want = model(q, k, v)
+    gm = torch.fx.symbolic_trace(model) if how == "fx" else torch.export.export(model, (q, k, v), strict=False).module()
+    res = rewrite_attention(gm, example_inputs=(q, k, v))
+    assert len(res.sites) == 1 and _attention_ops(gm) == []
+    torch.testing.assert_close(gm(q, k, v), want, rtol=1e-5, atol=1e-6)
+    res.sites[0].module.set_pattern("sparse", stride=4)
+    scale = None if mode == "float" else 0.3
+    oracle = F.scaled_dot_product_attention(q, k.repeat_interleave(4 // Hkv, 1), v.repeat_interleave(4 // Hkv, 1),
+                                            attn_mask=pattern_mask(T, 4, "sparse"), scale=scale)
+    torch.testing.assert_close(gm(q, k, v), oracle, rtol=1e-5, atol=1e-6)
