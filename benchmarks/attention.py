@@ -33,10 +33,13 @@ def _fwd_bwd(fn, q, k, v, g):
     return run
 
 
+_CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to other jobs on the machine)
+
+
 def _time(run) -> float:
-    t = time.perf_counter()
+    t = _CLOCK()
     run()
-    return time.perf_counter() - t
+    return _CLOCK() - t
 
 
 def _stock(p: str, l: int):
@@ -83,9 +86,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--patterns", nargs="+", default=["local", "strided", "sparse"])
     ap.add_argument("--stock", action="store_true", help="also time the stock-kernel path where the fused one runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: elapsed time; cpu: process CPU time, for a machine shared with other jobs (use --threads 1)")
     args = ap.parse_args(argv)
+    global _CLOCK
+    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.dim}, fp32, {torch.get_num_threads()} threads, "
-          f"best of {args.reps} interleaved runs")
+          f"{args.clock} clock, best of {args.reps} interleaved runs")
     print("| pattern | kernel | T | l | fwd+bwd ms | dense causal SDPA ms | speedup | FLOP ratio |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
