@@ -1,0 +1,85 @@
+"""The methods of the reproduction, each as (dense?, MSTConfig changes) over the MST defaults.
+
+Every method trains the same model with the same seed, data order, optimizer and LR schedule; only
+what MST does to the weights and the attention differs. ``MSTConfig`` defaults are DESIGN §3-5
+(dense start, ramp to 90%, ultra until 80% of the run, restoration to 50%, Mixed-Growing 3:1, HSA
+in the ultra phase); the baselines switch parts of that off:
+
+- static / SET / RigL are weight-sparsity methods from the literature: sparse from step 0 at a
+  constant 90% (ER), one cosine-annealed drop fraction over the whole run (``warmup_end=0,
+  ultra_end=1`` makes the run one phase) and dense attention, as they were published.
+- the MST ablations keep every MST default except the one part they remove.
+- dense at equal FLOPs is the dense model for as many steps as MST's ledger total buys, with its
+  own warm-up and cosine fitted to that shorter run (its step count is known once MST has run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mst_compile import MSTConfig
+
+_CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense"}
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str  # short id used for run folders and JSON
+    label: str  # what the table calls it
+    dense: bool = False
+    mst: dict[str, Any] = field(default_factory=dict)  # MSTConfig overrides
+    note: str = ""
+
+
+METHODS: dict[str, Method] = {m.key: m for m in (
+    Method("dense", "dense (baseline)", dense=True, note="same formula at density 1, dense causal attention"),
+    Method("static", "static sparse 90% ER", mst={**_CONSTANT_90, "drop_fraction": 0.0},
+           note="masks fixed at step 0, never updated"),
+    Method("set", "SET 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 0.0}, note="random growth"),
+    Method("rigl", "RigL 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 1.0}, note="gradient growth"),
+    Method("mst", "MST (defaults)", note="SV + Mixed-Growing + HSA"),
+    Method("mst_no_sv", "MST w/o sparsity variation", mst={"schedule": "constant"},
+           note="constant 90% from step 0; phases still switch HSA and the drop fraction"),
+    Method("mst_no_hsa", "MST w/o HSA", mst={"attention": "dense"}, note="dense causal attention throughout"),
+    Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
+           note="RigL growth instead of Mixed-Growing"),
+    Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
+)}
+
+ORDER = tuple(METHODS)
+
+
+def mst_config(method: Method, steps: int, seed: int, update_interval: int, overrides: dict[str, Any] | None = None) -> MSTConfig:
+    """The MSTConfig of ``method`` for a run of ``steps`` (``overrides`` apply to the MST runs only)."""
+    cfg: dict[str, Any] = {"total_steps": steps, "seed": seed, "update_interval": update_interval}
+    if not method.dense:
+        cfg.update(overrides or {})
+        cfg.update(method.mst)
+        if cfg.get("schedule") == "constant":  # held at the ultra level (s_max) from step 0 to the end
+            cfg["schedule"] = [(0, float(cfg.get("sparsity", MSTConfig.sparsity)))]
+    return MSTConfig(**cfg)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for MSTConfig fields (numbers, names, or comma lists for drop_fractions)."""
+    out: dict[str, Any] = {}
+    known = set(MSTConfig.__dataclass_fields__)
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known or key in ("total_steps", "seed", "extra"):
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(known - {'total_steps', 'seed', 'extra'}))}")
+        if key == "drop_fractions":
+            out[key] = tuple(float(z) for z in text.split(","))
+        elif key == "attention_phases":
+            out[key] = tuple(p.strip() for p in text.split(",") if p.strip())
+        elif key == "schedule":
+            out[key] = [(int(s), float(v)) for s, v in (p.split(":") for p in text.split(","))]
+        else:
+            try:
+                out[key] = int(text) if text.lstrip("-").isdigit() else float(text)
+            except ValueError:
+                out[key] = None if text.lower() == "none" else text
+    MSTConfig(**out)  # validate now, not in a worker halfway through the benchmark
+    return out

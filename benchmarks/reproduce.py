@@ -1,0 +1,221 @@
+"""Reproduce MST's claim at CPU scale: training FLOPs and final val loss of MST, its ablations and the
+sparse-training baselines against the dense model, all trained by ``mst_compile.train.loop.train``.
+
+    PYTHONPATH=. python benchmarks/reproduce.py                  # the full run (3000 steps, hours on 2 cores)
+    PYTHONPATH=. python benchmarks/reproduce.py --steps 1000     # shorter, everything else the same
+    PYTHONPATH=. python benchmarks/reproduce.py --quick          # CI smoke run (tiny sizes, ~1 minute)
+
+Every method trains the byte-level GPT of examples/tiny_gpt.py on the built-in corpus (the Python
+standard library) with the same seed, batches, optimizer and LR schedule. Runs go ``--jobs`` at a
+time, one thread each. Writes ``results.json``, ``results.md``, ``loss_vs_flops.png`` and
+``gap_vs_params.png`` to ``--out`` (and the run folders plus an ``mstc report`` under ``--work``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from _methods import METHODS, ORDER, mst_config, parse_overrides  # noqa: E402
+from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops  # noqa: E402
+
+_FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
+
+QUICK = dict(steps=40, d=32, n_layer=2, n_head=2, block_size=32, batch_size=4, update_interval=10,
+             eval_iters=2, final_eval_iters=4, evals=4, widths=[64])
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of every full-length run")
+    p.add_argument("--d", type=int, default=128, help="embedding width of the main model")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence T")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (every method)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-interval", type=int, default=None,
+                   help="MST ΔT; default 100 at 3000 steps, scaled with --steps so every run makes 30 topology updates")
+    p.add_argument("--evals", type=int, default=10, help="evaluations along each run (the curve points)")
+    p.add_argument("--eval-iters", type=int, default=10, help="batches per split per evaluation along the run")
+    p.add_argument("--final-eval-iters", type=int, default=100, help="val batches of the final evaluation (the table's loss)")
+    p.add_argument("--widths", default="256", help="extra widths trained dense + MST for the gap-vs-size plot ('' for none)")
+    p.add_argument("--methods", default=",".join(ORDER), help=f"comma list from {','.join(ORDER)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="MSTConfig override for every MST run (not the static/SET/RigL baselines), e.g. final_sparsity=0.6")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the table, JSON and plots")
+    p.add_argument("--work", default=None, help="folder for the run folders (default: runs/reproduce-<time>)")
+    p.add_argument("--quick", action="store_true", help="CI-sized smoke run: tiny model, 40 steps")
+    a = p.parse_args(argv)
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k, v)
+    else:
+        a.widths = [int(w) for w in a.widths.split(",") if w.strip()]
+    if a.update_interval is None:
+        a.update_interval = max(1, round(a.steps / 30))
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in a.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; choose from {', '.join(ORDER)}")
+    if "dense_eq" in a.methods and "mst" not in a.methods:
+        p.error("--methods: dense_eq needs mst (its step count is MST's FLOP budget)")
+    try:
+        a.overrides = parse_overrides(a.set)
+    except ValueError as e:
+        p.error(str(e))
+    a.work = Path(a.work or ROOT / "runs" / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+    return a
+
+
+# -- one run (in a worker process) -----------------------------------------------------------
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _model_file(spec: dict):
+    """A ModelFile whose model() is examples/tiny_gpt.py's GPT at the spec's sizes."""
+    from mst_compile.modelfile import ModelFile, load_model_file
+
+    gpt = load_model_file(ROOT / "examples" / "tiny_gpt.py").namespace.GPT
+    sizes = dict(block_size=spec["block_size"], n_layer=spec["n_layer"], n_head=spec["n_head"], n_embd=spec["d"])
+    return ModelFile(ROOT / "examples" / "tiny_gpt.py", SimpleNamespace(model=lambda: gpt(**sizes))), gpt, sizes
+
+
+def run_one(spec: dict) -> dict:
+    """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches."""
+    import torch
+
+    from mst_compile.train.data import load_data
+    from mst_compile.train.loop import lm_loss, train
+    from mst_compile.train.metrics import read_jsonl
+    from mst_compile.train.options import TrainConfig
+
+    method = METHODS[spec["method"]]
+    mf, gpt, sizes = _model_file(spec)
+    steps = spec["steps"]
+    tc = TrainConfig(steps=steps, batch_size=spec["batch_size"], block_size=spec["block_size"], lr=spec["lr"],
+                     seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
+                     log_interval=max(1, steps // 100), device="cpu", dense=method.dense)
+    cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"])
+    out = Path(spec["out"])
+    summary = train(mf, tc, cfg, out=out, progress=False)
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    if any(p != "dense" for p in (train_rows[-1].get("attention") or {}).values()):
+        raise RuntimeError(f"{spec['name']}: the last step ran sparse attention; the final evaluation assumes dense")
+    # masked weights are exactly 0 after every step, so the plain model with the saved weights is the
+    # trained sparse model (attention is dense causal in the last phase of every method)
+    model = gpt(**sizes)
+    model.load_state_dict(torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    data = load_data(None, None, tc.val_fraction)
+    losses = []
+    with torch.no_grad():
+        for k in range(spec["final_eval_iters"]):
+            x, y = data.batch("val", (_FINAL_EVAL_KEY, k, 0), spec["batch_size"], spec["block_size"], spec["seed"])
+            losses.append(lm_loss(model(x), y).item())
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {
+        "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
+        "params": params, "steps": steps, "val_loss": sum(losses) / len(losses),
+        "trainer_val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
+        "mst_flops": summary["mst_flops"], "dense_flops": summary["dense_flops"],
+        "dense_flops_per_step": summary["dense_flops"] / steps, "final_density": train_rows[-1]["density"],
+        "wall_s": summary["wall_s"], "out": str(out), "mst_config": cfg.to_dict() if not method.dense else None,
+        "val_batches": losses,
+        "curve": [{"step": r["step"], "flops": r["mst_flops"], "val_loss": r["val_loss"]}
+                  for r in rows if r.get("kind") == "eval"],
+    }
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+def _spec(a, method: str, d: int, steps: int | None = None) -> dict:
+    name = method if d == a.d else f"{method}@d{d}"
+    return dict(name=name, method=method, d=d, steps=steps or a.steps, n_layer=a.n_layer, n_head=a.n_head,
+                block_size=a.block_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                update_interval=a.update_interval, evals=a.evals, eval_iters=a.eval_iters,
+                final_eval_iters=a.final_eval_iters, overrides=a.overrides, out=str(a.work / name))
+
+
+def _equal_flops_steps(mst: dict) -> int:
+    """Dense steps whose FLOPs (same tokens per step) match MST's ledger total."""
+    return max(1, round(mst["mst_flops"] / mst["dense_flops_per_step"]))
+
+
+def run_all(a) -> list[dict]:
+    from mst_compile.train.data import load_data
+
+    load_data(None, None, 0.05)  # tokenize the corpus once before the workers read it
+    a.work.mkdir(parents=True, exist_ok=True)
+    # the headline pair first, then the long wide runs (they bound the wall time), then the rest
+    first = [m for m in ("dense", "mst") if m in a.methods]
+    specs = [_spec(a, m, a.d) for m in first]
+    specs += [_spec(a, m, w) for w in a.widths for m in ("dense", "mst")]
+    specs += [_spec(a, m, a.d) for m in a.methods if m not in first and m != "dense_eq"]
+    results, t0 = [], time.time()
+    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        pending = {pool.submit(run_one, s): s["name"] for s in specs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                name = pending.pop(f)
+                r = f.result()
+                results.append(r)
+                print(f"[{time.time() - t0:7.0f}s] {name:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
+                      f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
+                if name == "mst" and "dense_eq" in a.methods:
+                    s = _spec(a, "dense_eq", a.d, _equal_flops_steps(r))
+                    pending[pool.submit(run_one, s)] = s["name"]
+    return results
+
+
+def _command(argv) -> str:
+    return "PYTHONPATH=. python benchmarks/reproduce.py" + "".join(" " + shlex.quote(x) for x in argv)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = _args(argv)
+    t0 = time.time()
+    results = run_all(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed",
+                                        "update_interval", "widths", "final_eval_iters", "jobs", "quick")}
+    setup["overrides"] = {k: v for k, v in a.overrides.items()}
+    doc = {"command": _command(argv), "setup": setup, "wall_s": time.time() - t0,
+           "bar": bar_verdict(results, a.d), "runs": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot_loss_vs_flops(results, a.d, out / "loss_vs_flops.png")
+    plot_gap(results, out / "gap_vs_params.png")
+    (out / "results.md").write_text(markdown(doc))
+    try:  # the mstc report of every run (sparsity, attention, per-layer density) next to the run folders
+        from mst_compile.train.report import write_report
+
+        write_report([r["out"] for r in results], a.work / "report")
+    except Exception as e:  # noqa: BLE001 - the extra report never costs the benchmark its table
+        print(f"mstc report skipped: {type(e).__name__}: {e}")
+    print(markdown(doc))
+    print(f"wrote {out}/results.{{md,json}}, loss_vs_flops.png, gap_vs_params.png; runs in {a.work}")
+    return doc
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

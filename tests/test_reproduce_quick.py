@@ -1,0 +1,85 @@
+"""benchmarks/reproduce.py --quick: every method trains, and the table's numbers obey the ledger's rules."""
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = mod  # spawned workers import it by this name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reproduce")
+    os.environ.setdefault("MST_COMPILE_CACHE", str(d / "cache"))
+    doc = _reproduce().main(["--quick", "--out", str(d / "out"), "--work", str(d / "runs")])
+    return d, doc
+
+
+@pytest.mark.slow
+def test_quick_run_trains_every_method(quick):
+    d, doc = quick
+    runs = {r["name"]: r for r in doc["runs"]}
+    expected = {"dense", "static", "set", "rigl", "mst", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "dense_eq",
+                "dense@d64", "mst@d64"}
+    assert set(runs) == expected
+    for r in runs.values():
+        assert math.isfinite(r["val_loss"]) and 0 < r["val_loss"] < math.log(256) + 1, r["name"]
+        assert r["curve"] and r["curve"][-1]["step"] == r["steps"], r["name"]
+        # the curve's FLOPs grow along the run and end at the run's ledger total
+        flops = [p["flops"] for p in r["curve"]]
+        assert flops == sorted(flops) and flops[-1] == pytest.approx(r["mst_flops"]), r["name"]
+    # same model and tokens: every full-length run has the same dense-equivalent FLOPs
+    dense = runs["dense"]
+    for name in expected - {"dense_eq", "dense@d64", "mst@d64"}:
+        assert runs[name]["dense_flops"] == pytest.approx(dense["dense_flops"]), name
+    assert dense["mst_flops"] == pytest.approx(dense["dense_flops"])
+    # sparse methods spend fewer FLOPs; the three constant-90% baselines spend the same
+    for name in ("static", "set", "rigl", "mst", "mst_no_sv", "mst_no_hsa", "mst_grad_grow"):
+        assert runs[name]["mst_flops"] < 0.6 * dense["mst_flops"], name
+    assert runs["set"]["mst_flops"] == pytest.approx(runs["rigl"]["mst_flops"])
+    # HSA only removes attention work; gradient-only growth changes which weights grow, not how many
+    assert runs["mst_no_hsa"]["mst_flops"] > runs["mst"]["mst_flops"]
+    assert runs["mst_grad_grow"]["mst_flops"] == pytest.approx(runs["mst"]["mst_flops"])
+    # dense at equal FLOPs: MST's budget to within one dense step
+    eq = runs["dense_eq"]
+    assert eq["steps"] < dense["steps"]
+    assert abs(eq["mst_flops"] - runs["mst"]["mst_flops"]) <= 0.5 * dense["dense_flops_per_step"] + 1
+    # the wider model has more parameters and more FLOPs per step
+    assert runs["dense@d64"]["params"] > 3 * dense["params"]
+    assert runs["dense@d64"]["dense_flops"] > 3 * dense["dense_flops"]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_json_and_plots(quick):
+    import matplotlib.image as mpimg
+
+    d, doc = quick
+    out = d / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["bar"] == doc["bar"] and len(saved["runs"]) == len(doc["runs"])
+    bar = doc["bar"]
+    mst = next(r for r in doc["runs"] if r["name"] == "mst")
+    dense = next(r for r in doc["runs"] if r["name"] == "dense")
+    assert bar["reduction"] == pytest.approx(dense["mst_flops"] / mst["mst_flops"])
+    assert bar["gap_pct"] == pytest.approx(100 * (mst["val_loss"] / dense["val_loss"] - 1))
+    assert bar["met"] == (bar["reduction"] >= 4 and bar["gap_pct"] <= 1 and bar["beats_equal_flops"])
+    md = (out / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| width")) and "---" not in line]
+    assert len(rows) == 9 + 2  # nine methods, then the two widths
+    assert "| dense (baseline) | 40 |" in md and "| 1.00x |" in md and "--quick" in md
+    for name in ("loss_vs_flops", "gap_vs_params"):
+        img = mpimg.imread(out / f"{name}.png")
+        assert img.shape[0] > 300 and img.shape[1] > 400 and img[..., :3].std() > 0.05, name
+    assert (d / "runs" / "report" / "report.md").is_file()
