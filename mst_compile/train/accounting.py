@@ -113,7 +113,7 @@ class Accounting:
         if u is None or u is self._seen_update:
             return []
         self._seen_update = u
-        rec = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in dict(u).items()}
+        rec = {k: (v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v) for k, v in dict(u).items()}
         rec.setdefault("step", int(self.mst.step))
         return [rec]
 
