@@ -273,7 +273,8 @@ def _probe_inputs(gm: fx.GraphModule, example_inputs) -> list:
                 continue
             raise ValueError(f"no example value for input '{p.target}'")
         shape = [int(getattr(d, "node", None).hint) if isinstance(d, torch.SymInt) else int(d) for d in fake.shape]
-        vals.append(torch.ones(shape, dtype=fake.dtype) if not fake.dtype.is_floating_point else torch.randn(shape, dtype=fake.dtype))
+        make = torch.randn if fake.dtype.is_floating_point else torch.ones  # ones: valid ids, no padding
+        vals.append(make(shape, dtype=fake.dtype))
     return vals
 
 
@@ -394,7 +395,9 @@ def _scale_arg(graph: fx.Graph, m: _Match):
     return out
 
 
-def rewrite_attention(gm: fx.GraphModule, *, pattern: str = "dense", stride: int | None = None, example_inputs=None) -> PassResult:
+def rewrite_attention(
+    gm: fx.GraphModule, *, pattern: str = "dense", stride: int | None = None, example_inputs=None
+) -> PassResult:
     """Replace every causal attention site of ``gm`` by a ``HybridSparseAttention`` call (in place)."""
     _check_pattern(pattern, "rewrite_attention")
     _check_stride(stride, "rewrite_attention")

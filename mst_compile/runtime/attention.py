@@ -90,7 +90,8 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
     """
     _check_pattern(pattern, "hsa_attention")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"hsa_attention: expected 4-D q, k, v (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
+        raise ValueError(f"hsa_attention: expected 4-D q, k, v of shape (B, H, T, D), got {shapes}")
     B, H, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1]:
         raise ValueError(
@@ -148,7 +149,8 @@ class HybridSparseAttention(nn.Module):
             self._warned.add(key)
             warnings.warn(f"attention site '{self.site}': {msg}", stacklevel=3)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale=None, enable_gqa: bool = False) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale=None,
+                enable_gqa: bool = False) -> Tensor:
         squeeze = q.dim() == 3  # (B·H, T, D) from a bmm-style spelling
         if squeeze:
             q, k, v = q[None], k[None], v[None]
