@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/kernels.py                 # both tables
     PYTHONPATH=. python benchmarks/kernels.py --only layer    # per-layer table + crossover
     PYTHONPATH=. python benchmarks/kernels.py --only step     # per-step table
+    PYTHONPATH=. python benchmarks/kernels.py --clock cpu --threads 1   # on a machine shared with other jobs
 
 Per layer: forward + backward (input and weight gradients) of one sparse linear at GPT-2-small
 shapes with 1024 tokens, dense (masked-dense op) vs CSR, at several densities; the crossover is the
@@ -32,6 +33,7 @@ from mst_compile.config import MSTConfig  # noqa: E402
 from mst_compile.runtime.csr import CSR_CROSSOVER_DENSITY  # noqa: E402
 from mst_compile.runtime.sparse_linear import SparseWeight  # noqa: E402
 
+_CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to other jobs on the machine)
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
 DENSITIES = [0.5, 0.35, 0.3, 0.25, 0.2, 0.1, 0.05]
 
@@ -43,9 +45,9 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
     best = {k: math.inf for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = _CLOCK()
             f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[k] = min(best[k], _CLOCK() - t0)
     return {k: v * 1e3 for k, v in best.items()}
 
 
@@ -90,8 +92,8 @@ def crossover(rows: list[dict], shape: str) -> float | None:
     return None
 
 
-def print_layer_table(rows: list[dict]) -> None:
-    print(f"\nPer layer, forward+backward, 1024 tokens, fp32, {torch.get_num_threads()} threads")
+def print_layer_table(rows: list[dict], tokens: int) -> None:
+    print(f"\nPer layer, forward+backward, {tokens} tokens, fp32, {torch.get_num_threads()} threads")
     print("| shape (in x out) | density | dense ms | csr ms | speedup |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -197,10 +199,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("layer", "step"), default=None)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens per layer call in the per-layer table")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: elapsed time; cpu: process CPU time, for a machine shared with other jobs (use --threads 1)")
     args = ap.parse_args()
+    global _CLOCK
+    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} threads, {args.clock} clock, best of {args.reps} interleaved runs")
     torch.manual_seed(0)
     if args.only in (None, "layer"):
-        print_layer_table(bench_layers(reps=args.reps))
+        print_layer_table(bench_layers(tokens=args.tokens, reps=args.reps), args.tokens)
     if args.only in (None, "step"):
         print_step_table(bench_step(reps=args.reps))
 

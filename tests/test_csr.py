@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from mst_compile.runtime import csr
 from mst_compile.runtime.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_kernel
 from mst_compile.runtime.sparse_linear import SparseWeight
 
@@ -62,6 +63,22 @@ def test_csr_matches_masked_dense(density, transposed, probe):
         assert not got["w"][~mask].any(), "inactive weights got a gradient"
         if probe:  # the dense gradient really is dense: nonzero off the mask too
             assert got["probe"][~mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_token_chunks_match_masked_dense(monkeypatch, probe):
+    """Large inputs run in token chunks (uneven last chunk here); results must not change."""
+    monkeypatch.setattr(csr, "_MIN_CHUNK", 8)
+    monkeypatch.setattr(csr, "_CHUNK_FLOATS", 80 * 10)  # 10 tokens per chunk for a 48x80 weight
+    g = torch.Generator().manual_seed(2)
+    for transposed in (False, True):
+        sw, w, b, _ = _site(48, 80, 0.2, transposed)
+        x, gy = torch.randn(3, 9, 80, generator=g), torch.randn(3, 9, 48, generator=g)  # 27 tokens
+        ref = _run(sw, "dense", x, w, b, gy, transposed, probe)
+        got = _run(sw, "csr", x, w, b, gy, transposed, probe)
+        for k, v in ref.items():
+            if v is not None:
+                torch.testing.assert_close(got[k], v, **TOL, msg=f"{k} differs")
 
 
 def _dense_products(fn) -> int:

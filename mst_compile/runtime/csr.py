@@ -160,46 +160,79 @@ def _make_csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
         return torch.sparse_csr_tensor(crow, col, values, shape)
 
 
+# Tokens per chunk: the dense operand of each sparse product (features x tokens) is kept near 8 MB so
+# it stays in the 32 MB L3. Measured at 4096 tokens, 3072 -> 768: 424 ms chunked vs 678 ms whole;
+# at 1024 tokens chunking made no difference.
+_CHUNK_FLOATS = 2 * 1024 * 1024
+_MIN_CHUNK = 256  # tokens; fewer make the per-chunk overhead show
+
+
+def _chunk(st: CsrStructure) -> int:
+    return max(_MIN_CHUNK, _CHUNK_FLOATS // max(st.shape))
+
+
 class _CsrLinear(torch.autograd.Function):
-    """y = x @ Wᵀ + b on the CSR layout; gradients match ``mst::sparse_linear``."""
+    """y = x @ Wᵀ + b on the CSR layout; gradients match ``mst::sparse_linear``.
+
+    Tokens are processed in chunks (see ``_chunk``); each chunk is transposed to the feature-major
+    layout the sparse kernels want and back, so the result has the dense path's layout.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], probe: Tensor, st: CsrStructure):
         out_f, in_f = st.shape
-        lead = x.shape[:-1]
-        xT = x.reshape(-1, in_f).t().contiguous()  # (in, N): the sparse kernels want it row-major
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)  # (N, out)
+        c = _chunk(st)
+        xTs = []
         with torch.no_grad():
-            yT = _spmm(st.weight_csr(st.values(weight)), xT)  # (out, N)
-            if bias is not None:
-                yT.add_(bias.unsqueeze(1))  # contiguous broadcast: cheaper before the transpose than after
-            y = yT.t().contiguous()  # (N, out), the layout the masked-dense path returns
-        ctx.save_for_backward(xT, weight)
+            w = st.weight_csr(st.values(weight))
+            for s in range(0, x2.shape[0], c):
+                xT = x2[s:s + c].t().contiguous()  # (in, n): the sparse kernels want it row-major
+                yT = _spmm(w, xT)  # (out, n)
+                if bias is not None:
+                    yT.add_(bias.unsqueeze(1))  # contiguous broadcast: cheaper before the transpose
+                y[s:s + c] = yT.t()
+                xTs.append(xT)
+        ctx.save_for_backward(weight, *xTs)
         ctx.st, ctx.x_shape, ctx.has_bias = st, x.shape, bias is not None
-        return y.view(*lead, out_f)
+        return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        xT, weight = ctx.saved_tensors
+        weight, *xTs = ctx.saved_tensors
         st = ctx.st
         need_x, need_w, need_b, need_probe, _ = ctx.needs_input_grad
-        gyT = grad_y.reshape(-1, st.shape[0]).t().contiguous()  # (out, N)
+        gy2 = grad_y.reshape(-1, st.shape[0])  # (N, out)
+        c = _chunk(st)
         grad_x = grad_w = grad_b = grad_probe = None
         if need_x:
-            dxT = _spmm(st.weight_t_csr(st.values(weight)), gyT)  # (in, N)
-            grad_x = dxT.t().contiguous().view(ctx.x_shape)
+            grad_x = torch.empty(gy2.shape[0], st.shape[1], dtype=gy2.dtype, device=gy2.device)  # (N, in)
+            wt = st.weight_t_csr(st.values(weight))
+        dense = vals = None
+        for xT, s in zip(xTs, range(0, gy2.shape[0], c)):
+            gyT = gy2[s:s + c].t().contiguous()  # (out, n)
+            if need_x:
+                grad_x[s:s + c] = _spmm(wt, gyT).t()
+            if need_probe:
+                # the dense weight gradient, asked for before a topology update; in stored orientation
+                part = xT @ gyT.t() if st.transposed else gyT @ xT.t()  # (in, out) | (out, in)
+                dense = part if dense is None else dense.add_(part)
+            elif need_w:
+                part = torch.sparse.sampled_addmm(st.pattern, gyT, xT.t(), beta=0.0).values()  # (nnz,)
+                vals = part if vals is None else vals.add_(part)
+            if need_b and ctx.has_bias:
+                grad_b = gyT.sum(1) if grad_b is None else grad_b.add_(gyT.sum(1))
+        if need_x:
+            grad_x = grad_x.view(ctx.x_shape)
         if need_probe:
-            # the dense weight gradient, requested for the coming topology update; stored orientation
-            dense = xT @ gyT.t() if st.transposed else gyT @ xT.t()  # (in, out) | (out, in)
             grad_probe = dense
             if need_w:
                 grad_w = dense * st.mask
         elif need_w:
-            vals = torch.sparse.sampled_addmm(st.pattern, gyT, xT.t(), beta=0.0).values()  # (nnz,)
             grad_w = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
             grad_w.index_put_((st.idx,), vals)
             grad_w = grad_w.view(weight.shape)
-        if need_b and ctx.has_bias:
-            grad_b = gyT.sum(1)
         return grad_x, grad_w, grad_b, grad_probe, None
 
 
