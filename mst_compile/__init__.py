@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MSTConfig",
     "sparsify",
+    "finalize",
+    "export_onnx",
     "MstCompileError",
     "CaptureError",
     "CheckpointError",
@@ -18,7 +20,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"sparsify": ("api", "sparsify")}
+_LAZY = {"sparsify": ("api", "sparsify"), "finalize": ("export", "finalize"), "export_onnx": ("export", "export_onnx")}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,110 @@
+"""finalize(sm): fold the masks into the weights and put plain ops back.
+
+The result is an ordinary ``GraphModule`` with no mst ops in it: every sparse weight site becomes
+``F.linear`` (or ``matmul`` + ``add`` for weights stored (in, out), HF ``Conv1D``) and every attention
+site becomes plain causal SDPA (``dense``) or the exportable skipping computation of its pattern
+(``export/attention.py``). It shares its parameters with ``sm``, and so with the user's model, which
+keeps the sparse weights. ``sm`` itself is left as it is: training can go on after a finalize.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .attention import ATTENTION_CHOICES, export_attention
+
+SITES = "mst_sites."  # call_module targets of the sparse weight sites (passes/linear.py)
+ATTN = "mst_attn."  # call_module targets of the attention sites (passes/attention.py)
+
+
+def is_sparsified(module) -> bool:
+    """True for a module returned by ``mst_compile.sparsify`` (it carries the ``.mst`` handle)."""
+    return isinstance(module, fx.GraphModule) and hasattr(module, "mst")
+
+
+def attention_sites(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Attention site name -> its module, for every ``mst_attn.*`` node of the graph."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target.startswith(ATTN):
+            mod = gm.get_submodule(n.target)
+            out[getattr(mod, "site", n.target)] = mod
+    return out
+
+
+def resolve_attention(gm: fx.GraphModule, attention: str | dict | None) -> dict[str, tuple[str, int | None]]:
+    """Site name -> (pattern, stride) to export. ``None`` keeps each site's current pattern."""
+    sites = attention_sites(gm)
+    if attention is None:
+        return {n: (m.pattern, m.stride) for n, m in sites.items()}
+    if isinstance(attention, str):
+        attention = {n: attention for n in sites}
+    if not isinstance(attention, dict):
+        raise TypeError(f"attention must be None, a pattern name or a dict site -> pattern, got {type(attention).__name__}")
+    unknown = sorted(set(attention) - set(sites))
+    if unknown:
+        raise ValueError(f"attention: unknown attention sites {unknown}; the model's sites are {sorted(sites)}")
+    for name, p in attention.items():
+        if p not in ATTENTION_CHOICES:
+            raise ValueError(f"attention[{name!r}]={p!r} is invalid: expected one of {', '.join(ATTENTION_CHOICES)}")
+    return {n: (attention.get(n, m.pattern), m.stride) for n, m in sites.items()}
+
+
+@torch.no_grad()
+def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.GraphModule:
+    """Return a plain-op copy of the sparsified module ``sm`` with the masks folded into the weights.
+
+    ``attention``: ``None`` exports each attention site with the pattern active now (dense causal
+    after restoration); a pattern name (``dense``, ``local``, ``strided``, ``sparse``) or a dict
+    ``{site: pattern}`` overrides it. Strides are the sites' own (``None``: T/8 of the running length).
+    """
+    if not is_sparsified(sm):
+        raise TypeError(
+            f"finalize expects the module returned by mst_compile.sparsify (a GraphModule with .mst), got "
+            f"{type(sm).__name__}; a plain model needs no finalize: export it as it is"
+        )
+    chosen = resolve_attention(sm, attention)
+    sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
+    graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        if node.target.startswith(SITES):
+            _replace(graph, node, _plain_linear(graph, node))
+        elif node.target.startswith(ATTN):
+            mod = sm.get_submodule(node.target)
+            site = getattr(mod, "site", node.target)
+            pattern, stride = chosen[site]
+            if pattern != "dense" and node.kwargs.get("attn_mask") is not None:
+                raise ValueError(
+                    f"attention site {site!r} takes a padding mask from the model's inputs, which the exported "
+                    f"{pattern!r} pattern cannot apply; export with example inputs that have no attention mask, "
+                    "or with attention='dense'"
+                )
+            with graph.inserting_before(node):
+                new = graph.call_function(export_attention, node.args, {**node.kwargs, "pattern": pattern, "stride": stride})
+            _replace(graph, node, new)
+    graph.lint()
+    out = fx.GraphModule(sm, graph, class_name="Finalized")
+    out.train(sm.training)
+    return out
+
+
+def _plain_linear(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    x, w, b = (list(node.args) + [None, None])[:3]
+    b = node.kwargs.get("bias", b)
+    with graph.inserting_before(node):
+        if node.kwargs.get("transposed", False):  # weight stored (in, out): y = x @ W + b
+            y = graph.call_function(torch.matmul, (x, w))
+            return graph.call_function(torch.add, (y, b)) if b is not None else y
+        return graph.call_function(F.linear, (x, w, b))
+
+
+def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+

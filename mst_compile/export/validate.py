@@ -1,0 +1,121 @@
+"""Run an exported ONNX model in onnxruntime and compare it with PyTorch on fresh random inputs.
+
+Inputs are drawn like the example inputs (same dtype; integers in the example's [min, max] range,
+floats with its spread) at two shapes: the example's batch and sequence length, then one more
+sequence and a longer batch, so the dynamic axes are exercised. Any output further than ``atol``
+from PyTorch raises ``ExportValidationError`` listing every output's max difference.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ExportValidationError, MstCompileError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def import_onnxruntime():
+    """``onnxruntime``, or an ImportError that names the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(
+            "validating an ONNX export needs onnxruntime, which is not installed: "
+            "pip install 'mst-compile[onnx]' (or 'mst-compile[gpu]' for onnxruntime-gpu), or pass validate=False"
+        ) from e
+    return onnxruntime
+
+
+def session(path, provider: str = "cpu"):
+    """An onnxruntime session for ``path`` on ``provider`` (``cpu`` or ``cuda``)."""
+    ort = import_onnxruntime()
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider={provider!r} is invalid: expected one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise MstCompileError(
+            f"onnxruntime has no {name} here (available: {', '.join(available)}): "
+            + ("install onnxruntime-gpu (pip install 'mst-compile[gpu]') in place of onnxruntime, or use provider 'cpu'"
+               if provider == "cuda" else "reinstall onnxruntime")
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    return ort.InferenceSession(str(path), sess_options=opts, providers=[name])
+
+
+def random_like(example: torch.Tensor, batch: int, seq: int | None, gen: torch.Generator) -> torch.Tensor:
+    """A fresh tensor like ``example`` with dim 0 = ``batch`` and (when given) dim 1 = ``seq``."""
+    shape = list(example.shape)
+    if shape:
+        shape[0] = batch
+    if seq is not None and len(shape) >= 2:
+        shape[1] = seq
+    if example.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool, device=example.device)
+    if not example.dtype.is_floating_point:
+        lo, hi = (int(example.min()), int(example.max())) if example.numel() else (0, 1)
+        return torch.randint(lo, hi + 1, shape, generator=gen).to(example.dtype).to(example.device)
+    std = float(example.float().std()) if example.numel() > 1 else 1.0
+    return (torch.randn(shape, generator=gen) * (std or 1.0)).to(example.dtype).to(example.device)
+
+
+def validation_shapes(batch: int, seq: int | None) -> list[tuple[int, int | None]]:
+    """(batch, seq) pairs to check: the example's own, then a shorter (or longer) sequence and batch + 1."""
+    if seq is None:
+        return [(batch, None), (batch + 1, None)]
+    other = seq // 2 + 1 if seq >= 3 else seq + 1
+    return [(batch, seq), (batch + 1, other)]
+
+
+def compare(
+    path,
+    reference: Callable[..., list[torch.Tensor]],
+    examples: list[torch.Tensor],
+    *,
+    provider: str = "cpu",
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Max |onnxruntime − PyTorch| per output of ``path`` over the validation shapes; raises past ``atol``.
+
+    ``reference(*inputs)`` is the PyTorch side, returning the outputs in the ONNX file's order;
+    ``examples`` are the example tensors in the ONNX file's input order.
+    """
+    sess = session(path, provider)
+    ins, outs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
+    if len(ins) != len(examples):
+        raise MstCompileError(f"{path} has {len(ins)} inputs ({[i.name for i in ins]}) but {len(examples)} example inputs were given")
+    # an axis is dynamic when the file names it instead of fixing it
+    seq_dynamic = [len(i.shape) >= 2 and not isinstance(i.shape[1], int) for i in ins]
+    lead = examples[0]
+    batch = lead.shape[0] if lead.dim() else 1
+    seq = lead.shape[1] if seq_dynamic[0] else None
+    diffs = {n: 0.0 for n in outs}
+    gen = torch.Generator().manual_seed(seed)
+    shapes = validation_shapes(batch, seq)
+    for b, t in shapes:
+        inputs = [random_like(x, b, t if dyn else None, gen) for x, dyn in zip(examples, seq_dynamic)]
+        with torch.no_grad():
+            expected = [y.detach().float().cpu().numpy() for y in reference(*inputs)]
+        got = sess.run(outs, {i.name: x.cpu().numpy() for i, x in zip(ins, inputs)})
+        for name, e, g in zip(outs, expected, got):
+            if e.shape != g.shape:
+                raise ExportValidationError(
+                    f"{path}: output {name!r} has shape {g.shape} in onnxruntime but {e.shape} in PyTorch "
+                    f"at batch={b}, seq={t}",
+                    {name: float("inf")},
+                )
+            diffs[name] = max(diffs[name], float(np.max(np.abs(e - g.astype(np.float32)))) if e.size else 0.0)
+    bad = sorted(n for n, d in diffs.items() if not d <= atol)  # NaN counts as bad
+    if bad:
+        listing = ", ".join(f"{n}: {d:.3g}" for n, d in diffs.items())
+        raise ExportValidationError(
+            f"{path}: onnxruntime ({provider}) and PyTorch disagree beyond atol={atol:g} on {bad} "
+            f"(max |difference| per output: {listing}; shapes checked (batch, seq): {shapes})",
+            diffs,
+        )
+    return diffs
