@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+_ORDER = ("dense", "static", "set", "rigl", "mst", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "dense_eq")
 REDUCTION_BAR = 4.0  # MST must cut training FLOPs at least this much ...
 GAP_BAR = 1.0  # ... with final val loss within this many % of dense
 
@@ -70,9 +71,7 @@ def markdown(doc: dict) -> str:
     lines = [f"### MST vs dense, {s['steps']} steps" + (" (quick smoke run)" if s.get("quick") else ""), "", head, "",
              "| method | steps | final val loss | gap to dense | training FLOPs | FLOP reduction | density of the last step | wall time |",
              "|---|---|---|---|---|---|---|---|"]
-    main = [r for r in results if r["d"] == d]
-    order = ["dense", "static", "set", "rigl", "mst", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "dense_eq"]
-    main.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else 99)
+    main = sorted((r for r in results if r["d"] == d), key=lambda r: _ORDER.index(r["method"]) if r["method"] in _ORDER else 99)
     for r in main:
         gap = "-" if dense is None or r is dense else f"{gap_pct(r, dense):+.2f}%{_se(paired_se_pct(r, dense))}"
         red = "-" if dense is None else f"{dense['mst_flops'] / r['mst_flops']:.2f}x"
@@ -118,7 +117,7 @@ def plot_loss_vs_flops(results: list[dict], d: int, path: Path) -> None:
     """Val loss against cumulative training FLOPs (the ledger's), every method of the main model on one chart."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in (r for r in results if r["d"] == d):
+    for r in sorted((r for r in results if r["d"] == d), key=lambda r: _ORDER.index(r["method"]) if r["method"] in _ORDER else 99):
         color, ls, marker = _STYLE.get(r["method"], ("C8", "-", "."))
         c = r["curve"]
         ax.plot([p["flops"] for p in c], [p["val_loss"] for p in c], ls=ls, marker=marker, color=color, ms=5, lw=1.4,

@@ -4,6 +4,7 @@ sparse-training baselines against the dense model, all trained by ``mst_compile.
     PYTHONPATH=. python benchmarks/reproduce.py                  # the full run (3000 steps, hours on 2 cores)
     PYTHONPATH=. python benchmarks/reproduce.py --steps 1000     # shorter, everything else the same
     PYTHONPATH=. python benchmarks/reproduce.py --quick          # CI smoke run (tiny sizes, ~1 minute)
+    PYTHONPATH=. python benchmarks/reproduce.py --replot benchmarks/results/results.json   # redraw table + plots
 
 Every method trains the byte-level GPT of examples/tiny_gpt.py on the built-in corpus (the Python
 standard library) with the same seed, batches, optimizer and LR schedule. Runs go ``--jobs`` at a
@@ -185,26 +186,35 @@ def run_all(a) -> list[dict]:
     return results
 
 
+def write_outputs(doc: dict, out: Path) -> None:
+    """The markdown table and the two plots of a results document."""
+    plot_loss_vs_flops(doc["runs"], doc["setup"]["d"], out / "loss_vs_flops.png")
+    plot_gap(doc["runs"], out / "gap_vs_params.png")
+    (out / "results.md").write_text(markdown(doc))
+
+
 def _command(argv) -> str:
     return "PYTHONPATH=. python benchmarks/reproduce.py" + "".join(" " + shlex.quote(x) for x in argv)
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--replot"]:  # redraw the table and plots of an earlier run: --replot results.json
+        doc = json.loads(Path(argv[1]).read_text())
+        write_outputs(doc, Path(argv[1]).parent)
+        return doc
     a = _args(argv)
     t0 = time.time()
     results = run_all(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed",
-                                        "update_interval", "widths", "final_eval_iters", "jobs", "quick")}
+                                        "update_interval", "widths", "evals", "eval_iters", "final_eval_iters", "jobs", "quick")}
     setup["overrides"] = {k: v for k, v in a.overrides.items()}
     doc = {"command": _command(argv), "setup": setup, "wall_s": time.time() - t0,
            "bar": bar_verdict(results, a.d), "runs": results}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot_loss_vs_flops(results, a.d, out / "loss_vs_flops.png")
-    plot_gap(results, out / "gap_vs_params.png")
-    (out / "results.md").write_text(markdown(doc))
+    write_outputs(doc, out)
     try:  # the mstc report of every run (sparsity, attention, per-layer density) next to the run folders
         from mst_compile.train.report import write_report
 
