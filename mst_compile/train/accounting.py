@@ -40,7 +40,7 @@ def quiet_torch():
 
 
 class Accounting:
-    def __init__(self, model, mst_config, tc, example_inputs, d):
+    def __init__(self, model, mst_config, tc, example_inputs, batch, d):
         self.dense, self.world, self.tokens = tc.dense, d.world, 0
         self._dense_total = 0.0
         self._seen_update = None
@@ -50,7 +50,7 @@ class Accounting:
 
                 self.sm = None
                 self.module, _ = capture(model, example_inputs)
-                self._per_token = dense_flops_per_token(model, mst_config, example_inputs, tc.block_size)
+                self._per_token = dense_flops_per_token(model, mst_config, example_inputs, batch)
             else:
                 from ..api import sparsify
 
@@ -132,29 +132,39 @@ class Accounting:
             self._seen_update = self.mst.last_update  # already logged before the interruption
 
 
-def dense_flops_per_token(model, mst_config, example_inputs, block_size: int) -> float:
+def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor) -> float:
     """Training FLOPs per token of the dense model, by the ledger's formula (DESIGN §6) at density 1.
 
     The sites are found by the same passes MST uses (on a throwaway capture sharing the model's
-    parameters), so ops MST leaves out are left out here too: per token, 6·n_in·n_out for each use
-    of a sparse weight, 12·a·d_head·n_heads per attention site with a = (T + 1)/2 (dense causal).
+    parameters), so ops MST leaves out are left out here too. One forward on a real (B, T) batch
+    counts, like the ledger, the rows each sparse weight really sees: 6·rows·n_in·n_out per use,
+    and 12·a·d_head·n_heads per query token of each attention site with a = (T + 1)/2.
     """
     from ..api import sparsify
 
     sm = sparsify(model, mst_config, example_inputs=example_inputs)
-    linear = sum(6 * e.uses * e.params for e in sm.mst.plan if e.kind == "linear")
-    heads: list[tuple[int, int]] = []  # (n_heads, d_head) per attention call
-    hooks = [m.register_forward_pre_hook(lambda _m, args: heads.append((args[0].shape[-3], args[0].shape[-1])))
-             for m in sm.mst.attention_sites().values()]
+    total = [0.0]
+
+    def linear(sw):
+        def hook(_m, args):
+            x = args[0]
+            total[0] += 6.0 * (x.numel() // x.shape[-1]) * sw.numel
+        return hook
+
+    def attention(_m, args):
+        q = args[0]  # (B, n_heads, T, d_head)
+        T = q.shape[-2]
+        total[0] += 12.0 * q.numel() * (T + 1) / 2
+
+    hooks = [sw.register_forward_pre_hook(linear(sw)) for sw in sm.mst.sparse_weights().values()]
+    hooks += [m.register_forward_pre_hook(attention) for m in sm.mst.attention_sites().values()]
     try:
-        x = torch.zeros(1, block_size, dtype=torch.long, device=next(model.parameters()).device)
         with torch.no_grad():
-            sm(x)
+            sm(batch)
     finally:
         for h in hooks:
             h.remove()
-    a = (block_size + 1) / 2
-    return float(linear + sum(12 * a * dh * nh for nh, dh in heads))
+    return total[0] / batch.numel()
 
 
 def ranks_identical(acct: Accounting, model, d) -> dict[str, bool]:

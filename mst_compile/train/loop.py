@@ -180,8 +180,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
     _check_model_runs(model, x0[:1].to(d.device), data)
 
-    example = mf.example_inputs() if mf.hook("example_inputs") else (x0[:1].to(d.device),)
-    acct = Accounting(model, mst, tc, example, d)
+    # a full training batch: torch.export specialises a batch dim of 1, so (1, T) would not do
+    example = mf.example_inputs() if mf.hook("example_inputs") else (x0.to(d.device),)
+    acct = Accounting(model, mst, tc, example, x0.to(d.device), d)
     net = acct.module
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -198,6 +199,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         acct.load_state_dict(ck["mst"], run_dir / "checkpoints" / "last.pt")
         ckpt.set_rng_state(ck["rng"])
         start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
+        if start >= tc.steps:
+            raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json)")
     if d.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
