@@ -20,7 +20,7 @@ Measured on the 2-core AVX-512 CPU (torch 2.13, fp32, 1024 tokens, GPT-2-small s
 work with torch's vectorized ``spmm_reduce`` kernel (~30 with the MKL sparse BLAS path of ``@``); the
 SDDMM at ~50 GFLOP/s (int32 indices: ~4x faster than int64). The transposes between token-major
 activations and the feature-major layout the sparse kernels need cost ~10% of the CSR time.
-Forward+backward breaks even around density 0.25 (see ``CSR_CROSSOVER_DENSITY``).
+Forward+backward breaks even around density 0.22-0.29 (see ``CSR_CROSSOVER_DENSITY``).
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ import torch
 from torch import Tensor
 
 # Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
-# Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens:
-# break-even at density 0.24 (768x768), 0.25 (3072x768), 0.27 (768x2304), 0.29 (768x3072); at 0.2
-# CSR ran 1.2-1.3x faster, at 0.1 about 2x, at 0.5 about 0.6x (slower). 0.25 takes CSR only where it
-# was not measured slower beyond noise.
-CSR_CROSSOVER_DENSITY = 0.25
+# Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens,
+# GPT-2-small shapes (in x out: 768x2304, 768x768, 768x3072, 3072x768), break-even density:
+#   2 threads, wall clock:          0.27, 0.24, 0.29, 0.25
+#   1 thread, process CPU clock:    0.24, 0.28, 0.24, 0.22
+# At 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x, at 0.05 about 3-3.5x, at 0.5 about 0.5-0.6x.
+# 0.22, the lowest break-even measured, takes CSR only where it was never measured slower.
+CSR_CROSSOVER_DENSITY = 0.22
 KERNELS = ("dense", "csr")
 SETTINGS = ("auto", "dense", "csr")
 _CSR_DTYPES = (torch.float32, torch.float64)  # what torch's CPU sparse kernels support
