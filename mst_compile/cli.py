@@ -74,6 +74,42 @@ def inspect(model_file: str, sparsity: float | None) -> None:
         click.echo(f"  skipped {site}: {why}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX file to write (default: RUN_DIR/model.onnx).")
+@click.option("--attention", type=click.Choice(["dense", "local", "strided", "sparse"]), default=None,
+              help="Attention pattern to export (default: the one active at the end of training).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime provider of the validation run.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |onnxruntime - PyTorch| difference allowed.")
+@click.option("--no-validate", is_flag=True, help="Write the file without the onnxruntime check.")
+@click.option("--dense-initializers", is_flag=True, help="Store every weight dense (no COO sparse initializers).")
+@_friendly
+def export(run_dir: str, output: str | None, attention: str | None, provider: str, atol: float, no_validate: bool,
+           dense_initializers: bool) -> None:
+    """Export RUN_DIR's last checkpoint to ONNX and check it against PyTorch in onnxruntime."""
+    from .export.run import export_run
+
+    try:
+        res = export_run(run_dir, output, attention=attention, provider=provider, atol=atol,
+                         validate=not no_validate, sparse_initializers=not dense_initializers)
+    except ImportError as e:  # onnx / onnxruntime missing: the message names the extra to install
+        raise _Failure(str(e)) from None
+    m = res.metadata
+    click.echo(f"wrote {res.path} ({res.size / 1e6:.2f} MB): density {m['density']:.3f}, "
+               f"{len(res.sparse_initializers)} weights stored sparse, attention {_patterns(m['attention'])}")
+    if res.max_diff is not None:
+        worst = max(res.max_diff.values(), default=0.0)
+        click.echo(f"onnxruntime ({provider}) matches PyTorch: max |difference| {worst:.2g} <= {atol:g}")
+
+
+def _patterns(attention) -> str:
+    """'sparse' when every site agrees, else 'site=pattern, ...'."""
+    if not isinstance(attention, dict):
+        return str(attention)
+    kinds = set(attention.values())
+    return kinds.pop() if len(kinds) == 1 else ", ".join(f"{k}={v}" for k, v in attention.items()) or "none"
+
+
 
 def _train_options(fn):
     from .train.options import click_options

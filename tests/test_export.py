@@ -1,7 +1,7 @@
 """export_onnx: onnxruntime agrees with PyTorch (dense and 90% sparse weights, dense and sparse
 attention), sparse initializers shrink the file, metadata round-trips, a tampered file is caught."""
-import copy
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -184,3 +184,105 @@ def test_bad_input(tmp_path, monkeypatch):
         mst_compile.export_onnx(sm, tmp_path / "m.onnx", example)
     res = mst_compile.export_onnx(sm, tmp_path / "m.onnx", example, validate=False)  # still writes without it
     assert res.max_diff is None and res.path.is_file()
+
+
+# -- mstc export RUN_DIR ------------------------------------------------------------------------
+RUN_MODEL = f'''
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "examples")!r})
+import torch
+from tiny_gpt import GPT
+import mst_compile
+
+def model():
+    return GPT(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+def config():
+    return mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.5, ultra_end=0.75, stride=4)
+
+def train_config():
+    return {{"batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,
+            "checkpoint_interval": 2, "lr": 3e-3}}
+
+def data():
+    def get_batch(split, index):
+        return torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(index % 2**31))
+    return get_batch
+'''
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A finished MST run (restoration: dense attention) and one stopped in the ultra phase (sparse)."""
+    from mst_compile.train.loop import TrainingInterrupted, train
+
+    d = tmp_path_factory.mktemp("runs")
+    (d / "tiny.py").write_text(RUN_MODEL)
+    train(d / "tiny.py", out=d / "done", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(d / "tiny.py", out=d / "ultra", progress=False, stop_at=5)
+    return d
+
+
+def test_cli_export_finished_run(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from mst_compile.cli import main
+    from mst_compile.modelfile import load_model_file
+
+    out = tmp_path / "new" / "model.onnx"
+    r = CliRunner().invoke(main, ["export", str(runs / "done"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "attention dense" in r.output and "matches PyTorch" in r.output
+    meta = read_metadata(out)
+    ck = torch.load(runs / "done" / "checkpoints" / "last.pt", weights_only=True)
+    masks = ck["mst"]["mst"]["masks"]
+    assert meta["densities"] == {n: int(m.sum()) / m.numel() for n, m in masks.items()}
+    assert meta["run"]["step"] == 8 and meta["train_config"]["batch_size"] == 4 and meta["config"]["stride"] == 4
+    assert set(meta["attention"].values()) == {"dense"}
+    # the oracle: the user's model with the checkpoint's weights, no mst_compile involved
+    model = load_model_file(runs / "tiny.py").model()
+    model.load_state_dict(ck["model"])
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(out, x), model.eval()(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_cli_export_run_stopped_in_ultra_phase_keeps_sparse_attention(runs):
+    from click.testing import CliRunner
+
+    from mst_compile.cli import main
+
+    r = CliRunner().invoke(main, ["export", str(runs / "ultra")])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(runs / "ultra" / "model.onnx")
+    assert set(meta["attention"].values()) == {"sparse"} and set(meta["stride"].values()) == {4}
+    assert meta["run"]["step"] == 5 and meta["density"] < 0.5
+    r = CliRunner().invoke(main, ["export", str(runs / "ultra"), "-o", str(runs / "dense.onnx"), "--attention", "dense",
+                                  "--no-validate", "--dense-initializers"])
+    assert r.exit_code == 0, r.output
+    assert set(read_metadata(runs / "dense.onnx")["attention"].values()) == {"dense"}
+    assert read_metadata(runs / "dense.onnx")["sparse_initializers"] == []
+
+
+def test_cli_export_bad_input(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mst_compile.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(main, ["export", str(tmp_path)])
+    assert r.exit_code == 2 and "not a run folder (no config.toml)" in r.output
+    empty = tmp_path / "no_ckpt"
+    empty.mkdir()
+    shutil.copy(runs / "done" / "config.toml", empty / "config.toml")
+    r = runner.invoke(main, ["export", str(empty)])
+    assert r.exit_code == 2 and "has no checkpoint" in r.output and "last.pt" in r.output
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    r = runner.invoke(main, ["export", str(runs / "done"), "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2 and "pip install 'mst-compile[onnx]'" in r.output
+    assert "Traceback" not in r.output

@@ -1,0 +1,82 @@
+"""Export a training run folder (what ``mstc train`` writes) from its last checkpoint.
+
+A run folder holds ``config.toml`` (the model file it trained and the resolved [train] / [mst]
+tables) and ``checkpoints/last.pt`` (the model's own state_dict and the MST state: masks, step).
+The model is rebuilt from the model file, the checkpoint loaded, the masks and the attention
+patterns of the last step restored, and the result goes through ``export_onnx``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MstCompileError
+from .onnx import ExportResult, export_onnx
+
+
+def _model_path(run_dir: Path, doc: dict) -> Path:
+    name = doc.get("model")
+    if not name:
+        raise MstCompileError(f"{run_dir / 'config.toml'} does not name the model file it trained (no 'model' key)")
+    p = Path(name)
+    for cand in (p, run_dir / p, run_dir.parent / p):
+        if cand.is_file():
+            return cand
+    raise MstCompileError(
+        f"the run's model file {name} is not found (looked from {Path.cwd()} and beside {run_dir}); "
+        "run mstc export from the folder you trained in"
+    )
+
+
+def _example(mf, model: nn.Module, block_size: int | None):
+    """The model file's example_inputs(), else a batch of token ids like the ones it trained on."""
+    if mf.hook("example_inputs") is not None:
+        return mf.example_inputs()
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    vocab = emb.num_embeddings if emb is not None else 256
+    return (torch.randint(0, vocab, (2, block_size or 128), generator=torch.Generator().manual_seed(0)),)
+
+
+def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
+    """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
+    from ..api import sparsify
+    from ..config import MSTConfig
+    from ..modelfile import load_model_file
+    from ..train import checkpoint as ckpt
+    from ..train.options import TrainConfig, read_config_file
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MstCompileError(f"run folder {run_dir} does not exist: pass the folder mstc train wrote (runs/...)")
+    cfg_file = run_dir / "config.toml"
+    if not cfg_file.is_file():
+        raise MstCompileError(f"{run_dir} is not a run folder (no config.toml): pass the folder mstc train wrote")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise MstCompileError(
+            f"run folder {run_dir} has no checkpoint ({last} is missing): the run stopped before its first "
+            "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
+        )
+    train, mst = read_config_file(cfg_file)
+    tc = TrainConfig(**train)
+    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+    mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
+    model = mf.model()
+    ck = ckpt.load_checkpoint(last)
+    ckpt.check_same_model(ck, model, last)
+    model.load_state_dict(ck["model"])
+    example = _example(mf, model, tc.block_size)
+    state = ck.get("mst") or {}
+    meta = {"train_config": dataclasses.asdict(tc),
+            "run": {"folder": str(run_dir), "step": int(ck["step"]), "model_file": str(mf.path)}}
+    if state.get("dense") or state.get("mst") is None:  # the dense baseline: a plain model
+        meta["config"] = mst_cfg.to_dict()
+        return export_onnx(model, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
+    sm = sparsify(model, mst_cfg, example_inputs=example)
+    sm.mst.load_state_dict(state["mst"])  # masks, step, and the attention patterns of that step
+    return export_onnx(sm, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
