@@ -275,8 +275,15 @@ TORCH_LIBRARY_IMPL(mst_hsa, CPU, m) {
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_ARCH = {  # the instruction sets ATen itself dispatched to on this CPU (not -march=native: caches get shared)
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
 _state: dict = {}
+
+
+def _flags() -> list[str]:
+    return ["-O3", "-fopenmp", *_ARCH.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
 def available() -> bool:
@@ -289,7 +296,8 @@ def available() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        digest = hashlib.sha1((_SOURCE + " ".join(_FLAGS) + torch.__version__).encode()).hexdigest()[:12]
+        flags = _flags()
+        digest = hashlib.sha1((_SOURCE + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
         name = f"mst_hsa_{digest}"
         build = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
         src = os.path.join(build, "hsa_cpu.cpp")
@@ -300,7 +308,7 @@ def available() -> bool:
         lock = os.path.join(build, "lock")  # left behind by a build that was killed: torch would wait forever
         if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
             os.remove(lock)
-        cpp_extension.load(name, [src], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+        cpp_extension.load(name, [src], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
                            build_directory=build, verbose=False)
         _register_fakes()
         _state["ok"] = True
