@@ -56,7 +56,7 @@ _ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
 _FILL = {torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill"}
 _WHERE = {torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
 # uses of a tensor that read only its shape, dtype or device, never its values
-_SHAPE_ONLY = {"size", "dim", "numel", "new_ones", "new_zeros", "new_empty", "new_full", getattr, torch.numel,
+_SHAPE_ONLY = {"size", "dim", "numel", "new_ones", "new_zeros", "new_empty", "new_full", torch.numel,
                aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
                aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
                torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, aten.ones_like.default,
@@ -145,9 +145,16 @@ def _match_sdpa(node: fx.Node) -> _Match:
     return m
 
 
+def _shape_only(node: fx.Node) -> bool:
+    """True for a use that reads a tensor's shape, dtype or device, never its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return _is(node, _SHAPE_ONLY)
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     """The one user that reads the node's values (shape queries and metadata asserts aside)."""
-    users = [u for u in node.users if not _is(u, _SHAPE_ONLY)]
+    users = [u for u in node.users if not _shape_only(u)]
     return users[0] if len(users) == 1 else None
 
 
@@ -243,7 +250,7 @@ def _depends_on_data(mask: fx.Node) -> bool:
         seen.add(n)
         if n.op == "placeholder":
             return True
-        if _is(n, _SHAPE_ONLY):
+        if _shape_only(n):
             continue
         todo.extend(n.all_input_nodes)
     return False
@@ -404,12 +411,12 @@ def rewrite_attention(
     graph = gm.graph
     matches = []
     for node in list(graph.nodes):
-        if _is(node, _SDPA):
-            matches.append(_match_sdpa(node))
-        elif _is(node, _SOFTMAX):
-            m = _match_softmax(gm, node)
-            if m is not None:
-                matches.append(m)
+        try:
+            m = _match_sdpa(node) if _is(node, _SDPA) else _match_softmax(gm, node) if _is(node, _SOFTMAX) else None
+        except Exception as e:  # noqa: BLE001 - an odd graph must not stop sparsify: report the site instead
+            m = _Match(out=node, q=None, k=None, v=None, spelling="?", why_not=f"could not analyse ({type(e).__name__}: {e})")
+        if m is not None:
+            matches.append(m)
     masks = list({m.mask: None for m in matches if isinstance(m.mask, fx.Node) and not m.why_not})
     try:
         values = _evaluate(gm, masks, example_inputs)
