@@ -21,7 +21,8 @@ To keep the sets disjoint the strided part of ``sparse`` leaves out j == i (it i
 Three implementations, picked by ``hsa_kernel``:
 
 - fp32 CPU with a band (``local``, ``sparse``): the fused C++ kernel of ``attention_cpu`` (one pass
-  per block of query rows over band and residue keys), when it can be built;
+  per block of query rows over band and residue keys), when it can be built; above T/l = 48 residue
+  keys per row it does the band only and the residues go through flash attention (``_HSAHybrid``);
 - other CPU cases (``strided``, other dtypes, no compiler): the stock path below. The partial
   attentions are ``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns its lse, and
   the backward calls its backward op once per part with the MERGED output and lse: that gives each
@@ -50,8 +51,8 @@ HYBRID_ABOVE = 48  # T/l above which the residues go through flash attention (me
 
 
 def band_block(l: int) -> int:
-    """Query rows per band block. A block of b rows computes l+b-1 keys per row for l useful ones,
-    so small b wastes less; below ~32 rows the fused kernel's per-block overhead dominates."""
+    """Query rows per band block of the flash path. A block of b rows computes l+b-1 keys per row
+    for l useful ones, so small b wastes less, but the flash kernel's per-block overhead grows."""
     return max(16, min(64, l // 2))
 
 
