@@ -100,6 +100,9 @@ def test_export_validates_against_pytorch(tmp_path, case, sparsity, attention):
     assert _builds_t_by_t(path, _ids(1, 30)) == (attention is None), "sparse attention must not build a T×T matrix"
     assert (len(g.sparse_initializer) > 0) == (sparsity > 0)
     assert not any(n.domain.startswith("mst") for n in g.node)
+    assert set(res.metadata["attention"].values()) == {attention or "dense"}
+    assert set(res.metadata["stride"].values()) == {"T/8"}
+    assert res.metadata["density"] == pytest.approx(1.0 - sparsity, abs=1e-3)  # before any training: dense
 
 
 def test_sparse_initializers_shrink_file_and_keep_one_tied_weight(tmp_path):

@@ -71,28 +71,29 @@ def _strided_scores(qb: Tensor, kb: Tensor, n, l, scale: float, diagonal: bool) 
 def pattern_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride=None, scale=None) -> Tensor:
     """Causal attention restricted to ``pattern``; q, k, v (B, H, T, D) with the same heads."""
     B, H, T, D = q.shape
+    Dv = v.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     if pattern == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    l = stride if stride is not None else torch.sym_max(1, T // 8)
+    l = stride if stride is not None else torch.sym_max(1, T // 8)  # sym_max: no guard on T when traced
     n = (T + l - 1) // l
     qb, kb, vb = _blocks(q, n, l), _blocks(k, n, l), _blocks(v, n, l)  # (B, H, n, l, D)
     if pattern == "strided":
         p = torch.softmax(_strided_scores(qb, kb, n, l, scale, True), -1)  # (B, H, l, n, n)
-        out = torch.matmul(p, vb.transpose(2, 3)).transpose(2, 3)  # (B, H, n, l, D)
-        return out.reshape(B, H, n * l, D)[:, :, :T]
+        out = torch.matmul(p, vb.transpose(2, 3)).transpose(2, 3)  # (B, H, n, l, Dv)
+        return out.reshape(B, H, n * l, Dv)[:, :, :T]
     s_loc = _local_scores(qb, kb, n, l, scale)  # (B, H, n, l, 2l)
-    prev = torch.cat([vb.new_zeros(B, H, 1, l, D), vb[:, :, :-1]], 2)
-    vw = torch.cat([prev, vb], 3)  # (B, H, n, 2l, D)
+    prev = torch.cat([vb.new_zeros(B, H, 1, l, Dv), vb[:, :, :-1]], 2)
+    vw = torch.cat([prev, vb], 3)  # (B, H, n, 2l, Dv)
     if pattern == "local":
-        out = torch.matmul(torch.softmax(s_loc, -1), vw)  # (B, H, n, l, D)
-        return out.reshape(B, H, n * l, D)[:, :, :T]
+        out = torch.matmul(torch.softmax(s_loc, -1), vw)  # (B, H, n, l, Dv)
+        return out.reshape(B, H, n * l, Dv)[:, :, :T]
     # sparse: one softmax over [band keys | strided keys] of each query
     s_str = _strided_scores(qb, kb, n, l, scale, False).transpose(2, 3)  # (B, H, n, l, n)
     p = torch.softmax(torch.cat([s_loc, s_str], -1), -1)  # (B, H, n, l, 2l + n)
     p_loc, p_str = p[..., : 2 * l], p[..., 2 * l:]
-    out = torch.matmul(p_loc, vw) + torch.matmul(p_str.transpose(2, 3), vb.transpose(2, 3)).transpose(2, 3)  # (B, H, n, l, D)
-    return out.reshape(B, H, n * l, D)[:, :, :T]
+    out = torch.matmul(p_loc, vw) + torch.matmul(p_str.transpose(2, 3), vb.transpose(2, 3)).transpose(2, 3)  # (B, H, n, l, Dv)
+    return out.reshape(B, H, n * l, Dv)[:, :, :T]
 
 
 @torch.library.custom_op("mst_export::hsa", mutates_args=())

@@ -11,6 +11,10 @@ Why the exporter's own optimizer is not used as is: it folds ``Transpose(weight)
 into new initializers, which renames them and doubles a tied weight (the embedding and the
 transposed ``lm_head``). Here constant folding skips every node that reads a weight, so each
 parameter is ONE initializer named like the parameter; onnxruntime folds the transposes at load.
+
+Sparse attention patterns are traced as the opaque op ``mst_export::hsa`` and translated by
+``attention_onnx.hsa_onnx`` (same blocked computation in ONNX ops): torch.export would otherwise
+spend seconds of symbolic shape algebra on every attention site.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from torch import fx, nn
 
 from .. import __version__
 from ..errors import MstCompileError
-from .finalize import finalize, is_sparsified, resolve_attention
+from .finalize import attention_sites, finalize, is_sparsified, resolve_attention
 from .validate import compare
 
 PREFIX = "mst_compile."  # metadata_props keys
@@ -144,8 +148,8 @@ def _traceable(io: _IO, dynamic) -> list[torch.Tensor]:
     out = []
     for x, spec in zip(io.examples, dynamic[0]):
         for d in spec:
-            if x.shape[d] < 2:
-                x = torch.cat([x] * 2, d) if x.shape[d] == 1 else x
+            if x.shape[d] == 1:
+                x = torch.cat([x, x], d)
         out.append(x)
     return out
 
@@ -171,7 +175,7 @@ def _inference(model: nn.Module):
 @contextlib.contextmanager
 def _patterns(sm: nn.Module, chosen: dict[str, tuple[str, int | None]]):
     """Run ``sm``'s attention sites with the exported patterns (the PyTorch side of validation)."""
-    sites = sm.mst.attention_sites() if is_sparsified(sm) else {}
+    sites = attention_sites(sm) if is_sparsified(sm) else {}
     saved = {n: (m.pattern, m.stride) for n, m in sites.items()}
     try:
         for n, (p, s) in chosen.items():
@@ -203,7 +207,7 @@ def _metadata(model: nn.Module, chosen: dict, extra: dict | None) -> dict[str, A
             "densities": h.densities(),
             "density": h.density(),
             "attention": {n: p for n, (p, _) in chosen.items()},
-            "stride": {n: s for n, (_, s) in chosen.items()},
+            "stride": {n: "T/8" if s is None else s for n, (_, s) in chosen.items()},
             "config": h.config.to_dict(),
         }
     else:  # a plain model: every matrix's share of nonzeros
@@ -252,10 +256,10 @@ def export_onnx(
     """
     onnx = _import_onnx()
     from .sparse_init import to_sparse_initializers
-    from .validate import import_onnxruntime
+    from .validate import check_provider
 
     if validate:
-        import_onnxruntime()  # fail before the slow part
+        check_provider(provider)  # onnxruntime (and the provider) missing: fail before the slow part
     if not isinstance(sm_or_model, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(sm_or_model).__name__}")
     path = Path(path)
@@ -272,7 +276,8 @@ def export_onnx(
     io = _io(module, example_inputs)
     meta = _metadata(sm_or_model, chosen, metadata)
 
-    proto = _export(module, io, onnx)
+    label = "the finalized sparsified module" if sparse else type(sm_or_model).__name__
+    proto = _export(module, io, onnx, label)
     stored = to_sparse_initializers(proto) if sparse_initializers else []
     meta["sparse_initializers"] = [e.name for e in stored]
     for key, value in meta.items():
@@ -288,7 +293,7 @@ def export_onnx(
     return result
 
 
-def _export(module: nn.Module, io: _IO, onnx):
+def _export(module: nn.Module, io: _IO, onnx, label: str):
     """torch.onnx.export (dynamo) of the wrapped module, optimized, names cleaned: a ModelProto."""
     import onnx_ir as ir
     import onnxscript
@@ -298,13 +303,13 @@ def _export(module: nn.Module, io: _IO, onnx):
 
     wrapper = _Outputs(module, io)
     dynamic = _dynamic_shapes(io)
-    outputs = _output_names(module, io)
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     try:
         with _inference(module), as_op(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            outputs = _output_names(module, io)
             program = torch.onnx.export(
                 wrapper, tuple(_traceable(io, dynamic)), dynamo=True, optimize=False, verbose=False,
                 input_names=io.names, output_names=outputs, dynamic_shapes=dynamic,
@@ -313,7 +318,7 @@ def _export(module: nn.Module, io: _IO, onnx):
     except Exception as e:  # noqa: BLE001 - one readable line instead of the exporter's trace
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()][:3]
         raise MstCompileError(
-            f"torch.onnx.export could not export {type(module).__name__}: {type(e).__name__}: {' / '.join(lines)}"
+            f"torch.onnx.export could not export {label}: {type(e).__name__}: {' / '.join(lines)}"
         ) from None
     finally:
         quiet.setLevel(level)

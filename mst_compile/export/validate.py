@@ -29,8 +29,8 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def session(path, provider: str = "cpu"):
-    """An onnxruntime session for ``path`` on ``provider`` (``cpu`` or ``cuda``)."""
+def check_provider(provider: str) -> str:
+    """The onnxruntime execution provider for ``cpu`` / ``cuda``; says clearly when it is missing."""
     ort = import_onnxruntime()
     if provider not in PROVIDERS:
         raise ValueError(f"provider={provider!r} is invalid: expected one of {', '.join(PROVIDERS)}")
@@ -42,9 +42,19 @@ def session(path, provider: str = "cpu"):
             + ("install onnxruntime-gpu (pip install 'mst-compile[gpu]') in place of onnxruntime, or use provider 'cpu'"
                if provider == "cuda" else "reinstall onnxruntime")
         )
+    return name
+
+
+def session(path, provider: str = "cpu"):
+    """An onnxruntime session for ``path`` on ``provider`` (``cpu`` or ``cuda``)."""
+    name = check_provider(provider)
+    ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    return ort.InferenceSession(str(path), sess_options=opts, providers=[name])
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(dict.fromkeys([name, PROVIDERS["cpu"]])))
+    if name not in sess.get_providers():  # onnxruntime falls back to CPU when the CUDA libraries fail to load
+        raise MstCompileError(f"onnxruntime could not start {name} (check the CUDA and cuDNN libraries onnxruntime-gpu needs)")
+    return sess
 
 
 def random_like(example: torch.Tensor, batch: int, seq: int | None, gen: torch.Generator) -> torch.Tensor:
@@ -101,7 +111,12 @@ def compare(
         inputs = [random_like(x, b, t if dyn else None, gen) for x, dyn in zip(examples, seq_dynamic)]
         with torch.no_grad():
             expected = [y.detach().float().cpu().numpy() for y in reference(*inputs)]
-        got = sess.run(outs, {i.name: x.cpu().numpy() for i, x in zip(ins, inputs)})
+        try:
+            got = sess.run(outs, {i.name: x.cpu().numpy() for i, x in zip(ins, inputs)})
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; one line is enough
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportValidationError(f"onnxruntime could not run {path} at batch={b}, seq={t}: {first}",
+                                        {n: float("nan") for n in outs}) from None
         for name, e, g in zip(outs, expected, got):
             if e.shape != g.shape:
                 raise ExportValidationError(
@@ -109,7 +124,9 @@ def compare(
                     f"at batch={b}, seq={t}",
                     {name: float("inf")},
                 )
-            diffs[name] = max(diffs[name], float(np.max(np.abs(e - g.astype(np.float32)))) if e.size else 0.0)
+            d = float(np.max(np.abs(e - g.astype(np.float32)))) if e.size else 0.0
+            if np.isnan(d) or d > diffs[name]:  # a NaN stays: max() would drop it
+                diffs[name] = d
     bad = sorted(n for n, d in diffs.items() if not d <= atol)  # NaN counts as bad
     if bad:
         listing = ", ".join(f"{n}: {d:.3g}" for n, d in diffs.items())
