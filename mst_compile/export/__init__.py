@@ -1,6 +1,7 @@
 """finalize and ONNX export: fold masks into weights, put plain ops back, write ONNX that
-onnxruntime runs with the same outputs as PyTorch."""
+onnxruntime runs with the same outputs as PyTorch (``export_run``: from a training run folder)."""
 from .finalize import finalize
 from .onnx import ExportResult, export_onnx, read_metadata, validate_onnx
+from .run import export_run
 
-__all__ = ["finalize", "export_onnx", "validate_onnx", "read_metadata", "ExportResult"]
+__all__ = ["finalize", "export_onnx", "export_run", "validate_onnx", "read_metadata", "ExportResult"]
