@@ -160,8 +160,8 @@ class MSTHandle:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every masked weight (the invariant the sparse op relies on)."""
-        for param, sw, _ in self._weights.values():
-            param.mul_(sw.mask)
+        if self._weights:  # one fused call: this runs after every optimizer step
+            torch._foreach_mul_([p for p, _, _ in self._weights.values()], [sw.mask for _, sw, _ in self._weights.values()])
 
     def _on_masks_changed(self) -> None:
         """Called after any mask change: caches densities and lets each site re-pick its kernel."""
