@@ -86,3 +86,13 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine: never increases
     assert lrs[55] == pytest.approx(0.55, abs=1e-9)  # halfway through the decay: (lr + min_lr)/2
     assert lr_at(100, tc) == pytest.approx(0.1)
+
+
+def test_extra_flag_parses_key_values():
+    from mst_compile.train.options import split_flags
+
+    kw = {"mst__extra": ("note=baseline", "k=2", "xs=[1, 2]"), "train__lr": None, "other": 1}
+    train, mst = split_flags(kw)
+    assert mst == {"extra": {"note": "baseline", "k": 2, "xs": [1, 2]}} and train == {} and kw == {"other": 1}
+    with pytest.raises(ValueError, match="--extra 'oops' is invalid"):
+        split_flags({"mst__extra": ("oops",)})

@@ -235,6 +235,17 @@ _HELP = {
 }
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """``--extra lr_note=0.5`` -> ("lr_note", 0.5): JSON values where they parse, else the string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--extra {text!r} is invalid: expected KEY=VALUE")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
 def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
@@ -250,8 +261,12 @@ def click_options(fn):
         typ = str if f.name in ("device", "data", "tokenizer") else (float if f.type.startswith("float") else int)
         specs.append(click.option(*flags, f"train__{f.name}", type=typ, default=None, help=_HELP.get(f.name)))
     for f in dataclasses.fields(MSTConfig):
-        if f.name in ("total_steps", "seed", "extra"):
-            continue  # --steps and --seed set them; extra is TOML only
+        if f.name in ("total_steps", "seed"):
+            continue  # --steps and --seed set them
+        if f.name == "extra":
+            specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE",
+                                      help="Free-form note stored with the run's config (repeatable)."))
+            continue
         if f.name in choices:
             typ = click.Choice(choices[f.name])
         elif f.name in ("schedule", "drop_fractions", "attention_phases", "stride"):
@@ -270,9 +285,11 @@ def split_flags(kwargs: dict) -> tuple[dict, dict]:
     train, mst = {}, {}
     for key in [k for k in kwargs if k.startswith(("train__", "mst__"))]:
         value = kwargs.pop(key)
-        if value is None:
+        if value is None or value == ():
             continue
         table, name = key.split("__", 1)
+        if name == "extra":
+            value = dict(_key_value(v) for v in value)
         if table == "mst" and isinstance(value, str) and name in ("schedule", "drop_fractions", "attention_phases", "stride"):
             value = parse_mst_flag(name, value)
         (train if table == "train" else mst)[name] = value

@@ -67,7 +67,7 @@ def _plot_loss(runs: list[Run], path: Path, plt) -> None:
             ax.plot([], [], color=color, alpha=0.35, label=f"{run.label} train")
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("cumulative training FLOPs (what the run computed)")
-    axes[1].set_xscale("linear")
+    axes[1].set_xscale("log")  # MST's whole run can be a fraction of the dense one: a log axis shows both
     for ax, title in zip(axes, ("loss vs step", "loss vs FLOPs")):
         ax.set_ylabel("cross-entropy loss")
         ax.set_title(title)
@@ -80,7 +80,7 @@ def _plot_loss(runs: list[Run], path: Path, plt) -> None:
 
 def _plot_sparsity(runs: list[Run], path: Path, plt) -> None:
     runs = [r for r in runs if not r.dense] or runs[:1]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 3.2 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(13, 3.2 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         for phase, a, b in _phase_spans(run.train):
             ax.axvspan(a, b, color=_PHASE_COLORS.get(phase, "#f4f4f4"), lw=0)
@@ -98,7 +98,7 @@ def _plot_sparsity(runs: list[Run], path: Path, plt) -> None:
         ax.set_xlim(0, max(steps))
         ax.set_ylabel("density")
         ax.set_title(run.label, pad=16)
-        ax.legend(fontsize=8, loc="center left")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over the curves
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
