@@ -49,6 +49,24 @@ def data():
     return get_batch
 '''
 
+# a data() hook that takes 0.15 s per training batch, so a signal reliably lands mid-run
+SLOW = TINY + '''
+import time
+import torch
+
+def data():
+    tokens = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0))
+
+    def get_batch(split, index):
+        if split == "train":
+            time.sleep(0.15)
+        g = torch.Generator().manual_seed(index % 2**31)
+        starts = torch.randint(0, len(tokens) - 33, (4,), generator=g).tolist()
+        return torch.stack([tokens[s : s + 33] for s in starts])  # (B, T + 1)
+
+    return get_batch
+'''
+
 # data-dependent Python control flow on a tensor value: it runs eagerly, but neither fx nor export can
 # capture it
 UNCAPTURABLE = '''

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mst_compile.cli import main
 from mst_compile.train.metrics import read_jsonl
 
-from _train_models import NAN_AT_6, TINY, UNCAPTURABLE, WIDER, write
+from _train_models import NAN_AT_6, SLOW, TINY, UNCAPTURABLE, WIDER, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,22 +96,30 @@ def test_resume_continues_exactly(work, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_ctrl_c_checkpoints_and_resume_matches(work, tmp_path):
-    d, _, _ = work
+def test_ctrl_c_checkpoints_and_resume_matches(tmp_path):
+    from mst_compile.train.loop import train
+
+    f = write(tmp_path, "slow.py", SLOW)
+    train(f, out=tmp_path / "whole", progress=False)
     out = tmp_path / "sig"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mst_compile", "train", str(d / "tiny.py"), "--out", str(out), "--quiet", "--steps", "400"]
+    cmd = [sys.executable, "-m", "mst_compile", "train", str(f), "--out", str(out), "--quiet"]
     p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while len(read_jsonl(out / "metrics.jsonl")) < 5 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted after step" in stderr and "--resume" in stderr
     step = torch.load(out / "checkpoints/last.pt", weights_only=True)["step"]
-    assert 5 <= step < 400
+    assert 5 <= step < 24
     assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == step
+    r = CliRunner().invoke(main, ["train", str(f), "--resume", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]  # noqa: E731
+    for kind in ("train", "eval", "update"):
+        assert strip(_records(out, kind)) == strip(_records(tmp_path / "whole", kind)), kind
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
