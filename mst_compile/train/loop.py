@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
-import os
 import signal
 import threading
 import time
@@ -308,8 +308,6 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.on:
         summary["ranks_identical"] = ranks_identical(acct, model, d)
     if d.main:
-        import json
-
         ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
