@@ -195,7 +195,7 @@ def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped()
 
 
 def test_stepping_past_total_steps_warns_once_and_holds():
-    cfg = mst_compile.MSTConfig(total_steps=4, update_interval=2, warmup_end=0.0, ultra_end=0.5, sparsity=0.7, final_sparsity=0.6)
+    cfg = mst_compile.MSTConfig(total_steps=4, update_interval=1, warmup_end=0.0, ultra_end=0.5, sparsity=0.7, final_sparsity=0.6)
     sm = mst_compile.sparsify(MLP(), cfg)
     opt = torch.optim.SGD(sm.parameters(), lr=0.1)
     sm.mst.attach(opt)

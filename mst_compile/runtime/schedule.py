@@ -129,7 +129,8 @@ def check(config: MSTConfig) -> None:
     spans = {"warmup": (0, t1), "ultra": (t1, t2), "restoration": (t2, T)}
     for name, (a, b) in spans.items():
         if b - a > 1 and not any(phase_at(k, config) == name for k in update_steps(config)):
+            lost = ("its topology never evolves" if name == "ultra" else
+                    "its sparsity ramp is skipped and applied at once at the next update")
             warnings.warn(
                 f"the {name} phase [{a}, {b}) of {T} steps contains no topology update "
-                f"(update_interval={config.update_interval}): its sparsity change is applied at the next update",
-                stacklevel=4)
+                f"(update_interval={config.update_interval}): {lost}", stacklevel=4)
