@@ -154,6 +154,7 @@ def plot_gap(results: list[dict], path: Path) -> None:
             ax.annotate(f"d={p[3]}, {p[4]:.1f}x fewer FLOPs", (p[0], p[1]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.axhline(GAP_BAR, color="k", ls="--", lw=1, label=f"{GAP_BAR:g}% bar")
     ax.axhline(0, color="0.6", lw=0.8)
+    ax.margins(x=0.3)  # room for the labels of the end points
     ax.set_xscale("log")
     ax.set_xlabel("parameters of the dense model")
     ax.set_ylabel("final val loss gap to dense (%)")

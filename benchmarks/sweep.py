@@ -1,9 +1,9 @@
 """Sweep MST's defaults against the dense baseline of a reproduce.py run: gap vs FLOP reduction.
 
     PYTHONPATH=. python benchmarks/sweep.py --baseline benchmarks/results/results.json \\
-        --variant "s_max 0.8: sparsity=0.8" --variant "end dense: final_sparsity=0.0" [--jobs 2]
+        --variant "s_max 0.8: sparsity=0.8" --variant "late: ultra_end=0.6; drop_fractions=0.3,0.3,0" [--jobs 2]
 
-Each ``--variant "NAME: KEY=VALUE, KEY=VALUE"`` trains MST once with those MSTConfig overrides at the
+Each ``--variant "NAME: KEY=VALUE; KEY=VALUE"`` trains MST once with those MSTConfig overrides at the
 baseline run's exact setup (sizes, steps, seed, ΔT, evaluation batches), so its final val loss is
 paired with the baseline's dense and dense-at-equal-FLOPs runs. Writes ``sweep.md``, ``sweep.json``
 and ``sweep.png`` (gap to dense against FLOP reduction, with the bar) next to the baseline.
@@ -31,20 +31,27 @@ def _variants(items: list[str]) -> list[tuple[str, dict]]:
     for item in items:
         name, sep, rest = item.partition(":")
         if not sep or not name.strip():
-            raise SystemExit(f"--variant {item!r}: expected 'NAME: KEY=VALUE, KEY=VALUE'")
-        out.append((name.strip(), parse_overrides([p.strip() for p in rest.split(",") if p.strip()]) if rest.strip() else {}))
+            raise SystemExit(f"--variant {item!r}: expected 'NAME: KEY=VALUE; KEY=VALUE'")
+        out.append((name.strip(), parse_overrides([p.strip() for p in rest.split(";") if p.strip()]) if rest.strip() else {}))
     return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", required=True, help="results.json of a reproduce.py run (its dense and dense_eq runs)")
-    p.add_argument("--variant", action="append", default=[], help="'NAME: KEY=VALUE, ...' (repeatable)")
+    p.add_argument("--variant", action="append", default=[], help="'NAME: KEY=VALUE; ...' (repeatable)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--equal-flops", action="store_true", help="also train the dense model at each variant's FLOPs")
     p.add_argument("--work", default=None, help="folder for the run folders (default: runs/sweep-<time>)")
+    p.add_argument("--replot", action="store_true", help="only redraw sweep.png from the sweep.json next to --baseline")
     a = p.parse_args(argv)
     base_path = Path(a.baseline)
+    if a.replot:
+        base, doc = json.loads(base_path.read_text()), json.loads((base_path.parent / "sweep.json").read_text())
+        d = base["setup"]["d"]
+        mst, dense, eq = (_find(base["runs"], m, d) for m in ("mst", "dense", "dense_eq"))
+        _plot([("MST (defaults)", mst)] + [(r["name"], r) for r in doc["runs"]], base["runs"], dense, eq, base_path.parent / "sweep.png")
+        return doc
     base = json.loads(base_path.read_text())
     setup = base["setup"]
     d = setup["d"]
@@ -111,12 +118,13 @@ def _plot(points, base_runs, dense, eq, path: Path) -> None:
         ax.plot(x, y, "D", color="C3")
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for r in base_runs:  # the baselines of the main table, for context
-        if r["d"] == dense["d"] and r["method"] in ("static", "set", "rigl", "dense_eq"):
+        if r["d"] == dense["d"] and r["method"] not in ("dense", "mst"):
             x, y = dense["mst_flops"] / r["mst_flops"], gap_pct(r, dense)
             ax.plot(x, y, "o", color="0.5")
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7, color="0.4")
     ax.axhline(GAP_BAR, color="k", ls="--", lw=1, label=f"{GAP_BAR:g}% gap")
     ax.axvline(REDUCTION_BAR, color="k", ls=":", lw=1, label=f"{REDUCTION_BAR:g}x reduction")
+    ax.margins(x=0.12)
     ax.set_xlabel("training FLOP reduction vs dense")
     ax.set_ylabel("final val loss gap to dense (%)")
     ax.set_title("MST settings: gap vs FLOP reduction (the bar is the lower right corner)")
