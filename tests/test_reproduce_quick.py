@@ -22,8 +22,15 @@ def _reproduce():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     d = tmp_path_factory.mktemp("reproduce")
-    os.environ.setdefault("MST_COMPILE_CACHE", str(d / "cache"))
-    doc = _reproduce().main(["--quick", "--out", str(d / "out"), "--work", str(d / "runs")])
+    old = os.environ.get("MST_COMPILE_CACHE")
+    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")  # the workers inherit it; tokenizes the corpus afresh
+    try:
+        doc = _reproduce().main(["--quick", "--out", str(d / "out"), "--work", str(d / "runs")])
+    finally:
+        if old is None:
+            os.environ.pop("MST_COMPILE_CACHE")
+        else:
+            os.environ["MST_COMPILE_CACHE"] = old
     return d, doc
 
 
