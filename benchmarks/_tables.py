@@ -95,7 +95,9 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Bar (≥ {REDUCTION_BAR:g}x fewer FLOPs, within {GAP_BAR:g}% of dense, clearly below dense at equal FLOPs): "
                   f"**{'met' if v['met'] else 'not met'}**. MST: {v['reduction']:.2f}x reduction, gap "
                   f"{v['gap_pct']:+.2f}%{_se(v['gap_se_pct'])}{eq}."]
-    lines += ["", f"Command: `{doc['command']}` (total wall time {_dur(doc['wall_s'])}, {s['jobs']} runs at a time, one thread each).", ""]
+    cmds = doc["command"] if isinstance(doc["command"], list) else [doc["command"]]
+    lines += ["", f"Command{'s' if len(cmds) > 1 else ''}: " + "; then ".join(f"`{c}`" for c in cmds)
+              + f" (total wall time {_dur(doc['wall_s'])}, {s['jobs']} runs at a time, one thread each).", ""]
     return "\n".join(lines)
 
 

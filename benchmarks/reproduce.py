@@ -5,6 +5,7 @@ sparse-training baselines against the dense model, all trained by ``mst_compile.
     PYTHONPATH=. python benchmarks/reproduce.py --steps 1000     # shorter, everything else the same
     PYTHONPATH=. python benchmarks/reproduce.py --quick          # CI smoke run (tiny sizes, ~1 minute)
     PYTHONPATH=. python benchmarks/reproduce.py --replot benchmarks/results/results.json   # redraw table + plots
+    PYTHONPATH=. python benchmarks/reproduce.py --merge OUT a/results.json b/results.json  # join split runs
 
 Every method trains the byte-level GPT of examples/tiny_gpt.py on the built-in corpus (the Python
 standard library) with the same seed, batches, optimizer and LR schedule. Runs go ``--jobs`` at a
@@ -193,6 +194,34 @@ def write_outputs(doc: dict, out: Path) -> None:
     (out / "results.md").write_text(markdown(doc))
 
 
+_SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed", "update_interval", "evals",
+         "eval_iters", "final_eval_iters", "overrides", "quick")
+
+
+def merge(out: Path, parts: list[Path], command: str) -> dict:
+    """Join results.json files of the same setup (each method once) into one table and plot set."""
+    docs = [json.loads(p.read_text()) for p in parts]
+    if not docs:
+        raise SystemExit("--merge OUT a.json b.json ...: give the results.json files to join")
+    for p, d in zip(parts[1:], docs[1:]):
+        diff = [k for k in _SAME if d["setup"].get(k) != docs[0]["setup"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {p} was run with a different setup ({', '.join(diff)}) than {parts[0]}")
+    runs = [r for d in docs for r in d["runs"]]
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--merge: runs appear twice: {sorted({n for n in names if names.count(n) > 1})}")
+    setup = {**docs[0]["setup"], "widths": sorted({w for d in docs for w in d["setup"]["widths"]})}
+    cmds = [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
+    doc = {"command": cmds + [command], "setup": setup, "wall_s": sum(d["wall_s"] for d in docs),
+           "bar": bar_verdict(runs, setup["d"]), "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_outputs(doc, out)
+    print(markdown(doc))
+    return doc
+
+
 def _command(argv) -> str:
     return "PYTHONPATH=. python benchmarks/reproduce.py" + "".join(" " + shlex.quote(x) for x in argv)
 
@@ -203,6 +232,8 @@ def main(argv=None) -> dict:
         doc = json.loads(Path(argv[1]).read_text())
         write_outputs(doc, Path(argv[1]).parent)
         return doc
+    if argv[:1] == ["--merge"]:  # one table from runs split over invocations: --merge OUT a.json b.json ...
+        return merge(Path(argv[1]), [Path(x) for x in argv[2:]], _command(argv))
     a = _args(argv)
     t0 = time.time()
     results = run_all(a)

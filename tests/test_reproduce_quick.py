@@ -90,3 +90,20 @@ def test_quick_run_writes_table_json_and_plots(quick):
         img = mpimg.imread(out / f"{name}.png")
         assert img.shape[0] > 300 and img.shape[1] > 400 and img[..., :3].std() > 0.05, name
     assert (d / "runs" / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_merge_joins_split_runs_into_the_same_table(quick, tmp_path):
+    d, doc = quick
+    rep = sys.modules["reproduce"]
+    first = {**doc, "runs": [r for r in doc["runs"] if r["method"] in ("dense", "mst", "dense_eq")]}
+    second = {**doc, "runs": [r for r in doc["runs"] if r["method"] not in ("dense", "mst", "dense_eq")]}
+    for name, part in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    merged = rep.merge(tmp_path / "m", [tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"], "merge")
+    assert merged["bar"] == doc["bar"]  # the verdict needs only dense, mst and dense_eq
+    assert sorted(r["name"] for r in merged["runs"]) == sorted(r["name"] for r in doc["runs"])
+    assert (tmp_path / "m" / "results.md").read_text().count("\n| ") == (d / "out" / "results.md").read_text().count("\n| ")
+    with pytest.raises(SystemExit, match="twice"):
+        rep.merge(tmp_path / "m2", [tmp_path / "a" / "results.json", tmp_path / "a" / "results.json"], "merge")
