@@ -1,7 +1,10 @@
 import os
 
+# Tiny test models run faster and steadier on one thread, and subprocesses inherit the same setting
+# (results that compare an in-process run with a subprocess run need the same thread count).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve a 2-core machine
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # tiny test models: one thread is faster and steadier than two
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
