@@ -20,7 +20,7 @@ from torch import nn
 from .errors import CaptureError
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Accept a tensor, a tuple/list of positional args, or a dict of keyword args."""
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
@@ -89,7 +89,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.Grap
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
             "torch.export needs example inputs; pass example_inputs=(tensor, ...) or a dict of keyword arguments"
         )
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     _warn_dropout(model)
     was_training = model.training
     try:

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx import _pytree as fx_pytree
 
 from ..runtime.attention import HybridSparseAttention, _check_pattern, _check_stride
 from . import PassResult
+from ._mask_eval import _allowed, _evaluate
 
 aten = torch.ops.aten
 CONTAINER = "mst_attn"
@@ -230,16 +230,6 @@ def _is_scores(node, depth: int = 0) -> bool:
     return _is(node, _WHERE) and _is_scores(node.args[1], depth + 1)
 
 
-def _ancestors(nodes) -> set[fx.Node]:
-    out, todo = set(), [n for n in nodes if isinstance(n, fx.Node)]
-    while todo:
-        n = todo.pop()
-        if n not in out:
-            out.add(n)
-            todo.extend(n.all_input_nodes)
-    return out
-
-
 def _depends_on_data(mask: fx.Node) -> bool:
     """True when the mask reads the VALUES of a graph input (not only its shape)."""
     seen, todo = set(), [mask]
@@ -254,69 +244,6 @@ def _depends_on_data(mask: fx.Node) -> bool:
             continue
         todo.extend(n.all_input_nodes)
     return False
-
-
-def _probe_inputs(gm: fx.GraphModule, example_inputs) -> list:
-    """Flat placeholder values: from ``example_inputs`` or, for exported graphs, recorded shapes."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if example_inputs is not None:
-        if isinstance(example_inputs, dict):
-            args, kwargs = (), dict(example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            args, kwargs = tuple(example_inputs), {}
-        else:
-            args, kwargs = (example_inputs,), {}
-        spec = getattr(gm, "_in_spec", None)
-        if spec is not None:  # an exported module: inputs are flattened by its pytree spec
-            return list(fx_pytree.tree_flatten_spec((args, kwargs), spec))
-        vals = list(args) + [kwargs.get(p.target, p.args[0] if p.args else None) for p in phs[len(args):]]
-        return vals
-    vals = []
-    for p in phs:
-        fake = p.meta.get("val")
-        if not isinstance(fake, torch.Tensor):
-            if p.args:  # a default value
-                vals.append(p.args[0])
-                continue
-            raise ValueError(f"no example value for input '{p.target}'")
-        shape = [int(getattr(d, "node", None).hint) if isinstance(d, torch.SymInt) else int(d) for d in fake.shape]
-        make = torch.randn if fake.dtype.is_floating_point else torch.ones  # ones: valid ids, no padding
-        vals.append(make(shape, dtype=fake.dtype))
-    return vals
-
-
-class _Probe(fx.Interpreter):
-    """Runs only the ancestors of the requested nodes."""
-
-    def __init__(self, gm, needed):
-        super().__init__(gm, garbage_collect_values=False)
-        self.needed = needed
-
-    def run_node(self, n):
-        if n.op == "placeholder" or n in self.needed:
-            return super().run_node(n)
-        return None
-
-
-def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs) -> dict:
-    if not nodes:
-        return {}
-    probe = _Probe(gm, _ancestors(nodes))
-    with torch.no_grad():
-        probe.run(*_probe_inputs(gm, example_inputs), enable_io_processing=False)
-    return {n: probe.env.get(n) for n in nodes}
-
-
-def _allowed(value: torch.Tensor, kind: str) -> torch.Tensor | str:
-    """Boolean allowed-set of a mask, or a reason why it is not a pure mask."""
-    if kind == "fill":
-        return ~value.bool()
-    if kind == "where" or value.dtype == torch.bool:
-        return value.bool()
-    blocked = value <= -1e4
-    if not bool(((value == 0) | blocked).all()):
-        return "the additive attention mask is a bias (values other than 0 and -inf)"
-    return ~blocked
 
 
 def _verdict(m: _Match, value, data_dependent: bool) -> tuple[bool, str | None]:
