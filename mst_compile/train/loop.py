@@ -152,7 +152,9 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
         mst = mst.replace(total_steps=tc.steps, seed=tc.seed)
     d = distributed.setup(tc.device)
     try:
-        return _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
+        summary = _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
+        d.barrier()  # no rank tears the process group down while another still talks over it
+        return summary
     finally:
         d.close()
 
