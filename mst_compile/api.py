@@ -51,8 +51,8 @@ def sparsify(
     lin.warn_if_empty()
     attention: dict[str, nn.Module] = {}
     skipped = list(lin.skipped)
-    # attention pass
-    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=example_inputs)
+    # attention pass: masks are evaluated on the inputs the graph was exported with (never size 1)
+    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=gm.meta.get("example_inputs", example_inputs))
     attention.update({s.name: s.module for s in att.sites})
     skipped.extend(att.skipped)
     weights = {s.name: (gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import MstCompileError
+from .errors import ModelInputError, MstCompileError
 
 
 class _Failure(click.ClickException):
@@ -152,7 +152,7 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, ModelInputError) as e:  # the run (or the model) failed: exit 1
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise _Failure(f"{type(e).__name__}: {e}") from None

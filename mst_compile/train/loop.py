@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..modelfile import ModelFile, load_model_file
@@ -60,6 +61,12 @@ def logits_of(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise MstCompileError(f"the model returned {type(out).__name__}; expected logits (B, T, vocab) or an output with .logits")
+
+
+def run_model(net, inputs, x: torch.Tensor):
+    """``net`` on a (B, T) batch of token ids, passed as ``inputs`` (``ModelFile.inputs_for``) says."""
+    args, kwargs = split_inputs(inputs(x))
+    return net(*args, **kwargs)
 
 
 def lm_loss(out, y: torch.Tensor) -> torch.Tensor:
@@ -163,6 +170,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     run_dir = d.broadcast(_check_out(str(out) if out else None, str(resume) if resume else None, mf.path, tc.dense) if d.main else None)
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
+    inputs = mf.inputs_for(model)
     tc = tc.resolved(mst, _model_block_size(model))
     limit = _model_block_size(model)
     if limit is not None and tc.block_size > limit:
@@ -180,10 +188,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     data.check(tc.block_size)
     B, T = tc.batch_size, tc.block_size
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
-    _check_model_runs(model, x0[:1].to(d.device), data)
+    _check_model_runs(model, inputs, x0[:1].to(d.device), data)
 
-    # a full training batch: torch.export specialises a batch dim of 1, so (1, T) would not do
-    example = mf.example_inputs() if mf.hook("example_inputs") else (x0.to(d.device),)
+    example = mf.example_inputs() if mf.hook("example_inputs") else inputs(x0.to(d.device))
     acct = Accounting(model, mst, tc, example, x0.to(d.device), d)
     net = acct.module
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -234,7 +241,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
             total = 0.0
             for k in range(tc.eval_iters):
                 x, y = data.batch(split, (_EVAL_KEY, k, d.rank), B, T, tc.seed)
-                total += lm_loss(acct.module(x.to(d.device)), y.to(d.device)).item()
+                total += lm_loss(run_model(acct.module, inputs, x.to(d.device)), y.to(d.device)).item()
             res[split] = d.all_sum([total / tc.eval_iters])[0] / d.world
         acct.module.train(was)
         return res
@@ -257,7 +264,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                     x, y = data.batch("train", (step, micro, d.rank), B, T, tc.seed)
                     sync = net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
-                        loss = lm_loss(net(x.to(d.device)), y.to(d.device))
+                        loss = lm_loss(run_model(net, inputs, x.to(d.device)), y.to(d.device))
                         (loss / tc.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
@@ -314,11 +321,11 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     return summary
 
 
-def _check_model_runs(model, x, data) -> None:
+def _check_model_runs(model, inputs, x, data) -> None:
     """One forward on real tokens before anything is written: a wrong model is one readable line."""
     try:
         with torch.no_grad():
-            logits = logits_of(model(x))
+            logits = logits_of(run_model(model, inputs, x))
     except MstCompileError:
         raise
     except Exception as e:  # noqa: BLE001
