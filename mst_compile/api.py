@@ -52,6 +52,10 @@ def sparsify(
         gm, how = capture(model, example_inputs, fx=False)  # torch.export sees inside e.g. nn.MultiheadAttention
     lin = rewrite_linear(gm, filter_fn=filter_fn, modules=dict(model.named_modules()))
     lin.warn_if_empty()
+    hidden = opaque_weights(gm)
+    if hidden:
+        warnings.warn(f"sparsify: {len(hidden)} weights stay dense and uncounted: {hidden[0][0]} is {hidden[0][1]}",
+                      stacklevel=2)
     attention: dict[str, nn.Module] = {}
     skipped = list(lin.skipped)
     # attention pass

@@ -179,6 +179,44 @@ def _operand(gm: fx.GraphModule, node) -> _Operand | None:
     return op
 
 
+_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, "size", "dim", "numel"}
+
+
+def _lineage(gm: fx.GraphModule) -> dict[fx.Node, frozenset | None]:
+    """Per node: the 2-D parameters its value is computed from, or None when it depends on the inputs.
+
+    Shape queries (``x.size()``, ``sym_size``) carry no values, so ``W.expand(x.size(0), ...)`` is
+    still computed from W alone."""
+    out: dict[fx.Node, frozenset | None] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            out[n] = None
+        elif n.op == "get_attr":
+            hit = _param_of(gm, n)
+            out[n] = frozenset([hit[0]]) if hit else frozenset()
+        elif key(n) in _SHAPE_ONLY or (key(n) is getattr and n.args[1:] in (("shape",), ("dtype",), ("device",))):
+            out[n] = frozenset()
+        else:
+            acc: frozenset | None = frozenset()
+            for a in n.all_input_nodes:
+                if out.get(a, frozenset()) is None:
+                    acc = None
+                    break
+                acc |= out.get(a, frozenset())
+            out[n] = acc
+    return out
+
+
+def _computed_weight(gm: fx.GraphModule, node: fx.Node, lineage) -> tuple[str, str] | None:
+    """A matmul the pass left whose operand is computed from parameters (``x @ (2 * W)``)."""
+    if key(node) not in LINEAR | ADDMM | MATMUL | BMM | EINSUM:
+        return None
+    names = sorted(set().union(*[lineage.get(a) or () for a in node.all_input_nodes]))
+    if not names:
+        return None
+    return ", ".join(names), "the operand is computed from the parameter, not a view of it"
+
+
 def _is_vector(gm: fx.GraphModule, node) -> bool:
     """True when a node is known to be 1-D (a bias that F.linear semantics accept)."""
     if node is None:
@@ -209,10 +247,11 @@ def _einsum_plan(w: str, x: str, out: str):
     if len(c) != 1 or len(o) != 1 or set(xs) - set(c) != set(ys) - set(o):
         return None
     keep = ys.replace(o[0], "")
-    dots = lambda s: s.replace(".", "...")  # noqa: E731
-    pre = None if keep + c[0] == xs else f"{dots(xs)}->{dots(keep + c[0])}"
-    post = None if keep + o[0] == ys else f"{dots(keep + o[0])}->{dots(ys)}"
-    return w[0] == c[0], pre, post
+
+    def permute(src: str, dst: str) -> str | None:
+        return None if src == dst else f"{src}->{dst}".replace(".", "...")
+
+    return w[0] == c[0], permute(xs, keep + c[0]), permute(keep + o[0], ys)
 
 
 def _match(gm: fx.GraphModule, node: fx.Node):
@@ -292,8 +331,9 @@ def opaque_weights(gm: fx.GraphModule) -> list[tuple[str, str]]:
             continue
         for n, p in mod.named_parameters():
             if p.dim() == 2:
-                out.append((f"{node.target}.{n}", f"inside {type(mod).__name__} '{node.target}', which torch.fx "
-                            f"calls as a whole: pass example_inputs to capture it with torch.export; {UNCOUNTED}"))
+                why = (f"inside {type(mod).__name__} '{node.target}', which torch.fx calls as a whole: "
+                       f"pass example_inputs to capture it with torch.export; {UNCOUNTED}")
+                out.append((f"{node.target}.{n}", why))
     return out
 
 
@@ -324,8 +364,11 @@ def rewrite_linear(
     skipped: list[tuple[str, str]] = opaque_weights(gm)
     dead: list[fx.Node] = []
 
+    lineage = _lineage(gm)
     for node in list(graph.nodes):
         m = _match(gm, node)
+        if m is None:
+            m = _computed_weight(gm, node, lineage)
         if m is None:
             continue
         if isinstance(m, tuple):

@@ -12,7 +12,7 @@ can never inflate the reduction. Forward FLOPs, from the real operands:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
