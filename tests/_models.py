@@ -151,7 +151,7 @@ class StockAttention(nn.Module):
         return self.enc(h) @ self.wte.weight.T  # (B, T, vocab)
 
 
-def transposed_head_gpt():
+def transposed_head_gpt(vocab_size=64):
     """tiny GPT whose tied head is written ``h @ wte.weight.T`` (a common nanoGPT variant)."""
 
     class TransposedHead(load_example("tiny_gpt").GPT):
@@ -162,6 +162,6 @@ def transposed_head_gpt():
                 x = block(x)
             return self.ln_f(x) @ self.wte.weight.T  # (B, T, vocab)
 
-    gpt = TransposedHead(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    gpt = TransposedHead(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
     del gpt.lm_head
     return gpt

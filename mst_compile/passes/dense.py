@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from ..runtime.dense_op import DenseOp
 from . import PassResult
-from .linear import ADDMM, BMM, EINSUM, LINEAR, MATMUL, key
+from .linear import ADDMM, BMM, EINSUM, LINEAR, MATMUL, einsum_operands, key
 
 aten = torch.ops.aten
 CONTAINER = "mst_dense"
@@ -24,7 +24,7 @@ _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.defau
 
 def _kind(node: fx.Node) -> str | None:
     k = key(node)
-    if k is None:
+    if k is None or (k in EINSUM and len(einsum_operands(node)[1]) < 2):  # a one-operand einsum only permutes
         return None
     for kind, ops in (("linear", LINEAR), ("addmm", ADDMM | _BADDBMM), ("matmul", MATMUL | BMM), ("einsum", EINSUM),
                       ("sdpa", _SDPA)):
