@@ -96,7 +96,10 @@ class SpellingsLM(nn.Module):
     def __init__(self, vocab=40, d=16):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        w = lambda *s: nn.Parameter(torch.randn(*s, generator=g) * 0.3)  # noqa: E731
+
+        def w(*shape):
+            return nn.Parameter(torch.randn(*shape, generator=g) * 0.3)
+
         self.d = d
         self.wte = nn.Embedding(vocab, d)
         self.w_t, self.w_T, self.w_io, self.w_lin = w(d, d), w(d, d), w(d, 2 * d), w(2 * d, d)

@@ -4,10 +4,20 @@ import warnings
 
 import pytest
 import torch
+from _models import (
+    MLP,
+    FunctionalLinear,
+    NoLinear,
+    SpellingsLM,
+    StockAttention,
+    TiedLM,
+    Unrewritable,
+    hf_gpt2,
+    hf_llama,
+    tiny_gpt,
+)
 
 import mst_compile
-from _models import (MLP, FunctionalLinear, NoLinear, SpellingsLM, StockAttention, TiedLM, Unrewritable, hf_gpt2,
-                     hf_llama, tiny_gpt)
 from mst_compile.capture import capture
 from mst_compile.passes.linear import rewrite_linear
 

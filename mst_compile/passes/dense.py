@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from ..runtime.dense_op import DenseOp
 from . import PassResult
-from .linear import ADDMM, BMM, EINSUM, LINEAR, MATMUL, einsum_operands, key
+from ._operands import ADDMM, BMM, EINSUM, LINEAR, MATMUL, einsum_operands, key
 
 aten = torch.ops.aten
 CONTAINER = "mst_dense"
