@@ -76,16 +76,18 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
-def capture(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphModule, str]:
-    """Return ``(graph_module, how)`` with ``how`` in ``{"fx", "export"}``.
+def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) -> tuple[torch.fx.GraphModule, str]:
+    """Return ``(graph_module, how)`` with ``how`` in ``{"fx", "export"}`` (``fx=False``: export only).
 
     An exported module takes its inputs the way ``model`` does (positionally or by keyword), and
     ``gm.meta["example_inputs"]`` holds the inputs it was exported with (see ``_widenings``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    fx_reason = "not tried"
     try:
-        return torch.fx.symbolic_trace(model), "fx"
+        if fx:
+            return torch.fx.symbolic_trace(model), "fx"
     except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
         fx_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if example_inputs is None:

@@ -96,6 +96,11 @@ class MSTHandle:
         """Exploration metrics of the latest topology update (None before the first)."""
         return self._scheduler.last_update
 
+    def measure_flops(self, *args, **kwargs) -> tuple[float, float, int]:
+        """(MST, dense, tokens) the ledger would charge one training forward ``sm(*args, **kwargs)``
+        with the current masks and patterns; nothing is charged and no backward runs."""
+        return self._scheduler.ledger.measure(self._module_ref, lambda: self._module_ref(*args, **kwargs))
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
         return self._scheduler.state_dict()
@@ -170,9 +175,10 @@ class MSTHandle:
             sw.select_kernel(self.config.sparse_kernel)
 
     def _mask_grad_hook(self, name: str):
-        """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient."""
+        """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient, and
+        on probe steps let its dense gradient include those uses (``SparseWeight.mask_gradient``)."""
         param, sw, _ = self._weights[name]
-        return param.register_hook(lambda g, sw=sw: g * sw.mask)
+        return param.register_hook(sw.mask_gradient)
 
     # -- attention ----------------------------------------------------------------------------
     def set_attention(self, pattern: str | dict[str, str] | list[str], stride: int | None = None) -> None:

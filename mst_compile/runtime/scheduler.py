@@ -54,7 +54,7 @@ class MSTScheduler:
         self._hooks: list = []
         linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
         self.ledger = FlopLedger(linear, handle._attention, lambda n: handle._density_cache[n],
-                                 excluded_ops(len(handle._attention), handle.skipped))
+                                 excluded_ops(handle.skipped))
 
     # -- where the run is ---------------------------------------------------------------------
     @property
