@@ -12,6 +12,8 @@ DISTRIBUTIONS = ("uniform", "er", "erk")
 ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")
 PHASES = ("warmup", "ultra", "restoration")
 SPARSE_KERNELS = ("auto", "dense", "csr")
+LR_SCHEDULES = ("cosine", "wsd")
+ATTENTION_RESTORES = ("switch", "widen")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -35,7 +37,7 @@ class MSTConfig:
     ultra_end: float = 0.8  # t2 / T
     schedule: list[tuple[int, float]] | None = None  # overrides the three phases when given
     distribution: str = "er"
-    update_interval: int = 100  # ΔT: steps between Mixed-Growing topology updates
+    update_interval: int | None = None  # ΔT between topology updates; None: from the run length (interval)
     drop_fraction: float = 0.3  # ζ for every phase unless drop_fractions is given
     drop_fractions: tuple[float, float, float] | None = None  # ζ per phase (warmup, ultra, restoration)
     grow_gradient_fraction: float = 0.75  # 0.75 = Mixed-Growing 3:1, 1.0 = RigL, 0.0 = SET
@@ -45,6 +47,10 @@ class MSTConfig:
     sparse_kernel: str = "auto"  # CPU linear kernel: auto picks CSR below the measured crossover
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+    # how the phases end (see the class docstring); the paper's recipe is preset("paper")
+    lr_schedule: str = "cosine"  # the LR the trainer uses: its own cosine, or warm-up/stable/decay in restoration
+    grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
+    attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
 
     def __post_init__(self) -> None:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0:
@@ -71,8 +77,9 @@ class MSTConfig:
             self.schedule = [(int(s), float(v)) for s, v in pts]
         if self.distribution not in DISTRIBUTIONS:
             _fail("distribution", self.distribution, f"one of {', '.join(DISTRIBUTIONS)}")
-        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
-            _fail("update_interval", self.update_interval, "an integer >= 1")
+        if self.update_interval is not None and (isinstance(self.update_interval, bool)
+                                                 or not isinstance(self.update_interval, int) or self.update_interval < 1):
+            _fail("update_interval", self.update_interval, "None (from the run length) or an integer >= 1")
         if not isinstance(self.drop_fraction, (int, float)) or not 0.0 <= self.drop_fraction <= 1.0:
             _fail("drop_fraction", self.drop_fraction, "a number in [0, 1]")
         if self.drop_fractions is not None:
@@ -94,6 +101,22 @@ class MSTConfig:
             _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("lr_schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
+        if isinstance(self.grow_init_scale, bool) or not isinstance(self.grow_init_scale, (int, float)) \
+                or not 0.0 <= self.grow_init_scale <= 10.0:
+            _fail("grow_init_scale", self.grow_init_scale, "a number in [0, 10] (0: grown weights start at zero)")
+        if self.attention_restore not in ATTENTION_RESTORES:
+            _fail("attention_restore", self.attention_restore, f"one of {', '.join(ATTENTION_RESTORES)}")
+
+    @property
+    def interval(self) -> int:
+        """ΔT in steps: ``update_interval``, or from the run length so that the warm-up ramp gets at least
+        five updates (``(t1 - 1) // 5``, at most 100; ``T // 30`` without a warm-up)."""
+        if self.update_interval is not None:
+            return self.update_interval
+        t1 = int(self.warmup_end * self.total_steps + 0.5)
+        return max(1, min(100, (t1 - 1) // 5 if t1 else self.total_steps // 30))
 
     @property
     def phase_drop_fractions(self) -> tuple[float, float, float]:
@@ -121,5 +144,22 @@ class MSTConfig:
             )
         return cls(**d)
 
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "MSTConfig":
+        """A named recipe plus ``changes``: ``"default"`` (this class's defaults) or ``"paper"`` (the
+        published recipe: ΔT = 100, ζ = 0.3 in every phase, HSA in the ultra phase only, attention
+        switched back to dense at once, the trainer's cosine LR, grown weights at zero)."""
+        if name not in PRESETS:
+            raise ValueError(f"MSTConfig.preset({name!r}) is unknown: expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=None, attention_phases=("ultra",),
+                  attention_restore="switch", lr_schedule="cosine", grow_init_scale=0.0, final_sparsity=0.5,
+                  sparsity=0.9, warmup_end=0.1, ultra_end=0.8),
+}

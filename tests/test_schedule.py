@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from mst_compile import MSTConfig
-from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, phase_at, phase_bounds,
+from mst_compile.runtime.schedule import (attention_at, check, drop_fraction, is_update_step, lr_multiplier, phase_at, phase_bounds,
                                           target_sparsity, update_steps)
 
 CFG = MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.5, warmup_end=0.1, ultra_end=0.8, update_interval=10)
@@ -85,10 +85,39 @@ def test_bad_input():
         target_sparsity(-1, CFG)
     with pytest.raises(ValueError, match="past total_steps=100"):
         check(MSTConfig(total_steps=100, schedule=[(0, 0.5), (200, 0.9)]))
-    with pytest.warns(UserWarning, match="no topology update will run"):
+    with pytest.raises(ValueError, match="warmup phase .* contains no topology update"):
         check(MSTConfig(total_steps=50, update_interval=100))
-    with pytest.warns(UserWarning, match="warmup phase .* contains no topology update"):
+    with pytest.raises(ValueError, match=r"warmup phase \[0, 100\) .* expected update_interval <= 20"):
         check(MSTConfig(total_steps=1000, update_interval=100))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check(MSTConfig(total_steps=1000, update_interval=50))
+        check(MSTConfig(total_steps=1000))  # the derived interval always fits
+
+
+def test_derived_update_interval_gives_the_warmup_five_updates():
+    for T in (60, 100, 1000, 3000, 100_000):
+        cfg = MSTConfig(total_steps=T)
+        assert sum(1 for k in update_steps(cfg) if phase_at(k, cfg) == "warmup") >= 5, T
+    assert MSTConfig(total_steps=3000).interval == 59
+    assert MSTConfig(total_steps=100_000).interval == 100  # capped: more updates buy nothing but probes
+    assert MSTConfig(total_steps=3000, update_interval=7).interval == 7
+
+
+def test_wsd_lr_is_flat_until_restoration_then_decays_to_the_floor():
+    cfg = MSTConfig(total_steps=1000, lr_schedule="wsd")  # restoration [800, 1000]
+    assert [lr_multiplier(t, cfg) for t in (0, 400, 799, 800)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_multiplier(900, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(1000, cfg) == pytest.approx(0.1)
+    cos = MSTConfig(total_steps=1000)
+    assert lr_multiplier(500, cos) == pytest.approx(0.55)
+    assert lr_multiplier(1000, cos, min_ratio=0.0) == pytest.approx(0.0)
+
+
+def test_attention_widens_through_restoration_then_turns_dense():
+    cfg = MSTConfig(total_steps=1000, attention_restore="widen")  # restoration [800, 1000]
+    seen = [attention_at(t, cfg) for t in (0, 100, 799, 800, 850, 900, 949, 950, 999)]
+    assert seen == [("dense", 1.0), ("sparse", 1.0), ("sparse", 1.0), ("sparse", 1.0), ("sparse", 2.0),
+                    ("sparse", 4.0), ("sparse", 4.0), ("dense", 1.0), ("dense", 1.0)]
+    paper = MSTConfig(total_steps=1000)
+    assert attention_at(800, paper) == ("dense", 1.0) and attention_at(799, paper) == ("sparse", 1.0)

@@ -233,8 +233,8 @@ def test_bad_input():
     late = mst_compile.sparsify(MLP(), {"total_steps": 10, "schedule": [(0, 0.0), (20, 0.5)]})
     with pytest.raises(ValueError, match="past total_steps=10"):
         late.mst.attach(torch.optim.SGD(late.parameters(), lr=0.1))
-    with pytest.warns(UserWarning, match="no topology update"):
-        short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+    short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+    with pytest.raises(ValueError, match="update_interval=50: the ultra phase .* no topology update"):
         short.mst.attach(torch.optim.SGD(short.parameters(), lr=0.1))
 
 

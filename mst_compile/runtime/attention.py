@@ -131,6 +131,7 @@ class HybridSparseAttention(nn.Module):
         self.dropout_p = float(dropout_p)
         self.pattern = "dense"
         self.stride: int | None = None
+        self.stride_scale = 1.0  # >1 widens the window and stride (a gradual return to dense attention)
         self._warned: set[str] = set()
         self.set_pattern(pattern, stride=stride)
 
@@ -140,6 +141,16 @@ class HybridSparseAttention(nn.Module):
         self.pattern = _check_pattern(pattern, who)
         if stride is not _KEEP:
             self.stride = _check_stride(stride, who)
+
+    def effective(self, T: int) -> tuple[str, int]:
+        """(pattern, stride) that a forward of length ``T`` runs: the stride scaled by ``stride_scale``;
+        a local band that covers every earlier key is dense causal attention."""
+        l = _check_stride(self.stride, f"attention site '{self.site}'") or default_stride(T)
+        if self.stride_scale != 1.0:
+            l = math.ceil(l * self.stride_scale)
+        if self.pattern == "dense" or (self.pattern in ("local", "sparse") and l >= T):
+            return "dense", T
+        return self.pattern, min(l, T)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"
@@ -157,14 +168,14 @@ class HybridSparseAttention(nn.Module):
         scale = None if scale is None else float(scale)
         T = q.shape[-2]
         gqa = enable_gqa or k.shape[-3] != q.shape[-3]
-        if self.pattern == "dense":
+        pattern, l = self.effective(T)
+        if pattern == "dense":
             p = self.dropout_p if self.training else 0.0
             if attn_mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale, enable_gqa=gqa)
             return out[0] if squeeze else out
-        l = _check_stride(self.stride, f"attention site '{self.site}'", T) or default_stride(T)
         if self.training and self.dropout_p > 0:
             self._warn_once("dropout", f"attention dropout p={self.dropout_p} is not applied by the '{self.pattern}' pattern")
         if attn_mask is not None:
@@ -172,9 +183,9 @@ class HybridSparseAttention(nn.Module):
             if not bool((_allowed(attn_mask) | ~causal).all()):
                 self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
                                 f"'{self.pattern}' pattern runs as masked dense attention for such batches")
-                keep = pattern_mask(T, l, self.pattern, q.device)
+                keep = pattern_mask(T, l, pattern, q.device)
                 mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
                 return out[0] if squeeze else out
-        out = hsa_attention(q, k, v, pattern=self.pattern, stride=l, scale=scale)
+        out = hsa_attention(q, k, v, pattern=pattern, stride=l, scale=scale)
         return out[0] if squeeze else out

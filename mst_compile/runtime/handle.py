@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import MSTConfig
+from . import schedule
 from .density import allocate
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
@@ -60,7 +61,7 @@ class MSTHandle:
         """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
-        FLOP ledger charges the step, and every ``update_interval`` steps the Mixed-Growing topology
+        FLOP ledger charges the step, and every ``config.interval`` steps the Mixed-Growing topology
         update runs (DESIGN §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
         """
@@ -85,6 +86,11 @@ class MSTHandle:
     def target_sparsity(self) -> float:
         """The global sparsity the current masks were allocated for (changes at update steps)."""
         return self._scheduler.target_sparsity
+
+    def lr_multiplier(self, min_ratio: float = 0.1) -> float:
+        """The learning rate MST recommends for the iteration about to run, as a fraction of the peak
+        (``config.lr_schedule``; add your own linear warm-up). Own loops: ``g["lr"] = peak * m``."""
+        return schedule.lr_multiplier(self._scheduler.step, self.config, min_ratio)
 
     @property
     def flops(self) -> FlopReport:

@@ -130,7 +130,8 @@ class FlopLedger:
             T, D = q.shape[-2], q.shape[-1]
             heads_x_batch = q.numel() // (T * D)  # B·n_heads (or B·n_heads flattened, for 3-D q)
             per_key = 12.0 * D * heads_x_batch * T  # 4·d_head·n_heads per token forward, ×3 with backward
-            a = mean_attended_keys(site.pattern, T, site.stride) if site.pattern != "dense" else (T + 1) / 2
+            pattern, stride = site.effective(T)
+            a = mean_attended_keys(pattern, T, stride) if pattern != "dense" else (T + 1) / 2
             mst = per_key * a
             self._add(mst, per_key * (T + 1) / 2, attention=mst)
         return hook

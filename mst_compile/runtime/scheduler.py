@@ -12,7 +12,8 @@ ordinary training loop.
    across ranks first; rank 0's masks are then broadcast so every rank holds identical bits);
 4. if k+1 is an update step, the sparse ops are asked to form the dense gradient on the next
    backward (gradient accumulation sums into it like any gradient);
-5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
+5. attention follows ``schedule.attention_at``: ``config.attention`` in ``config.attention_phases``,
+   dense causal elsewhere, or a widening window in restoration (``attention_restore="widen"``).
 
 So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
@@ -49,7 +50,7 @@ class MSTScheduler:
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
         self._warned_past_end = False
         self._probing = False
-        self._phase_applied: str | None = None
+        self._phase_applied: tuple[str, float] | None = None  # (pattern, stride scale) last set
         self._group = None
         self._hooks: list = []
         linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
@@ -65,7 +66,7 @@ class MSTScheduler:
     def last_update_step(self) -> int:
         """The latest step <= now at which a topology update ran (0 before the first)."""
         t = min(self.step, self.config.total_steps)
-        return t - t % self.config.update_interval
+        return t - t % self.config.interval
 
     @property
     def target_sparsity(self) -> float:
@@ -159,11 +160,13 @@ class MSTScheduler:
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:
             return
-        phase = self.phase
-        if force or phase != self._phase_applied:
-            pattern = self.config.attention if phase in self.config.attention_phases else "dense"
+        now = schedule.attention_at(self.step, self.config)
+        if force or now != self._phase_applied:
+            pattern, scale = now
             self.h.set_attention(pattern)
-            self._phase_applied = phase
+            for site in self.h._attention.values():
+                site.stride_scale = scale
+            self._phase_applied = now
 
     # -- the topology update ------------------------------------------------------------------
     @torch.no_grad()
@@ -199,6 +202,8 @@ class MSTScheduler:
             ch = changes[name]
             sw.set_mask(ch.mask.view_as(param))
             apply_change(param, ch, self.optimizer)
+            if cfg.grow_init_scale > 0:
+                self._init_grown(param, ch)
             totals["pruned"] += ch.n_prune
             totals["grown_gradient"] += ch.n_grow_gradient
             totals["grown_random"] += ch.n_grow_random
@@ -216,6 +221,18 @@ class MSTScheduler:
             "ever_active": self.ever_active(),
             "gradient_fallback": fallback,
         }
+
+    def _init_grown(self, param: torch.Tensor, ch) -> None:
+        """Grown weights start at N(0, σ²), σ = grow_init_scale · rms of the weights that stayed active
+        (drawn from the CPU generator every rank holds alike, so DDP ranks stay identical)."""
+        grown = ch.grown.view_as(param)
+        n = int(grown.sum())
+        kept = ch.mask.view_as(param) & ~grown
+        if n == 0 or not bool(kept.any()):
+            return
+        sigma = self.config.grow_init_scale * float(param[kept].float().pow(2).mean().sqrt())
+        noise = torch.randn(n, generator=self._generator, device="cpu").to(device=param.device, dtype=param.dtype)
+        param[grown] = noise * sigma
 
     def _agree_on_masks(self, changes) -> None:
         """Broadcast rank 0's masks so floating-point differences can never split the ranks."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..modelfile import ModelFile, load_model_file
+from ..runtime.schedule import lr_multiplier
 from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
@@ -41,10 +42,13 @@ class TrainingDiverged(MstCompileError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+def lr_at(step: int, tc: TrainConfig, mst: MSTConfig | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``;
+    an MST run whose ``lr_schedule`` knows the phases follows ``schedule.lr_multiplier`` instead."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
+    if mst is not None and mst.lr_schedule != "cosine":
+        return tc.lr * lr_multiplier(step, mst, tc.min_lr / tc.lr if tc.lr else 0.0)
     u = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
 
@@ -249,7 +253,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 # what this step trains with (an update in opt.step changes it for the next one)
                 now = {"phase": acct.phase, "density": acct.density(), "target_sparsity": acct.target_sparsity,
                        "attention": acct.patterns()}
-                lr = lr_at(step, tc)
+                lr = lr_at(step, tc, None if tc.dense else mst)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss_sum = 0.0

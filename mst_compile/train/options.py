@@ -232,6 +232,9 @@ _HELP = {
     "attention": "Sparse attention pattern.", "stride": "Sparse attention stride (default T/8).",
     "attention_phases": "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.",
     "sparse_kernel": "CPU sparse linear kernel.",
+    "lr_schedule": "LR shape: cosine (phase-blind) or wsd (stable, then decay over restoration).",
+    "grow_init_scale": "Grown weights start at N(0, (scale x rms of active weights)^2); 0: at zero.",
+    "attention_restore": "Leaving the sparse-attention phases: switch (dense at once) or widen (gradually).",
 }
 
 
@@ -250,9 +253,10 @@ def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
 
-    from ..config import ATTENTION_PATTERNS, DISTRIBUTIONS, SPARSE_KERNELS
+    from ..config import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, SPARSE_KERNELS
 
-    choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS}
+    choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
+               "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "dense":
