@@ -14,6 +14,7 @@ PHASES = ("warmup", "ultra", "restoration")
 SPARSE_KERNELS = ("auto", "dense", "csr")
 LR_SCHEDULES = ("cosine", "wsd")
 ATTENTION_RESTORES = ("switch", "widen")
+RESTORATION_SHAPES = ("late", "linear", "early")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -51,6 +52,7 @@ class MSTConfig:
     lr_schedule: str = "cosine"  # the LR the trainer uses: its own cosine, or warm-up/stable/decay in restoration
     grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
     attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
+    restoration_shape: str = "late"  # when restored weights come back: late (1 − u³), linear, early ((1 − u)³)
 
     def __post_init__(self) -> None:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0:
@@ -106,6 +108,8 @@ class MSTConfig:
         if isinstance(self.grow_init_scale, bool) or not isinstance(self.grow_init_scale, (int, float)) \
                 or not 0.0 <= self.grow_init_scale <= 10.0:
             _fail("grow_init_scale", self.grow_init_scale, "a number in [0, 10] (0: grown weights start at zero)")
+        if self.restoration_shape not in RESTORATION_SHAPES:
+            _fail("restoration_shape", self.restoration_shape, f"one of {', '.join(RESTORATION_SHAPES)}")
         if self.attention_restore not in ATTENTION_RESTORES:
             _fail("attention_restore", self.attention_restore, f"one of {', '.join(ATTENTION_RESTORES)}")
 
@@ -161,5 +165,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=None, attention_phases=("ultra",),
                   attention_restore="switch", lr_schedule="cosine", grow_init_scale=0.0, final_sparsity=0.5,
+                  restoration_shape="late",
                   sparsity=0.9, warmup_end=0.1, ultra_end=0.8),
 }

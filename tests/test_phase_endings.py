@@ -141,6 +141,18 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
         assert lr == pytest.approx(want), step
 
 
+def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
+    from mst_compile.runtime.schedule import target_sparsity
+
+    shapes = {name: mst_compile.MSTConfig(total_steps=1000, final_sparsity=0.0, restoration_shape=name)
+              for name in ("late", "linear", "early")}  # restoration [800, 1000] from 0.9 to 0.0
+    for cfg in shapes.values():
+        assert target_sparsity(800, cfg) == pytest.approx(0.9) and target_sparsity(1000, cfg) == pytest.approx(0.0)
+    assert target_sparsity(900, shapes["late"]) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert target_sparsity(900, shapes["linear"]) == pytest.approx(0.45)
+    assert target_sparsity(900, shapes["early"]) == pytest.approx(0.9 * 0.5**3)
+
+
 def test_paper_preset_is_the_published_recipe():
     p = mst_compile.MSTConfig.preset("paper", total_steps=3000)
     assert (p.update_interval, p.drop_fraction, p.drop_fractions, p.attention_phases) == (100, 0.3, None, ("ultra",))
@@ -148,6 +160,7 @@ def test_paper_preset_is_the_published_recipe():
     assert mst_compile.MSTConfig.preset("default") == mst_compile.MSTConfig()
     with pytest.raises(ValueError, match=r"preset\('fast'\) is unknown: expected one of default, paper"):
         mst_compile.MSTConfig.preset("fast")
-    for field, bad in (("lr_schedule", "linear"), ("grow_init_scale", -1.0), ("attention_restore", "fade")):
+    for field, bad in (("lr_schedule", "linear"), ("grow_init_scale", -1.0), ("attention_restore", "fade"),
+                       ("restoration_shape", "cubic")):
         with pytest.raises(ValueError, match=f"MSTConfig.{field}="):
             mst_compile.MSTConfig(**{field: bad})

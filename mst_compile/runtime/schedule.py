@@ -6,6 +6,7 @@ elapsed:
 - warm-up      [0, t1):  s(t) = s_max · (1 − (1 − u)³)          dense start, cubic ramp
 - ultra        [t1, t2): s(t) = s_max
 - restoration  [t2, T]:  s(t) = s_end + (s_max − s_end)·(1 − u³)  time mirror of the warm-up
+  (``restoration_shape="late"``; ``"linear"``: 1 − u; ``"early"``: (1 − u)³, weights return first)
 
 ``t1 = warmup_end·T`` and ``t2 = ultra_end·T`` rounded to whole steps. A ``config.schedule`` of
 ``(step, sparsity)`` points replaces s(t) by the piecewise linear curve through them (held flat
@@ -74,7 +75,8 @@ def target_sparsity(step: int, config: MSTConfig) -> float:
     if t < t2 or T == t2:  # an empty restoration phase leaves s_max in place
         return s_max
     u = (t - t2) / (T - t2)
-    return s_end + (s_max - s_end) * (1.0 - u**3)
+    remaining = {"late": 1.0 - u**3, "linear": 1.0 - u, "early": (1.0 - u) ** 3}[config.restoration_shape]
+    return s_end + (s_max - s_end) * remaining
 
 
 def drop_fraction(step: int, config: MSTConfig) -> float:

@@ -235,6 +235,7 @@ _HELP = {
     "lr_schedule": "LR shape: cosine (phase-blind) or wsd (stable, then decay over restoration).",
     "grow_init_scale": "Grown weights start at N(0, (scale x rms of active weights)^2); 0: at zero.",
     "attention_restore": "Leaving the sparse-attention phases: switch (dense at once) or widen (gradually).",
+    "restoration_shape": "When restored weights return: late (1-u^3), linear, or early ((1-u)^3).",
 }
 
 
@@ -253,10 +254,11 @@ def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
 
-    from ..config import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, SPARSE_KERNELS
+    from ..config import (ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES,
+                          SPARSE_KERNELS)
 
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
-               "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES}
+               "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "dense":
