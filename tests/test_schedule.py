@@ -5,8 +5,8 @@ import warnings
 import pytest
 
 from mst_compile import MSTConfig
-from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, phase_at, phase_bounds,
-                                          target_sparsity, update_steps)
+from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, last_update_at, phase_at,
+                                          phase_bounds, target_sparsity, update_steps)
 
 CFG = MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.5, warmup_end=0.1, ultra_end=0.8, update_interval=10)
 
@@ -74,6 +74,16 @@ def test_update_steps():
     cfg = MSTConfig(total_steps=35, update_interval=10)
     assert update_steps(cfg) == [10, 20, 30]
     assert [t for t in range(0, 50) if is_update_step(t, cfg)] == [10, 20, 30]
+    assert [last_update_at(t, cfg) for t in (0, 9, 10, 29, 30, 35, 99)] == [0, 0, 10, 20, 30, 30, 30]
+
+
+def test_no_update_at_or_after_the_last_optimizer_step():
+    """Weights grown after step T would never train: the last update is the last multiple of ΔT below T."""
+    cfg = MSTConfig(total_steps=30, update_interval=10)
+    assert update_steps(cfg) == [10, 20] and not is_update_step(30, cfg)
+    assert [last_update_at(t, cfg) for t in (19, 20, 29, 30, 40)] == [10, 20, 20, 20, 20]
+    every = MSTConfig(total_steps=4, update_interval=1)
+    assert update_steps(every) == [1, 2, 3]
 
 
 def test_bad_input():
@@ -87,6 +97,10 @@ def test_bad_input():
         check(MSTConfig(total_steps=100, schedule=[(0, 0.5), (200, 0.9)]))
     with pytest.warns(UserWarning, match="no topology update will run"):
         check(MSTConfig(total_steps=50, update_interval=100))
+    with pytest.warns(UserWarning, match="no topology update will run"):
+        check(MSTConfig(total_steps=50, update_interval=50))  # one at step 50 would come after the last step
+    with pytest.warns(UserWarning, match="restoration phase .* the density is never restored"):
+        check(MSTConfig(total_steps=100, update_interval=10, warmup_end=0.2, ultra_end=0.95))
     with pytest.warns(UserWarning, match="warmup phase .* contains no topology update"):
         check(MSTConfig(total_steps=1000, update_interval=100))
     with warnings.catch_warnings():

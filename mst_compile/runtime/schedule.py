@@ -15,6 +15,8 @@ come from ``warmup_end`` and ``ultra_end``.
 The drop fraction restarts a cosine in each phase k with its own ζ_k:
 ``ζ(t) = ζ_k/2 · (1 + cos(π·(t − τ_k)/(τ_{k+1} − τ_k)))``.
 
+Topology updates run after optimizer steps ΔT, 2ΔT, ... < T, never after the last one, so the
+sparsity a run ends with is s(k) of its last update k < T, not s(T).
 Steps past ``T`` hold the state at ``T``. Nothing here touches a model or torch.
 """
 from __future__ import annotations
@@ -91,13 +93,23 @@ def drop_fraction(step: int, config: MSTConfig) -> float:
 
 
 def is_update_step(step: int, config: MSTConfig) -> bool:
-    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... up to total_steps."""
-    return 0 < step <= config.total_steps and step % config.update_interval == 0
+    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... strictly before total_steps.
+
+    None runs after the last optimizer step T (DESIGN §6): weights grown there would never train,
+    and the final masks are the ones the last step trained.
+    """
+    return 0 < step < config.total_steps and step % config.update_interval == 0
 
 
 def update_steps(config: MSTConfig) -> list[int]:
     """Every step after which a topology update runs."""
-    return list(range(config.update_interval, config.total_steps + 1, config.update_interval))
+    return list(range(config.update_interval, config.total_steps, config.update_interval))
+
+
+def last_update_at(step: int, config: MSTConfig) -> int:
+    """The latest update step <= ``step`` (0, the initial masks, before the first)."""
+    t = min(_clip(step, config), config.total_steps - 1)
+    return t - t % config.update_interval
 
 
 def check(config: MSTConfig) -> None:
@@ -129,8 +141,9 @@ def check(config: MSTConfig) -> None:
     spans = {"warmup": (0, t1), "ultra": (t1, t2), "restoration": (t2, T)}
     for name, (a, b) in spans.items():
         if b - a > 1 and not any(phase_at(k, config) == name for k in update_steps(config)):
-            lost = ("its topology never evolves" if name == "ultra" else
-                    "its sparsity ramp is skipped and applied at once at the next update")
+            lost = {"warmup": "its sparsity ramp is skipped and applied at once at the next update",
+                    "ultra": "its topology never evolves",
+                    "restoration": "the density is never restored (no update runs after the last optimizer step)"}[name]
             warnings.warn(
                 f"the {name} phase [{a}, {b}) of {T} steps contains no topology update "
                 f"(update_interval={config.update_interval}): {lost}", stacklevel=4)

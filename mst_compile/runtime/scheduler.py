@@ -7,11 +7,13 @@ ordinary training loop.
 
 1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
 2. the FLOP ledger charges the work counted since step k−1;
-3. if k is a multiple of ΔT (k <= total_steps), the topology update runs with the target s(k), the
+3. if k is a multiple of ΔT and k < total_steps, the topology update runs with the target s(k), the
    drop fraction ζ(k) and the dense gradient that the backward of step k formed (DDP: averaged
    across ranks first; rank 0's masks are then broadcast so every rank holds identical bits);
-4. if k+1 is an update step, the sparse ops are asked to form the dense gradient on the next
-   backward (gradient accumulation sums into it like any gradient);
+4. if k+1 is an update step, the sparse ops of the weights that update will grow by gradient are
+   asked to form the dense gradient on the next backward (gradient accumulation sums into it like
+   any gradient); a weight with nothing to grow there (drop fraction 0 and no density increase, or
+   SET growth) takes no such probe step and the ledger charges none;
 5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
 
 So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
@@ -31,7 +33,7 @@ from ..config import MSTConfig
 from ..errors import CheckpointError, MstCompileError
 from . import schedule
 from .ledger import FlopLedger, excluded_ops
-from .topology import apply_change, mixed_growing
+from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts
 
 FORMAT = "mst_compile.scheduler/1"
 
@@ -48,7 +50,7 @@ class MSTScheduler:
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
         self._warned_past_end = False
-        self._probing = False
+        self._probing: set[str] = set()  # weights whose next backward forms the dense gradient
         self._phase_applied: str | None = None
         self._group = None
         self._hooks: list = []
@@ -64,8 +66,7 @@ class MSTScheduler:
     @property
     def last_update_step(self) -> int:
         """The latest step <= now at which a topology update ran (0 before the first)."""
-        t = min(self.step, self.config.total_steps)
-        return t - t % self.config.update_interval
+        return schedule.last_update_at(self.step, self.config)
 
     @property
     def target_sparsity(self) -> float:
@@ -100,7 +101,7 @@ class MSTScheduler:
         self.ledger.install(self.h._module_ref)
         self.h.apply_masks()
         self._reset_masked_state()
-        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
 
     def detach(self) -> None:
@@ -109,7 +110,7 @@ class MSTScheduler:
             h.remove()
         self._hooks.clear()
         self.ledger.remove()
-        self._set_probes(False)
+        self._set_probes(set())
         self.optimizer = None
 
     @torch.no_grad()
@@ -132,19 +133,35 @@ class MSTScheduler:
                 warnings.warn(
                     f"MST stepped past total_steps={T} (step {self.step}): holding the final masks and attention "
                     "patterns; raise MSTConfig.total_steps to keep the schedule going", stacklevel=3)
-            self._set_probes(False)
+            self._set_probes(set())
             return
         if schedule.is_update_step(self.step, self.config):
             self._update()
-        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._set_probes(self._probes_for_next_step())
         self._sync_attention()
 
-    def _set_probes(self, on: bool) -> None:
-        if not on and not self._probing:
-            return
-        for sw in self.h.sparse_weights().values():
-            sw.collect_dense_grad(on)  # a fresh zero probe each time: no gradient carries over
-        self._probing = on
+    def _probes_for_next_step(self) -> set[str]:
+        """The weights whose update after the next step grows some positions by gradient.
+
+        The counts follow from the current masks and the schedule alone (DESIGN §4), so every DDP
+        rank picks the same set; weights with nothing to grow by gradient need no dense gradient."""
+        k, cfg = self.step + 1, self.config
+        if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
+            return set()
+        counts = self.h.allocation(schedule.target_sparsity(k, cfg))
+        zeta = schedule.drop_fraction(k, cfg)
+        out = set()
+        for name, sw in self.h.sparse_weights().items():
+            _, n_grow = prune_grow_counts(sw.active(), counts[name], zeta)
+            if gradient_share(n_grow, cfg.grow_gradient_fraction):
+                out.add(name)
+        return out
+
+    def _set_probes(self, names: set[str]) -> None:
+        sws = self.h.sparse_weights()
+        for n in names | self._probing:
+            sws[n].collect_dense_grad(n in names)  # a fresh zero probe each time: no gradient carries over
+        self._probing = set(names)
 
     def _drop_stale_probes(self, module, args) -> None:
         """A probe that holds a gradient while the weights' gradients were cleared is left over from
@@ -153,8 +170,9 @@ class MSTScheduler:
             return
         first = next(iter(self.h.parameters().values()), None)
         if first is not None and first.grad is None:
-            if any(sw.probe.grad is not None for sw in self.h.sparse_weights().values()):
-                self._set_probes(True)
+            sws = self.h.sparse_weights()
+            if any(sws[n].probe.grad is not None for n in self._probing):
+                self._set_probes(self._probing)
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:
@@ -172,9 +190,9 @@ class MSTScheduler:
         if self._group is None:
             return grads
         world = dist.get_world_size(self._group)
-        out = {}
-        for n, g in grads.items():  # the probe is no DDP parameter: average it here
-            p = self.h._weights[n][0]
+        out = dict.fromkeys(grads)
+        for n in sorted(self._probing):  # the probe is no DDP parameter: average it here (same set on every rank)
+            g, p = grads[n], self.h._weights[n][0]
             g = torch.zeros(p.shape, device=p.device) if g is None else g.detach().float().clone()
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self._group)
             out[n] = g.div_(world)
@@ -289,7 +307,7 @@ class MSTScheduler:
         self._warned_past_end = bool(state.get("warned_past_end", False))
         if self.optimizer is not None:
             self._reset_masked_state()
-            self._set_probes(schedule.is_update_step(self.step + 1, self.config) and self.step < self.config.total_steps)
+            self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
 
     def _check_masks(self, masks: Any) -> None:
