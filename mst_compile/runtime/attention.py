@@ -37,14 +37,15 @@ def _check_pattern(pattern, who: str) -> str:
     return pattern
 
 
-def _check_stride(stride, who: str, T: int | None = None) -> int | None:
-    """``stride`` must be None (T/8 at run time) or an int in [1, T]."""
+def _check_stride(stride, who: str) -> int | None:
+    """``stride`` must be None (T/8 at run time) or an int >= 1.
+
+    A stride past the sequence length is well defined: every key j <= i lies within l of query i,
+    so ``local`` and ``sparse`` are dense causal and ``strided`` keeps only j == i."""
     if stride is None:
         return None
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{who}: stride={stride!r} is invalid; expected an integer >= 1 or None (T/8)")
-    if T is not None and stride > T:
-        raise ValueError(f"{who}: stride={stride} is larger than the sequence length T={T}; expected 1 <= stride <= T")
     return stride
 
 
@@ -98,8 +99,8 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
             f"hsa_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit: expected "
             "k and v of shape (B, Hkv, T, D) with the query's heads a multiple of Hkv (causal self-attention)"
         )
-    l = _check_stride(stride, "hsa_attention", T) or default_stride(T)
-    if pattern == "dense":
+    l = min(_check_stride(stride, "hsa_attention") or default_stride(T), T)  # l > T selects what l = T does
+    if pattern == "dense" or (pattern != "strided" and l == T):  # a band as wide as T is causal attention
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != H)
     return hsa_kernel(q, k, v, local=pattern != "strided", strided=pattern != "local", stride=l, scale=scale)
 
@@ -164,7 +165,7 @@ class HybridSparseAttention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale, enable_gqa=gqa)
             return out[0] if squeeze else out
-        l = _check_stride(self.stride, f"attention site '{self.site}'", T) or default_stride(T)
+        l = self.stride or default_stride(T)
         if self.training and self.dropout_p > 0:
             self._warn_once("dropout", f"attention dropout p={self.dropout_p} is not applied by the '{self.pattern}' pattern")
         if attn_mask is not None:
