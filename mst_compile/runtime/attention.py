@@ -122,7 +122,8 @@ class HybridSparseAttention(nn.Module):
 
     A runtime ``attn_mask`` with a sparse pattern: when the mask removes nothing that causality keeps
     (no padding in this batch) the fast kernel runs; otherwise the pattern AND the mask are both
-    applied through masked dense SDPA (exact, but without the saving) and a warning says so once.
+    applied through masked dense SDPA (exact, but without the saving) and a warning says so once;
+    the FLOP ledger charges such a call as dense causal attention (``runs_masked_dense``).
     Attention dropout (``dropout_p``) applies to ``dense`` only; sparse patterns run without it.
     """
 
@@ -144,6 +145,14 @@ class HybridSparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"
+
+    def runs_masked_dense(self, T: int, attn_mask: Tensor | None) -> bool:
+        """True when a call with this ``attn_mask`` falls back to masked dense SDPA: the pattern is
+        sparse and the mask removes keys that causality keeps (padding in this batch)."""
+        if self.pattern == "dense" or attn_mask is None:
+            return False
+        causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
+        return not bool((_allowed(attn_mask) | ~causal).all())
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -168,14 +177,12 @@ class HybridSparseAttention(nn.Module):
         l = self.stride or default_stride(T)
         if self.training and self.dropout_p > 0:
             self._warn_once("dropout", f"attention dropout p={self.dropout_p} is not applied by the '{self.pattern}' pattern")
-        if attn_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            if not bool((_allowed(attn_mask) | ~causal).all()):
-                self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
-                                f"'{self.pattern}' pattern runs as masked dense attention for such batches")
-                keep = pattern_mask(T, l, self.pattern, q.device)
-                mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-                return out[0] if squeeze else out
+        if self.runs_masked_dense(T, attn_mask):
+            self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
+                            f"'{self.pattern}' pattern runs as masked dense attention for such batches")
+            keep = pattern_mask(T, l, self.pattern, q.device)
+            mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            return out[0] if squeeze else out
         out = hsa_attention(q, k, v, pattern=self.pattern, stride=l, scale=scale)
         return out[0] if squeeze else out

@@ -99,7 +99,7 @@ class FlopLedger:
         for name, (work, sw) in self._linear.items():
             self._hooks.append(sw.register_forward_pre_hook(self._linear_hook(name, work, sw)))
         for name, site in self._attention.items():
-            self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site)))
+            self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site), with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -130,7 +130,9 @@ class FlopLedger:
             T, D = q.shape[-2], q.shape[-1]
             heads_x_batch = q.numel() // (T * D)  # B·n_heads (or B·n_heads flattened, for 3-D q)
             per_key = 12.0 * D * heads_x_batch * T  # 4·d_head·n_heads per token forward, ×3 with backward
-            a = mean_attended_keys(site.pattern, T, site.stride) if site.pattern != "dense" else (T + 1) / 2
+            mask = args[3] if len(args) > 3 else (kwargs or {}).get("attn_mask")
+            dense = site.pattern == "dense" or site.runs_masked_dense(T, mask)
+            a = (T + 1) / 2 if dense else mean_attended_keys(site.pattern, T, site.stride)  # what runs
             mst = per_key * a
             self._add(mst, per_key * (T + 1) / 2, attention=mst)
         return hook
