@@ -14,7 +14,10 @@ ordinary training loop.
    asked to form the dense gradient on the next backward (gradient accumulation sums into it like
    any gradient); a weight with nothing to grow there (drop fraction 0 and no density increase, or
    SET growth) takes no such probe step and the ledger charges none;
-5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
+5. each attention site runs ``config.attention_pattern(site, phase)`` (``config.attention`` in
+   ``config.attention_phases``, dense causal elsewhere, unless ``config.attention_sites`` says
+   otherwise); a site given a pattern by ``sm.mst.set_attention`` keeps it across phase changes
+   until ``set_attention`` changes it again (``None`` hands it back to the schedule).
 
 So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
@@ -27,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..config import MSTConfig
 from ..errors import CheckpointError, MstCompileError
@@ -52,6 +54,12 @@ class MSTScheduler:
         self._warned_past_end = False
         self._probing: set[str] = set()  # weights whose next backward forms the dense gradient
         self._phase_applied: str | None = None
+        self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
+        unmatched = self.config.unmatched_attention_sites(handle._attention)
+        if unmatched:
+            raise ValueError(
+                f"MSTConfig.attention_sites: the rule(s) {unmatched} match no attention site of this model; "
+                f"its sites are {list(handle._attention) or 'none'} (site names or fnmatch globs)")
         self._group = None
         self._hooks: list = []
         linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
@@ -174,13 +182,17 @@ class MSTScheduler:
             if any(sws[n].probe.grad is not None for n in self._probing):
                 self._set_probes(self._probing)
 
+    def scheduled_attention(self, site: str) -> str:
+        """The pattern ``site`` runs now: its pinned one, else the config's for the current phase."""
+        return self.pinned_attention.get(site) or self.config.attention_pattern(site, self.phase)
+
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:
             return
         phase = self.phase
         if force or phase != self._phase_applied:
-            pattern = self.config.attention if phase in self.config.attention_phases else "dense"
-            self.h.set_attention(pattern)
+            for name, site in self.h._attention.items():
+                site.set_pattern(self.scheduled_attention(name))
             self._phase_applied = phase
 
     # -- the topology update ------------------------------------------------------------------
@@ -284,6 +296,7 @@ class MSTScheduler:
             "ledger": self.ledger.state_dict(),
             "last_update": None if self.last_update is None else dict(self.last_update),
             "warned_past_end": self._warned_past_end,
+            "pinned_attention": dict(self.pinned_attention),
             "config": self.config.to_dict(),
         }
 
@@ -305,6 +318,8 @@ class MSTScheduler:
         self.ledger.load_state_dict(state.get("ledger") or {})
         self.last_update = state.get("last_update")
         self._warned_past_end = bool(state.get("warned_past_end", False))
+        pinned = state.get("pinned_attention") or {}
+        self.pinned_attention = {n: p for n, p in pinned.items() if n in self.h._attention}
         if self.optimizer is not None:
             self._reset_masked_state()
             self._set_probes(self._probes_for_next_step())
