@@ -227,3 +227,12 @@ def test_final_densities_are_what_the_last_step_trained(work):
     overall = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert overall == pytest.approx(trained["density"], rel=1e-12)
     assert trained["density"] < 0.45, "the run ends at the restoration density of its last update, not s_end = 0.5"
+
+
+def test_summary_line_calls_the_count_algorithmic_and_shows_measured_time(work):
+    d, r, dense = work
+    for res, run in ((r, d / "mst"), (dense, d / "dense")):
+        line = res.output.strip().splitlines()[-1]
+        s = json.loads((run / "summary.json").read_text())
+        assert s["step_s"] > 0 and s["step_s"] * s["steps"] <= s["wall_s"]
+        assert "algorithmic FLOPs: MST" in line and f"{s['step_s']:.3g} s/step" in line

@@ -89,7 +89,7 @@ class MSTHandle:
 
     @property
     def flops(self) -> FlopReport:
-        """MST and dense-baseline training FLOPs so far (DESIGN §6)."""
+        """MST and dense-baseline algorithmic training FLOPs so far (DESIGN §6; not a timing)."""
         return self._scheduler.ledger.report
 
     @property

@@ -1,6 +1,10 @@
-"""FLOP ledger (DESIGN §6): training FLOPs of the MST run and of the same model dense, per step.
+"""FLOP ledger (DESIGN §6): algorithmic training FLOPs of the MST run and of the same model dense.
 
-Counted at every training forward (grad enabled) from what actually ran:
+The count is the method's algorithmic cost, not a measurement: a sparse linear is charged for its
+active weights even where it runs as a dense matmul on a masked (zero-filled) weight, so the
+saving it reports is what a kernel that skips the zeros would get. Wall time is measured beside
+it (``mstc train``'s summary, ``mstc report``). Counted at every training forward (grad enabled)
+from the densities, token counts and attention patterns of that forward:
 
 - sparse linear with density d, per row (token) it sees:
       forward 2·d·n_in·n_out, backward 4·d·n_in·n_out,
@@ -28,7 +32,7 @@ _OTHER_OPS = "embeddings, norms, activations, residual adds, the loss and the op
 
 @dataclass
 class FlopReport:
-    """Cumulative MST and dense FLOPs of the steps taken so far (what ``sm.mst.flops`` returns)."""
+    """Cumulative algorithmic MST and dense FLOPs of the steps taken so far (``sm.mst.flops``)."""
 
     mst_total: float = 0.0
     dense_total: float = 0.0
