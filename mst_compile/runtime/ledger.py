@@ -8,10 +8,12 @@ from the densities, token counts and attention patterns of that forward:
 
 - sparse linear with density d, per row (token) it sees:
       forward 2·d·n_in·n_out, backward 4·d·n_in·n_out,
-      plus 2·(1 − d)·n_in·n_out when the call also forms the dense gradient (the step before an update)
+      plus 2·(1 − d)·n_in·n_out when the call also forms the dense gradient (the step before an
+      update that grows this weight by gradient)
 - attention per site, per query token (q of shape (B, n_heads, T, d_head)):
       4·a·d_head·n_heads forward, ×3 with backward, where a is the mean number of keys attended under
-      the active pattern ((T + 1)/2 for dense causal)
+      the pattern that runs ((T + 1)/2 for dense causal, which is also what a sparse site runs when
+      a padding mask sends it to masked dense SDPA)
 
 The dense baseline uses d = 1, no dense-gradient extra and dense causal attention. Every other op
 (embeddings, norms, activations, the loss, the optimizer, sites the passes left alone) is left out of
