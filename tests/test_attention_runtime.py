@@ -179,3 +179,24 @@ def test_padding_mask_is_charged_as_the_dense_attention_that_runs():
         opt.zero_grad()
         charged = sm.mst.flops.attention_mst - before
         assert charged == pytest.approx(per_key * keys, rel=1e-12), "padded" if keep is padded else "no padding"
+
+
+def test_mstc_train_attention_sites_flag(tmp_path):
+    from click.testing import CliRunner
+
+    from _train_models import TINY, write
+    from mst_compile.cli import main
+    from mst_compile.train.metrics import read_jsonl
+
+    f = write(tmp_path, "tiny.py", TINY)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--quiet", "--out", str(out),
+                                  "--attention-sites", "h.*.attn=local", "--attention-sites", "h.0.attn=ultra:dense"])
+    assert r.exit_code == 0, r.output
+    ultra = [x["attention"] for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train" and x["phase"] == "ultra"]
+    assert ultra and all(a == {"h.0.attn": "dense", "h.1.attn": "local"} for a in ultra)
+    _, mst = read_config_file(out / "config.toml")
+    assert mst["attention_sites"] == {"h.*.attn": "local", "h.0.attn": {"ultra": "dense"}}
+    bad = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--out", str(tmp_path / "bad"),
+                                    "--attention-sites", "h.0.attn=banded"])
+    assert bad.exit_code != 0 and "attention_sites['h.0.attn']='banded'" in bad.output and "Traceback" not in bad.output
