@@ -5,6 +5,7 @@ Importing this module does not import torch, so the CLI can build and check conf
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,14 @@ class MSTConfig:
     ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
     ``final_sparsity`` at ``T = total_steps``. ``schedule`` replaces all of that with any piecewise
     linear list of ``(step, sparsity)`` points.
+
+    Attention (DESIGN §5): every site runs ``attention`` in ``attention_phases`` and dense causal
+    elsewhere, unless a rule of ``attention_sites`` matches it. That dict maps a site name or an
+    ``fnmatch`` glob (``"h.*.attn"``; ``*`` also crosses dots) to either one pattern, used in
+    ``attention_phases`` with dense elsewhere, or a ``{phase: pattern}`` dict that sets only the
+    phases it names. Rules apply in order and a later match overrides an earlier one, e.g.
+    ``{"h.*.attn": "local", "h.0.attn": "dense"}`` keeps the first layer dense. See
+    :meth:`attention_pattern`.
     """
 
     total_steps: int = 1000
@@ -53,6 +62,7 @@ class MSTConfig:
     grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
     attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
     restoration_shape: str = "late"  # when restored weights come back: late (1 − u³), linear, early ((1 − u)³)
+    attention_sites: dict[str, str | dict[str, str]] | None = None  # per-site pattern rules (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0:
@@ -112,6 +122,50 @@ class MSTConfig:
             _fail("restoration_shape", self.restoration_shape, f"one of {', '.join(RESTORATION_SHAPES)}")
         if self.attention_restore not in ATTENTION_RESTORES:
             _fail("attention_restore", self.attention_restore, f"one of {', '.join(ATTENTION_RESTORES)}")
+
+        self._check_attention_sites()
+
+    def _check_attention_sites(self) -> None:
+        rules = self.attention_sites
+        if rules is None:
+            return
+        allowed = (f"a dict of site name or glob -> a pattern ({', '.join(ATTENTION_PATTERNS)}) or a dict "
+                   f"{{phase: pattern}} with phases from {', '.join(PHASES)}")
+        if not isinstance(rules, dict):
+            _fail("attention_sites", rules, allowed)
+        for site, rule in rules.items():
+            if not isinstance(site, str) or not site:
+                _fail("attention_sites", rules, f"{allowed}; got the key {site!r}")
+            if isinstance(rule, str):
+                if rule not in ATTENTION_PATTERNS:
+                    _fail(f"attention_sites[{site!r}]", rule, f"one of {', '.join(ATTENTION_PATTERNS)} or a dict {{phase: pattern}}")
+                continue
+            if not isinstance(rule, dict) or not rule:
+                _fail(f"attention_sites[{site!r}]", rule, f"one of {', '.join(ATTENTION_PATTERNS)} or a non-empty dict {{phase: pattern}}")
+            for phase, pattern in rule.items():
+                if phase not in PHASES:
+                    _fail(f"attention_sites[{site!r}]", rule, f"phases from {', '.join(PHASES)}; got {phase!r}")
+                if pattern not in ATTENTION_PATTERNS:
+                    _fail(f"attention_sites[{site!r}][{phase!r}]", pattern, f"one of {', '.join(ATTENTION_PATTERNS)}")
+        self.attention_sites = {k: (dict(v) if isinstance(v, dict) else v) for k, v in rules.items()}
+
+    def attention_pattern(self, site: str, phase: str) -> str:
+        """The pattern attention site ``site`` runs in ``phase`` under this config."""
+        if phase not in PHASES:
+            raise ValueError(f"MSTConfig.attention_pattern: phase={phase!r} is invalid: expected one of {', '.join(PHASES)}")
+        pattern = self.attention if phase in self.attention_phases else "dense"
+        for glob, rule in (self.attention_sites or {}).items():
+            if fnmatch.fnmatchcase(site, glob):
+                if isinstance(rule, str):
+                    pattern = rule if phase in self.attention_phases else "dense"
+                else:
+                    pattern = rule.get(phase, pattern)
+        return pattern
+
+    def unmatched_attention_sites(self, sites) -> list[str]:
+        """The ``attention_sites`` rules that match none of ``sites`` (most likely a typo)."""
+        sites = list(sites)
+        return [g for g in (self.attention_sites or {}) if not any(fnmatch.fnmatchcase(s, g) for s in sites)]
 
     @property
     def interval(self) -> int:

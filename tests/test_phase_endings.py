@@ -104,7 +104,7 @@ def test_grown_weights_start_at_the_scaled_layer_rms():
         assert torch.all(p[~new] == 0)
         torch.testing.assert_close(p[kept], w_before[n][kept])  # lr 0: survivors untouched
         sigma = 0.5 * w_before[n][kept].pow(2).mean().sqrt()
-        got = p[grown]
+        got = p[grown].detach()
         assert float(got.std()) == pytest.approx(float(sigma), rel=0.15), n  # 4 standard errors at n > 300
         assert abs(float(got.mean())) < 4 * float(sigma) / math.sqrt(got.numel()), n
     again, _, _ = _grown_weights(0.5)

@@ -59,7 +59,9 @@ def test_quick_run_trains_every_method(quick):
     # sparse methods spend fewer FLOPs; the three constant-90% baselines spend the same
     for name in ("static", "set", "rigl", "mst", "paper", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "mst_cosine", "static_eq"):
         assert runs[name]["mst_flops"] < 0.6 * dense["mst_flops"], name
-    assert runs["set"]["mst_flops"] == pytest.approx(runs["rigl"]["mst_flops"])
+    # SET grows at random, so it never forms the dense gradient that RigL pays for before each update
+    assert runs["set"]["mst_flops"] == pytest.approx(runs["static"]["mst_flops"])
+    assert runs["set"]["mst_flops"] < runs["rigl"]["mst_flops"]
     # HSA only removes attention work; gradient-only growth changes which weights grow, not how many
     assert runs["mst_no_hsa"]["mst_flops"] > runs["mst"]["mst_flops"]
     assert runs["mst_grad_grow"]["mst_flops"] == pytest.approx(runs["mst"]["mst_flops"])

@@ -16,6 +16,8 @@ come from ``warmup_end`` and ``ultra_end``.
 The drop fraction restarts a cosine in each phase k with its own ζ_k:
 ``ζ(t) = ζ_k/2 · (1 + cos(π·(t − τ_k)/(τ_{k+1} − τ_k)))``.
 
+Topology updates run after optimizer steps ΔT, 2ΔT, ... < T, never after the last one, so the
+sparsity a run ends with is s(k) of its last update k < T, not s(T).
 Steps past ``T`` hold the state at ``T``. Nothing here touches a model or torch.
 """
 from __future__ import annotations
@@ -91,35 +93,40 @@ def drop_fraction(step: int, config: MSTConfig) -> float:
     return zeta / 2.0 * (1.0 + math.cos(math.pi * (t - start) / (end - start)))
 
 
-def attention_at(step: int, config: MSTConfig) -> tuple[str, float]:
-    """(pattern, stride scale) of the attention at ``step``.
+def widening(step: int, config: MSTConfig) -> float | None:
+    """The stride scale of a site that leaves its sparse pattern at restoration, or None.
 
-    ``config.attention`` runs in ``config.attention_phases`` and dense causal attention elsewhere.
-    With ``attention_restore="widen"``, a restoration phase outside ``attention_phases`` instead
-    widens the window and stride in three steps: the base stride l for restoration progress
-    u < 0.25, 2l until 0.5, 4l until 0.75, then dense causal attention (8l = T for the default
-    l = T/8). Few distinct patterns keep compiled graphs few.
+    With ``attention_restore="widen"``, a site whose restoration pattern would be dense instead keeps
+    its ultra-phase pattern with the window and stride widened in three steps: the base stride l for
+    restoration progress u < 0.25, 2l until 0.5, 4l until 0.75, then dense causal attention (8l = T
+    for the default l = T/8). Few distinct patterns keep compiled graphs few. None: no widening now.
     """
     t = _clip(step, config)
-    phase = phase_at(t, config)
-    if phase in config.attention_phases:
-        return config.attention, 1.0
-    if config.attention_restore == "widen" and phase == "restoration" and config.attention != "dense":
-        _, t2, T = phase_bounds(config)
-        u = (t - t2) / (T - t2)
-        if u < 0.75:
-            return config.attention, 2.0 ** math.floor(4 * u)
-    return "dense", 1.0
+    if config.attention_restore != "widen" or phase_at(t, config) != "restoration":
+        return None
+    _, t2, T = phase_bounds(config)
+    u = (t - t2) / (T - t2)
+    return 2.0 ** math.floor(4 * u) if u < 0.75 else None
 
 
 def is_update_step(step: int, config: MSTConfig) -> bool:
-    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... up to total_steps."""
-    return 0 < step <= config.total_steps and step % config.interval == 0
+    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... strictly before total_steps.
+
+    None runs after the last optimizer step T (DESIGN §6): weights grown there would never train,
+    and the final masks are the ones the last step trained.
+    """
+    return 0 < step < config.total_steps and step % config.interval == 0
 
 
 def update_steps(config: MSTConfig) -> list[int]:
     """Every step after which a topology update runs."""
-    return list(range(config.interval, config.total_steps + 1, config.interval))
+    return list(range(config.interval, config.total_steps, config.interval))
+
+
+def last_update_at(step: int, config: MSTConfig) -> int:
+    """The latest update step <= ``step`` (0, the initial masks, before the first)."""
+    t = min(_clip(step, config), config.total_steps - 1)
+    return t - t % config.interval
 
 
 def check(config: MSTConfig) -> None:
@@ -148,8 +155,9 @@ def check(config: MSTConfig) -> None:
     updates = update_steps(config)
     for name, (a, b) in spans.items():
         if b - a > 1 and not any(phase_at(k, config) == name for k in updates):
-            lost = ("its topology would never evolve" if name == "ultra" else
-                    "its sparsity ramp would be skipped and applied at once at the next update")
+            lost = {"warmup": "its sparsity ramp would be skipped and applied at once at the next update",
+                    "ultra": "its topology would never evolve",
+                    "restoration": "the density would never be restored (no update runs after the last optimizer step)"}[name]
             raise ValueError(
                 f"MSTConfig.update_interval={config.interval}: the {name} phase [{a}, {b}) of {T} steps contains no "
                 f"topology update, so {lost}; expected update_interval <= {max(1, (b - a) // 5)} "

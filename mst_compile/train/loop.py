@@ -310,6 +310,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
         "wall_s": elapsed0 + time.time() - t_start,
+        "step_s": step_time / max(1, tc.steps - start),  # measured training step (eval and checkpoints aside)
     }
     if d.on:
         summary["ranks_identical"] = ranks_identical(acct, model, d)
@@ -337,7 +338,9 @@ def _check_model_runs(model, x, data) -> None:
 
 
 def summary_line(s: dict) -> str:
+    """One line: the algorithmic FLOP count (DESIGN §6) with the measured time beside it."""
     loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])} | train loss {loss(s['train_loss'])} | "
-            f"val loss {loss(s['val_loss'])} | FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
+    step = f", {s['step_s']:.3g} s/step" if s.get("step_s") is not None else ""
+    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])}{step} | train loss {loss(s['train_loss'])} | "
+            f"val loss {loss(s['val_loss'])} | algorithmic FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
             f"reduction {s['reduction']:.2f}x | {s['out']}")
