@@ -41,24 +41,24 @@ class MSTConfig:
     """
 
     total_steps: int = 1000
-    sparsity: float = 0.9  # s_max, held during ultra-sparsification
+    sparsity: float = 0.85  # s_max, held during ultra-sparsification
     final_sparsity: float = 0.5  # s_end, reached at the end of restoration
     warmup_end: float = 0.1  # t1 / T
     ultra_end: float = 0.8  # t2 / T
     schedule: list[tuple[int, float]] | None = None  # overrides the three phases when given
     distribution: str = "er"
     update_interval: int | None = None  # ΔT between topology updates; None: from the run length (interval)
-    drop_fraction: float = 0.3  # ζ for every phase unless drop_fractions is given
-    drop_fractions: tuple[float, float, float] | None = None  # ζ per phase (warmup, ultra, restoration)
+    drop_fraction: float = 0.3  # ζ of warm-up and ultra (restoration drops nothing) unless drop_fractions is given
+    drop_fractions: tuple[float, float, float] | None = None  # ζ per phase; None: (drop_fraction, drop_fraction, 0)
     grow_gradient_fraction: float = 0.75  # 0.75 = Mixed-Growing 3:1, 1.0 = RigL, 0.0 = SET
     attention: str = "sparse"  # pattern used in attention_phases; dense causal elsewhere
     stride: int | None = None  # HSA stride l; None means T/8 of the running sequence length
-    attention_phases: tuple[str, ...] = ("ultra",)
+    attention_phases: tuple[str, ...] = ("warmup", "ultra", "restoration")
     sparse_kernel: str = "auto"  # CPU linear kernel: auto picks CSR below the measured crossover
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
     # how the phases end (see the class docstring); the paper's recipe is preset("paper")
-    lr_schedule: str = "cosine"  # the LR the trainer uses: its own cosine, or warm-up/stable/decay in restoration
+    lr_schedule: str = "wsd"  # the LR the trainer uses: warm-up/stable/decay in restoration, or its own cosine
     grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
     attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
     restoration_shape: str = "late"  # when restored weights come back: late (1 − u³), linear, early ((1 − u)³)
@@ -178,10 +178,11 @@ class MSTConfig:
 
     @property
     def phase_drop_fractions(self) -> tuple[float, float, float]:
-        """ζ_k for (warmup, ultra, restoration)."""
+        """ζ_k for (warmup, ultra, restoration). Restoration drops nothing unless ``drop_fractions`` says
+        so: pruning there removes trained weights at the lowest learning rate (docs/design.md §8)."""
         if self.drop_fractions is not None:
             return self.drop_fractions
-        return (float(self.drop_fraction),) * 3
+        return (float(self.drop_fraction), float(self.drop_fraction), 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -217,7 +218,7 @@ class MSTConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=None, attention_phases=("ultra",),
+    "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=(0.3, 0.3, 0.3), attention_phases=("ultra",),
                   attention_restore="switch", lr_schedule="cosine", grow_init_scale=0.0, final_sparsity=0.5,
                   restoration_shape="late",
                   sparsity=0.9, warmup_end=0.1, ultra_end=0.8),

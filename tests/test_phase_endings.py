@@ -155,7 +155,7 @@ def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
 
 def test_paper_preset_is_the_published_recipe():
     p = mst_compile.MSTConfig.preset("paper", total_steps=3000)
-    assert (p.update_interval, p.drop_fraction, p.drop_fractions, p.attention_phases) == (100, 0.3, None, ("ultra",))
+    assert (p.update_interval, p.phase_drop_fractions, p.attention_phases) == (100, (0.3, 0.3, 0.3), ("ultra",))
     assert (p.attention_restore, p.lr_schedule, p.grow_init_scale, p.final_sparsity) == ("switch", "cosine", 0.0, 0.5)
     assert mst_compile.MSTConfig.preset("default") == mst_compile.MSTConfig()
     with pytest.raises(ValueError, match=r"preset\('fast'\) is unknown: expected one of default, paper"):

@@ -72,6 +72,7 @@ def test_quick_run_trains_every_method(quick):
     # the compute-fair baselines: static at MST's FLOPs within 5%; smaller dense models trained for all the
     # steps, each the width whose closed-form cost is nearest MST's budget, and the closed form is the ledger's
     mst = runs["mst"]
+    assert doc["setup"]["predicted_mst_flops"] == pytest.approx(mst["mst_flops"], rel=1e-9)  # batch-1 sizing run
     assert runs["static_eq"]["mst_flops"] == pytest.approx(mst["mst_flops"], rel=0.05)
     tokens = dense["steps"] * 4 * 32  # quick: batch 4, T 32
     budget = mst["mst_flops"] / tokens
