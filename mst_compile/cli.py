@@ -60,7 +60,7 @@ def inspect(model_file: str, sparsity: float | None) -> None:
         if e.kind == "linear":
             rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / e.params:.3f}", f"{shares[e.name]:.1%}"))
         else:
-            rows.append((e.name, e.kind, "-", "-", sm.mst.config.attention, "-"))
+            rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra"), "-"))
     total = sum(e.params for e in plan if e.kind == "linear")
     active = sum(alloc.values())
     rows.append(("total", f"{len(plan)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))

@@ -1,4 +1,6 @@
 """FLOP ledger (DESIGN §6) against FlopCounterMode, the attention mask oracle and closed forms."""
+import math
+
 import pytest
 import torch
 from _models import MLP, SpellingsLM, hf_gpt2, hf_llama, tiny_gpt, transposed_head_gpt
@@ -42,7 +44,7 @@ def test_dense_count_matches_flop_counter_mode():
 
 def test_mst_count_uses_densities_and_the_attention_pattern():
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=50, warmup_end=0.0, sparsity=0.75,
+    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=40, warmup_end=0.0, sparsity=0.75,
                                 attention="local", stride=4)
     sm = mst_compile.sparsify(tiny_gpt(), cfg)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
@@ -71,12 +73,12 @@ def _mlp_run(cfg, steps, batch=5):
 
 def test_reduction_closed_form_constant_sparsity():
     # uniform 0.75 on 16x64 and 64x8 weights keeps exactly a quarter; the dense gradient is formed on
-    # the 3 steps before the 3 updates: reduction = 6T / (6dT + 2(1-d)·T/ΔT)
+    # the 2 steps before the 2 updates (4, 8; none after the last step): reduction = 6T / (6dT + 2(1-d)·2)
     cfg = mst_compile.MSTConfig(total_steps=12, update_interval=4, schedule=[(0, 0.75), (12, 0.75)], distribution="uniform")
     sm = _mlp_run(cfg, 12)
     d = 0.25
     assert sm.mst.density() == d
-    assert sm.mst.flops.reduction == pytest.approx(6 * 12 / (6 * d * 12 + 2 * (1 - d) * 3), rel=1e-12)
+    assert sm.mst.flops.reduction == pytest.approx(6 * 12 / (6 * d * 12 + 2 * (1 - d) * 2), rel=1e-12)
     assert sm.mst.flops.dense_total == pytest.approx(12 * 5 * 6 * (16 * 64 + 64 * 8))
 
 
@@ -85,22 +87,26 @@ def test_reduction_closed_form_three_phases():
     cfg = mst_compile.MSTConfig(total_steps=T, update_interval=dT, sparsity=0.9, final_sparsity=0.5, warmup_end=0.2,
                                 ultra_end=0.7, distribution="uniform")
     sm = _mlp_run(cfg, T)
-    from mst_compile.runtime.schedule import target_sparsity
+    from mst_compile.runtime.schedule import drop_fraction, target_sparsity
     shapes = {"fc1.weight": (64, 16), "fc2.weight": (8, 64)}
     N = {n: s[0] * s[1] for n, s in shapes.items()}
     mst = dense = 0.0
     for k in range(1, T + 1):  # optimizer step k runs with the masks of the last update before it
         last = (k - 1) // dT * dT
         counts = allocate(shapes, target_sparsity(last, cfg), "uniform")
-        probe = k % dT == 0
-        mst += sum(6 * counts[n] + (2 * (N[n] - counts[n]) if probe else 0) for n in N)
+        # a weight forms the dense gradient in iteration k when the update after step k < T grows it by
+        # gradient: n_grow = n_prune − Δ with n_prune = max(⌊ζ·n_act⌋, Δ), and round(0.75·n_grow) > 0
+        nxt = allocate(shapes, target_sparsity(k, cfg), "uniform")
+        grows = {n: max(math.floor(drop_fraction(k, cfg) * counts[n]), counts[n] - nxt[n]) - (counts[n] - nxt[n]) for n in N}
+        probe = {n: k % dT == 0 and k < T and math.floor(0.75 * grows[n] + 0.5) > 0 for n in N}
+        mst += sum(6 * counts[n] + (2 * (N[n] - counts[n]) if probe[n] else 0) for n in N)
         dense += sum(6 * N[n] for n in N)
     assert sm.mst.flops.reduction == pytest.approx(dense / mst, rel=1e-12)
     assert sm.mst.flops.steps == T
 
 
 def test_tokens_come_from_the_inputs_and_eval_is_not_charged():
-    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=5, warmup_end=0.6, ultra_end=0.6), 0)
+    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=3, warmup_end=0.6, ultra_end=0.6), 0)
     opt = sm.mst._scheduler.optimizer
     with torch.no_grad():
         sm(torch.randn(7, 16))  # evaluation: no training FLOPs
@@ -116,7 +122,7 @@ def test_tokens_come_from_the_inputs_and_eval_is_not_charged():
 
 
 def test_excluded_and_as_dict():
-    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=5, warmup_end=0.6, ultra_end=0.6), 2)
+    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=3, warmup_end=0.6, ultra_end=0.6), 2)
     f = sm.mst.flops
     assert f.excluded == [("ops that are not matmuls: embedding lookups, norms, activations, residual adds, the loss "
                            "and the optimizer update")]

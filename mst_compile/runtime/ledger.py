@@ -1,13 +1,19 @@
 """FLOP ledger (DESIGN §6): algorithmic training FLOPs of the MST run and of the same model dense.
 
-Counted at every training forward (grad enabled) from the real operands, over the whole model:
+The count is the method's algorithmic cost, not a measurement: a sparse linear is charged for its
+active weights even where it runs as a dense matmul on a masked (zero-filled) weight, so the
+saving it reports is what a kernel that skips the zeros would get. Wall time is measured beside
+it (``mstc train``'s summary, ``mstc report``). Counted at every training forward (grad enabled)
+from the real operands, over the whole model:
 
 - sparse linear with density d, per row (token) it sees:
       forward 2·d·n_in·n_out, backward 4·d·n_in·n_out,
-      plus 2·(1 − d)·n_in·n_out when the call also forms the dense gradient (the step before an update)
+      plus 2·(1 − d)·n_in·n_out when the call also forms the dense gradient (the step before an
+      update that grows this weight by gradient)
 - attention per site, per query token (q of shape (B, n_heads, T, d_head)):
       4·a·d_head·n_heads forward, ×3 with backward, where a is the mean number of keys attended under
-      the active pattern ((T + 1)/2 for dense causal)
+      the pattern that runs ((T + 1)/2 for dense causal, which is also what a sparse site runs when
+      a padding mask sends it to masked dense SDPA)
 - every matmul and attention op the passes left dense (``DenseOp``: skipped weights, activation
   matmuls of attention that was not rewritten): its forward FLOPs ×3, on BOTH sides
 
@@ -35,7 +41,7 @@ UNCOUNTED = "its FLOPs are not counted"  # said by a skipped site whose work the
 
 @dataclass
 class FlopReport:
-    """Cumulative MST and dense FLOPs of the steps taken so far (what ``sm.mst.flops`` returns)."""
+    """Cumulative algorithmic MST and dense FLOPs of the steps taken so far (``sm.mst.flops``)."""
 
     mst_total: float = 0.0
     dense_total: float = 0.0
@@ -106,7 +112,7 @@ class FlopLedger:
         for name, (work, sw) in self._linear.items():
             self._hooks.append(sw.register_forward_pre_hook(self._linear_hook(name, work, sw)))
         for name, site in self._attention.items():
-            self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site)))
+            self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site), with_kwargs=True))
         for op in root.modules():
             if isinstance(op, DenseOp):
                 self._hooks.append(op.register_forward_hook(self._dense_hook, with_kwargs=True))
@@ -140,7 +146,10 @@ class FlopLedger:
             T, D = q.shape[-2], q.shape[-1]
             heads_x_batch = q.numel() // (T * D)  # B·n_heads (or B·n_heads flattened, for 3-D q)
             per_key = 12.0 * D * heads_x_batch * T  # 4·d_head·n_heads per token forward, ×3 with backward
-            a = mean_attended_keys(site.pattern, T, site.stride) if site.pattern != "dense" else (T + 1) / 2
+            mask = args[3] if len(args) > 3 else (kwargs or {}).get("attn_mask")
+            pattern, stride = site.effective(T)
+            dense = pattern == "dense" or site.runs_masked_dense(T, mask)
+            a = (T + 1) / 2 if dense else mean_attended_keys(pattern, T, stride)  # what runs
             mst = per_key * a
             self._add(mst, per_key * (T + 1) / 2, attention=mst)
         return hook

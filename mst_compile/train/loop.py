@@ -24,6 +24,7 @@ from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..modelfile import ModelFile, load_model_file
+from ..runtime.schedule import lr_multiplier
 from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
@@ -42,10 +43,13 @@ class TrainingDiverged(MstCompileError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+def lr_at(step: int, tc: TrainConfig, mst: MSTConfig | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``;
+    an MST run whose ``lr_schedule`` knows the phases follows ``schedule.lr_multiplier`` instead."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
+    if mst is not None and mst.lr_schedule != "cosine":
+        return tc.lr * lr_multiplier(step, mst, tc.min_lr / tc.lr if tc.lr else 0.0)
     u = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
 
@@ -256,7 +260,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 # what this step trains with (an update in opt.step changes it for the next one)
                 now = {"phase": acct.phase, "density": acct.density(), "target_sparsity": acct.target_sparsity,
                        "attention": acct.patterns()}
-                lr = lr_at(step, tc)
+                lr = lr_at(step, tc, None if tc.dense else mst)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss_sum = 0.0
@@ -313,6 +317,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
         "wall_s": elapsed0 + time.time() - t_start,
+        "step_s": step_time / max(1, tc.steps - start),  # measured training step (eval and checkpoints aside)
     }
     if d.on:
         summary["ranks_identical"] = ranks_identical(acct, model, d)
@@ -340,7 +345,9 @@ def _check_model_runs(model, inputs, x, data) -> None:
 
 
 def summary_line(s: dict) -> str:
+    """One line: the algorithmic FLOP count (DESIGN §6) with the measured time beside it."""
     loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])} | train loss {loss(s['train_loss'])} | "
-            f"val loss {loss(s['val_loss'])} | FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
+    step = f", {s['step_s']:.3g} s/step" if s.get("step_s") is not None else ""
+    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])}{step} | train loss {loss(s['train_loss'])} | "
+            f"val loss {loss(s['val_loss'])} | algorithmic FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
             f"reduction {s['reduction']:.2f}x | {s['out']}")
