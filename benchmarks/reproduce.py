@@ -102,15 +102,11 @@ def _model_file(spec: dict):
 
 def run_one(spec: dict) -> dict:
     """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches."""
-    import torch
-
-    from mst_compile.train.data import load_data
-    from mst_compile.train.loop import lm_loss, train
-    from mst_compile.train.metrics import read_jsonl
+    from mst_compile.train.loop import train
     from mst_compile.train.options import TrainConfig
 
     method = METHODS[spec["method"]]
-    mf, gpt, sizes = _model_file(spec)
+    mf, _, _ = _model_file(spec)
     steps = spec["steps"]
     tc = TrainConfig(steps=steps, batch_size=spec["batch_size"], block_size=spec["block_size"], lr=spec["lr"],
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
@@ -118,7 +114,21 @@ def run_one(spec: dict) -> dict:
     cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
     summary = train(mf, tc, cfg, out=out, progress=False)
+    return final_record(spec, cfg, summary)
 
+
+def final_record(spec: dict, cfg, summary: dict) -> dict:
+    """The table's record of a finished run: its final weights evaluated on ``final_eval_iters`` val batches."""
+    import torch
+
+    from mst_compile.train.data import load_data
+    from mst_compile.train.loop import lm_loss
+    from mst_compile.train.metrics import read_jsonl
+    from mst_compile.train.options import TrainConfig
+
+    method = METHODS[spec["method"]]
+    _, gpt, sizes = _model_file(spec)
+    steps, out = spec["steps"], Path(spec["out"])
     rows = read_jsonl(out / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("kind") == "train"]
     # masked weights are exactly 0 after every step, so the plain model with the saved weights is the
@@ -133,7 +143,7 @@ def run_one(spec: dict) -> dict:
         net = mst_compile.sparsify(model, cfg)  # shares the trained weights
         net.mst.set_attention(patterns)
     net.eval()
-    data = load_data(tc.data, None, tc.val_fraction)
+    data = load_data(spec.get("data"), None, TrainConfig.val_fraction)
     losses = []
     with torch.no_grad():
         for k in range(spec["final_eval_iters"]):
