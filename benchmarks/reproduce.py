@@ -102,15 +102,11 @@ def _model_file(spec: dict):
 
 def run_one(spec: dict) -> dict:
     """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches."""
-    import torch
-
-    from mst_compile.train.data import load_data
-    from mst_compile.train.loop import lm_loss, train
-    from mst_compile.train.metrics import read_jsonl
+    from mst_compile.train.loop import train
     from mst_compile.train.options import TrainConfig
 
     method = METHODS[spec["method"]]
-    mf, gpt, sizes = _model_file(spec)
+    mf, _, _ = _model_file(spec)
     steps = spec["steps"]
     tc = TrainConfig(steps=steps, batch_size=spec["batch_size"], block_size=spec["block_size"], lr=spec["lr"],
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
@@ -118,22 +114,41 @@ def run_one(spec: dict) -> dict:
     cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
     summary = train(mf, tc, cfg, out=out, progress=False)
+    return final_record(spec, cfg, summary)
 
+
+def final_record(spec: dict, cfg, summary: dict) -> dict:
+    """The table's record of a finished run: its final weights evaluated on ``final_eval_iters`` val batches."""
+    import torch
+
+    from mst_compile.train.data import load_data
+    from mst_compile.train.loop import lm_loss
+    from mst_compile.train.metrics import read_jsonl
+    from mst_compile.train.options import TrainConfig
+
+    method = METHODS[spec["method"]]
+    _, gpt, sizes = _model_file(spec)
+    steps, out = spec["steps"], Path(spec["out"])
     rows = read_jsonl(out / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("kind") == "train"]
-    if any(p != "dense" for p in (train_rows[-1].get("attention") or {}).values()):
-        raise RuntimeError(f"{spec['name']}: the last step ran sparse attention; the final evaluation assumes dense")
     # masked weights are exactly 0 after every step, so the plain model with the saved weights is the
-    # trained sparse model (attention is dense causal in the last phase of every method)
+    # trained sparse model; a run that ended with sparse attention is evaluated with that attention
     model = gpt(**sizes)
     model.load_state_dict(torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"])
-    model.eval()
-    data = load_data(tc.data, None, tc.val_fraction)
+    patterns = train_rows[-1].get("attention") or {}
+    net = model
+    if any(p != "dense" for p in patterns.values()):
+        import mst_compile
+
+        net = mst_compile.sparsify(model, cfg)  # shares the trained weights
+        net.mst.set_attention(patterns)
+    net.eval()
+    data = load_data(spec.get("data"), None, TrainConfig.val_fraction)
     losses = []
     with torch.no_grad():
         for k in range(spec["final_eval_iters"]):
             x, y = data.batch("val", (_FINAL_EVAL_KEY, k, 0), spec["batch_size"], spec["block_size"], spec["seed"])
-            losses.append(lm_loss(model(x), y).item())
+            losses.append(lm_loss(net(x), y).item())
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {
         "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
@@ -220,7 +235,12 @@ def predict_mst_flops(a) -> dict:
     batch: the batch-1 run's totals times ``batch_size`` are the full run's (checked in the table)."""
     spec = {**_spec(a, "mst", a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1,
             "out": str(a.work / "mst_flops_batch1")}
-    r = run_one(spec)
+    done = Path(spec["out"]) / "summary.json"
+    if done.is_file():  # a rerun into the same --work folder: that sizing run already finished
+        r = json.loads(done.read_text())
+        r["dense_flops_per_step"] = r["dense_flops"] / r["steps"]
+    else:
+        r = run_one(spec)
     scale = a.batch_size
     return {**r, "mst_flops": r["mst_flops"] * scale, "dense_flops": r["dense_flops"] * scale,
             "dense_flops_per_step": r["dense_flops_per_step"] * scale}

@@ -90,7 +90,7 @@ def _run(sm, opt, steps, seen):
 
 
 def _sparsified(**kw):
-    cfg = MSTConfig(total_steps=12, update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, **kw)
+    cfg = MSTConfig(total_steps=12, update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, attention_phases=("ultra",), **kw)
     torch.manual_seed(0)
     sm = mst_compile.sparsify(tiny_gpt(), cfg)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
@@ -190,13 +190,13 @@ def test_mstc_train_attention_sites_flag(tmp_path):
 
     f = write(tmp_path, "tiny.py", TINY)
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--quiet", "--out", str(out),
+    r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--update-interval", "1", "--quiet", "--out", str(out),
                                   "--attention-sites", "h.*.attn=local", "--attention-sites", "h.0.attn=ultra:dense"])
     assert r.exit_code == 0, r.output
     ultra = [x["attention"] for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "train" and x["phase"] == "ultra"]
     assert ultra and all(a == {"h.0.attn": "dense", "h.1.attn": "local"} for a in ultra)
     _, mst = read_config_file(out / "config.toml")
     assert mst["attention_sites"] == {"h.*.attn": "local", "h.0.attn": {"ultra": "dense"}}
-    bad = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--out", str(tmp_path / "bad"),
+    bad = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--update-interval", "1", "--out", str(tmp_path / "bad"),
                                     "--attention-sites", "h.0.attn=banded"])
     assert bad.exit_code != 0 and "attention_sites['h.0.attn']='banded'" in bad.output and "Traceback" not in bad.output

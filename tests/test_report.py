@@ -17,7 +17,7 @@ def runs(tmp_path_factory):
     f = write(d, "tiny.py", TINY)
     runner = CliRunner()
     for name, extra in (("mst", []), ("dense", ["--dense"])):
-        r = runner.invoke(main, ["train", str(f), "--steps", "16", "--quiet", "--out", str(d / name), *extra])
+        r = runner.invoke(main, ["train", str(f), "--steps", "16", "--update-interval", "2", "--quiet", "--out", str(d / name), *extra])
         assert r.exit_code == 0, r.output
     return d
 

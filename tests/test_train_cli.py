@@ -138,7 +138,7 @@ def test_data_folder(work, tmp_path):
     docs.mkdir()
     for i in range(12):
         (docs / f"doc{i}.md").write_text(f"# note {i}\n" + "the quick brown fox jumps over the lazy dog. " * 30)
-    r = CliRunner().invoke(main, ["train", str(d / "tiny.py"), "--data", str(docs), "--steps", "6", "--out", str(tmp_path / "run"), "--quiet"])
+    r = CliRunner().invoke(main, ["train", str(d / "tiny.py"), "--data", str(docs), "--steps", "6", "--update-interval", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 0, r.output
     assert 'data = ' in (tmp_path / "run/config.toml").read_text() and str(docs) in (tmp_path / "run/config.toml").read_text()
     meta = [json.loads(m.read_text()) for m in (d / "cache").glob("docs-*/meta.json")]
