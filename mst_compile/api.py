@@ -39,8 +39,11 @@ def sparsify(
     start of warm-up), so ``sm`` computes what ``model`` computes until sparsity is raised.
 
     ``example_inputs`` (a tensor, a tuple of positional args or a dict of keyword args) is needed
-    only for models that ``torch.fx.symbolic_trace`` cannot trace. ``filter_fn(module, fqn)``
-    returns False for modules whose weights must stay dense.
+    only for models that ``torch.fx.symbolic_trace`` cannot trace, or whose weights sit inside modules
+    it calls as a whole (``nn.MultiheadAttention``): given them, those are captured with
+    ``torch.export``. ``filter_fn(module, fqn)`` returns False for modules whose weights must stay
+    dense. ``sm.mst.skipped`` lists every weight matmul and attention site left dense, with why; the
+    FLOP ledger charges them at dense cost on both sides.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")

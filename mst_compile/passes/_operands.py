@@ -43,6 +43,11 @@ class Operand:
     why: str | None = None  # a view the pass cannot follow
 
 
+def is_linear_module(mod: nn.Module) -> bool:
+    """``nn.Linear`` or a subclass that keeps its forward (``NonDynamicallyQuantizableLinear``)."""
+    return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+
+
 def key(node: fx.Node):
     """The op of a call node: its function, or its method name."""
     return node.target if node.op in ("call_function", "call_method") else None

@@ -14,7 +14,16 @@ from torch import fx, nn
 
 from ..runtime.dense_op import DenseOp
 from . import PassResult
-from ._operands import ADDMM, BMM, EINSUM, LINEAR, MATMUL, einsum_operands, key
+from ._operands import (
+    ADDMM,
+    BMM,
+    EINSUM,
+    LINEAR,
+    MATMUL,
+    einsum_operands,
+    is_linear_module,
+    key,
+)
 
 aten = torch.ops.aten
 CONTAINER = "mst_dense"
@@ -42,7 +51,7 @@ def wrap_dense(gm: fx.GraphModule) -> PassResult:
     result = PassResult(gm, "dense")
     for node in list(graph.nodes):
         args, kwargs = node.args, node.kwargs
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear and len(args) == 1:
+        if node.op == "call_module" and is_linear_module(gm.get_submodule(node.target)) and len(args) == 1:
             kind, fn = "linear", F.linear  # an nn.Linear left dense: call F.linear on its parameters
             with graph.inserting_before(node):
                 bias = graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None

@@ -42,6 +42,7 @@ from ._operands import (
     Operand,
     einsum_operands,
     einsum_plan,
+    is_linear_module,
     key,
     lineage,
     operand,
@@ -104,7 +105,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     """A ``_Site`` for a rewritable node, ``(param, why)`` for a parameter matmul it cannot rewrite, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward and len(node.args) == 1 and not node.kwargs:
+        if is_linear_module(mod) and len(node.args) == 1 and not node.kwargs:
             return node.target
         return None
     k, args, kw = key(node), node.args, node.kwargs
@@ -132,7 +133,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     if wo is None:
         return None
     if wo.why or not bias_ok or (wo.batched and k not in BMM):
-        return wo.name, wo.why or ("its bias is not 1-D" if not bias_ok else "a broadcast parameter outside bmm")
+        return wo.name, wo.why or ("its bias is not known to be 1-D" if not bias_ok else "a broadcast parameter outside bmm")
     if k in LINEAR:  # F.linear(x, Wop) = x @ Wopᵀ
         return _Site(x, wo, b, transposed=wo.transposed)
     if left:  # W @ x = swap(swap(x) @ Wᵀ)
