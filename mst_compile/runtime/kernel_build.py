@@ -26,8 +26,8 @@ import socket
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 
 class BuildTimeout(RuntimeError):
