@@ -194,6 +194,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
 
     start, best, elapsed0 = 0, math.inf, 0.0
     if resume is not None:
+        if d.main:
+            ckpt.clean_temp(run_dir)  # left by writes a kill interrupted
         ck = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
         ckpt.check_same_model(ck, model, run_dir / "checkpoints" / "last.pt")
         model.load_state_dict(ck["model"])
@@ -220,10 +222,13 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                  f"{tc.steps} steps x {B * T * tc.grad_accum * d.world:,} tokens" + (f" | resumed at step {start}" if start else ""))
 
     def save(step: int, name: str = "last.pt") -> None:
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:  # a finite loss can still leave inf/NaN weights: never checkpoint them
+            raise _diverged(f"weight {bad} became non-finite at step {step}", run_dir)
         if d.main:
             state = ckpt.make_checkpoint(step=step, model=model, optimizer=opt, mst_state=acct.state_dict(), extra={
                 "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens}})
-            ckpt.save_atomic(state, run_dir / "checkpoints" / name)
+            ckpt.save_checkpoint(state, run_dir / "checkpoints", keep=tc.keep_checkpoints, best=name == "best.pt")
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -263,8 +268,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
                 loss_val = loss_total / d.world
                 if bad:  # before the optimizer step: no bad state reaches a checkpoint
-                    where = f"; the last good checkpoint is {run_dir / 'checkpoints' / 'last.pt'}" if (run_dir / "checkpoints" / "last.pt").exists() else ""
-                    raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}: stopping{where} (try a lower --lr)")
+                    raise _diverged(f"loss became {loss_val} at step {step + 1}", run_dir)
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 opt.step()
@@ -312,6 +316,12 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.main:
         ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _diverged(what: str, run_dir: Path) -> TrainingDiverged:
+    good = ckpt.last_good(run_dir / "checkpoints")
+    where = f"; the last good checkpoint (checksum verified) is {good}" if good else ""
+    return TrainingDiverged(f"{what}: stopping{where} (try a lower --lr)")
 
 
 def _check_model_runs(model, x, data) -> None:
