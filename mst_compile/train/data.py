@@ -7,6 +7,8 @@ runs memory-map those files, so reading a batch is a few slices and never stalls
 
 A batch is drawn from a generator seeded by ``(seed, split, step, micro-batch, rank)``, not from a
 running stream: resuming at step k reads exactly the batches an uninterrupted run reads.
+
+torch is imported where batches are made, so ``mstc train`` checks ``--data`` before loading it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import MstCompileError
 
@@ -218,6 +219,8 @@ class TokenData:
         rng = np.random.default_rng([seed, _SPLITS[split], *key])
         starts = rng.integers(0, len(arr) - block_size, size=batch_size)
         chunk = np.stack([arr[i : i + block_size + 1] for i in starts]).astype(np.int64)  # (B, T+1)
+        import torch
+
         t = torch.from_numpy(chunk)
         return t[:, :-1], t[:, 1:]  # (B, T), (B, T)
 
@@ -235,6 +238,8 @@ class HookData:
         pass
 
     def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int, seed: int):
+        import torch
+
         index = int(np.random.default_rng([seed, _SPLITS[split], *key]).integers(0, 2**62))
         try:
             out = self.fn(split, index)
@@ -249,7 +254,7 @@ class HookData:
 
 
 def _as_tokens(obj: Any, what: str) -> np.ndarray:
-    arr = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+    arr = obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)  # a torch.Tensor
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise MstCompileError(f"{what} must be a 1-D array of integer token ids, got {arr.dtype} with shape {arr.shape}")
     return arr

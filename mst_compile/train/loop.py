@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, load_model_file
+from ..modelfile import ModelFile, load_model_file, max_sequence_length
+from ..paths import writable_dir
 from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
@@ -89,15 +90,6 @@ class _StopRequest:
             signal.signal(s, h)
 
 
-def _model_block_size(model) -> int | None:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("block_size", "n_positions", "max_position_embeddings"):
-            v = getattr(obj, attr, None)
-            if isinstance(v, int) and v > 0:
-                return v
-    return None
-
-
 def _new_run_dir(model_file: Path, dense: bool) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{model_file.stem}{'-dense' if dense else ''}-{stamp}"
@@ -115,13 +107,13 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
             raise MstCompileError(f"--resume {r}: not a run folder (no config.toml); pass the folder mstc train wrote")
         if out and Path(out).resolve() != r.resolve():
             raise MstCompileError(f"--resume {r} continues in that folder; drop --out {out}")
-        return r
+        return writable_dir(r, "--resume")
     if out is None:
-        return _new_run_dir(model_file, dense)
+        return writable_dir(_new_run_dir(model_file, dense), "run folder")
     o = Path(out)
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         raise MstCompileError(f"--out {o} already exists and is not empty; pass --resume {o} to continue that run, or choose another --out")
-    return o
+    return writable_dir(o, "--out")
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
@@ -163,8 +155,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     run_dir = d.broadcast(_check_out(str(out) if out else None, str(resume) if resume else None, mf.path, tc.dense) if d.main else None)
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
-    tc = tc.resolved(mst, _model_block_size(model))
-    limit = _model_block_size(model)
+    tc = tc.resolved(mst, max_sequence_length(model))
+    limit = max_sequence_length(model)
     if limit is not None and tc.block_size > limit:
         raise MstCompileError(f"block size {tc.block_size} is larger than the model's maximum sequence length {limit}; use --block-size {limit} or less")
 
