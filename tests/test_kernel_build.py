@@ -132,3 +132,24 @@ def test_bad_timeout_setting_is_named(monkeypatch):
     monkeypatch.setenv("MST_HSA_BUILD_TIMEOUT", "soon")
     with pytest.warns(UserWarning, match="MST_HSA_BUILD_TIMEOUT='soon' is not a number"):
         assert attention_cpu.available() is False
+
+
+@pytest.mark.slow
+def test_real_build_killed_mid_compile_then_built_by_the_next_process(tmp_path):
+    """The issue's scenario with the real compiler: SIGKILL during the first build, then a new process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path), "MST_HSA_BUILD_TIMEOUT": "300"}
+    env.pop("MST_HSA_CPP", None)
+    code = "from mst_compile.runtime import attention_cpu; print(attention_cpu.available())"
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = tmp_path / "mst_compile"
+    deadline = time.monotonic() + 120
+    while not any(root.glob(".mst_hsa_*/hsa_cpu.cpp")):  # the compiler is at work
+        assert first.poll() is None and time.monotonic() < deadline, "the first build never started"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the builder and its ninja / compiler children
+    first.wait()
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert second.stdout.strip() == "True", second.stderr[-2000:]
+    assert "Warning" not in second.stderr
+    assert not list(root.glob(".mst_hsa_*")) and len(list(root.glob("mst_hsa_*/mst_hsa_*.so"))) == 1
