@@ -32,9 +32,9 @@ from torch import fx, nn
 
 from .. import __version__
 from ..errors import MstCompileError
+from ..modelfile import max_sequence_length as model_limit
 from ..paths import writable_file
 from .finalize import attention_sites, finalize, is_sparsified, resolve_attention
-from ..modelfile import max_sequence_length as model_limit
 from .validate import check_length_limit, compare
 
 PREFIX = "mst_compile."  # metadata_props keys

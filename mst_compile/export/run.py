@@ -60,9 +60,9 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
     mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
     mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
     model = mf.model()
-    limit = max_sequence_length(model)  # the captured module no longer has the model's attributes
+    # the captured module no longer has the model's attributes: take the limit here, check it early
+    limit = export_kw.setdefault("max_sequence_length", max_sequence_length(model))
     check_length_limit(export_kw.get("check_lengths", ()), limit, mf.path.name + "'s model")
-    export_kw["max_sequence_length"] = limit
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, model, last)
     model.load_state_dict(ck["model"])
