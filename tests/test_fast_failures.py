@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,15 +80,12 @@ for args in {commands!r}:
         out.append([args, type(e).__name__ + ": " + str(e), "torch" in sys.modules])
 print(json.dumps(out))
 """
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    wall = time.monotonic() - t0
     assert p.returncode == 0, p.stderr
     for args, err, torch_loaded in json.loads(p.stdout):
         assert err != "no error" and "\n" not in err, (args, err)
-        assert not torch_loaded, f"{args} imported torch before failing ({err})"
-    assert wall < 10, wall  # nine commands in one process (about 0.2 s alone on an idle machine)
+        assert not torch_loaded, f"{args} imported torch before failing ({err})"  # what made them take seconds
 
 
 @pytest.fixture(scope="module")
