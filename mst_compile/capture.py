@@ -96,6 +96,13 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
             "torch.export needs example inputs; pass example_inputs=(tensor, ...) or a dict of keyword arguments"
         )
     args, kwargs = split_inputs(example_inputs)
+    cache = _returned_cache(model, args, kwargs)
+    if cache:  # torch.export would fail on it only after tracing the whole model
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: its forward returns a KV cache ({cache}), which is not a "
+            "tensor; pass use_cache=False with the example inputs, e.g. example_inputs={'input_ids': ids, "
+            "'use_cache': False} (plus 'decoder_input_ids' for encoder-decoder models)"
+        )
     _warn_dropout(model)
     was_training = model.training
     with _no_kv_cache(model), _eval_mode(model):
@@ -208,6 +215,17 @@ def _accept_model_calls(gm: nn.Module, model: nn.Module, args: tuple, kwargs: di
         return new_args, new_kwargs
 
     gm.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+def _returned_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """The class name of a KV cache in the model's eager output (T5 builds one even with config.use_cache=False)."""
+    try:
+        with torch.no_grad(), _no_kv_cache(model), _eval_mode(model):
+            out = model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - torch.export reports it with its own context
+        return None
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+    return next((type(v).__name__ for v in values if type(v).__name__.endswith("Cache")), None)
 
 
 def _warn_dropout(model: nn.Module) -> None:

@@ -83,15 +83,24 @@ def inspect(model_file: str, sparsity: float | None) -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |onnxruntime - PyTorch| difference allowed.")
 @click.option("--no-validate", is_flag=True, help="Write the file without the onnxruntime check.")
 @click.option("--dense-initializers", is_flag=True, help="Store every weight dense (no COO sparse initializers).")
+@click.option("--check-lengths", default=None, metavar="L1,L2,...",
+              help="Also validate at these sequence lengths (each at most the model's maximum sequence length).")
 @_friendly
 def export(run_dir: str, output: str | None, attention: str | None, provider: str, atol: float, no_validate: bool,
-           dense_initializers: bool) -> None:
+           dense_initializers: bool, check_lengths: str | None) -> None:
     """Export RUN_DIR's last checkpoint to ONNX and check it against PyTorch in onnxruntime."""
+    from .paths import run_folder, writable_file
+
+    run = run_folder(run_dir)  # a typo fails in well under a second: checked before torch is imported
+    writable_file(output or run / "model.onnx", "--output")
+    lengths = _lengths(check_lengths) if check_lengths is not None else []
+    if lengths and no_validate:
+        raise click.BadParameter("the lengths are checked by the validation; drop --no-validate", param_hint="--check-lengths")
     from .export.run import export_run
 
     try:
         res = export_run(run_dir, output, attention=attention, provider=provider, atol=atol,
-                         validate=not no_validate, sparse_initializers=not dense_initializers)
+                         validate=not no_validate, sparse_initializers=not dense_initializers, check_lengths=lengths)
     except ImportError as e:  # onnx / onnxruntime missing: the message names the extra to install
         raise _Failure(str(e)) from None
     m = res.metadata
@@ -99,7 +108,18 @@ def export(run_dir: str, output: str | None, attention: str | None, provider: st
                f"{len(res.sparse_initializers)} weights stored sparse, attention {_patterns(m['attention'])}")
     if res.max_diff is not None:
         worst = max(res.max_diff.values(), default=0.0)
-        click.echo(f"onnxruntime ({provider}) matches PyTorch: max |difference| {worst:.2g} <= {atol:g}")
+        checked = f" (also at sequence lengths {', '.join(map(str, lengths))})" if lengths else ""
+        click.echo(f"onnxruntime ({provider}) matches PyTorch{checked}: max |difference| {worst:.2g} <= {atol:g}")
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter(f"{text!r} is invalid: expected sequence lengths like 16,64,128", param_hint="--check-lengths")
+    return lengths
 
 
 def _patterns(attention) -> str:
@@ -133,8 +153,6 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .train.loop import TrainingDiverged, TrainingInterrupted, summary_line
-    from .train.loop import train as run_training
     from .train.options import configs_for_model_file, split_flags
 
     train_flags, mst_flags = split_flags(flags)
@@ -143,10 +161,14 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     if resume and (train_flags or mst_flags or config_file):
         given = ", ".join(f"--{k.replace('_', '-')}" for k in [*train_flags, *mst_flags]) or "--config"
         raise _Failure(f"--resume {resume} continues with the run's saved config.toml; drop {given} (or start a new run)")
+    _check_train_paths(out, resume, config_file, train_flags.get("data"))
     from .modelfile import load_model_file
 
-    mf = load_model_file(model_file)
+    mf = load_model_file(model_file)  # a missing file fails here, before torch is imported
     tc, mst = (None, None) if resume else configs_for_model_file(mf, config_file, train_flags, mst_flags)
+    from .train.loop import TrainingDiverged, TrainingInterrupted, summary_line
+    from .train.loop import train as run_training
+
     try:
         summary = run_training(mf, tc, mst, out=out, resume=resume, progress=not quiet)
     except TrainingInterrupted as e:
@@ -158,6 +180,23 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
         raise _Failure(f"{type(e).__name__}: {e}") from None
     if summary.get("rank", 0) == 0:
         click.echo(summary_line(summary))
+
+
+def _check_train_paths(out: str | None, resume: str | None, config_file: str | None, data: str | None) -> None:
+    """What ``mstc train`` can check without torch: a typo fails in well under a second."""
+    from .paths import run_folder, writable_dir
+    from .train.options import read_config_file
+
+    if resume:
+        writable_dir(run_folder(resume, checkpoint=False), "--resume")
+    else:
+        writable_dir(out or "runs", "--out" if out else "run folder")
+    if config_file:
+        read_config_file(config_file)
+    if data:
+        from .train.data import data_files  # numpy, not torch
+
+        data_files(data)
 
 
 @main.command()

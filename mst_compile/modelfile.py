@@ -109,3 +109,14 @@ def load_model_file(path: str | Path) -> ModelFile:
     if mf.hook("model") is None:
         raise MstCompileError(f"{p} does not define model(): add `def model(): return MyModel(...)`")
     return mf
+
+
+def max_sequence_length(model) -> int | None:
+    """The longest sequence ``model`` takes (nanoGPT ``block_size``, HF ``n_positions`` /
+    ``max_position_embeddings`` on the model or its config), None when it does not say."""
+    for obj in (model, getattr(model, "config", None)):
+        for attr in ("block_size", "n_positions", "max_position_embeddings"):
+            v = getattr(obj, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None

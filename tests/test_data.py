@@ -74,8 +74,48 @@ def test_single_file_and_glob_fall_back_to_a_tail_split(tmp_path):
     assert bytes(np.asarray(data.splits["val"])) == whole[-n_val:]
     assert bytes(np.asarray(data.splits["train"])) == whole[:-n_val]
     _corpus(tmp_path / "g", 5)
-    globbed = D.data_files(str(tmp_path / "g" / "f0[0-2].txt"))
-    assert [p.name for p in globbed] == ["f00.txt", "f01.txt", "f02.txt"]
+    globbed, skipped = D.data_files(str(tmp_path / "g" / "f0[0-2].txt"))
+    assert [p.name for p in globbed] == ["f00.txt", "f01.txt", "f02.txt"] and skipped == 0
+
+
+def _binaries(folder: Path) -> list[Path]:
+    """Files that are not text: random bytes, a NUL-padded blob, UTF-16 text."""
+    rng = np.random.default_rng(0)
+    made = {"noise.dat": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+            "zeros.bin": b"header" + bytes(3000),
+            "utf16.txt": ("hello world " * 200).encode("utf-16")}
+    for name, raw in made.items():
+        (folder / name).write_bytes(raw)
+    return [folder / n for n in made]
+
+
+def test_a_non_text_file_is_refused_naming_it(tmp_path):
+    for f in _binaries(tmp_path):
+        with pytest.raises(MstCompileError) as e:
+            D.load_data(str(f), None, 0.1)
+        assert f"--data {f}: not a text file" in str(e.value) and "\n" not in str(e.value)
+    # text with a few bytes of another encoding (Latin-1 accents) and real multi-byte UTF-8 is text
+    (tmp_path / "latin1.txt").write_bytes(("caf\u00e9 na\u00efve " * 10 + "plain ascii " * 300).encode("latin-1"))
+    (tmp_path / "utf8.txt").write_text("\u00fcber \u65e5\u672c\u8a9e \u2603 " * 300, encoding="utf-8")
+    for name in ("latin1.txt", "utf8.txt"):
+        assert D.data_files(str(tmp_path / name)) == ([tmp_path / name], 0)
+
+
+def test_a_folder_skips_non_text_files_and_says_how_many(tmp_path):
+    texts = _corpus(tmp_path / "docs", 10)
+    _binaries(tmp_path / "docs")
+    files, skipped = D.data_files(str(tmp_path / "docs"))
+    assert sorted(f.name for f in files) == sorted(texts) and skipped == 3
+    data = D.load_data(str(tmp_path / "docs"), None, 0.2)
+    assert data.describe().endswith("(3 non-text files skipped)")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == sum(len(t) for t in texts.values())
+    only = tmp_path / "only"
+    only.mkdir()
+    _binaries(only)
+    with pytest.raises(MstCompileError, match=r"no text files found there \(3 non-text files skipped\)"):
+        D.data_files(str(only))
+    with pytest.raises(MstCompileError, match="3 non-text files skipped"):
+        D.data_files(str(only / "*"))
 
 
 def test_batches_are_deterministic_slices_shifted_by_one(tmp_path):

@@ -173,7 +173,7 @@ def test_plain_model_exports_with_its_sparse_weights(tmp_path):
 
 def test_bad_input(tmp_path, monkeypatch):
     model, sm, example = _build("tiny_gpt")
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(mst_compile.MstCompileError, match="is a folder"):
         mst_compile.export_onnx(sm, tmp_path, example)
     with pytest.raises(ValueError, match="needs the module returned by mst_compile.sparsify"):
         mst_compile.export_onnx(model, tmp_path / "m.onnx", example, attention="sparse")

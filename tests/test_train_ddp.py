@@ -29,5 +29,6 @@ def test_torchrun_two_processes(tmp_path):
     assert s["tokens"] == 12 * 4 * 32 * 2
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 13))  # a second writer would have duplicated lines
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "sha256sums", "step-0000008.pt",
+                                                                     "step-0000012.pt"]
     assert min(r["density"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train") < 0.2

@@ -32,8 +32,10 @@ from torch import fx, nn
 
 from .. import __version__
 from ..errors import MstCompileError
+from ..modelfile import max_sequence_length as model_limit
+from ..paths import writable_file
 from .finalize import attention_sites, finalize, is_sparsified, resolve_attention
-from .validate import compare
+from .validate import check_length_limit, compare
 
 PREFIX = "mst_compile."  # metadata_props keys
 _WRAPPED = "model"  # attribute of the wrapper holding the model: initializer names start with "model."
@@ -244,6 +246,8 @@ def export_onnx(
     provider: str = "cpu",
     atol: float = 1e-4,
     metadata: dict[str, Any] | None = None,
+    max_sequence_length: int | None = None,
+    check_lengths: list[int] | tuple[int, ...] = (),
 ) -> ExportResult:
     """Write ``sm_or_model`` to ``path`` as ONNX with dynamic batch and sequence axes.
 
@@ -253,6 +257,9 @@ def export_onnx(
     initializers. ``validate`` runs onnxruntime on ``provider`` against PyTorch at two sequence
     lengths and raises ``ExportValidationError`` when an output differs by more than ``atol``.
     ``metadata`` adds JSON-serializable entries to the file's ``mst_compile.*`` metadata_props.
+    ``max_sequence_length`` (default: the model's ``block_size`` / ``n_positions`` /
+    ``max_position_embeddings`` where it has one) is recorded as ``max_sequence_length``; the
+    validation also runs every sequence length of ``check_lengths``, none of which may exceed it.
     """
     onnx = _import_onnx()
     from .sparse_init import to_sparse_initializers
@@ -262,9 +269,9 @@ def export_onnx(
         check_provider(provider)  # onnxruntime (and the provider) missing: fail before the slow part
     if not isinstance(sm_or_model, nn.Module):
         raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(sm_or_model).__name__}")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"export path {path} is a folder: pass a file name such as {path / 'model.onnx'}")
+    path = writable_file(path, "export path")  # before the export's work
+    limit = max_sequence_length or (None if is_sparsified(sm_or_model) else model_limit(sm_or_model))
+    check_length_limit(check_lengths, limit, "the model")
     sparse = is_sparsified(sm_or_model)
     if not sparse and attention is not None:
         raise ValueError(
@@ -274,7 +281,7 @@ def export_onnx(
     chosen = resolve_attention(sm_or_model, attention) if sparse else {}
     module = finalize(sm_or_model, attention=attention) if sparse else sm_or_model
     io = _io(module, example_inputs)
-    meta = _metadata(sm_or_model, chosen, metadata)
+    meta = {**_metadata(sm_or_model, chosen, metadata), "max_sequence_length": limit}
 
     label = "the finalized sparsified module" if sparse else type(sm_or_model).__name__
     proto = _export(module, io, onnx, label)
@@ -289,7 +296,7 @@ def export_onnx(
                           inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output])
     if validate:
         run, ref_io = reference(sm_or_model, example_inputs, attention)
-        result.max_diff = compare(path, run, ref_io.examples, provider=provider, atol=atol)
+        result.max_diff = compare(path, run, ref_io.examples, provider=provider, atol=atol, lengths=check_lengths)
     return result
 
 
@@ -353,10 +360,12 @@ def _name_axes(proto) -> None:
 
 
 def validate_onnx(path, model: nn.Module, example_inputs: Any, *, attention: str | dict | None = None,
-                  provider: str = "cpu", atol: float = 1e-4, seed: int = 0) -> dict[str, float]:
+                  provider: str = "cpu", atol: float = 1e-4, seed: int = 0,
+                  lengths: list[int] | tuple[int, ...] = ()) -> dict[str, float]:
     """Compare an ONNX file with ``model`` (run with the exported ``attention``) on fresh inputs.
 
+    ``lengths`` adds sequence lengths to check (each at most the file's ``max_sequence_length``).
     Returns the max |difference| per output; raises ``ExportValidationError`` past ``atol``.
     """
     run, io = reference(model, example_inputs, attention)
-    return compare(path, run, io.examples, provider=provider, atol=atol, seed=seed)
+    return compare(path, run, io.examples, provider=provider, atol=atol, seed=seed, lengths=lengths)

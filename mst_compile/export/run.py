@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import MstCompileError
+from ..paths import run_folder, writable_file
 from .onnx import ExportResult, export_onnx
+from .validate import check_length_limit
 
 
 def _model_path(run_dir: Path, doc: dict) -> Path:
@@ -46,27 +48,21 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
     """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
     from ..api import sparsify
     from ..config import MSTConfig
-    from ..modelfile import load_model_file
+    from ..modelfile import load_model_file, max_sequence_length
     from ..train import checkpoint as ckpt
     from ..train.options import TrainConfig, read_config_file
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MstCompileError(f"run folder {run_dir} does not exist: pass the folder mstc train wrote (runs/...)")
-    cfg_file = run_dir / "config.toml"
-    if not cfg_file.is_file():
-        raise MstCompileError(f"{run_dir} is not a run folder (no config.toml): pass the folder mstc train wrote")
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise MstCompileError(
-            f"run folder {run_dir} has no checkpoint ({last} is missing): the run stopped before its first "
-            "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
-        )
+    run_dir = run_folder(run_dir)
+    output = writable_file(output or run_dir / "model.onnx", "export path")  # before the minutes of work
+    cfg_file, last = run_dir / "config.toml", run_dir / "checkpoints" / "last.pt"
     train, mst = read_config_file(cfg_file)
     tc = TrainConfig(**train)
     mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
     mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
     model = mf.model()
+    # the captured module no longer has the model's attributes: take the limit here, check it early
+    limit = export_kw.setdefault("max_sequence_length", max_sequence_length(model))
+    check_length_limit(export_kw.get("check_lengths", ()), limit, mf.path.name + "'s model")
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, model, last)
     model.load_state_dict(ck["model"])
@@ -76,7 +72,7 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
             "run": {"folder": str(run_dir), "step": int(ck["step"]), "model_file": str(mf.path)}}
     if state.get("dense") or state.get("mst") is None:  # the dense baseline: a plain model
         meta["config"] = mst_cfg.to_dict()
-        return export_onnx(model, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
+        return export_onnx(model, output, example, attention=attention, metadata=meta, **export_kw)
     sm = sparsify(model, mst_cfg, example_inputs=example)
     sm.mst.load_state_dict(state["mst"])  # masks, step, and the attention patterns of that step
-    return export_onnx(sm, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
+    return export_onnx(sm, output, example, attention=attention, metadata=meta, **export_kw)

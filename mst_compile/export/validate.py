@@ -2,11 +2,14 @@
 
 Inputs are drawn like the example inputs (same dtype; integers in the example's [min, max] range,
 floats with its spread) at two shapes: the example's batch and sequence length, then one more
-sequence and a longer batch, so the dynamic axes are exercised. Any output further than ``atol``
-from PyTorch raises ``ExportValidationError`` listing every output's max difference.
+sequence and a longer batch, so the dynamic axes are exercised, then any extra ``lengths`` asked
+for. Any output further than ``atol`` from PyTorch raises ``ExportValidationError`` listing every
+output's max difference. A length beyond the ``max_sequence_length`` the export recorded is refused
+in one line before anything runs (onnxruntime would only report a broadcast failure deep inside).
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -73,12 +76,33 @@ def random_like(example: torch.Tensor, batch: int, seq: int | None, gen: torch.G
     return (torch.randn(shape, generator=gen) * (std or 1.0)).to(example.dtype).to(example.device)
 
 
-def validation_shapes(batch: int, seq: int | None) -> list[tuple[int, int | None]]:
-    """(batch, seq) pairs to check: the example's own, then a shorter (or longer) sequence and batch + 1."""
+def validation_shapes(batch: int, seq: int | None, lengths=()) -> list[tuple[int, int | None]]:
+    """(batch, seq) pairs to check: the example's own, a shorter (or longer) sequence and batch + 1, ``lengths``."""
     if seq is None:
         return [(batch, None), (batch + 1, None)]
     other = seq // 2 + 1 if seq >= 3 else seq + 1
-    return [(batch, seq), (batch + 1, other)]
+    return list(dict.fromkeys([(batch, seq), (batch + 1, other), *((batch, t) for t in lengths)]))
+
+
+def check_length_limit(lengths, limit: int | None, what: str) -> None:
+    """Refuse sequence lengths that are not positive or exceed ``limit`` (``what`` names its source)."""
+    bad = [t for t in lengths if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+    if bad:
+        raise ValueError(f"sequence lengths to check must be integers >= 1, got {bad}")
+    over = [t for t in lengths if limit is not None and t > limit]
+    if over:
+        raise MstCompileError(f"sequence length {max(over)} is beyond the maximum sequence length {limit} of {what} "
+                              f"(its block size / position embeddings); check lengths up to {limit}")
+
+
+def recorded_limit(sess) -> int | None:
+    """The ``mst_compile.max_sequence_length`` an export recorded in its metadata, if any."""
+    raw = sess.get_modelmeta().custom_metadata_map.get("mst_compile.max_sequence_length")
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, int) else None
 
 
 def compare(
@@ -89,13 +113,16 @@ def compare(
     provider: str = "cpu",
     atol: float = 1e-4,
     seed: int = 0,
+    lengths: list[int] | tuple[int, ...] = (),
 ) -> dict[str, float]:
     """Max |onnxruntime − PyTorch| per output of ``path`` over the validation shapes; raises past ``atol``.
 
     ``reference(*inputs)`` is the PyTorch side, returning the outputs in the ONNX file's order;
-    ``examples`` are the example tensors in the ONNX file's input order.
+    ``examples`` are the example tensors in the ONNX file's input order; ``lengths`` are extra
+    sequence lengths to check at the example's batch size.
     """
     sess = session(path, provider)
+    check_length_limit(lengths, recorded_limit(sess), str(path))
     ins, outs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
     if len(ins) != len(examples):
         raise MstCompileError(f"{path} has {len(ins)} inputs ({[i.name for i in ins]}) but {len(examples)} example inputs were given")
@@ -104,9 +131,11 @@ def compare(
     lead = examples[0]
     batch = lead.shape[0] if lead.dim() else 1
     seq = lead.shape[1] if seq_dynamic[0] else None
+    if lengths and seq is None:
+        raise MstCompileError(f"{path} has no dynamic sequence axis on its first input: sequence lengths cannot be checked")
     diffs = {n: 0.0 for n in outs}
     gen = torch.Generator().manual_seed(seed)
-    shapes = validation_shapes(batch, seq)
+    shapes = validation_shapes(batch, seq, lengths)
     for b, t in shapes:
         inputs = [random_like(x, b, t if dyn else None, gen) for x, dyn in zip(examples, seq_dynamic)]
         with torch.no_grad():

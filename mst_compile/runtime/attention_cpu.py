@@ -15,17 +15,20 @@ keys by axpy), parallel over key/value heads so dK/dV need no atomics. It reads 
 whose last dim is contiguous (nanoGPT's transposed views need no copy).
 
 It is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed) into the
-torch extensions cache the first time it is used; ``MST_HSA_CPP=0`` turns it off, and any build
-failure falls back to the stock-kernel path with one warning.
+torch extensions cache the first time it is used, once per environment (``kernel_build``: a waiting
+process gives up after ``MST_HSA_BUILD_TIMEOUT`` seconds, default 300). ``MST_HSA_CPP=0`` turns it
+off; a failed or timed-out build falls back to the stock-kernel path with one warning.
+``python -m mst_compile.runtime.attention_cpu`` builds it ahead of time.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 import warnings
+from pathlib import Path
 
 import torch
+
+from . import kernel_build
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
@@ -286,34 +289,40 @@ def _flags() -> list[str]:
     return ["-O3", "-fopenmp", *_ARCH.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
+def _timeout() -> float:
+    raw = os.environ.get("MST_HSA_BUILD_TIMEOUT", "300")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"MST_HSA_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
 def available() -> bool:
-    """Build (once per machine, cached by torch) and load the kernel; False when it cannot be had."""
+    """Build (once per environment, see ``kernel_build``) and load the kernel; False when it cannot be had."""
     if "ok" in _state:
         return _state["ok"]
     _state["ok"] = False
     if os.environ.get("MST_HSA_CPP", "1") == "0":
         return False
     try:
-        from torch.utils import cpp_extension
+        flags, ldflags = _flags(), ["-fopenmp"]
+        name = f"mst_hsa_{kernel_build.build_key(_SOURCE, flags, ldflags)}"
 
-        flags = _flags()
-        digest = hashlib.sha1((_SOURCE + " ".join(flags) + torch.__version__).encode()).hexdigest()[:12]
-        name = f"mst_hsa_{digest}"
-        build = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
-        src = os.path.join(build, "hsa_cpu.cpp")
-        if not os.path.exists(src):
-            with open(src + ".tmp", "w") as f:
-                f.write(_SOURCE)
-            os.replace(src + ".tmp", src)
-        lock = os.path.join(build, "lock")  # left behind by a build that was killed: torch would wait forever
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
-            os.remove(lock)
-        cpp_extension.load(name, [src], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
-                           build_directory=build, verbose=False)
+        def compile_into(folder: Path) -> None:  # builds folder/name.so and loads it
+            from torch.utils import cpp_extension
+
+            src = folder / "hsa_cpu.cpp"
+            src.write_text(_SOURCE)
+            cpp_extension.load(name, [str(src)], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False,
+                               build_directory=str(folder), verbose=False)
+
+        lib, loaded = kernel_build.build_once(name, kernel_build.build_root(), compile_into, _timeout())
+        if not loaded:
+            torch.ops.load_library(str(lib))
         _register_fakes()
         _state["ok"] = True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: the stock path still works
-        warnings.warn(f"mst_compile: the fused CPU attention kernel could not be built ({type(e).__name__}: "
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build lock held too long: the stock path works
+        warnings.warn(f"mst_compile: the fused CPU attention kernel is not available ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the stock-kernel path",
                       stacklevel=2)
     return _state["ok"]
@@ -346,3 +355,7 @@ class HSAFusedCPU(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.mst_hsa.backward(grad, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None
+
+
+if __name__ == "__main__":  # build ahead of time, e.g. right after installing
+    print("fused CPU attention kernel:", "ready" if available() else "not available (see the warning)")

@@ -1,14 +1,23 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically.
+"""Checkpoints: everything needed to continue a run exactly, written atomically and checksummed.
 
 A checkpoint holds the model's own ``state_dict`` (loadable into ``model()`` without mst_compile),
 the optimizer, the MST state (masks, schedule position, its random generator), the data position
-and the RNG states. It is written to a temporary file in the same folder and renamed over the old
-one, so a crash mid-write leaves the previous checkpoint intact. ``last.pt`` follows the run;
-``best.pt`` is the lowest validation loss so far.
+and the RNG states. It is written to a temporary file in the same folder and renamed into place, so
+a crash mid-write leaves the previous checkpoints intact (``clean_temp`` removes the leftover).
+
+Folder layout: ``step-NNNNNNN.pt`` for the newest ``keep`` checkpoints, ``last.pt`` the newest of
+them (a hard link, else a copy), ``best.pt`` the lowest validation loss so far, and ``sha256sums``:
+one ``<sha256>  <step>  <file>`` line per file written. A file verifies when its digest is listed.
+The digest is recorded BEFORE the rename, so a crash between the two never makes a good file look
+corrupt; a flipped byte anywhere makes the digest unknown. Run folders written before checksums
+existed (no ``sha256sums``) are read as they are.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,22 +27,116 @@ import torch
 from ..errors import CheckpointError
 
 FORMAT = 1
+SUMS = "sha256sums"
+_STEP_FILE = re.compile(r"step-(\d+)\.pt")
+
+
+def _temp_beside(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _saved_temp(obj: Any, path: Path) -> str:
+    """``torch.save`` to a fsynced temp file beside ``path``; its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.replace(_saved_temp(obj, path), path)
+
+
+def sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sums(folder: Path) -> list[tuple[str, int, str]] | None:
+    """The ``sha256sums`` lines as (digest, step, file); None when the folder has none."""
+    p = folder / SUMS
+    if not p.is_file():
+        return None
+    out = []
+    for line in p.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            out.append((parts[0], int(parts[1]), parts[2]))
+    return out
+
+
+def _record(folder: Path, digest: str, step: int, name: str) -> None:
+    """Add a line; drop those of files that are gone (the two newest per name stay, see the docstring)."""
+    rows = [r for r in _sums(folder) or [] if (folder / r[2]).exists()] + [(digest, step, name)]
+    kept = [r for i, r in enumerate(rows) if sum(1 for q in rows[i + 1:] if q[2] == r[2]) < 2]
+    write_text_atomic(folder / SUMS, "".join(f"{d}  {s}  {n}\n" for d, s, n in kept))
+
+
+def save_checkpoint(state: dict, folder: Path, *, keep: int, best: bool = False) -> Path:
+    """Write ``state`` as ``step-N.pt`` (and ``last.pt``), or as ``best.pt``; keep the newest ``keep`` step files."""
+    step = int(state["step"])
+    target = folder / ("best.pt" if best else f"step-{step:07d}.pt")
+    tmp = _saved_temp(state, target)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _record(folder, sha256(tmp), step, target.name)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if best:
+        return target
+    alias = _temp_beside(folder / "last.pt")
+    os.unlink(alias)
+    try:
+        os.link(target, alias)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(target, alias)
+    os.replace(alias, folder / "last.pt")
+    for old in step_files(folder)[keep:]:
+        old.unlink()
+    return target
+
+
+def step_files(folder: Path) -> list[Path]:
+    """``step-N.pt`` files, newest first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _STEP_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verifies(path: Path) -> bool:
+    """True when ``path``'s digest is recorded in its folder's ``sha256sums`` (or the folder predates them)."""
+    sums = _sums(path.parent)
+    return sums is None or (path.is_file() and sha256(path) in {d for d, _, _ in sums})
+
+
+def last_good(folder: Path, skip: Path | None = None) -> Path | None:
+    """The newest checkpoint of ``folder`` that verifies (``last.pt`` first), other than ``skip``."""
+    for p in [folder / "last.pt", *step_files(folder)]:
+        if p.is_file() and (skip is None or not p.samefile(skip)) and verifies(p):
+            return p
+    return None
+
+
+def clean_temp(folder: Path) -> list[Path]:
+    """Remove the temp files of interrupted writes (``.NAME.*.tmp``) in ``folder`` and its checkpoints."""
+    gone = [p for d in (folder, folder / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return gone
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -76,8 +179,15 @@ def make_checkpoint(*, step: int, model, optimizer, mst_state, extra: dict) -> d
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint after checking its sha256; a mismatch names the previous one that verifies."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: the run folder has no checkpoints/last.pt to resume from")
+    if not verifies(path):
+        prev = last_good(path.parent, skip=path)
+        hint = (f"the previous checkpoint that verifies is {prev}: copy it over {path} to continue from there" if prev
+                else "no earlier checkpoint in that folder verifies")
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 is not the one recorded when it was written "
+                              f"(in {path.parent / SUMS}); {hint}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file is one line

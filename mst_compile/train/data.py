@@ -7,6 +7,8 @@ runs memory-map those files, so reading a batch is a few slices and never stalls
 
 A batch is drawn from a generator seeded by ``(seed, split, step, micro-batch, rank)``, not from a
 running stream: resuming at step k reads exactly the batches an uninterrupted run reads.
+
+torch is imported where batches are made, so ``mstc train`` checks ``--data`` before loading it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import MstCompileError
 
@@ -47,29 +48,48 @@ def stdlib_files() -> list[Path]:
     return out
 
 
-def _looks_binary(path: Path) -> bool:
+_SAMPLE = 1 << 16  # bytes read to judge a file
+_MAX_BAD = 0.05  # share of NUL or invalid UTF-8 bytes above which a file is not text
+
+
+def non_text_share(path: Path) -> float:
+    """Share of NUL bytes and bytes of invalid UTF-8 sequences in the first 64 KiB of ``path``."""
     with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
+        sample = f.read(_SAMPLE)
+    if not sample:
+        return 0.0
+    text = sample.decode("utf-8", errors="replace")
+    # one U+FFFD per invalid byte (a character cut by the sample's end counts at most 3)
+    return (sample.count(0) + text.count("\ufffd") - sample.count("\ufffd".encode())) / len(sample)
 
 
-def data_files(spec: str) -> list[Path]:
-    """A text file, a folder (every non-binary file below it, hidden ones skipped) or a glob."""
+def data_files(spec: str) -> tuple[list[Path], int]:
+    """``(files, skipped)``: a text file, or the text files of a folder (hidden ones left out) or glob.
+
+    A file given by name that is not text is refused; a folder or glob skips such files and counts them.
+    """
     p = Path(spec).expanduser()
     if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = []
+        bad = non_text_share(p)
+        if bad > _MAX_BAD:
+            raise MstCompileError(f"--data {p}: not a text file ({bad:.0%} of its first bytes are NUL or invalid UTF-8); "
+                                  "pass UTF-8 text, a folder of text files or a glob")
+        return [p], 0
+    if p.is_dir():
+        found = []
         for d, dirs, names in os.walk(p):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            files += [Path(d) / n for n in sorted(names) if not n.startswith(".")]
-        files = [f for f in files if f.is_file() and not _looks_binary(f)]
+            found += [Path(d) / n for n in sorted(names) if not n.startswith(".")]
     elif any(c in spec for c in "*?["):
-        files = [Path(f) for f in sorted(glob.glob(str(p), recursive=True)) if Path(f).is_file()]
+        found = [Path(f) for f in sorted(glob.glob(str(p), recursive=True))]
     else:
         raise MstCompileError(f"--data {spec}: no such file or folder (expected a text file, a folder or a glob like 'docs/*.txt')")
+    found = [f for f in found if f.is_file()]
+    files = [f for f in found if non_text_share(f) <= _MAX_BAD]
     if not files:
-        raise MstCompileError(f"--data {spec}: no text files found there")
-    return files
+        skipped = f" ({len(found)} non-text files skipped)" if found else ""
+        raise MstCompileError(f"--data {spec}: no text files found there{skipped}")
+    return files, len(found) - len(files)
 
 
 # -- tokenizing into a cache -----------------------------------------------------------------
@@ -168,6 +188,7 @@ class TokenData:
         self.splits = {"train": train, "val": val}
         self.vocab_size = vocab_size
         self.source = source
+        self.skipped = 0  # non-text files of the folder or glob that were left out
 
     @classmethod
     def from_folder(cls, folder: Path) -> "TokenData":
@@ -179,7 +200,8 @@ class TokenData:
         return cls(arrs["train"], arrs["val"], meta["vocab_size"], meta["source"])
 
     def describe(self) -> str:
-        return f"{self.source}: {len(self.splits['train']):,} train / {len(self.splits['val']):,} val tokens"
+        skipped = f" ({self.skipped} non-text file{'s' if self.skipped > 1 else ''} skipped)" if self.skipped else ""
+        return f"{self.source}: {len(self.splits['train']):,} train / {len(self.splits['val']):,} val tokens{skipped}"
 
     def check(self, block_size: int) -> None:
         for split, arr in self.splits.items():
@@ -197,6 +219,8 @@ class TokenData:
         rng = np.random.default_rng([seed, _SPLITS[split], *key])
         starts = rng.integers(0, len(arr) - block_size, size=batch_size)
         chunk = np.stack([arr[i : i + block_size + 1] for i in starts]).astype(np.int64)  # (B, T+1)
+        import torch
+
         t = torch.from_numpy(chunk)
         return t[:, :-1], t[:, 1:]  # (B, T), (B, T)
 
@@ -214,6 +238,8 @@ class HookData:
         pass
 
     def batch(self, split: str, key: tuple[int, ...], batch_size: int, block_size: int, seed: int):
+        import torch
+
         index = int(np.random.default_rng([seed, _SPLITS[split], *key]).integers(0, 2**62))
         try:
             out = self.fn(split, index)
@@ -228,7 +254,7 @@ class HookData:
 
 
 def _as_tokens(obj: Any, what: str) -> np.ndarray:
-    arr = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+    arr = obj.detach().cpu().numpy() if hasattr(obj, "detach") else np.asarray(obj)  # a torch.Tensor
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise MstCompileError(f"{what} must be a 1-D array of integer token ids, got {arr.dtype} with shape {arr.shape}")
     return arr
@@ -259,11 +285,14 @@ def from_hook(value: Any, source: str, val_fraction: float, tokenizer: str | Non
 def load_data(spec: str | None, tokenizer: str | None, val_fraction: float):
     """The corpus a run trains on: ``spec`` None is the standard library, bytes unless ``tokenizer``."""
     tok = _HFTokenizer(tokenizer) if tokenizer else _Bytes()
+    skipped = 0
     if spec is None:
         files, source, root = stdlib_files(), "stdlib", Path(sysconfig.get_paths()["stdlib"])
     else:
-        files, source = data_files(spec), spec
+        (files, skipped), source = data_files(spec), spec
         root = Path(spec) if Path(spec).is_dir() else None
     if sum(f.stat().st_size for f in files) == 0:
         raise MstCompileError(f"the data {source} is empty: its {len(files)} file(s) hold no text")
-    return TokenData.from_folder(build_token_files(files, tok, val_fraction, source, root))
+    data = TokenData.from_folder(build_token_files(files, tok, val_fraction, source, root))
+    data.skipped = skipped
+    return data

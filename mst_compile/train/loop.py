@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, load_model_file
+from ..modelfile import ModelFile, load_model_file, max_sequence_length
+from ..paths import writable_dir
 from ..runtime.schedule import lr_multiplier
 from . import checkpoint as ckpt
 from . import distributed
@@ -100,15 +101,6 @@ class _StopRequest:
             signal.signal(s, h)
 
 
-def _model_block_size(model) -> int | None:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("block_size", "n_positions", "max_position_embeddings"):
-            v = getattr(obj, attr, None)
-            if isinstance(v, int) and v > 0:
-                return v
-    return None
-
-
 def _new_run_dir(model_file: Path, dense: bool) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{model_file.stem}{'-dense' if dense else ''}-{stamp}"
@@ -126,13 +118,13 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
             raise MstCompileError(f"--resume {r}: not a run folder (no config.toml); pass the folder mstc train wrote")
         if out and Path(out).resolve() != r.resolve():
             raise MstCompileError(f"--resume {r} continues in that folder; drop --out {out}")
-        return r
+        return writable_dir(r, "--resume")
     if out is None:
-        return _new_run_dir(model_file, dense)
+        return writable_dir(_new_run_dir(model_file, dense), "run folder")
     o = Path(out)
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         raise MstCompileError(f"--out {o} already exists and is not empty; pass --resume {o} to continue that run, or choose another --out")
-    return o
+    return writable_dir(o, "--out")
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
@@ -175,8 +167,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
     inputs = mf.inputs_for(model)
-    tc = tc.resolved(mst, _model_block_size(model))
-    limit = _model_block_size(model)
+    tc = tc.resolved(mst, max_sequence_length(model))
+    limit = max_sequence_length(model)
     if limit is not None and tc.block_size > limit:
         raise MstCompileError(f"block size {tc.block_size} is larger than the model's maximum sequence length {limit}; use --block-size {limit} or less")
 
@@ -205,6 +197,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
 
     start, best, elapsed0 = 0, math.inf, 0.0
     if resume is not None:
+        if d.main:
+            ckpt.clean_temp(run_dir)  # left by writes a kill interrupted
         ck = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
         ckpt.check_same_model(ck, model, run_dir / "checkpoints" / "last.pt")
         model.load_state_dict(ck["model"])
@@ -231,10 +225,13 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                  f"{tc.steps} steps x {B * T * tc.grad_accum * d.world:,} tokens" + (f" | resumed at step {start}" if start else ""))
 
     def save(step: int, name: str = "last.pt") -> None:
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:  # a finite loss can still leave inf/NaN weights: never checkpoint them
+            raise _diverged(f"weight {bad} became non-finite at step {step}", run_dir)
         if d.main:
             state = ckpt.make_checkpoint(step=step, model=model, optimizer=opt, mst_state=acct.state_dict(), extra={
                 "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens}})
-            ckpt.save_atomic(state, run_dir / "checkpoints" / name)
+            ckpt.save_checkpoint(state, run_dir / "checkpoints", keep=tc.keep_checkpoints, best=name == "best.pt")
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -274,8 +271,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
                 loss_val = loss_total / d.world
                 if bad:  # before the optimizer step: no bad state reaches a checkpoint
-                    where = f"; the last good checkpoint is {run_dir / 'checkpoints' / 'last.pt'}" if (run_dir / "checkpoints" / "last.pt").exists() else ""
-                    raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}: stopping{where} (try a lower --lr)")
+                    raise _diverged(f"loss became {loss_val} at step {step + 1}", run_dir)
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 opt.step()
@@ -324,6 +320,12 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.main:
         ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _diverged(what: str, run_dir: Path) -> TrainingDiverged:
+    good = ckpt.last_good(run_dir / "checkpoints")
+    where = f"; the last good checkpoint (checksum verified) is {good}" if good else ""
+    return TrainingDiverged(f"{what}: stopping{where} (try a lower --lr)")
 
 
 def _check_model_runs(model, inputs, x, data) -> None:

@@ -38,6 +38,7 @@ class TrainConfig:
     eval_iters: int = 10  # batches per split per evaluation
     log_interval: int = 10  # steps between metrics.jsonl lines (progress updates every step)
     checkpoint_interval: int | None = None  # steps between checkpoints; None: eval_interval
+    keep_checkpoints: int = 2  # newest checkpoints kept (step-N.pt); >= 2 so a corrupt one has a predecessor
     seed: int = 0  # model init, batch order and MST's random growth
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: str | None = None  # text file, folder or glob; None: the Python standard library
@@ -54,6 +55,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _fail(name, v, "an integer >= 1")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 2:
+            _fail("keep_checkpoints", self.keep_checkpoints, "an integer >= 2")
         for name in ("lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
@@ -222,6 +225,7 @@ _HELP = {
     "grad_clip": "Clip the global gradient norm (0: off).", "grad_accum": "Micro-batches per optimizer step.",
     "eval_interval": "Steps between evaluations (default steps/5).", "eval_iters": "Batches per split per evaluation.",
     "log_interval": "Steps between metrics.jsonl lines.", "checkpoint_interval": "Steps between checkpoints (default: eval interval).",
+    "keep_checkpoints": "Newest checkpoints kept in the run folder (at least 2).",
     "seed": "Seed of model init, batch order and random growth.", "device": "auto, cpu, cuda or cuda:N.",
     "data": "Text file, folder or glob of text files (default: the Python standard library).",
     "tokenizer": "Local Hugging Face tokenizer folder (default: bytes).", "val_fraction": "Share of the data held out for validation.",

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import MstCompileError
+from ..paths import writable_dir
 from .metrics import duration, human, read_jsonl
 
 _PHASE_COLORS = {"warmup": "#fde0c5", "ultra": "#c9e4f6", "restoration": "#d5f0d2", "dense": "#eeeeee"}
@@ -221,7 +222,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     if out is None:
         first = runs[0].folder
         out = first / "report" if len(runs) == 1 else first.parent / f"report-{datetime.now():%Y%m%d-%H%M%S}"
-    out = Path(out)
+    out = writable_dir(out, "report folder")  # before the plots are drawn
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
