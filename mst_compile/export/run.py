@@ -36,12 +36,14 @@ def _model_path(run_dir: Path, doc: dict) -> Path:
 
 
 def _example(mf, model: nn.Module, block_size: int | None):
-    """The model file's example_inputs(), else a batch of token ids like the ones it trained on."""
+    """The model file's example_inputs(), else a batch of token ids like the ones it trained on, passed
+    the way the trainer passes them."""
     if mf.hook("example_inputs") is not None:
         return mf.example_inputs()
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     vocab = emb.num_embeddings if emb is not None else 256
-    return (torch.randint(0, vocab, (2, block_size or 128), generator=torch.Generator().manual_seed(0)),)
+    tokens = torch.randint(0, vocab, (2, block_size or 128), generator=torch.Generator().manual_seed(0))
+    return mf.inputs_for(model)(tokens)
 
 
 def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
