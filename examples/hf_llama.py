@@ -21,4 +21,4 @@ def example_inputs():
 
 
 def config():
-    return mst_compile.MSTConfig(total_steps=1000, update_interval=50)
+    return mst_compile.MSTConfig(total_steps=1000)
