@@ -12,6 +12,11 @@ Counted at every training forward (grad enabled) from what actually ran:
 The dense baseline uses d = 1, no dense-gradient extra and dense causal attention. Every other op
 (embeddings, norms, activations, the loss, the optimizer, sites the passes left alone) is left out of
 both and listed in ``excluded``. Work counted between two optimizer steps is charged to the second.
+
+The hooks run inside ``torch.compile``'d forwards, so they only record shapes (the rows each sparse
+weight saw); densities and probe steps are applied when the step is charged, outside the compiled
+region. A hook that read a density would make the compiled graph guard on its value and recompile
+at every topology update.
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ class FlopLedger:
         self._density = density
         self.report = FlopReport(excluded=list(excluded))
         self._pending = [0.0, 0.0, 0, 0.0, 0.0]  # mst, dense, tokens, linear mst, attention mst
+        self._rows = dict.fromkeys(linear, 0)  # rows (tokens) each sparse weight saw since the last step
         self._hooks: list = []
 
     # -- hooks --------------------------------------------------------------------------------
@@ -115,12 +121,19 @@ class FlopLedger:
             if not torch.is_grad_enabled():
                 return
             x = args[0]
-            rows = x.numel() // x.shape[-1] if x.dim() else 1
-            d = self._density(name)
-            extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
-            mst = rows * work * (6.0 * d + extra)
-            self._add(mst, rows * work * 6.0, linear=mst)
+            self._rows[name] += x.numel() // x.shape[-1] if x.dim() else 1
         return hook
+
+    def _charge_linear(self) -> None:
+        """Turn the rows each sparse weight saw into FLOPs at the densities of this step."""
+        for name, rows in self._rows.items():
+            if rows:
+                work, sw = self._linear[name]
+                d = self._density(name)
+                extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
+                mst = rows * work * (6.0 * d + extra)
+                self._add(mst, rows * work * 6.0, linear=mst)
+                self._rows[name] = 0
 
     def _attention_hook(self, site: nn.Module):
         def hook(module, args, kwargs=None):
@@ -145,6 +158,7 @@ class FlopLedger:
     # -- charging -----------------------------------------------------------------------------
     def close_step(self) -> None:
         """Charge everything counted since the previous optimizer step to this one."""
+        self._charge_linear()
         mst, dense, tokens, lin, att = self._pending
         r = self.report
         r.steps += 1
@@ -166,6 +180,7 @@ class FlopLedger:
             if hasattr(self.report, k) and k != "excluded":
                 setattr(self.report, k, v)
         self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+        self._rows = dict.fromkeys(self._rows, 0)
 
 
 def excluded_ops(attention_sites: int, skipped: list[tuple[str, str]]) -> list[str]:
