@@ -62,6 +62,10 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
             f"run folder {run_dir} has no checkpoint ({last} is missing): the run stopped before its first "
             "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
         )
+    if export_kw.get("validate", True):
+        from .validate import check_provider
+
+        check_provider(export_kw.get("provider", "cpu"))  # no onnxruntime-gpu: one line before any work
     train, mst = read_config_file(cfg_file)
     tc = TrainConfig(**train)
     mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
