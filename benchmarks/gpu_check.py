@@ -72,6 +72,14 @@ def _flash():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
+def _fwd_bwd(attend, q, k, v, do):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        attend(q, k, v).backward(do)
+    return run
+
+
 def hsa(device, dry: bool, reps: int) -> None:
     H, D = (2, 16) if dry else (12, 64)
     lengths = (64, 128) if dry else (1024, 4096, 8192)
@@ -80,18 +88,12 @@ def hsa(device, dry: bool, reps: int) -> None:
         q, k, v, do = (torch.randn(1, H, T, D, generator=g).to(device, torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
-
-        def step(fn):
-            def run():
-                for t in (q, k, v):
-                    t.grad = None
-                fn().backward(do)
-            return run
-
+        causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         with _flash():
-            dense = _median_time(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), device, reps)
+            dense = _median_time(_fwd_bwd(causal, q, k, v, do), device, reps)
         for l in sorted({T // 8, 4 if dry else 128}):
-            t = _median_time(step(lambda l=l: hsa_attention(q, k, v, pattern="sparse", stride=l)), device, reps)
+            sparse = lambda q, k, v, l=l: hsa_attention(q, k, v, pattern="sparse", stride=l)  # noqa: E731
+            t = _median_time(_fwd_bwd(sparse, q, k, v, do), device, reps)
             ratio = (T + 1) / 2 / mean_attended_keys("sparse", T, l)
             _row("hsa", f"T={T} l={l} fwd+bwd bf16", f"flash {dense * 1e3:.2f} ms, HSA {t * 1e3:.2f} ms, "
                  f"speedup {dense / t:.2f}x (flop ratio {ratio:.1f}x)")
@@ -104,34 +106,36 @@ def _gpt_class():
     return mod.GPT
 
 
+def _train_step(net, opt, x, device, backend: str):
+    compiled = torch.compile(net, backend=backend)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = compiled(x[:, :-1])  # (B, T, vocab)
+        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def train(device, dry: bool, reps: int) -> None:
-    shape = dict(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32) if dry else \
-        dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    tiny = {"vocab_size": 256, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    gpt2 = {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
+    shape = tiny if dry else gpt2
     B, T = (2, 32) if dry else (8, 1024)
-    backend = "eager" if dry else "inductor"
     GPT = _gpt_class()
     x = torch.randint(0, shape["vocab_size"], (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
     for mode in ("dense", "mst ultra"):
         torch.manual_seed(0)
-        model = GPT(**shape).to(device)
-        if mode == "dense":
-            net = model
-        else:  # ultra from step 0: 90% sparse, sparse attention, the first update far away
+        net = GPT(**shape).to(device)
+        if mode != "dense":  # ultra from step 0: 90% sparse, sparse attention, the first update far away
             cfg = mst_compile.MSTConfig(total_steps=100_000, update_interval=10_000, warmup_end=0.0, ultra_end=1.0,
                                         sparse_kernel="dense")
-            net = mst_compile.sparsify(model, cfg, example_inputs=(x[:, :-1],))
+            net = mst_compile.sparsify(net, cfg, example_inputs=(x[:, :-1],))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
         if mode != "dense":
             net.mst.attach(opt)
-        compiled = torch.compile(net, backend=backend)
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = compiled(x[:, :-1])
-            F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = _train_step(net, opt, x, device, "eager" if dry else "inductor")
         t0 = time.perf_counter()
         step()  # compiles
         compile_s = time.perf_counter() - t0
@@ -142,7 +146,7 @@ def train(device, dry: bool, reps: int) -> None:
         extra = f", density {net.mst.density():.2f}" if mode != "dense" else ""
         _row("train", f"{'GPT tiny' if dry else 'GPT-2 small'} B={B} T={T} {mode}",
              f"{B * T / t:,.0f} tokens/s, peak {peak:.1f} GiB, compile {compile_s:.0f} s{extra}")
-        del compiled, net, model, opt
+        del step, net, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -158,8 +162,8 @@ def onnx(device, dry: bool, reps: int) -> None:
     if name not in ort.get_available_providers():
         _row("onnx", "onnxruntime latency", f"skipped: no {name} (pip install 'mst-compile[gpu]')")
         return
-    shape = dict(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=32) if dry else \
-        dict(vocab_size=256, block_size=2048, n_layer=4, n_head=8, n_embd=512)
+    shape = {"vocab_size": 256, "block_size": 64, "n_layer": 1, "n_head": 2, "n_embd": 32} if dry else \
+        {"vocab_size": 256, "block_size": 2048, "n_layer": 4, "n_head": 8, "n_embd": 512}
     T = shape["block_size"]
     torch.manual_seed(0)
     sm = mst_compile.sparsify(_gpt_class()(**shape), mst_compile.MSTConfig(total_steps=10))
@@ -171,7 +175,7 @@ def onnx(device, dry: bool, reps: int) -> None:
                                           sparse_initializers=False)
             sess = ort.InferenceSession(str(path), providers=[name])
             feed = {sess.get_inputs()[0].name: example[0].numpy()}
-            t = _median_time(lambda: sess.run(None, feed), torch.device("cpu"), reps)
+            t = _median_time(lambda sess=sess, feed=feed: sess.run(None, feed), torch.device("cpu"), reps)
             worst = max(res.max_diff.values(), default=0.0)
             _row("onnx", f"{provider} T={T} {attention} attention", f"{t * 1e3:.2f} ms, max |ort - torch| {worst:.1g}")
 

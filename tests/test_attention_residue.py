@@ -64,6 +64,16 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
 
 
+def test_transposed_layout_and_custom_scale():
+    """nanoGPT's (B, T, H, D) tensors transposed to (B, H, T, D), and an explicit scale."""
+    q, k, v, g = (torch.randn(2, 48, 4, 16).transpose(1, 2) for _ in range(4))
+    mask = pattern_mask(48, 6, "sparse")
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=0.7)
+    want = (want, *torch.autograd.grad(want, (qd, kd, vd), g.double()))
+    _check(_run(q, k, v, g, "sparse", 6, scale=0.7), want, 1e-5, "transposed")
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_bfloat16_within_tolerance(pattern):
     T, l = 90, 8
