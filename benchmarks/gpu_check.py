@@ -177,7 +177,7 @@ def onnx(device, dry: bool, reps: int) -> None:
             feed = {sess.get_inputs()[0].name: example[0].numpy()}
             t = _median_time(lambda sess=sess, feed=feed: sess.run(None, feed), torch.device("cpu"), reps)
             worst = max(res.max_diff.values(), default=0.0)
-            _row("onnx", f"{provider} T={T} {attention} attention", f"{t * 1e3:.2f} ms, max |ort - torch| {worst:.1g}")
+            _row("onnx", f"{provider} T={T} {attention} attention", f"{t * 1e3:.2f} ms, max difference to PyTorch {worst:.1g}")
 
 
 def main() -> None:
