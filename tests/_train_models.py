@@ -13,7 +13,9 @@ def model():
     return GPT(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=24, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4)
+    # HSA in the ultra phase only: the tests see each phase's attention switch
+    return mst_compile.MSTConfig(total_steps=24, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4,
+                                 attention_phases=("ultra",))
 
 def train_config():
     return {{"batch_size": 4, "block_size": 32, "eval_iters": 2, "eval_interval": 8, "log_interval": 1,

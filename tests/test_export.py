@@ -201,7 +201,8 @@ def model():
     return GPT(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.5, ultra_end=0.75, stride=4)
+    return mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.5, ultra_end=0.75, stride=4,
+                                 attention_phases=("ultra",))
 
 def train_config():
     return {{"batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,

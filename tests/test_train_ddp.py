@@ -20,7 +20,7 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MST_COMPILE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mst_compile", "train", str(f), "--steps", "12", "--out", str(out), "--quiet"]
+           "-m", "mst_compile", "train", str(f), "--steps", "12", "--update-interval", "2", "--out", str(out), "--quiet"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("done: 12 steps (mst)") == 1  # one summary: rank 0's
