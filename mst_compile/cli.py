@@ -109,7 +109,9 @@ def export(run_dir: str, output: str | None, attention: str | None, provider: st
     if res.max_diff is not None:
         worst = max(res.max_diff.values(), default=0.0)
         checked = f" (also at sequence lengths {', '.join(map(str, lengths))})" if lengths else ""
-        click.echo(f"onnxruntime ({provider}) matches PyTorch{checked}: max |difference| {worst:.2g} <= {atol:g}")
+        per_output = ", ".join(f"{name} {d:.2g}" for name, d in res.max_diff.items())
+        click.echo(f"onnxruntime ({provider}) matches PyTorch{checked}: max |difference| {worst:.2g} <= {atol:g} "
+                   f"(per output: {per_output})")
 
 
 def _lengths(text: str) -> list[int]:

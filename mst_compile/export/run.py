@@ -57,6 +57,10 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
     run_dir = run_folder(run_dir)
     output = writable_file(output or run_dir / "model.onnx", "export path")  # before the minutes of work
     cfg_file, last = run_dir / "config.toml", run_dir / "checkpoints" / "last.pt"
+    if export_kw.get("validate", True):
+        from .validate import check_provider
+
+        check_provider(export_kw.get("provider", "cpu"))  # no onnxruntime-gpu: one line before any work
     train, mst = read_config_file(cfg_file)
     tc = TrainConfig(**train)
     mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})

@@ -27,7 +27,8 @@ Three implementations, picked by ``hsa_kernel``:
   attentions are ``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns its lse, and
   the backward calls its backward op once per part with the MERGED output and lse: that gives each
   part's exact share of dQ and of dK/dV for its own keys, so the backward skips the masked work too;
-- other devices: the same layout through plain matmuls and autograd, still without a T×T matrix.
+- other devices (CUDA): ``attention_residue``, three mask-free causal attention calls (flash
+  kernels on fp16/bf16) merged by lse; it runs on CPU too (``hsa_kernel(..., kernel="residue")``).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import attention_cpu
+from .attention_residue import hsa_residue
 
 _NEG = float("-inf")
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -305,21 +307,27 @@ class _HSAHybrid(torch.autograd.Function):
 
 
 def choose_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int) -> str:
-    """Which implementation ``hsa_kernel`` runs: "fused", "fused+flash", "flash" or "matmul"."""
-    cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+    """Which implementation ``hsa_kernel`` runs: "fused", "fused+flash", "flash", "residue" or "matmul"."""
+    if q.device.type != "cpu":
+        return "residue"
+    cpu = q.dtype == k.dtype == v.dtype
     if cpu and local and q.dtype == torch.float32 and attention_cpu.available():
         return "fused+flash" if strided and q.shape[-2] // stride > HYBRID_ABOVE else "fused"
     return "flash" if cpu and q.dtype in _FLASH_DTYPES else "matmul"
 
 
-def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int, scale: float | None) -> Tensor:
+def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int, scale: float | None,
+               kernel: str | None = None) -> Tensor:
     """Causal attention over the band (``local``) and/or residues (``strided``) of stride ``stride``.
 
     q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0; arguments are assumed validated.
+    ``kernel`` forces one of ``choose_kernel``'s answers (default: its choice).
     """
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    kernel = choose_kernel(q, k, v, local=local, strided=strided, stride=stride)
+    kernel = kernel or choose_kernel(q, k, v, local=local, strided=strided, stride=stride)
+    if kernel == "residue":
+        return hsa_residue(q, k, v, local=local, strided=strided, stride=stride, scale=scale)
     if kernel == "fused":
         return attention_cpu.HSAFusedCPU.apply(q, k, v, stride, local, strided, scale)
     if kernel == "fused+flash":

@@ -23,6 +23,11 @@ charges the full T² of causal SDPA, so its attention term is (T + 1)/(2T) times
 (embedding lookups, norms, activations, the loss, the optimizer) is left out of both and listed in
 ``excluded``. Work counted between two optimizer steps is charged to the second. The count is
 algorithmic: the masked-dense kernels run dense matmuls on zeros, so wall time is measured apart.
+
+The hooks run inside ``torch.compile``'d forwards, so the linear hooks only record shapes (the rows
+each sparse weight saw); densities and probe steps are applied when the step is charged, outside the
+compiled region. A hook that read a density would make the compiled graph guard on its value and
+recompile at every topology update.
 """
 from __future__ import annotations
 
@@ -104,6 +109,7 @@ class FlopLedger:
         self._density = density
         self.report = FlopReport(excluded=list(excluded))
         self._pending = [0.0, 0.0, 0, 0.0, 0.0]  # mst, dense, tokens, linear mst, attention mst
+        self._rows = dict.fromkeys(linear, 0)  # rows (tokens) each sparse weight saw since the last step
         self._hooks: list = []
 
     # -- hooks --------------------------------------------------------------------------------
@@ -131,12 +137,19 @@ class FlopLedger:
             if not torch.is_grad_enabled():
                 return
             x = args[0]
-            rows = x.numel() // x.shape[-1] if x.dim() else 1
-            d = self._density(name)
-            extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
-            mst = rows * work * (6.0 * d + extra)
-            self._add(mst, rows * work * 6.0, linear=mst)
+            self._rows[name] += x.numel() // x.shape[-1] if x.dim() else 1
         return hook
+
+    def _charge_linear(self) -> None:
+        """Turn the rows each sparse weight saw into FLOPs at the densities of this step."""
+        for name, rows in self._rows.items():
+            if rows:
+                work, sw = self._linear[name]
+                d = self._density(name)
+                extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
+                mst = rows * work * (6.0 * d + extra)
+                self._add(mst, rows * work * 6.0, linear=mst)
+                self._rows[name] = 0
 
     def _attention_hook(self, site: nn.Module):
         def hook(module, args, kwargs=None):
@@ -184,6 +197,7 @@ class FlopLedger:
     # -- charging -----------------------------------------------------------------------------
     def close_step(self) -> None:
         """Charge everything counted since the previous optimizer step to this one."""
+        self._charge_linear()
         mst, dense, tokens, lin, att = self._pending
         r = self.report
         r.steps += 1
@@ -205,6 +219,7 @@ class FlopLedger:
             if hasattr(self.report, k) and k != "excluded":
                 setattr(self.report, k, v)
         self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+        self._rows = dict.fromkeys(self._rows, 0)
 
 
 def excluded_ops(skipped: list[tuple[str, str]]) -> list[str]:

@@ -27,9 +27,6 @@ from torch import Tensor, nn
 
 from .csr import CsrStructure, choose_kernel, csr_linear, csr_usable
 
-_NO_PROBE = torch.empty(0)
-
-
 @torch.library.custom_op("mst::sparse_linear", mutates_args=())
 def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], probe: Tensor) -> Tensor:
     return F.linear(x, weight, bias)
@@ -81,7 +78,7 @@ class SparseWeight(nn.Module):
         self.name = name
         self.weight_shape = tuple(weight.shape)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
-        self.probe = _NO_PROBE
+        self.probe = torch.empty(0, device=weight.device)  # no dense gradient asked for (on the weight's device)
         self._outside: Tensor | None = None  # on probe steps: the raw gradient of a weight with other uses
         self.kernel = "dense"  # "dense" (masked-dense op) | "csr" (compressed kernels, CPU)
         self._csr: dict[bool, CsrStructure] = {}  # transposed -> structure of the current mask
@@ -117,7 +114,7 @@ class SparseWeight(nn.Module):
         if on:
             self.probe = torch.zeros(self.weight_shape, device=self.mask.device, requires_grad=True)
         else:
-            self.probe = _NO_PROBE
+            self.probe = torch.empty(0, device=self.mask.device)
         self._outside = None
 
     def mask_gradient(self, grad: Tensor) -> Tensor:
@@ -143,6 +140,10 @@ class SparseWeight(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
         mask, probe = self.mask, self.probe
+        if torch.is_autocast_enabled(x.device.type):  # autocast skips custom ops: cast as it casts F.linear
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)  # the fp32 master weight gets its gradient through .to()
+            bias = None if bias is None else bias.to(dtype)
         if self.kernel == "csr" and csr_usable(x, weight):
             return csr_linear(x, weight, bias, probe, self._structure(transposed))
         if transposed:  # weight stored (in, out), as in HF Conv1D / x @ W

@@ -60,6 +60,11 @@ class Dist:
             dist.destroy_process_group()
 
 
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for this process's device: nccl on GPUs, gloo on CPU (the rest is the same code)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def setup(device: str = "auto") -> Dist:
     """Join the torchrun process group if there is one and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,6 +79,6 @@ def setup(device: str = "auto") -> Dist:
         dev = torch.device("cpu")
     started = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend=backend_for(dev), device_id=dev if use_cuda else None)
         started = True
     return Dist(rank, world, local, dev, started)

@@ -32,6 +32,7 @@ from .accounting import Accounting, ranks_identical
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress, duration, human
 from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file
+from .precision import MAX_SKIPS, Precision
 
 _EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
 
@@ -194,6 +195,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(tc.beta1, tc.beta2))
     acct.attach(opt)
+    prec = Precision(tc.precision, d.device)
 
     start, best, elapsed0 = 0, math.inf, 0.0
     if resume is not None:
@@ -205,6 +207,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         opt.load_state_dict(ck["optimizer"])
         acct.load_state_dict(ck["mst"], run_dir / "checkpoints" / "last.pt")
         ckpt.set_rng_state(ck["rng"])
+        prec.load_state_dict(ck.get("precision"))
         start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
         if start >= tc.steps:
             raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json)")
@@ -230,7 +233,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
             raise _diverged(f"weight {bad} became non-finite at step {step}", run_dir)
         if d.main:
             state = ckpt.make_checkpoint(step=step, model=model, optimizer=opt, mst_state=acct.state_dict(), extra={
-                "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens}})
+                "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens},
+                "precision": prec.state_dict()})
             ckpt.save_checkpoint(state, run_dir / "checkpoints", keep=tc.keep_checkpoints, best=name == "best.pt")
 
     @torch.no_grad()
@@ -242,7 +246,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
             total = 0.0
             for k in range(tc.eval_iters):
                 x, y = data.batch(split, (_EVAL_KEY, k, d.rank), B, T, tc.seed)
-                total += lm_loss(run_model(acct.module, inputs, x.to(d.device)), y.to(d.device)).item()
+                with prec.autocast():
+                    total += lm_loss(run_model(acct.module, inputs, x.to(d.device)), y.to(d.device)).item()
             res[split] = d.all_sum([total / tc.eval_iters])[0] / d.world
         acct.module.train(was)
         return res
@@ -260,22 +265,30 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 lr = lr_at(step, tc, None if tc.dense else mst)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(tc.grad_accum):
-                    x, y = data.batch("train", (step, micro, d.rank), B, T, tc.seed)
-                    sync = net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        loss = lm_loss(run_model(net, inputs, x.to(d.device)), y.to(d.device))
-                        (loss / tc.grad_accum).backward()
-                    loss_sum += loss.item()
-                loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
-                loss_val = loss_total / d.world
-                if bad:  # before the optimizer step: no bad state reaches a checkpoint
-                    raise _diverged(f"loss became {loss_val} at step {step + 1}", run_dir)
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                for _attempt in range(MAX_SKIPS):  # fp16: a step the grad scaler skips (inf gradients) is redone
+                    loss_sum = 0.0
+                    for micro in range(tc.grad_accum):
+                        x, y = data.batch("train", (step, micro, d.rank), B, T, tc.seed)
+                        sync = net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
+                        with sync:
+                            with prec.autocast():
+                                loss = lm_loss(run_model(net, inputs, x.to(d.device)), y.to(d.device))
+                            prec.backward(loss / tc.grad_accum)
+                        loss_sum += loss.item()
+                    loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
+                    loss_val = loss_total / d.world
+                    if bad:  # before the optimizer step: no bad state reaches a checkpoint
+                        raise _diverged(f"loss became {loss_val} at step {step + 1}", run_dir)
+                    prec.unscale(opt)
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    stepped = prec.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                    if stepped:
+                        break
+                else:
+                    raise TrainingDiverged(f"the fp16 gradients overflowed {MAX_SKIPS} times in a row at step {step + 1} "
+                                           "(the grad scaler skipped every try): use --precision bf16 or a lower --lr")
                 done = step + 1
                 acct.after_step(step_tokens)
                 step_time += time.perf_counter() - t0
@@ -312,6 +325,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         "train_loss": last_eval.get("train"), "val_loss": last_eval.get("val"), "best_val_loss": best,
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
+        "precision": tc.precision, "skipped_steps": prec.skipped,
         "wall_s": elapsed0 + time.time() - t_start,
         "step_s": step_time / max(1, tc.steps - start),  # measured training step (eval and checkpoints aside)
     }

@@ -18,6 +18,8 @@ from typing import Any
 from ..config import MSTConfig
 from ..errors import MstCompileError
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass
 class TrainConfig:
@@ -41,6 +43,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (step-N.pt); >= 2 so a corrupt one has a predecessor
     seed: int = 0  # model init, batch order and MST's random growth
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp32 master weights; fp16 with a grad scaler)
     data: str | None = None  # text file, folder or glob; None: the Python standard library
     tokenizer: str | None = None  # local Hugging Face tokenizer folder; None: bytes (vocab 256)
     val_fraction: float = 0.05
@@ -73,6 +76,8 @@ class TrainConfig:
             _fail("seed", self.seed, "an integer")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("device", self.device, "auto, cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            _fail("precision", self.precision, " or ".join(PRECISIONS))
         if not isinstance(self.dense, bool):
             _fail("dense", self.dense, "true or false")
 
@@ -227,6 +232,7 @@ _HELP = {
     "log_interval": "Steps between metrics.jsonl lines.", "checkpoint_interval": "Steps between checkpoints (default: eval interval).",
     "keep_checkpoints": "Newest checkpoints kept in the run folder (at least 2).",
     "seed": "Seed of model init, batch order and random growth.", "device": "auto, cpu, cuda or cuda:N.",
+    "precision": "fp32, bf16 (autocast) or fp16 (autocast and a grad scaler); weights stay fp32.",
     "data": "Text file, folder or glob of text files (default: the Python standard library).",
     "tokenizer": "Local Hugging Face tokenizer folder (default: bytes).", "val_fraction": "Share of the data held out for validation.",
     "sparsity": "Sparsity of the ultra-sparsification phase.", "final_sparsity": "Sparsity at the end of restoration.",
@@ -288,6 +294,7 @@ def click_options(fn):
             continue  # a plain switch, declared by the command
         flags = ["--steps", "--total-steps"] if f.name == "steps" else [f"--{f.name.replace('_', '-')}"]
         typ = str if f.name in ("device", "data", "tokenizer") else (float if f.type.startswith("float") else int)
+        typ = click.Choice(PRECISIONS) if f.name == "precision" else typ
         specs.append(click.option(*flags, f"train__{f.name}", type=typ, default=None, help=_HELP.get(f.name)))
     for f in dataclasses.fields(MSTConfig):
         if f.name in ("total_steps", "seed"):
