@@ -24,7 +24,7 @@ def _step(sm, opt, x):
 
 def test_dense_count_matches_flop_counter_mode():
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), {"total_steps": 100, "update_interval": 5})
+    sm = mst_compile.sparsify(tiny_gpt(), {"total_steps": 100, "update_interval": 5, "attention_phases": ["ultra"]})  # step 1: dense
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     x = torch.randint(0, 64, (B, TT))
