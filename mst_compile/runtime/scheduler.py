@@ -3,7 +3,7 @@ ordinary training loop.
 
 ``sm.mst.attach(optimizer)`` registers an optimizer step post-hook; after that the user's loop
 (``loss.backward(); opt.step(); opt.zero_grad()``) runs MST unchanged. After optimizer step k
-(``sm.mst.step`` becomes k):
+(``sm.mst.step_count`` becomes k):
 
 1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
 2. the FLOP ledger charges the work counted since step k−1;
@@ -14,9 +14,11 @@ ordinary training loop.
    backward (gradient accumulation sums into it like any gradient);
 5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
 
-So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
+So iteration t (run while ``sm.mst.step_count == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
 step (inf/NaN) is not counted, and a dense gradient that is not finite is replaced by random growth.
+``attach(optimizer, manual=True)`` (or ``attach(None)``) registers no hook: the loop calls
+``sm.mst.step()`` after each optimizer step it really took, and the same sequence runs.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class MSTScheduler:
         self.config: MSTConfig = handle.config
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.attached = False
+        self.manual = False  # True: the loop calls sm.mst.step() itself (no optimizer hook)
         self.last_update: dict[str, Any] | None = None
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
@@ -73,18 +77,21 @@ class MSTScheduler:
         return schedule.target_sparsity(self.last_update_step, self.config)
 
     # -- attaching ----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, process_group=None) -> None:
-        if self.optimizer is not None:
+    def attach(self, optimizer: torch.optim.Optimizer | None, process_group=None, manual: bool = False) -> None:
+        if self.attached:
             raise MstCompileError(
-                "sm.mst.attach: already attached to an optimizer "
-                f"({type(self.optimizer).__name__}); call sm.mst.detach() first to switch optimizers"
+                "sm.mst.attach: already attached "
+                f"({type(self.optimizer).__name__ if self.optimizer is not None else 'no optimizer'}); "
+                "call sm.mst.detach() first to switch optimizers"
             )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
+                "of another kind attach None and call sm.mst.step() after each of its steps")
         schedule.check(self.config)
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in self.h.parameters().items() if id(p) not in held]
-        if missing:
+        if optimizer is not None and missing:
             raise ValueError(
                 f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; build it from sm.parameters() (or the model's parameters)"
@@ -92,10 +99,11 @@ class MSTScheduler:
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self._group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
-        self.optimizer = optimizer
+        self.optimizer, self.manual, self.attached = optimizer, manual or optimizer is None, True
         if self.step == 0:
             self._initial_masks()
-        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        if not self.manual:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         self._hooks.append(self.h._module_ref.register_forward_pre_hook(self._drop_stale_probes))
         self.ledger.install(self.h._module_ref)
         self.h.apply_masks()
@@ -110,7 +118,7 @@ class MSTScheduler:
         self._hooks.clear()
         self.ledger.remove()
         self._set_probes(False)
-        self.optimizer = None
+        self.optimizer, self.attached, self.manual = None, False, False
 
     @torch.no_grad()
     def _initial_masks(self) -> None:
@@ -122,6 +130,10 @@ class MSTScheduler:
 
     # -- the hook -----------------------------------------------------------------------------
     def _after_step(self, optimizer, args, kwargs) -> None:
+        self.advance()
+
+    def advance(self) -> None:
+        """One optimizer step was taken: re-mask, charge it, update the topology when it is due."""
         self.step += 1
         self.h.apply_masks()
         self.ledger.close_step()
@@ -287,7 +299,7 @@ class MSTScheduler:
         self.ledger.load_state_dict(state.get("ledger") or {})
         self.last_update = state.get("last_update")
         self._warned_past_end = bool(state.get("warned_past_end", False))
-        if self.optimizer is not None:
+        if self.attached:
             self._reset_masked_state()
             self._set_probes(schedule.is_update_step(self.step + 1, self.config) and self.step < self.config.total_steps)
         self._sync_attention(force=True)
