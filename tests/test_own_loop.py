@@ -63,9 +63,10 @@ def _same(a, b):
     assert a.mst.last_update == b.mst.last_update and a.mst.flops.as_dict() == b.mst.flops.as_dict()
 
 
+@pytest.mark.parametrize("fused", [False, True])  # a fused optimizer runs a skipped step and skips inside
 @pytest.mark.parametrize("skip", [(), (3, 7)])
-def test_manual_step_equals_the_optimizer_hook(skip):
-    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)  # noqa: E731
+def test_manual_step_equals_the_optimizer_hook(skip, fused):
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused)  # noqa: E731
     hooked, manual = _run(adamw, _hooked, skip), _run(adamw, _manual, skip)
     assert hooked.mst.step_count == 12 - len(skip) and hooked.mst.last_update is not None
     _same(hooked, manual)

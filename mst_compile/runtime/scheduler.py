@@ -16,7 +16,7 @@ ordinary training loop.
 
 So iteration t (run while ``sm.mst.step_count == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
-step (inf/NaN) is not counted, and a dense gradient that is not finite is replaced by random growth.
+step (inf/NaN) is not counted (fused optimizers included, which run the step and skip inside), and a dense gradient that is not finite is replaced by random growth.
 ``attach(optimizer, manual=True)`` (or ``attach(None)``) registers no hook: the loop calls
 ``sm.mst.step()`` after each optimizer step it really took, and the same sequence runs.
 """
@@ -130,6 +130,9 @@ class MSTScheduler:
 
     # -- the hook -----------------------------------------------------------------------------
     def _after_step(self, optimizer, args, kwargs) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # GradScaler with a fused optimizer: the step ran
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf):  # but skipped its update inside the kernel
+            return
         self.advance()
 
     def advance(self) -> None:
