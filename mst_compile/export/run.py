@@ -20,16 +20,20 @@ from .onnx import ExportResult, export_onnx
 
 
 def _model_path(run_dir: Path, doc: dict) -> Path:
+    """The model file a run trained: recorded by absolute path (older runs: relative to where they ran)."""
+    from ..modelfile import check_unchanged
+
     name = doc.get("model")
     if not name:
         raise MstCompileError(f"{run_dir / 'config.toml'} does not name the model file it trained (no 'model' key)")
     p = Path(name)
-    for cand in (p, run_dir / p, run_dir.parent / p):
+    for cand in ([p] if p.is_absolute() else [p, run_dir / p, run_dir.parent / p]):
         if cand.is_file():
+            check_unchanged(cand, doc.get("model_sha256"), run_dir)
             return cand
     raise MstCompileError(
         f"the run's model file {name} is not found (looked from {Path.cwd()} and beside {run_dir}); "
-        "run mstc export from the folder you trained in"
+        "put the model file back at that path, or pass it explicitly: mstc train MODEL --resume RUN_DIR"
     )
 
 
@@ -42,8 +46,12 @@ def _example(mf, model: nn.Module, block_size: int | None):
     return (torch.randint(0, vocab, (2, block_size or 128), generator=torch.Generator().manual_seed(0)),)
 
 
-def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
-    """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
+def load_run(run_dir) -> tuple[Any, nn.Module, torch.fx.GraphModule | None, Any, dict]:
+    """Rebuild ``run_dir``'s model from its model file and last checkpoint.
+
+    Returns ``(model_file, model, sm, example_inputs, metadata)``: ``sm`` is the sparsified module
+    with the masks and attention patterns of the last step (None for a dense baseline).
+    """
     from ..api import sparsify
     from ..config import MSTConfig
     from ..modelfile import load_model_file
@@ -64,7 +72,7 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
         )
     train, mst = read_config_file(cfg_file)
     tc = TrainConfig(**train)
-    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
     mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
     model = mf.model()
     ck = ckpt.load_checkpoint(last)
@@ -73,10 +81,17 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
     example = _example(mf, model, tc.block_size)
     state = ck.get("mst") or {}
     meta = {"train_config": dataclasses.asdict(tc),
-            "run": {"folder": str(run_dir), "step": int(ck["step"]), "model_file": str(mf.path)}}
+            "run": {"folder": str(run_dir.resolve()), "step": int(ck["step"]), "model_file": str(mf.path)}}
     if state.get("dense") or state.get("mst") is None:  # the dense baseline: a plain model
         meta["config"] = mst_cfg.to_dict()
-        return export_onnx(model, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
+        return mf, model, None, example, meta
     sm = sparsify(model, mst_cfg, example_inputs=example)
     sm.mst.load_state_dict(state["mst"])  # masks, step, and the attention patterns of that step
-    return export_onnx(sm, output or run_dir / "model.onnx", example, attention=attention, metadata=meta, **export_kw)
+    return mf, model, sm, example, meta
+
+
+def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
+    """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
+    _, model, sm, example, meta = load_run(run_dir)
+    out = output or Path(run_dir) / "model.onnx"
+    return export_onnx(sm if sm is not None else model, out, example, attention=attention, metadata=meta, **export_kw)

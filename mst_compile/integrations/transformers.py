@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..api import _as_config, sparsify
 from ..config import MSTConfig
 from ..errors import CaptureError, CheckpointError, MstCompileError
+from ..export.hf import example_tokens
 
 STATE_FILE = "mst_state.pt"  # in each checkpoint-N/ folder the Trainer writes
 
@@ -51,19 +52,6 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             "hooks the optimizer's step. Pass a torch optimizer with Trainer(optimizers=(optimizer, scheduler)), "
             "or train with your own loop and drive MST with sm.mst.attach(None) and sm.mst.step()")
     return inner
-
-
-def _example_tokens(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids to capture with (a local generator: the Trainer's random streams are not touched)."""
-    from ..train.loop import _model_block_size
-
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        vocab = emb.num_embeddings if emb is not None else 256
-    T = min(_model_block_size(model) or 64, 64)
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (2, T), generator=g).to(device)}  # (2, T)
 
 
 class MSTCallback(TrainerCallback):
@@ -95,7 +83,7 @@ class MSTCallback(TrainerCallback):
         opt = torch_optimizer(optimizer)  # checked before anything is captured or changed
         cfg = self.config.replace(total_steps=int(state.max_steps))
         device = next(model.parameters()).device
-        example = self.example_inputs or _example_tokens(model, device)
+        example = self.example_inputs or example_tokens(model, device)
         try:
             with torch.random.fork_rng(devices=[]):  # capture draws nothing from the Trainer's generator
                 sm = sparsify(model, cfg, example_inputs=example, filter_fn=self.filter_fn)

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, load_model_file
+from ..modelfile import ModelFile, check_unchanged, file_sha256, load_model_file
 from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress, duration, human
-from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file
+from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file, read_model_record
 
 _EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
 
@@ -42,10 +42,11 @@ class TrainingDiverged(MstCompileError):
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, cosine decay to ``min_lr`` at ``schedule_steps``
+    (``steps`` unless a resume lengthened the run), then ``min_lr``."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
-    u = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    u = (step - tc.warmup_steps) / max(1, (tc.schedule_steps or tc.steps) - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
 
 
@@ -124,12 +125,19 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
     return o
 
 
+def _absolute(spec: str | None) -> str | None:
+    """A data or tokenizer path relative to the current folder, made absolute (globs too)."""
+    if spec is None or Path(spec).expanduser().is_absolute():
+        return spec
+    return str(Path.cwd() / spec)
+
+
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
     if not (Path(run_dir) / "config.toml").is_file():
         raise MstCompileError(f"--resume {run_dir}: not a run folder (no config.toml); pass the folder mstc train wrote")
     train, mst = read_config_file(Path(run_dir) / "config.toml")
     tc = TrainConfig(**train)
-    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
 
 
 def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None = None, mst_config: MSTConfig | None = None, *,
@@ -143,13 +151,13 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
     """
     t_start = time.time()
     mf = model_file if isinstance(model_file, ModelFile) else load_model_file(model_file)
-    if resume is not None:
+    if resume is not None and train_config is None:
         tc, mst = load_run_config(resume)
-    else:
-        hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {})
+    else:  # a new run, or a resume whose changes resume_configs accepted
+        hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {}) if train_config is None or mst_config is None else (None, None)
         mst, tc = mst_config or hook_mst, train_config or hook_tc
-        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps)
-        mst = mst.replace(total_steps=tc.steps, seed=tc.seed)
+        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps, data=_absolute(tc.data), tokenizer=_absolute(tc.tokenizer))
+        mst = mst.replace(total_steps=tc.schedule_steps or tc.steps, seed=tc.seed)
     d = distributed.setup(tc.device)
     try:
         summary = _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
@@ -202,7 +210,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         ckpt.set_rng_state(ck["rng"])
         start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
         if start >= tc.steps:
-            raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json)")
+            raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json); "
+                                  "pass a larger --steps to train longer in the final phase")
     if d.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -211,8 +220,10 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     log = None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path)))
+        if resume is not None:
+            check_unchanged(mf.path, read_model_record(run_dir).get("model_sha256"), run_dir)
+        # the model file by absolute path and content hash: export and resume work from any folder
+        ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path.resolve()), file_sha256(mf.path)))
         log = MetricsLog(run_dir, keep_until_step=start if resume is not None else None)
     bar = Progress(tc.steps, start, tc.log_interval, enabled=progress and d.main)
     if d.main:
