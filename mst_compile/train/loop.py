@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -253,7 +254,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     last_eval: dict[str, float] = {}
     step_time, step_tokens = 0.0, B * T * tc.grad_accum * d.world
     acct.module.train()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, warnings.catch_warnings():
+        if (tc.schedule_steps or tc.steps) < tc.steps:  # a resume lengthened the run: the final phase is held on purpose
+            warnings.filterwarnings("ignore", message="MST stepped past total_steps")
         try:
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()

@@ -84,7 +84,7 @@ class TrainConfig:
         block = self.block_size or model_block_size or 128
         ev = self.eval_interval or max(1, steps // 5)
         return dataclasses.replace(
-            self, steps=steps, block_size=block, eval_interval=ev,
+            self, steps=steps, block_size=block, eval_interval=ev, schedule_steps=self.schedule_steps or steps,
             min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
             warmup_steps=max(1, (self.schedule_steps or steps) // 20) if self.warmup_steps is None else self.warmup_steps,
             checkpoint_interval=self.checkpoint_interval or ev,

@@ -35,6 +35,9 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
                    train_flags: dict, mst_flags: dict) -> tuple[TrainConfig, MSTConfig, list[str]]:
     """Apply a resume's flags to the saved configs; returns ``(train, mst, changes)`` or refuses."""
     old_tc, old_mst = saved
+    if train_flags.get("steps", old_tc.steps) < old_tc.steps:
+        raise MstCompileError(f"--resume {run_dir}: --steps {train_flags['steps']} is shorter than the run's {old_tc.steps} "
+                              "steps; a resume may only lengthen a run")
     base_mst = old_mst.replace(total_steps=old_tc.steps)
     base_train = dataclasses.asdict(old_tc)
     if "lr" in train_flags and "min_lr" not in train_flags and old_tc.min_lr is not None:
@@ -46,9 +49,7 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
         if old_d[key] == new_d[key]:
             continue
         was, now = old_d[key], new_d[key]
-        if key == "steps" and now < was:
-            refused.append(f"--steps {now} is shorter than the run's {was} steps")
-        elif key in ("steps", "lr", "min_lr") or key in REPORTING:
+        if key in ("steps", "lr", "min_lr") or key in REPORTING:
             changes.append(f"{_flag(key)} {was} -> {now}")
         else:
             refused.append(f"{_flag(key)} {now} (the run has {was})")
@@ -59,7 +60,6 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
         raise MstCompileError(
             f"--resume {run_dir}: these change the run: {'; '.join(refused)}. A resume may change only --lr, --min-lr, "
             "a longer --steps and the log/eval/checkpoint intervals; start a new run (--out) for the rest")
-    tc = new_tc
-    if new_tc.steps > old_tc.steps:  # the schedules keep their span
-        tc = dataclasses.replace(new_tc, schedule_steps=old_tc.schedule_steps or old_tc.steps)
+    # a longer run keeps the schedules' span (runs saved before schedule_steps existed: their steps)
+    tc = dataclasses.replace(new_tc, schedule_steps=old_tc.schedule_steps or old_tc.steps)
     return tc, old_mst.replace(total_steps=tc.schedule_steps or tc.steps), changes
