@@ -62,7 +62,7 @@ class MSTCallback(TrainerCallback):
     vocabulary). ``filter_fn(module, fqn)``: False keeps that module's weights dense.
     ``resume_from``: the checkpoint folder to restore MST from when the Trainer resumes from a folder
     that is not ``output_dir/checkpoint-N``. After training, ``callback.sm`` is the sparsified
-    module (``mst_compile.export.export_hf(callback.sm, folder)`` writes an HF checkpoint).
+    module (``mst_compile.export.export_hf(model, folder, callback.sm)`` writes an HF checkpoint).
     """
 
     def __init__(self, config: MSTConfig | dict | None = None, *, example_inputs: dict | None = None,
