@@ -11,6 +11,14 @@ in the ultra phase); the baselines switch parts of that off:
 - the MST ablations keep every MST default except the one part they remove.
 - dense at equal FLOPs is the dense model for as many steps as MST's ledger total buys, with its
   own warm-up and cosine fitted to that shorter run (its step count is known once MST has run).
+- the compute-fair baselines, sized once MST has run (``_frontier.py``): static sparse training at
+  the sparsity whose FLOPs equal MST's, and smaller dense models (narrower; half as deep) trained
+  for all the steps on MST's FLOP budget: what a user with MST's budget would otherwise train.
+- the paper preset is the published recipe (``MSTConfig.preset("paper")``); the defaults are this
+  library's (docs/design.md says why they differ).
+
+ΔT: the paper preset and the SET/RigL baselines update every steps/30 steps (100 at 3000 steps, the
+published interval); the MST defaults use their own run-length rule (``MSTConfig.interval``).
 """
 from __future__ import annotations
 
@@ -18,8 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mst_compile import MSTConfig
+from mst_compile.config import PRESETS
 
-_CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense"}
+_SCALED = "steps/30"  # an update_interval that follows the run length like the published recipe
+_CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense", "attention_phases": ("ultra",),
+                "lr_schedule": "cosine", "grow_init_scale": 0.0, "update_interval": _SCALED}
+_PAPER = {**PRESETS["paper"], "update_interval": _SCALED}
 
 
 @dataclass(frozen=True)
@@ -37,26 +49,47 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            note="masks fixed at step 0, never updated"),
     Method("set", "SET 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 0.0}, note="random growth"),
     Method("rigl", "RigL 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 1.0}, note="gradient growth"),
-    Method("mst", "MST (defaults)", note="SV + Mixed-Growing + HSA"),
+    Method("mst", "MST (defaults)", note="this library's defaults (MSTConfig())"),
+    Method("paper", "MST (paper preset)", mst=_PAPER, note="MSTConfig.preset('paper'): the published recipe"),
     Method("mst_no_sv", "MST w/o sparsity variation", mst={"schedule": "constant"},
            note="constant 90% from step 0; phases still switch HSA and the drop fraction"),
     Method("mst_no_hsa", "MST w/o HSA", mst={"attention": "dense"}, note="dense causal attention throughout"),
     Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
            note="RigL growth instead of Mixed-Growing"),
+    Method("mst_cosine", "MST defaults, phase-blind cosine LR", mst={"lr_schedule": "cosine"},
+           note="the trainer's cosine instead of the phase-aware schedule"),
+    Method("dense_wsd", "dense, WSD learning rate", mst={"sparsity": 0.0, "final_sparsity": 0.0, "attention": "dense",
+                                                          "drop_fraction": 0.0, "drop_fractions": None, "lr_schedule": "wsd"},
+           note="the dense model with MST's phase-aware LR schedule (masks all ones)"),
     Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
+    Method("static_eq", "static sparse at MST's FLOPs", mst={**_CONSTANT_90, "drop_fraction": 0.0},
+           note="sparsity solved so its FLOPs equal MST's"),
+    Method("dense_narrow", "smaller dense, narrower", dense=True, note="same depth, width sized to MST's FLOPs"),
+    Method("dense_shallow", "smaller dense, half depth", dense=True, note="half the blocks, width sized to MST's FLOPs"),
 )}
+
+# sized or timed from MST's result: run after it
+AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow")
 
 ORDER = tuple(METHODS)
 
 
-def mst_config(method: Method, steps: int, seed: int, update_interval: int, overrides: dict[str, Any] | None = None) -> MSTConfig:
-    """The MSTConfig of ``method`` for a run of ``steps`` (``overrides`` apply to the MST runs only)."""
-    cfg: dict[str, Any] = {"total_steps": steps, "seed": seed, "update_interval": update_interval}
+def mst_config(method: Method, steps: int, seed: int, update_interval: int | None,
+               overrides: dict[str, Any] | None = None, sized: dict[str, Any] | None = None) -> MSTConfig:
+    """The MSTConfig of ``method`` for a run of ``steps``. ``update_interval`` (when not None) replaces
+    every method's ΔT; ``overrides`` apply to the MST runs; ``sized`` holds what was solved from MST's run."""
+    cfg: dict[str, Any] = {"total_steps": steps, "seed": seed}
     if not method.dense:
-        cfg.update(overrides or {})
+        if method.key in ("mst", "paper") or method.key.startswith("mst_"):
+            cfg.update(overrides or {})
         cfg.update(method.mst)
+        cfg.update(sized or {})
         if cfg.get("schedule") == "constant":  # held at the ultra level (s_max) from step 0 to the end
             cfg["schedule"] = [(0, float(cfg.get("sparsity", MSTConfig.sparsity)))]
+        if cfg.get("update_interval") == _SCALED:
+            cfg["update_interval"] = max(1, round(steps / 30))
+        if update_interval is not None:
+            cfg["update_interval"] = update_interval
     return MSTConfig(**cfg)
 
 

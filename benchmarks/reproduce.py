@@ -28,12 +28,13 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from _methods import METHODS, ORDER, mst_config, parse_overrides  # noqa: E402
+import _frontier  # noqa: E402
+from _methods import AFTER_MST, METHODS, ORDER, mst_config, parse_overrides  # noqa: E402
 from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops  # noqa: E402
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
 
-QUICK = dict(steps=40, d=32, n_layer=2, n_head=2, block_size=32, batch_size=4, update_interval=10,
+QUICK = dict(steps=40, d=32, n_layer=2, n_head=2, block_size=32, batch_size=4,
              eval_iters=2, final_eval_iters=4, evals=4, widths=[64])
 
 
@@ -48,7 +49,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (every method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update-interval", type=int, default=None,
-                   help="MST ΔT; default 100 at 3000 steps, scaled with --steps so every run makes 30 topology updates")
+                   help="ΔT of every sparse method (default: each method's own; see benchmarks/_methods.py)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder to train and evaluate on (default: the built-in corpus); e.g. held-out text")
     p.add_argument("--evals", type=int, default=10, help="evaluations along each run (the curve points)")
     p.add_argument("--eval-iters", type=int, default=10, help="batches per split per evaluation along the run")
     p.add_argument("--final-eval-iters", type=int, default=100, help="val batches of the final evaluation (the table's loss)")
@@ -66,14 +69,13 @@ def _args(argv=None) -> argparse.Namespace:
             setattr(a, k, v)
     else:
         a.widths = [int(w) for w in a.widths.split(",") if w.strip()]
-    if a.update_interval is None:
-        a.update_interval = max(1, round(a.steps / 30))
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(ORDER)}")
-    if "dense_eq" in a.methods and "mst" not in a.methods:
-        p.error("--methods: dense_eq needs mst (its step count is MST's FLOP budget)")
+    after = [m for m in a.methods if m in AFTER_MST]
+    if after and "mst" not in a.methods:
+        p.error(f"--methods: {','.join(after)} need mst (they are sized by MST's FLOP budget)")
     try:
         a.overrides = parse_overrides(a.set)
     except ValueError as e:
@@ -112,8 +114,8 @@ def run_one(spec: dict) -> dict:
     steps = spec["steps"]
     tc = TrainConfig(steps=steps, batch_size=spec["batch_size"], block_size=spec["block_size"], lr=spec["lr"],
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
-                     log_interval=max(1, steps // 100), device="cpu", dense=method.dense)
-    cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"])
+                     log_interval=max(1, steps // 100), device="cpu", dense=method.dense, data=spec.get("data"))
+    cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
     summary = train(mf, tc, cfg, out=out, progress=False)
 
@@ -126,7 +128,7 @@ def run_one(spec: dict) -> dict:
     model = gpt(**sizes)
     model.load_state_dict(torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"])
     model.eval()
-    data = load_data(None, None, tc.val_fraction)
+    data = load_data(tc.data, None, tc.val_fraction)
     losses = []
     with torch.no_grad():
         for k in range(spec["final_eval_iters"]):
@@ -135,7 +137,7 @@ def run_one(spec: dict) -> dict:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {
         "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
-        "params": params, "steps": steps, "val_loss": sum(losses) / len(losses),
+        "n_layer": spec["n_layer"], "sized": spec.get("sized"), "params": params, "steps": steps, "val_loss": sum(losses) / len(losses),
         "trainer_val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
         "mst_flops": summary["mst_flops"], "dense_flops": summary["dense_flops"],
         "dense_flops_per_step": summary["dense_flops"] / steps, "final_density": train_rows[-1]["density"],
@@ -147,12 +149,13 @@ def run_one(spec: dict) -> dict:
 
 
 # -- the whole benchmark ---------------------------------------------------------------------
-def _spec(a, method: str, d: int, steps: int | None = None) -> dict:
-    name = method if d == a.d else f"{method}@d{d}"
-    return dict(name=name, method=method, d=d, steps=steps or a.steps, n_layer=a.n_layer, n_head=a.n_head,
-                block_size=a.block_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                update_interval=a.update_interval, evals=a.evals, eval_iters=a.eval_iters,
-                final_eval_iters=a.final_eval_iters, overrides=a.overrides, out=str(a.work / name))
+def _spec(a, method: str, d: int, steps: int | None = None, n_layer: int | None = None, n_head: int | None = None,
+          sized: dict | None = None) -> dict:
+    name = method if d == a.d or method in AFTER_MST else f"{method}@d{d}"
+    return dict(name=name, method=method, d=d, steps=steps or a.steps, n_layer=n_layer or a.n_layer,
+                n_head=n_head or a.n_head, block_size=a.block_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                update_interval=a.update_interval, evals=a.evals, eval_iters=a.eval_iters, data=a.data,
+                final_eval_iters=a.final_eval_iters, overrides=a.overrides, sized=sized, out=str(a.work / name))
 
 
 def _equal_flops_steps(mst: dict) -> int:
@@ -160,16 +163,41 @@ def _equal_flops_steps(mst: dict) -> int:
     return max(1, round(mst["mst_flops"] / mst["dense_flops_per_step"]))
 
 
+def sized_by_mst(a, mst: dict) -> list[dict]:
+    """The runs sized from MST's FLOP total: dense at equal FLOPs (fewer steps), static sparse at the
+    sparsity of equal FLOPs, and the smaller dense models trained for all the steps."""
+    tokens = a.steps * a.batch_size * a.block_size
+    budget = mst["mst_flops"] / tokens  # MST's FLOPs per training token
+    closed = _frontier.dense_per_token(a.n_layer, a.d, a.block_size)
+    measured = mst["dense_flops"] / tokens
+    if abs(closed / measured - 1) > 0.01:  # the sizing formula must be the ledger's
+        raise RuntimeError(f"closed-form dense FLOPs/token {closed:.6g} differ from the ledger's {measured:.6g}")
+    specs = []
+    if "dense_eq" in a.methods:
+        specs.append(_spec(a, "dense_eq", a.d, _equal_flops_steps(mst)))
+    if "static_eq" in a.methods:
+        s = _frontier.static_sparsity_for(budget, a.n_layer, a.d, a.block_size)
+        specs.append(_spec(a, "static_eq", a.d, sized={"sparsity": round(s, 4)}))
+    for method, depth, width, heads in _frontier.frontier(budget, a.n_layer, a.n_head, a.block_size):
+        if method in a.methods:
+            specs.append(_spec(a, method, width, n_layer=depth, n_head=heads))
+    return specs
+
+
 def run_all(a) -> list[dict]:
     from mst_compile.train.data import load_data
 
-    load_data(None, None, 0.05)  # tokenize the corpus once before the workers read it
+    load_data(a.data, None, 0.05)  # tokenize the corpus once before the workers read it
     a.work.mkdir(parents=True, exist_ok=True)
     # the headline pair first, then the long wide runs (they bound the wall time), then the rest
     first = [m for m in ("dense", "mst") if m in a.methods]
     specs = [_spec(a, m, a.d) for m in first]
     specs += [_spec(a, m, w) for w in a.widths for m in ("dense", "mst")]
-    specs += [_spec(a, m, a.d) for m in a.methods if m not in first and m != "dense_eq"]
+    specs += [_spec(a, m, a.d) for m in a.methods if m not in first and m not in AFTER_MST]
+    if "mst" in a.methods and any(m in AFTER_MST for m in a.methods):
+        predicted = predict_mst_flops(a)
+        a.predicted_mst_flops = predicted["mst_flops"]
+        specs += sized_by_mst(a, predicted)  # sized up front: they run beside MST, not after it
     results, t0 = [], time.time()
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         pending = {pool.submit(run_one, s): s["name"] for s in specs}
@@ -181,10 +209,21 @@ def run_all(a) -> list[dict]:
                 results.append(r)
                 print(f"[{time.time() - t0:7.0f}s] {name:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
                       f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
-                if name == "mst" and "dense_eq" in a.methods:
-                    s = _spec(a, "dense_eq", a.d, _equal_flops_steps(r))
-                    pending[pool.submit(run_one, s)] = s["name"]
     return results
+
+
+def predict_mst_flops(a) -> dict:
+    """MST's ledger totals for the full run, from the same schedule trained at batch 1.
+
+    The ledger charges every sparse weight and attention site per row of its input, and the masks,
+    patterns and dense-gradient steps follow the schedule alone, so the totals scale exactly with the
+    batch: the batch-1 run's totals times ``batch_size`` are the full run's (checked in the table)."""
+    spec = {**_spec(a, "mst", a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1,
+            "out": str(a.work / "mst_flops_batch1")}
+    r = run_one(spec)
+    scale = a.batch_size
+    return {**r, "mst_flops": r["mst_flops"] * scale, "dense_flops": r["dense_flops"] * scale,
+            "dense_flops_per_step": r["dense_flops_per_step"] * scale}
 
 
 def write_outputs(doc: dict, out: Path) -> None:
@@ -195,7 +234,7 @@ def write_outputs(doc: dict, out: Path) -> None:
 
 
 _SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed", "update_interval", "evals",
-         "eval_iters", "final_eval_iters", "overrides", "quick")
+         "eval_iters", "final_eval_iters", "overrides", "quick", "data")
 
 
 def merge(out: Path, parts: list[Path], command: str) -> dict:
@@ -240,8 +279,10 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed",
-                                        "update_interval", "widths", "evals", "eval_iters", "final_eval_iters", "jobs", "quick")}
+                                        "update_interval", "widths", "evals", "eval_iters", "final_eval_iters", "jobs", "quick",
+                                        "data")}
     setup["overrides"] = {k: v for k, v in a.overrides.items()}
+    setup["predicted_mst_flops"] = getattr(a, "predicted_mst_flops", None)
     doc = {"command": _command(argv), "setup": setup, "wall_s": time.time() - t0,
            "bar": bar_verdict(results, a.d), "runs": results}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")

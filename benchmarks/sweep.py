@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{base_path} has no dense run at d={d}")
     work = Path(a.work or reproduce.ROOT / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     work.mkdir(parents=True, exist_ok=True)
-    ns = argparse.Namespace(**{**setup, "work": work, "evals": setup.get("evals", 10), "eval_iters": setup.get("eval_iters", 5)})
+    ns = argparse.Namespace(**{**setup, "work": work, "evals": setup.get("evals", 10), "eval_iters": setup.get("eval_iters", 5),
+                               "data": setup.get("data")})
     specs = []
     for name, over in _variants(a.variant):
         ns.overrides = {**setup.get("overrides", {}), **over}

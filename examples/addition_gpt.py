@@ -22,7 +22,7 @@ def example_inputs():
 
 
 def config():
-    return mst_compile.MSTConfig(total_steps=300, update_interval=25)
+    return mst_compile.MSTConfig(total_steps=300)
 
 
 def train_config():

@@ -87,4 +87,4 @@ def example_inputs():
 
 def config():
     # sized so that `mstc train examples/tiny_gpt.py` finishes in a few minutes on a 2-core CPU
-    return mst_compile.MSTConfig(total_steps=600, update_interval=25)
+    return mst_compile.MSTConfig(total_steps=600)

@@ -10,7 +10,8 @@ from torch import nn
 from .capture import capture
 from .config import MSTConfig
 from .passes.attention import rewrite_attention
-from .passes.linear import rewrite_linear
+from .passes.dense import wrap_dense
+from .passes.linear import opaque_weights, rewrite_linear
 from .runtime.handle import MSTHandle
 
 
@@ -47,14 +48,21 @@ def sparsify(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
     gm, how = capture(model, example_inputs)
+    if how == "fx" and example_inputs is not None and opaque_weights(gm):
+        gm, how = capture(model, example_inputs, fx=False)  # torch.export sees inside e.g. nn.MultiheadAttention
     lin = rewrite_linear(gm, filter_fn=filter_fn, modules=dict(model.named_modules()))
     lin.warn_if_empty()
+    hidden = opaque_weights(gm)
+    if hidden:
+        warnings.warn(f"sparsify: {len(hidden)} weights stay dense and uncounted: {hidden[0][0]} is {hidden[0][1]}",
+                      stacklevel=2)
     attention: dict[str, nn.Module] = {}
     skipped = list(lin.skipped)
-    # attention pass
-    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=example_inputs)
+    # attention pass: masks are evaluated on the inputs the graph was exported with (never size 1)
+    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=gm.meta.get("example_inputs", example_inputs))
     attention.update({s.name: s.module for s in att.sites})
     skipped.extend(att.skipped)
+    wrap_dense(gm)  # what stays dense is charged dense on both sides of the ledger
     weights = {s.name: (gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
     gm.mst = MSTHandle(gm, cfg, weights, attention, lin.other_uses, skipped, how)
     return gm

@@ -76,12 +76,18 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
-def capture(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphModule, str]:
-    """Return ``(graph_module, how)`` with ``how`` in ``{"fx", "export"}``."""
+def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) -> tuple[torch.fx.GraphModule, str]:
+    """Return ``(graph_module, how)`` with ``how`` in ``{"fx", "export"}`` (``fx=False``: export only).
+
+    An exported module takes its inputs the way ``model`` does (positionally or by keyword), and
+    ``gm.meta["example_inputs"]`` holds the inputs it was exported with (see ``_widenings``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    fx_reason = "not tried"
     try:
-        return torch.fx.symbolic_trace(model), "fx"
+        if fx:
+            return torch.fx.symbolic_trace(model), "fx"
     except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
         fx_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if example_inputs is None:
@@ -92,24 +98,116 @@ def capture(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.Grap
     args, kwargs = split_inputs(example_inputs)
     _warn_dropout(model)
     was_training = model.training
-    try:
-        with _no_kv_cache(model), _eval_mode(model):
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
-        gm = ep.module()
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CaptureError(
-            f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
-            f"torch.export.export failed ({type(e).__name__}: {first}); check that example_inputs match the "
-            "model's forward signature, or pass a filter_fn / wrap the model so its forward takes and returns tensors"
-        ) from None
+    with _no_kv_cache(model), _eval_mode(model):
+        for a, k in _widenings(args, kwargs):
+            try:
+                gm = _export(model, a, k, check=None if a is args and k is kwargs else (args, kwargs))
+                break
+            except Exception as e:  # noqa: BLE001 - a widened example may not suit the model: try the next
+                error = e
+        else:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CaptureError(
+                f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
+                f"torch.export.export failed ({type(error).__name__}: {first}); check that example_inputs match the "
+                "model's forward signature, or pass a filter_fn / wrap the model so its forward takes and returns tensors"
+            ) from None
     _share_parameters(model, gm)
+    _accept_model_calls(gm, model, a, k)
+    gm.meta["example_inputs"] = k or a  # split_inputs' form: a tuple of positional args or a dict
     # torch.export bakes the train/eval mode into the graph, and its module refuses train()/eval();
     # the graph is captured in eval mode, so train()/eval() only set the flag.
     gm.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, mode), gm)
     gm.eval = types.MethodType(lambda self: nn.Module.train(self, False), gm)
     gm.train(was_training)
     return gm, "export"
+
+
+def _widenings(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """The examples to export with, best first.
+
+    torch.export specialises every dim whose example size is 0 or 1, even under ``Dim.AUTO``: a
+    batch-1 example gives a module that only runs at batch 1. So size-0/1 batch and sequence dims are
+    first widened to 2 (both dims, then the batch dim only), and the example as given comes last, for
+    models whose inputs do not allow that (a length-1 feature dim, say).
+    """
+    def widen(dims):
+        def f(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            for i in dims:
+                if i < x.dim() and x.shape[i] <= 1:
+                    x = x.expand(*x.shape[:i], 2, *x.shape[i + 1:]).clone() if x.shape[i] == 1 else \
+                        x.new_zeros(*x.shape[:i], 2, *x.shape[i + 1:])
+            return x
+        return tuple(map(f, args)), {n: f(v) for n, v in kwargs.items()}
+
+    out = [widen((0, 1)), widen((0,))]
+    out = [w for i, w in enumerate(out) if not _same_inputs(w, (args, kwargs)) and not any(_same_inputs(w, o) for o in out[:i])]
+    return [*out, (args, kwargs)]
+
+
+def _same_inputs(a, b) -> bool:
+    fa, fb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    return len(fa) == len(fb) and all(
+        (x.shape == y.shape) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x is y for x, y in zip(fa, fb))
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, check: tuple | None) -> torch.fx.GraphModule:
+    """``torch.export`` with batch/sequence dims dynamic; ``check``: inputs the module must also run
+    on exactly like ``model`` (the unwidened example)."""
+    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+    gm = ep.module()
+    if check is not None:
+        a, k = check
+        with torch.no_grad():
+            want, got = model(*a, **k), gm(*a, **k)
+        torch.testing.assert_close(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want))
+    return gm
+
+
+def _accept_model_calls(gm: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Let the exported module take its inputs as ``model.forward`` does.
+
+    An exported module accepts exactly the layout it was exported with: captured from
+    ``{"input_ids": x}`` it refuses ``gm(x)``, which the model accepts. A pre-hook binds each call to
+    the model's signature and passes it on in the captured layout; an argument the graph was not
+    captured with is dropped when it equals its default (``attention_mask=None``) and refused otherwise.
+    """
+    try:
+        sig = inspect.signature(model.forward)
+        captured = sig.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return  # the example does not bind to the signature: leave torch's own input check in charge
+    params = sig.parameters
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name in captured for p in params.values()):
+        return
+    positional, keywords = list(captured)[: len(args)], list(kwargs)
+
+    def hook(_m, call_args, call_kwargs):
+        if len(call_args) == len(positional) and set(call_kwargs) == set(keywords):
+            return None  # already in the captured layout
+        try:
+            got = dict(sig.bind(*call_args, **call_kwargs).arguments)
+        except TypeError as e:
+            raise TypeError(f"{type(model).__name__}.forward: {e}") from None
+        for n, v in got.pop(next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), ""), {}).items():
+            got[n] = v
+        def take(n):
+            if n in got:
+                return got.pop(n)
+            if n in params and params[n].default is not params[n].empty:
+                return params[n].default
+            raise TypeError(f"{type(model).__name__}.forward: missing argument {n!r} (the module was captured with it)")
+        new_args, new_kwargs = tuple(take(n) for n in positional), {n: take(n) for n in keywords}
+        extra = [n for n, v in got.items() if not (n in params and v is params[n].default)]
+        if extra:
+            raise TypeError(
+                f"{type(model).__name__} was captured with inputs {positional + keywords}; {extra[0]!r} was not among "
+                f"them: pass it in example_inputs to capture a graph that takes it")
+        return new_args, new_kwargs
+
+    gm.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
 
 def _warn_dropout(model: nn.Module) -> None:

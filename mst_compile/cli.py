@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import MstCompileError
+from .errors import ModelInputError, MstCompileError
 
 
 class _Failure(click.ClickException):
@@ -60,7 +60,7 @@ def inspect(model_file: str, sparsity: float | None) -> None:
         if e.kind == "linear":
             rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / e.params:.3f}", f"{shares[e.name]:.1%}"))
         else:
-            rows.append((e.name, e.kind, "-", "-", sm.mst.config.attention, "-"))
+            rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra"), "-"))
     total = sum(e.params for e in plan if e.kind == "linear")
     active = sum(alloc.values())
     rows.append(("total", f"{len(plan)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))
@@ -175,7 +175,7 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, ModelInputError) as e:  # the run (or the model) failed: exit 1
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise _Failure(f"{type(e).__name__}: {e}") from None

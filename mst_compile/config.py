@@ -5,6 +5,7 @@ Importing this module does not import torch, so the CLI can build and check conf
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,9 @@ DISTRIBUTIONS = ("uniform", "er", "erk")
 ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")
 PHASES = ("warmup", "ultra", "restoration")
 SPARSE_KERNELS = ("auto", "dense", "csr")
+LR_SCHEDULES = ("cosine", "wsd")
+ATTENTION_RESTORES = ("switch", "widen")
+RESTORATION_SHAPES = ("late", "linear", "early")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -26,25 +30,39 @@ class MSTConfig:
     ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
     ``final_sparsity`` at ``T = total_steps``. ``schedule`` replaces all of that with any piecewise
     linear list of ``(step, sparsity)`` points.
+
+    Attention (DESIGN §5): every site runs ``attention`` in ``attention_phases`` and dense causal
+    elsewhere, unless a rule of ``attention_sites`` matches it. That dict maps a site name or an
+    ``fnmatch`` glob (``"h.*.attn"``; ``*`` also crosses dots) to either one pattern, used in
+    ``attention_phases`` with dense elsewhere, or a ``{phase: pattern}`` dict that sets only the
+    phases it names. Rules apply in order and a later match overrides an earlier one, e.g.
+    ``{"h.*.attn": "local", "h.0.attn": "dense"}`` keeps the first layer dense. See
+    :meth:`attention_pattern`.
     """
 
     total_steps: int = 1000
-    sparsity: float = 0.9  # s_max, held during ultra-sparsification
+    sparsity: float = 0.85  # s_max, held during ultra-sparsification
     final_sparsity: float = 0.5  # s_end, reached at the end of restoration
     warmup_end: float = 0.1  # t1 / T
     ultra_end: float = 0.8  # t2 / T
     schedule: list[tuple[int, float]] | None = None  # overrides the three phases when given
     distribution: str = "er"
-    update_interval: int = 100  # ΔT: steps between Mixed-Growing topology updates
-    drop_fraction: float = 0.3  # ζ for every phase unless drop_fractions is given
-    drop_fractions: tuple[float, float, float] | None = None  # ζ per phase (warmup, ultra, restoration)
+    update_interval: int | None = None  # ΔT between topology updates; None: from the run length (interval)
+    drop_fraction: float = 0.3  # ζ of warm-up and ultra (restoration drops nothing) unless drop_fractions is given
+    drop_fractions: tuple[float, float, float] | None = None  # ζ per phase; None: (drop_fraction, drop_fraction, 0)
     grow_gradient_fraction: float = 0.75  # 0.75 = Mixed-Growing 3:1, 1.0 = RigL, 0.0 = SET
     attention: str = "sparse"  # pattern used in attention_phases; dense causal elsewhere
     stride: int | None = None  # HSA stride l; None means T/8 of the running sequence length
-    attention_phases: tuple[str, ...] = ("ultra",)
+    attention_phases: tuple[str, ...] = ("warmup", "ultra", "restoration")
     sparse_kernel: str = "auto"  # CPU linear kernel: auto picks CSR below the measured crossover
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+    # how the phases end (see the class docstring); the paper's recipe is preset("paper")
+    lr_schedule: str = "wsd"  # the LR the trainer uses: warm-up/stable/decay in restoration, or its own cosine
+    grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
+    attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
+    restoration_shape: str = "late"  # when restored weights come back: late (1 − u³), linear, early ((1 − u)³)
+    attention_sites: dict[str, str | dict[str, str]] | None = None  # per-site pattern rules (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps <= 0:
@@ -71,8 +89,9 @@ class MSTConfig:
             self.schedule = [(int(s), float(v)) for s, v in pts]
         if self.distribution not in DISTRIBUTIONS:
             _fail("distribution", self.distribution, f"one of {', '.join(DISTRIBUTIONS)}")
-        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) or self.update_interval < 1:
-            _fail("update_interval", self.update_interval, "an integer >= 1")
+        if self.update_interval is not None and (isinstance(self.update_interval, bool)
+                                                 or not isinstance(self.update_interval, int) or self.update_interval < 1):
+            _fail("update_interval", self.update_interval, "None (from the run length) or an integer >= 1")
         if not isinstance(self.drop_fraction, (int, float)) or not 0.0 <= self.drop_fraction <= 1.0:
             _fail("drop_fraction", self.drop_fraction, "a number in [0, 1]")
         if self.drop_fractions is not None:
@@ -94,13 +113,76 @@ class MSTConfig:
             _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("lr_schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
+        if isinstance(self.grow_init_scale, bool) or not isinstance(self.grow_init_scale, (int, float)) \
+                or not 0.0 <= self.grow_init_scale <= 10.0:
+            _fail("grow_init_scale", self.grow_init_scale, "a number in [0, 10] (0: grown weights start at zero)")
+        if self.restoration_shape not in RESTORATION_SHAPES:
+            _fail("restoration_shape", self.restoration_shape, f"one of {', '.join(RESTORATION_SHAPES)}")
+        if self.attention_restore not in ATTENTION_RESTORES:
+            _fail("attention_restore", self.attention_restore, f"one of {', '.join(ATTENTION_RESTORES)}")
+
+        self._check_attention_sites()
+
+    def _check_attention_sites(self) -> None:
+        rules = self.attention_sites
+        if rules is None:
+            return
+        allowed = (f"a dict of site name or glob -> a pattern ({', '.join(ATTENTION_PATTERNS)}) or a dict "
+                   f"{{phase: pattern}} with phases from {', '.join(PHASES)}")
+        if not isinstance(rules, dict):
+            _fail("attention_sites", rules, allowed)
+        for site, rule in rules.items():
+            if not isinstance(site, str) or not site:
+                _fail("attention_sites", rules, f"{allowed}; got the key {site!r}")
+            if isinstance(rule, str):
+                if rule not in ATTENTION_PATTERNS:
+                    _fail(f"attention_sites[{site!r}]", rule, f"one of {', '.join(ATTENTION_PATTERNS)} or a dict {{phase: pattern}}")
+                continue
+            if not isinstance(rule, dict) or not rule:
+                _fail(f"attention_sites[{site!r}]", rule, f"one of {', '.join(ATTENTION_PATTERNS)} or a non-empty dict {{phase: pattern}}")
+            for phase, pattern in rule.items():
+                if phase not in PHASES:
+                    _fail(f"attention_sites[{site!r}]", rule, f"phases from {', '.join(PHASES)}; got {phase!r}")
+                if pattern not in ATTENTION_PATTERNS:
+                    _fail(f"attention_sites[{site!r}][{phase!r}]", pattern, f"one of {', '.join(ATTENTION_PATTERNS)}")
+        self.attention_sites = {k: (dict(v) if isinstance(v, dict) else v) for k, v in rules.items()}
+
+    def attention_pattern(self, site: str, phase: str) -> str:
+        """The pattern attention site ``site`` runs in ``phase`` under this config."""
+        if phase not in PHASES:
+            raise ValueError(f"MSTConfig.attention_pattern: phase={phase!r} is invalid: expected one of {', '.join(PHASES)}")
+        pattern = self.attention if phase in self.attention_phases else "dense"
+        for glob, rule in (self.attention_sites or {}).items():
+            if fnmatch.fnmatchcase(site, glob):
+                if isinstance(rule, str):
+                    pattern = rule if phase in self.attention_phases else "dense"
+                else:
+                    pattern = rule.get(phase, pattern)
+        return pattern
+
+    def unmatched_attention_sites(self, sites) -> list[str]:
+        """The ``attention_sites`` rules that match none of ``sites`` (most likely a typo)."""
+        sites = list(sites)
+        return [g for g in (self.attention_sites or {}) if not any(fnmatch.fnmatchcase(s, g) for s in sites)]
+
+    @property
+    def interval(self) -> int:
+        """ΔT in steps: ``update_interval``, or from the run length so that the warm-up ramp gets at least
+        five updates (``(t1 - 1) // 5``, at most 100; ``T // 30`` without a warm-up)."""
+        if self.update_interval is not None:
+            return self.update_interval
+        t1 = int(self.warmup_end * self.total_steps + 0.5)
+        return max(1, min(100, (t1 - 1) // 5 if t1 else self.total_steps // 30))
 
     @property
     def phase_drop_fractions(self) -> tuple[float, float, float]:
-        """ζ_k for (warmup, ultra, restoration)."""
+        """ζ_k for (warmup, ultra, restoration). Restoration drops nothing unless ``drop_fractions`` says
+        so: pruning there removes trained weights at the lowest learning rate (docs/design.md §8)."""
         if self.drop_fractions is not None:
             return self.drop_fractions
-        return (float(self.drop_fraction),) * 3
+        return (float(self.drop_fraction), float(self.drop_fraction), 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,5 +203,23 @@ class MSTConfig:
             )
         return cls(**d)
 
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "MSTConfig":
+        """A named recipe plus ``changes``: ``"default"`` (this class's defaults) or ``"paper"`` (the
+        published recipe: ΔT = 100, ζ = 0.3 in every phase, HSA in the ultra phase only, attention
+        switched back to dense at once, the trainer's cosine LR, grown weights at zero)."""
+        if name not in PRESETS:
+            raise ValueError(f"MSTConfig.preset({name!r}) is unknown: expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=(0.3, 0.3, 0.3), attention_phases=("ultra",),
+                  attention_restore="switch", lr_schedule="cosine", grow_init_scale=0.0, final_sparsity=0.5,
+                  restoration_shape="late",
+                  sparsity=0.9, warmup_end=0.1, ultra_end=0.8),
+}

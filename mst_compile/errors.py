@@ -9,6 +9,10 @@ class CaptureError(MstCompileError):
     """Neither torch.fx nor torch.export could capture the model."""
 
 
+class ModelInputError(MstCompileError):
+    """A model's forward needs inputs that the trainer cannot supply from token ids alone."""
+
+
 class CheckpointError(MstCompileError):
     """A checkpoint or MST state does not fit the model it is loaded into."""
 

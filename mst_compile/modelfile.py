@@ -1,16 +1,18 @@
 """Load a user's ``model.py``: it defines ``model()`` and optionally ``example_inputs()``,
-``config()`` and ``data()``. Every failure is one ``MstCompileError`` naming the file and the fix."""
+``config()``, ``data()`` and ``batch(tokens)``. Every failure is one ``MstCompileError`` naming the
+file and the fix."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import MstCompileError
+from .errors import ModelInputError, MstCompileError
 
 
 @dataclass
@@ -41,6 +43,39 @@ class ModelFile:
 
     def example_inputs(self):
         return self.call("example_inputs") if self.hook("example_inputs") else None
+
+    def inputs_for(self, model) -> Callable:
+        """How the trainer feeds a (B, T) batch of token ids to ``model``: ``tokens -> inputs`` (a tuple
+        of positional args or a dict of keyword args, as ``example_inputs()`` returns them).
+
+        The file's ``batch(tokens)`` hook when it has one; else the tokens as the forward's first
+        positional argument, or as ``input_ids=`` (the Hugging Face convention). A forward that needs
+        any other argument is refused here, in one line that names it.
+        """
+        if self.hook("batch") is not None:
+            return lambda tokens: self.call("batch", tokens)
+        name = type(model).__name__
+        sig = inspect.signature(model.forward)
+        params = list(sig.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        if params and params[0].kind in positional:
+            token, pack = params[0].name, lambda tokens: (tokens,)
+        elif "input_ids" in sig.parameters:
+            token, pack = "input_ids", lambda tokens: {"input_ids": tokens}
+        else:
+            raise ModelInputError(
+                f"{self.path}: {name}.forward takes no positional argument and no input_ids=, so mstc train cannot "
+                "pass it token ids; define batch(tokens) in it, returning the forward's inputs for a (B, T) batch of "
+                "token ids (a tuple of positional args or a dict of keyword args)")
+        needed = [p.name for p in params if p.name != token and p.default is p.empty
+                  and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if needed:
+            raise ModelInputError(
+                f"{self.path}: {name}.forward needs the argument '{needed[0]}', which mstc train cannot supply (it passes "
+                f"only the token ids as '{token}'); give it a default, or define batch(tokens) in {self.path.name} returning "
+                f"the forward's inputs, e.g. {{'{token}': tokens, '{needed[0]}': ...}} (example_inputs(), if defined, "
+                "must return inputs of the same form)")
+        return pack
 
     def config(self):
         from .config import MSTConfig

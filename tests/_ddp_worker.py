@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import mst_compile
 from _models import tiny_gpt
 
-STEPS, DT = 12, 3
+STEPS, DT = 13, 3  # updates after steps 3, 6, 9, 12 (none after the last step)
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -41,9 +41,9 @@ def main(out_path: str) -> None:
     average = sched._dense_grads
 
     def spy():
-        local = {n: sw.dense_grad().clone() for n, sw in sm.mst.sparse_weights().items()}
+        local = {n: sw.dense_grad().clone() for n, sw in sm.mst.sparse_weights().items() if sw.dense_grad() is not None}
         used = average()
-        scored.append((local, {n: g.clone() for n, g in used.items()}))
+        scored.append((local, {n: g.clone() for n, g in used.items() if g is not None}))
         return used
 
     sched._dense_grads = spy
@@ -69,6 +69,8 @@ def main(out_path: str) -> None:
     if not all(torch.equal(x, sched._generator.get_state()) for x in _gather(sched._generator.get_state())):
         errors.append("random-growth generator state differs across ranks")
     for k, (local, used) in enumerate(scored):
+        if set(local) != set(used) or not local:
+            errors.append(f"update {k}: scored {sorted(used)} but formed dense gradients for {sorted(local)}")
         for n in local:
             locals_ = _gather(local[n])
             if not all(torch.equal(x, used[n]) for x in _gather(used[n])):

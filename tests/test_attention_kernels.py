@@ -153,7 +153,23 @@ def test_never_builds_a_txt_matrix(pattern):
     assert dense.numel >= T * T  # the check above does see a T×T matrix when there is one
 
 
-@pytest.mark.parametrize("bad,msg", [(0, "stride=0"), (-3, "stride=-3"), (65, "stride=65"), (2.5, "stride=2.5")])
+@pytest.mark.parametrize("T,l", [(20, 21), (20, 64), (5, 1000), (1, 2)])
+@pytest.mark.parametrize("pattern", ["local", "strided", "sparse"])
+def test_stride_longer_than_the_sequence_matches_oracle(T, l, pattern):
+    """l > T (short sequences at an explicit stride): local and sparse are dense causal, strided is j == i."""
+    q, k, v, g = _qkv(T, 4, 2)
+    want = _oracle(q, k, v, g, T, l, pattern)
+    causal = _oracle(q, k, v, g, T, T, "dense")
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), _run(_impl("auto", pattern, l), q, k, v, g), want, causal):
+        _assert_close(a, b, f"{pattern} T={T} l={l} {name}")
+        if pattern != "strided":
+            _assert_close(a, c, f"{pattern} T={T} l={l} is dense causal ({name})")
+    m = HybridSparseAttention("h.0.attn", pattern=pattern, stride=l)
+    _assert_close(m(q, k, v), want[0], f"module {pattern} T={T} l={l}")
+    assert mean_attended_keys(pattern, T, l) == pytest.approx(pattern_mask(T, l, pattern).sum().item() / T, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad,msg", [(0, "stride=0"), (-3, "stride=-3"), (2.5, "stride=2.5")])
 def test_bad_stride(bad, msg):
     q, k, v, _ = _qkv(64, 2, 2)
     with pytest.raises(ValueError, match=msg):
@@ -195,10 +211,8 @@ def test_module_errors_name_the_site():
         m.set_pattern("diagonal")
     with pytest.raises(ValueError, match=r"transformer\.h\.3\.attn.*stride=0"):
         m.set_pattern("sparse", stride=0)
-    m.set_pattern("sparse", stride=100)
-    q, k, v, _ = _qkv(32, 2, 2)
-    with pytest.raises(ValueError, match=r"transformer\.h\.3\.attn.*stride=100.*T=32"):
-        m(q, k, v)
+    with pytest.raises(ValueError, match=r"transformer\.h\.3\.attn.*stride=-2"):
+        m.set_pattern("local", stride=-2)
 
 
 def test_module_padding_mask_applies_pattern_and_mask():

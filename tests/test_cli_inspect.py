@@ -59,3 +59,14 @@ def test_inspect_real_subprocess_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mst_compile", "inspect", str(f)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip() == f"Error: {f}: model() returned int, expected a torch.nn.Module"
+
+
+def test_inspect_lists_what_the_linear_pass_could_not_rewrite(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom _models import Unrewritable\n\n"
+                 "def model():\n    return Unrewritable()\n")
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "skipped: 4" in r.output
+    assert "skipped summed: einsum 'btd,de->bt' does not contract the parameter like a linear layer" in r.output
+    assert "skipped scaled: the operand is computed from the parameter" in r.output

@@ -1,4 +1,5 @@
 """mstc report: PNG plots and a markdown table for an MST run and its dense baseline."""
+import json
 import os
 
 import pytest
@@ -34,6 +35,16 @@ def test_report_writes_plots_and_markdown(runs):
     md = (runs / "rep" / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| mst |") or line.startswith("| dense |")]
     assert len(rows) == 2 and "| MST |" in rows[0] and "| dense |" in rows[1] and "1.00x" in rows[1]
+    head = next(line for line in md.splitlines() if line.startswith("| run |"))
+    assert "FLOPs (alg.)" in head and "alg. reduction" in head and "s/step (measured)" in head
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    step = {n: json.loads((runs / n / "summary.json").read_text())["step_s"] for n in ("mst", "dense")}
+    assert all(v > 0 for v in step.values())
+    assert {c[0]: float(c[cols.index("s/step (measured)")]) for c in cells} == {n: float(f"{v:.3g}") for n, v in step.items()}
+    speed = {c[0]: c[cols.index("measured speed-up")] for c in cells}
+    assert speed["dense"] == "1.00x" and speed["mst"] == f"{step['dense'] / step['mst']:.2f}x"
+    assert "algorithmic counts" in md and "dense run dense" in md
     assert all(f"]({n}.png)" in md for n in ("loss", "sparsity", "attention", "layer_density"))
 
 

@@ -5,8 +5,8 @@ import warnings
 import pytest
 
 from mst_compile import MSTConfig
-from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, phase_at, phase_bounds,
-                                          target_sparsity, update_steps)
+from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, last_update_at, lr_multiplier,
+                                          phase_at, phase_bounds, target_sparsity, update_steps, widening)
 
 CFG = MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.5, warmup_end=0.1, ultra_end=0.8, update_interval=10)
 
@@ -74,6 +74,16 @@ def test_update_steps():
     cfg = MSTConfig(total_steps=35, update_interval=10)
     assert update_steps(cfg) == [10, 20, 30]
     assert [t for t in range(0, 50) if is_update_step(t, cfg)] == [10, 20, 30]
+    assert [last_update_at(t, cfg) for t in (0, 9, 10, 29, 30, 35, 99)] == [0, 0, 10, 20, 30, 30, 30]
+
+
+def test_no_update_at_or_after_the_last_optimizer_step():
+    """Weights grown after step T would never train: the last update is the last multiple of ΔT below T."""
+    cfg = MSTConfig(total_steps=30, update_interval=10)
+    assert update_steps(cfg) == [10, 20] and not is_update_step(30, cfg)
+    assert [last_update_at(t, cfg) for t in (19, 20, 29, 30, 40)] == [10, 20, 20, 20, 20]
+    every = MSTConfig(total_steps=4, update_interval=1)
+    assert update_steps(every) == [1, 2, 3]
 
 
 def test_bad_input():
@@ -85,10 +95,41 @@ def test_bad_input():
         target_sparsity(-1, CFG)
     with pytest.raises(ValueError, match="past total_steps=100"):
         check(MSTConfig(total_steps=100, schedule=[(0, 0.5), (200, 0.9)]))
-    with pytest.warns(UserWarning, match="no topology update will run"):
+    with pytest.raises(ValueError, match="warmup phase .* contains no topology update"):
         check(MSTConfig(total_steps=50, update_interval=100))
-    with pytest.warns(UserWarning, match="warmup phase .* contains no topology update"):
+    with pytest.raises(ValueError, match="ultra phase .* contains no topology update"):
+        check(MSTConfig(total_steps=50, update_interval=50, warmup_end=0.0))  # one at step 50 would come after the last step
+    with pytest.raises(ValueError, match="restoration phase .* the density would never be restored"):
+        check(MSTConfig(total_steps=100, update_interval=10, warmup_end=0.2, ultra_end=0.95))
+    with pytest.raises(ValueError, match=r"warmup phase \[0, 100\) .* expected update_interval <= 20"):
         check(MSTConfig(total_steps=1000, update_interval=100))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check(MSTConfig(total_steps=1000, update_interval=50))
+        check(MSTConfig(total_steps=1000))  # the derived interval always fits
+
+
+def test_derived_update_interval_gives_the_warmup_five_updates():
+    for T in (60, 100, 1000, 3000, 100_000):
+        cfg = MSTConfig(total_steps=T)
+        assert sum(1 for k in update_steps(cfg) if phase_at(k, cfg) == "warmup") >= 5, T
+    assert MSTConfig(total_steps=3000).interval == 59
+    assert MSTConfig(total_steps=100_000).interval == 100  # capped: more updates buy nothing but probes
+    assert MSTConfig(total_steps=3000, update_interval=7).interval == 7
+
+
+def test_wsd_lr_is_flat_until_restoration_then_decays_to_the_floor():
+    cfg = MSTConfig(total_steps=1000, lr_schedule="wsd")  # restoration [800, 1000]
+    assert [lr_multiplier(t, cfg) for t in (0, 400, 799, 800)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_multiplier(900, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(1000, cfg) == pytest.approx(0.1)
+    cos = MSTConfig(total_steps=1000)
+    assert lr_multiplier(500, cos) == pytest.approx(0.55)
+    assert lr_multiplier(1000, cos, min_ratio=0.0) == pytest.approx(0.0)
+
+
+def test_attention_widens_through_restoration_then_turns_dense():
+    cfg = MSTConfig(total_steps=1000, attention_restore="widen")  # restoration [800, 1000]
+    seen = [widening(t, cfg) for t in (0, 100, 799, 800, 850, 900, 949, 950, 999)]
+    assert seen == [None, None, None, 1.0, 2.0, 4.0, 4.0, None, None]
+    assert all(widening(t, MSTConfig(total_steps=1000)) is None for t in range(0, 1001, 50))

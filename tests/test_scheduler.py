@@ -63,6 +63,28 @@ def _check_invariants(sm, opt):
                 assert torch.all(v[~m] == 0), f"step {mst.step_count}: optimizer state {k} of {n} is not zero where masked"
 
 
+def _counts(n_act, n_tgt, zeta, frac):
+    """(n_prune, n_grow, n_grad) of DESIGN §4 for one tensor."""
+    n_prune = min(n_act, max(math.floor(zeta * n_act), n_act - n_tgt))
+    n_grow = n_prune - (n_act - n_tgt)
+    return n_prune, n_grow, math.floor(frac * n_grow + 0.5)
+
+
+def _expected_probes(sm, cfg, k):
+    """The weights that must form a dense gradient in iteration k: those the update after step k
+    grows by gradient (no update runs at or after the last step T)."""
+    if k % cfg.update_interval or k >= cfg.total_steps:
+        return set()
+    counts = sm.mst.allocation(target_sparsity(k, cfg))
+    zeta = drop_fraction(k, cfg)
+    return {n for n, m in sm.mst.masks().items()
+            if _counts(int(m.sum()), counts[n], zeta, cfg.grow_gradient_fraction)[2] > 0}
+
+
+def _probing(sm):
+    return {n for n, sw in sm.mst.sparse_weights().items() if sw.probe.dim() == 2}
+
+
 def _check_update(sm, seen, frac):
     """The latest update against the schedule, the counting rule and a sort-based oracle."""
     mst, t = sm.mst, sm.mst.step_count
@@ -74,16 +96,14 @@ def _check_update(sm, seen, frac):
     pruned = grad_grown = rand_grown = 0
     for n, new in mst.masks().items():
         old, w, g = seen["masks"][n], seen["weights"][n], seen["grads"][n]
-        assert g is not None, f"the dense gradient of {n} must be collected on the step before the update"
-        n_act = int(old.sum())
-        n_prune = max(math.floor(zeta * n_act), n_act - counts[n])
-        n_grow = n_prune - (n_act - counts[n])
-        n_grad = math.floor(frac * n_grow + 0.5)
+        n_prune, n_grow, n_grad = _counts(int(old.sum()), counts[n], zeta, frac)
+        assert (g is not None) == (n_grad > 0), f"{n}: a dense gradient is formed exactly when the update grows by it"
         pruned, grad_grown, rand_grown = pruned + n_prune, grad_grown + n_grad, rand_grown + n_grow - n_grad
         after_drop = old.reshape(-1) & ~_oracle_drop(w, old, n_prune)
         free = (~after_drop).nonzero().squeeze(1)
-        top = free[torch.argsort(g.reshape(-1).abs()[free], descending=True, stable=True)[:n_grad]]
-        assert new.reshape(-1)[top].all(), f"{n}: the top-|grad| free positions must be grown"
+        if n_grad:
+            top = free[torch.argsort(g.reshape(-1).abs()[free], descending=True, stable=True)[:n_grad]]
+            assert new.reshape(-1)[top].all(), f"{n}: the top-|grad| free positions must be grown"
         assert torch.equal(new.reshape(-1) & after_drop, after_drop), f"{n}: kept weights must stay active"
         assert int((new.reshape(-1) & ~after_drop).sum()) == n_grow
     assert (u["pruned"], u["grown_gradient"], u["grown_random"]) == (pruned, grad_grown, rand_grown)
@@ -99,10 +119,11 @@ def test_invariants_through_all_three_phases(opt_name, frac):
     snap = Snapshot(sm, opt)
     assert sm.mst.attach(opt) is sm.mst
     assert (sm.mst.step_count, sm.mst.phase, sm.mst.target_sparsity, sm.mst.last_update) == (0, "warmup", 0.0, None)
-    data, phases, updates = _batches(), set(), 0
+    data, phases, updates, probe_steps = _batches(), set(), 0, 0
     for _ in range(T):
-        probing = all(sw.probe.dim() == 2 for sw in sm.mst.sparse_weights().values())
-        assert probing == ((sm.mst.step_count + 1) % DT == 0), f"probe state wrong before step {sm.mst.step_count + 1}"
+        want_probes = _expected_probes(sm, cfg, sm.mst.step_count + 1)
+        assert _probing(sm) == want_probes, f"probe state wrong before step {sm.mst.step_count + 1}"
+        probe_steps += bool(want_probes)
         want = cfg.attention if sm.mst.phase in cfg.attention_phases else "dense"
         assert set(sm.mst.attention_patterns().values()) == {want}
         _lm_loss(sm, next(data)).backward()
@@ -110,17 +131,22 @@ def test_invariants_through_all_three_phases(opt_name, frac):
         opt.zero_grad()
         phases.add(sm.mst.phase)
         _check_invariants(sm, opt)
-        if sm.mst.step_count % DT == 0:
+        if sm.mst.step_count % DT == 0 and sm.mst.step_count < T:
             _check_update(sm, snap.seen, frac)
             updates += 1
-    assert phases == {"warmup", "ultra", "restoration"} and updates == T // DT
-    assert sm.mst.target_sparsity == pytest.approx(0.5) and sm.mst.density() == pytest.approx(0.5, abs=1e-3)
+    assert phases == {"warmup", "ultra", "restoration"} and updates == (T - 1) // DT
+    assert sm.mst.last_update["step"] == T - DT, "no update after the last optimizer step"
+    assert (probe_steps > 0) == (frac > 0), "SET growth needs no dense gradient"
+    # the run ends with the masks its last update (step 21) allocated, which the last step trained
+    s_last = target_sparsity(T - DT, cfg)
+    assert sm.mst.target_sparsity == pytest.approx(s_last) and sm.mst.density() == pytest.approx(1 - s_last, abs=1e-3)
+    assert all(torch.equal(m, snap.seen["masks"][n]) for n, m in sm.mst.masks().items())
     u = sm.mst.last_update
     if frac == 1.0:  # RigL
         assert u["grown_random"] == 0 and u["grown_gradient"] > 0
     if frac == 0.0:  # SET
         assert u["grown_gradient"] == 0 and u["grown_random"] > 0
-    assert 0.5 <= u["ever_active"] <= 1.0
+    assert 1 - s_last <= u["ever_active"] <= 1.0
 
 
 def test_dense_gradient_is_the_full_gradient_of_the_step_before_the_update_with_accumulation():
@@ -141,7 +167,7 @@ def test_dense_gradient_is_the_full_gradient_of_the_step_before_the_update_with_
             F.mse_loss(ref(x), y).backward()
         opt.step()
         opt.zero_grad()
-        if step % 4 == 0:
+        if step == 4:  # the only update: none runs after the last step (8)
             for n, grad in snap.seen["grads"].items():
                 torch.testing.assert_close(grad, dict(ref.named_parameters())[n].grad, msg=f"dense gradient of {n}")
         else:
@@ -187,7 +213,7 @@ def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped()
         opt.zero_grad()
         assert sm.mst.step_count == good
         _check_invariants(sm, opt)
-        if sm.mst.step_count % 3 == 0 and i not in (2, 6):
+        if sm.mst.step_count in (3, 6) and i not in (2, 6):  # updates after steps 3 and 6, none after the last (9)
             assert sm.mst.last_update["step"] == sm.mst.step_count
             assert not sm.mst.last_update["gradient_fallback"], "a stale inf gradient must not reach the update"
             assert all(torch.isfinite(g).all() for g in snap.seen["grads"].values())
@@ -209,7 +235,8 @@ def test_stepping_past_total_steps_warns_once_and_holds():
             sm(x).square().mean().backward()
             opt.step()
     assert len([w for w in rec if "past total_steps" in str(w.message)]) == 1
-    assert sm.mst.step_count == 9 and sm.mst.phase == "restoration" and sm.mst.target_sparsity == pytest.approx(0.6)
+    assert sm.mst.step_count == 9 and sm.mst.phase == "restoration"
+    assert sm.mst.target_sparsity == pytest.approx(target_sparsity(3, cfg)) and sm.mst.last_update["step"] == 3
     assert all(torch.equal(m, final[n]) for n, m in sm.mst.masks().items())
     assert all(sw.probe.dim() != 2 for sw in sm.mst.sparse_weights().values())
 
@@ -233,8 +260,8 @@ def test_bad_input():
     late = mst_compile.sparsify(MLP(), {"total_steps": 10, "schedule": [(0, 0.0), (20, 0.5)]})
     with pytest.raises(ValueError, match="past total_steps=10"):
         late.mst.attach(torch.optim.SGD(late.parameters(), lr=0.1))
-    with pytest.warns(UserWarning, match="no topology update"):
-        short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+    short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+    with pytest.raises(ValueError, match="update_interval=50: the ultra phase .* no topology update"):
         short.mst.attach(torch.optim.SGD(short.parameters(), lr=0.1))
 
 
@@ -267,6 +294,74 @@ def test_torch_compile_runs_mst():
         assert sm.mst.flops.last_step_tokens == batch[:, :-1].numel()
         if sm.mst.step_count % 2 == 0:
             assert not sm.mst.last_update["gradient_fallback"], "the compiled backward must deliver the dense gradient"
-    assert sm.mst.last_update["step"] == 6
+    assert sm.mst.last_update["step"] == 4
     x = next(_batches())[:, :-1]
     torch.testing.assert_close(compiled(x), sm(x))
+
+
+def _linear_charge(sm, rows):
+    """One iteration's linear FLOPs by DESIGN §6: 6·d·n_in·n_out per row, + 2·(1 − d)·n_in·n_out on a probe step."""
+    probing, dens = _probing(sm), sm.mst.densities()
+    return sum(rows * p.numel() * (6 * dens[n] + (2 * (1 - dens[n]) if n in probing else 0))
+               for n, p in sm.mst.parameters().items())
+
+
+def test_no_topology_update_at_or_after_the_last_step():
+    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=4, warmup_end=0.0, ultra_end=0.5, sparsity=0.8,
+                                final_sparsity=0.5, distribution="uniform")
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(MLP(), cfg)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+    sm.mst.attach(opt)
+    probed, charged, trained = [], [], None
+    for step in range(1, 13):
+        probed += [step] if _probing(sm) else []
+        trained = {n: m.clone() for n, m in sm.mst.masks().items()}
+        want = _linear_charge(sm, rows=4)
+        sm(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert sm.mst.flops.last_step_mst == pytest.approx(want, rel=1e-12), f"step {step}"
+        charged.append(sm.mst.flops.last_step_mst)
+    assert probed == [4, 8], "the last iteration forms no dense gradient: no update follows it"
+    assert sm.mst.last_update["step"] == 8
+    assert charged[11] == charged[10] and charged[7] > charged[6], "step 12 is charged as a plain step"
+    # what the run reports at the end is what its last optimizer step trained
+    assert all(torch.equal(m, trained[n]) for n, m in sm.mst.masks().items())
+    s8 = target_sparsity(8, cfg)
+    assert s8 > 0.6 and sm.mst.target_sparsity == pytest.approx(s8)
+    assert sm.mst.density() == pytest.approx(1 - s8, abs=0.02)
+    assert all(d == pytest.approx(1 - s8, abs=0.02) for d in sm.mst.densities().values())
+
+
+@pytest.mark.parametrize("case", ["static", "set", "growing"])
+def test_nothing_to_grow_takes_no_probe_steps(case):
+    """Drop fraction 0 and no density increase (the static baseline), or SET growth: no dense gradient
+    is ever formed and the ledger charges none. A scheduled density increase does need one."""
+    kw = {"static": dict(schedule=[(0, 0.6), (12, 0.6)], drop_fraction=0.0),
+          "set": dict(schedule=[(0, 0.6), (12, 0.6)], grow_gradient_fraction=0.0),
+          "growing": dict(schedule=[(0, 0.8), (12, 0.4)], drop_fraction=0.0)}[case]
+    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=2, distribution="uniform", **kw)
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(MLP(), cfg)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+    sm.mst.attach(opt)
+    start = {n: m.clone() for n, m in sm.mst.masks().items()}
+    probe_steps, want = 0, 0.0
+    for _ in range(12):
+        probe_steps += bool(_probing(sm))
+        want += _linear_charge(sm, rows=4)
+        sm(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sm.mst.flops.linear_mst == pytest.approx(want, rel=1e-12)
+    moved = any(not torch.equal(m, start[n]) for n, m in sm.mst.masks().items())
+    if case == "static":
+        assert probe_steps == 0 and not moved
+        dens = sm.mst.densities()
+        plain = 12 * sum(4 * p.numel() * 6 * dens[n] for n, p in sm.mst.parameters().items())
+        assert sm.mst.flops.linear_mst == pytest.approx(plain, rel=1e-12), "no dense-gradient FLOPs charged"
+    elif case == "set":
+        assert probe_steps == 0 and moved and not sm.mst.last_update["gradient_fallback"]
+    else:
+        assert probe_steps == 5 and sm.mst.last_update["grown_gradient"] > 0  # updates 2, 4, ..., 10

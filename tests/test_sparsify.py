@@ -4,9 +4,22 @@ import warnings
 
 import pytest
 import torch
+from _models import (
+    MLP,
+    FunctionalLinear,
+    NoLinear,
+    SpellingsLM,
+    StockAttention,
+    TiedLM,
+    Unrewritable,
+    hf_gpt2,
+    hf_llama,
+    tiny_gpt,
+)
 
 import mst_compile
-from _models import MLP, FunctionalLinear, NoLinear, TiedLM, hf_gpt2, hf_llama, tiny_gpt
+from mst_compile.capture import capture
+from mst_compile.passes.linear import rewrite_linear
 
 
 def _ids(vocab, b=2, t=12):
@@ -17,6 +30,8 @@ CASES = {
     "mlp": (MLP, lambda: torch.randn(5, 16), None, "fx"),
     "functional": (FunctionalLinear, lambda: torch.randn(3, 7, 12), None, "fx"),
     "tied": (TiedLM, lambda: _ids(50), None, "fx"),
+    "spellings": (SpellingsLM, lambda: _ids(40), None, "fx"),
+    "stock_attention": (StockAttention, lambda: _ids(40), None, "export"),
     "tiny_gpt": (tiny_gpt, lambda: _ids(64), None, "fx"),
     "tiny_gpt_manual": (lambda: tiny_gpt(flash=False), lambda: _ids(64), None, "export"),
     "hf_gpt2": (hf_gpt2, lambda: _ids(64), "input_ids", "export"),
@@ -168,3 +183,75 @@ def test_torch_compile_trains_one_step():
     for n, p in sm.mst.parameters().items():
         assert torch.all(p[~sm.mst.masks()[n]] == 0)
     torch.testing.assert_close(compiled(x), sm(x))
+
+
+SPELLING_USES = {"w_t": 2, "w_T": 1, "w_io": 1, "w_lin": 1, "e_vd": 1, "e_de": 1, "e_perm": 1, "mm": 1, "conv": 1,
+                 "bmm": 1, "left": 1, "wte.weight": 1}
+
+
+@pytest.mark.parametrize("how", ["fx", "export"])
+def test_every_matmul_spelling_is_one_masked_site_per_parameter(how):
+    torch.manual_seed(0)
+    model, x = SpellingsLM(), _ids(40)
+    gm, got = capture(model, (x,), fx=how == "fx")
+    assert got == how
+    res = rewrite_linear(gm)
+    assert {s.name: s.uses for s in res.sites} == SPELLING_USES and res.skipped == []
+    assert res.other_uses == ["wte.weight"], "the embedding lookup of the tied head shares its mask"
+    # no matmul reads a parameter any more: every parameter use is the sparse op or the embedding lookup
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            assert all(u.op == "call_module" or "embedding" in str(u.target) for u in node.users), node.users
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_unrewritable_parameter_matmuls_are_listed_with_why():
+    sm = mst_compile.sparsify(Unrewritable())
+    assert [e.name for e in sm.mst.plan] == ["fc.weight"]
+    got = [(name, why.split(" (at ")[0]) for name, why in sm.mst.skipped]
+    assert got == [("scaled", "the operand is computed from the parameter, not a view of it"),
+                   ("a, b", "both operands are parameters"),
+                   ("a, b", "the operand is computed from the parameter, not a view of it"),
+                   ("summed", "einsum 'btd,de->bt' does not contract the parameter like a linear layer")]
+    assert all(why.endswith("charged dense)") for _, why in sm.mst.skipped)
+
+
+def test_stock_attention_modules_are_rewritten_or_reported():
+    names = {"mha.in_proj_weight", "mha.out_proj.weight", "enc.self_attn.in_proj_weight",
+             "enc.self_attn.out_proj.weight", "enc.linear1.weight", "enc.linear2.weight", "wte.weight"}
+    sm = mst_compile.sparsify(StockAttention(), example_inputs=(_ids(40),))
+    assert sm.mst.capture == "export" and {e.name for e in sm.mst.plan if e.kind == "linear"} == names
+    sm.mst.set_sparsity(0.9)
+    assert sm.mst.density() == pytest.approx(0.1, abs=1e-3)
+    with pytest.warns(UserWarning, match="stay dense and uncounted"):  # torch.fx alone cannot see inside them
+        fx_only = mst_compile.sparsify(StockAttention())
+    skipped = dict(fx_only.mst.skipped)
+    assert set(skipped) == names - {"wte.weight"} and all("pass example_inputs" in w for w in skipped.values())
+    assert any("mha.in_proj_weight" in e for e in fx_only.mst.flops.excluded)
+
+
+@pytest.mark.parametrize("make", [TiedLM, SpellingsLM])
+def test_tied_growth_gradient_covers_every_use(make):
+    """The dense gradient that ranks growth is d loss / d W over all uses of W (the embedding lookup
+    too), checked against autograd of an unmasked copy holding the same masked weights."""
+    torch.manual_seed(0)
+    model = make()
+    ref = copy.deepcopy(model)
+    vocab = model.emb.num_embeddings if hasattr(model, "emb") else model.wte.num_embeddings
+    sm = mst_compile.sparsify(model, {"total_steps": 10, "update_interval": 2, "schedule": [(0, 0.5), (10, 0.5)]})
+    opt = torch.optim.SGD(sm.parameters(), lr=0.0)
+    sm.mst.attach(opt)  # step 0 -> 1 is not an update; the backward of step 2 forms the dense gradient
+    batches = [_ids(vocab), torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(2))]
+    sm(batches[0]).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    ref.load_state_dict(model.state_dict())  # the masked weights, as plain tensors
+    for b in batches:  # two micro-batches: the dense gradient sums over both, like any gradient
+        sm(b).square().mean().backward()
+        ref(b).square().mean().backward()
+    grads = sm.mst._scheduler._dense_grads()
+    ref_params = dict(ref.named_parameters())
+    tied = "emb.weight" if hasattr(model, "emb") else "wte.weight"
+    assert sm.mst.masks()[tied].float().mean() < 1
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_params[name].grad, msg=f"dense gradient of {name}")

@@ -80,8 +80,8 @@ def test_random_growth_is_seeded_uniform_and_disjoint_from_gradient_growth():
     assert grown.sum() > 100
     top = _oracle_grad_grow(grad, free, int(grown.sum()))
     assert (grown & top).sum() < 0.5 * grown.sum()
-    mean_free = grad.reshape(-1).abs()[free].mean()
-    assert grad.reshape(-1).abs()[grown].mean() == pytest.approx(mean_free, rel=0.2)
+    mean_free = float(grad.reshape(-1).abs()[free].mean())
+    assert float(grad.reshape(-1).abs()[grown].mean()) == pytest.approx(mean_free, rel=0.2)
 
 
 def test_non_finite_or_missing_gradient_falls_back_to_random_growth():

@@ -211,3 +211,28 @@ def test_help_lists_every_config_field():
         if f.name != "total_steps":
             assert f"--{f.name.replace('_', '-')}" in flags, f.name
     assert "--total-steps" in flags and "--config" in flags and "--resume" in flags
+
+
+def test_final_densities_are_what_the_last_step_trained(work):
+    d, r, _ = work
+    assert r.exit_code == 0, r.output
+    run = d / "mst"
+    assert [u["step"] for u in _records(run, "update")] == [4, 8, 12, 16, 20], "no update after the last step (24)"
+    trained = _records(run, "train")[-1]  # logged at step 24 with the density that step trained at
+    masks = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["mst"]["mst"]["masks"]
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s["final_densities"]) == set(masks)
+    for n, m in masks.items():
+        assert s["final_densities"][n] == pytest.approx(int(m.sum()) / m.numel(), rel=1e-12), n
+    overall = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert overall == pytest.approx(trained["density"], rel=1e-12)
+    assert trained["density"] < 0.45, "the run ends at the restoration density of its last update, not s_end = 0.5"
+
+
+def test_summary_line_calls_the_count_algorithmic_and_shows_measured_time(work):
+    d, r, dense = work
+    for res, run in ((r, d / "mst"), (dense, d / "dense")):
+        line = res.output.strip().splitlines()[-1]
+        s = json.loads((run / "summary.json").read_text())
+        assert s["step_s"] > 0 and s["step_s"] * s["steps"] <= s["wall_s"]
+        assert "algorithmic FLOPs: MST" in line and f"{s['step_s']:.3g} s/step" in line

@@ -22,7 +22,7 @@ def test_bar_on_a_terminal(monkeypatch):
     p.note("step 20: val loss 2.0")
     p.close()
     out = err.getvalue()
-    assert "20/20" in out and "ultra loss 2.3457 density 0.100 FLOPs /3.50" in out and "step 20: val loss 2.0" in out
+    assert "20/20" in out and "ultra loss 2.3457 density 0.100 alg. FLOPs /3.50" in out and "step 20: val loss 2.0" in out
 
 
 def test_plain_lines_when_not_a_terminal(capsys):

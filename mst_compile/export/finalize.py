@@ -1,7 +1,8 @@
 """finalize(sm): fold the masks into the weights and put plain ops back.
 
 The result is an ordinary ``GraphModule`` with no mst ops in it: every sparse weight site becomes
-``F.linear`` (or ``matmul`` + ``add`` for weights stored (in, out), HF ``Conv1D``) and every attention
+``F.linear`` (or ``matmul`` + ``add`` for weights stored (in, out), HF ``Conv1D``), every counted
+dense op its original op, and every attention
 site becomes plain causal SDPA (``dense``) or the exportable skipping computation of its pattern
 (``export/attention.py``). It shares its parameters with ``sm``, and so with the user's model, which
 keeps the sparse weights. ``sm`` itself is left as it is: training can go on after a finalize.
@@ -18,6 +19,7 @@ from .attention import ATTENTION_CHOICES, export_attention
 
 SITES = "mst_sites."  # call_module targets of the sparse weight sites (passes/linear.py)
 ATTN = "mst_attn."  # call_module targets of the attention sites (passes/attention.py)
+DENSE = "mst_dense."  # call_module targets of the counted dense ops (passes/dense.py)
 
 
 def is_sparsified(module) -> bool:
@@ -74,6 +76,10 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
             continue
         if node.target.startswith(SITES):
             _replace(graph, node, _plain_linear(graph, node))
+        elif node.target.startswith(DENSE):  # the original op, no longer counted
+            with graph.inserting_before(node):
+                new = graph.call_function(sm.get_submodule(node.target).fn, node.args, node.kwargs)
+            _replace(graph, node, new)
         elif node.target.startswith(ATTN):
             mod = sm.get_submodule(node.target)
             site = getattr(mod, "site", node.target)

@@ -1,36 +1,53 @@
-"""Linear pass: every 2-D parameter consumed by a linear/matmul op becomes one mask-carrying sparse op.
+"""Linear pass: every 2-D parameter consumed by a matmul becomes one mask-carrying sparse op (DESIGN §2).
 
-Pattern matched (the weight operand must be a ``get_attr`` of a 2-D ``nn.Parameter``, or the site a
-call of an ``nn.Linear`` module):
+A site is a matmul-like node one of whose operands is a 2-D ``nn.Parameter`` (a ``get_attr``), seen
+through any chain of views that keep it a matrix (``.t()``, ``.T``, ``transpose``, ``permute``,
+``contiguous``, casts, same-shape ``view``/``reshape``, and ``unsqueeze(0).expand(B, ...)`` for
+``bmm``). Every site is put in the form ``y = x @ Wᵀ`` with W as stored (or ``x @ W`` when W is
+stored (in, out), ``transposed=True``):
 
-    call_module   nn.Linear(x)                          -> sparse(x, W, b)
-    call_function F.linear / aten.linear(x, W, b?)      -> sparse(x, W, b)
-    call_function addmm(b, x, W)  (HF Conv1D, W: in×out) -> sparse(x, W, b, transposed=True)
-    call_function mm / matmul(x, W)                     -> sparse(x, W, None, transposed=True)
+    nn.Linear(x), F.linear / aten.linear(x, W or Wᵀ, b)
+    x @ W, x @ Wᵀ, torch.matmul, mm, bmm(x, W broadcast), addmm(b, x, W)  (HF Conv1D)
+    W @ x                                  -> swap(sparse(swap(x), W))   (swap: the last two dims)
+    einsum("btd,vd->btv", x, W), any one-parameter einsum that contracts W like a linear layer
+                                           -> einsum permutes of x and y around sparse(x, W) when needed
 
-Produced: ``call_module mst_sites.<weight>(x, get_attr W, get_attr b, transposed=...)`` where
+Produced: ``call_module mst_sites.<weight>(x, get_attr W, bias, transposed=...)`` where
 ``mst_sites.<weight>`` is the ``SparseWeight`` of that parameter. A parameter used at several sites
-(a tied ``lm_head``) gets one ``SparseWeight``, so all uses share one mask; a parameter that also has
-non-linear uses (the token embedding of a tied ``lm_head``) is reported in ``PassResult.other_uses``
-so the runtime can mask its gradient there too.
+or spellings (a tied ``lm_head`` written ``h @ wte.weight.T``) gets one ``SparseWeight``, so all uses
+share one mask; a parameter that also has non-matmul uses (the token embedding of a tied head) is
+reported in ``PassResult.other_uses`` so the runtime masks its gradient there too.
+
+A matmul whose operand is a parameter the pass cannot put in that form (another view, a weight
+computed from parameters, two parameter operands, a weight hidden inside a module that ``torch.fx``
+keeps as one call such as ``nn.MultiheadAttention``) is listed in ``PassResult.skipped`` with why.
 """
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ..runtime.sparse_linear import SparseWeight
+from ..runtime.ledger import UNCOUNTED
+from ..runtime.sparse_linear import SparseWeight, swap_last
 from . import PassResult
+from ._operands import (
+    ADDMM,
+    BMM,
+    EINSUM,
+    LINEAR,
+    MATMUL,
+    Operand,
+    einsum_operands,
+    einsum_plan,
+    key,
+    lineage,
+    operand,
+    param_of,
+)
 
-aten = torch.ops.aten
-_LINEAR = {F.linear, torch._C._nn.linear, aten.linear.default}
-_ADDMM = {torch.addmm, aten.addmm.default}
-_MM = {torch.mm, torch.matmul, operator.matmul, aten.mm.default, aten.matmul.default}
 CONTAINER = "mst_sites"
 
 
@@ -45,18 +62,29 @@ class LinearSite:
     kind: str = "linear"
 
 
+@dataclass
+class _Site:
+    x: object  # the other operand
+    w: Operand
+    bias: object = None
+    transposed: bool = False  # W is stored (in, out): y = x @ W
+    left: bool = False  # y = W @ x
+    pre: str | None = None  # einsum equation permuting x before the sparse op
+    post: str | None = None  # einsum equation permuting its output
+
+
 def _safe(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _param_of(gm: fx.GraphModule, node) -> tuple[str, nn.Parameter] | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+def _computed_weight(gm: fx.GraphModule, node: fx.Node, derived) -> tuple[str, str] | None:
+    """A matmul the pass left whose operand is computed from parameters (``x @ (2 * W)``)."""
+    if key(node) not in LINEAR | ADDMM | MATMUL | BMM | EINSUM:
         return None
-    try:
-        p = gm.get_parameter(node.target)
-    except AttributeError:
+    names = sorted(set().union(*[derived.get(a) or () for a in node.all_input_nodes]))
+    if not names:
         return None
-    return (node.target, p) if p.dim() == 2 else None
+    return ", ".join(names), "the operand is computed from the parameter, not a view of it"
 
 
 def _is_vector(gm: fx.GraphModule, node) -> bool:
@@ -72,6 +100,89 @@ def _is_vector(gm: fx.GraphModule, node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 1
 
 
+def _match(gm: fx.GraphModule, node: fx.Node):
+    """A ``_Site`` for a rewritable node, ``(param, why)`` for a parameter matmul it cannot rewrite, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward and len(node.args) == 1 and not node.kwargs:
+            return node.target
+        return None
+    k, args, kw = key(node), node.args, node.kwargs
+    if k in LINEAR:
+        x, w = args[0], args[1] if len(args) > 1 else kw.get("weight")
+        b = args[2] if len(args) > 2 else kw.get("bias")
+        ops, bias_ok = [(operand(gm, x), x), (operand(gm, w), w)], _is_vector(gm, b)
+    elif k in ADDMM and len(args) == 3:
+        b, x, w = args
+        ops, bias_ok = [(operand(gm, x), x), (operand(gm, w), w)], _is_vector(gm, b)
+        if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
+            return _skip(ops, "addmm with alpha/beta other than 1")
+    elif (k in MATMUL or k in BMM) and len(args) == 2 and not kw:
+        ops, b, bias_ok = [(operand(gm, a), a) for a in args], None, True
+    elif k in EINSUM:
+        return _match_einsum(gm, node)
+    else:
+        return None
+    (xo, x), (wo, w) = ops
+    if xo is not None and wo is not None:
+        return _skip(ops, "both operands are parameters")
+    left = wo is None and xo is not None and k not in LINEAR and k not in ADDMM
+    if left:  # y = W @ x
+        (wo, w), (xo, x) = ops
+    if wo is None:
+        return None
+    if wo.why or not bias_ok or (wo.batched and k not in BMM):
+        return wo.name, wo.why or ("its bias is not 1-D" if not bias_ok else "a broadcast parameter outside bmm")
+    if k in LINEAR:  # F.linear(x, Wop) = x @ Wopᵀ
+        return _Site(x, wo, b, transposed=wo.transposed)
+    if left:  # W @ x = swap(swap(x) @ Wᵀ)
+        return _Site(x, wo, None, transposed=wo.transposed, left=True)
+    return _Site(x, wo, b, transposed=not wo.transposed)  # x @ Wop
+
+
+def _match_einsum(gm: fx.GraphModule, node: fx.Node):
+    eq, operands = einsum_operands(node)
+    ops = [(operand(gm, o), o) for o in operands]
+    params = [i for i, (o, _) in enumerate(ops) if o is not None]
+    if not params:
+        return None
+    if not isinstance(eq, str) or len(ops) != 2 or len(params) != 1 or "->" not in eq:
+        why = "both operands are parameters" if len(params) > 1 else "an einsum the pass cannot read (two operands and '->' needed)"
+        return _skip(ops, why)
+    i = params[0]
+    w = ops[i][0]
+    lhs, _, out = eq.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    plan = einsum_plan(terms[i], terms[1 - i], out) if len(terms) == 2 else None
+    if w.why or w.batched or plan is None:
+        return w.name, w.why or f"einsum {eq!r} does not contract the parameter like a linear layer"
+    in_out, pre, post = plan
+    return _Site(ops[1 - i][1], w, None, transposed=in_out ^ w.transposed, pre=pre, post=post)
+
+
+def _skip(ops, why: str):
+    names = [o.name for o, _ in ops if o is not None]
+    return (", ".join(names), why) if names else None
+
+
+def opaque_weights(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """2-D weights inside modules that the captured graph calls as a whole (``torch.fx`` leaves such
+    as ``nn.MultiheadAttention``): their matmuls are invisible to the pass."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or _match(gm, node) is not None:
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for n, p in mod.named_parameters():
+            if p.dim() == 2:
+                why = (f"inside {type(mod).__name__} '{node.target}', which torch.fx calls as a whole: "
+                       f"pass example_inputs to capture it with torch.export; {UNCOUNTED}")
+                out.append((f"{node.target}.{n}", why))
+    return out
+
+
 def _owner(modules: dict[str, nn.Module], gm: fx.GraphModule, param_name: str) -> tuple[nn.Module, str]:
     """The module that owns a parameter (looked up in the user's model first, for filter_fn)."""
     fqn = param_name.rpartition(".")[0]
@@ -79,32 +190,6 @@ def _owner(modules: dict[str, nn.Module], gm: fx.GraphModule, param_name: str) -
     if mod is None:
         mod = gm.get_submodule(fqn) if fqn else gm
     return mod, fqn
-
-
-def _match(gm: fx.GraphModule, node: fx.Node):
-    """Return (x, weight_node_or_target, bias, transposed) for a linear-like node, else None."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if type(mod) is nn.Linear and len(node.args) == 1 and not node.kwargs:
-            return node.args[0], f"{node.target}.weight", (f"{node.target}.bias" if mod.bias is not None else None), False
-        return None
-    if node.op != "call_function":
-        return None
-    args, kw = node.args, node.kwargs
-    if node.target in _LINEAR:
-        w = args[1] if len(args) > 1 else kw.get("weight")
-        b = args[2] if len(args) > 2 else kw.get("bias")
-        if _param_of(gm, w):
-            return args[0], w, b, False
-    elif node.target in _ADDMM and len(args) == 3 and kw.get("beta", 1) == 1 and kw.get("alpha", 1) == 1:
-        b, x, w = args
-        if _param_of(gm, w) and _is_vector(gm, b):
-            return x, w, b, True
-    elif node.target in _MM and len(args) == 2 and not kw:
-        x, w = args
-        if _param_of(gm, w) and not _param_of(gm, x):
-            return x, w, None, True
-    return None
 
 
 def rewrite_linear(
@@ -122,41 +207,49 @@ def rewrite_linear(
     by_param: dict[int, LinearSite] = {}
     # a tied parameter is named by its first name (e.g. the embedding, not lm_head)
     canonical = {id(p): n for n, p in reversed(list(gm.named_parameters(remove_duplicate=False)))}
-    skipped: list[tuple[str, str]] = []
-    replaced: list[fx.Node] = []
+    skipped: list[tuple[str, str]] = opaque_weights(gm)
+    dead: list[fx.Node] = []
 
+    derived = lineage(gm)
     for node in list(graph.nodes):
         m = _match(gm, node)
         if m is None:
+            m = _computed_weight(gm, node, derived)
+        if m is None:
             continue
-        x, w, b, transposed = m
-        with graph.inserting_before(node):
-            w_node = w if isinstance(w, fx.Node) else graph.get_attr(w)
-            b_node = graph.get_attr(b) if isinstance(b, str) else b
-        pname, param = _param_of(gm, w_node)
-        owner, fqn = (gm.get_submodule(node.target), node.target) if node.op == "call_module" else _owner(modules, gm, pname)
+        if isinstance(m, tuple):
+            skipped.append((_canonical_name(gm, canonical, m[0]), f"{m[1]} (at {node.name}; charged dense)"))
+            continue
+        if isinstance(m, str):  # an nn.Linear module call
+            mod = gm.get_submodule(m)
+            owner, fqn, pname = mod, m, f"{m}.weight"
+        else:
+            pname = m.w.name
+            owner, fqn = _owner(modules, gm, pname)
+        param = gm.get_parameter(pname)
         if filter_fn is not None and not filter_fn(owner, fqn):
-            skipped.append((pname, "excluded by filter_fn"))
-            if w_node is not w:
-                graph.erase_node(w_node)
-            if b_node is not b and b_node is not None:
-                graph.erase_node(b_node)
+            skipped.append((canonical.get(id(param), pname), "excluded by filter_fn; charged dense"))
             continue
         site = by_param.get(id(param))
         if site is None:
-            pname = canonical.get(id(param), pname)
-            site = LinearSite(pname, tuple(param.shape), SparseWeight(pname, param))
-            container.add_module(_safe(pname), site.module)
+            name = canonical.get(id(param), pname)
+            site = LinearSite(name, tuple(param.shape), SparseWeight(name, param))
+            container.add_module(_safe(name), site.module)
             by_param[id(param)] = site
         site.uses += 1
         with graph.inserting_before(node):
-            new = graph.call_module(f"{CONTAINER}.{_safe(site.name)}", (x, w_node, b_node), {"transposed": transposed})
+            new = _emit(graph, node, m, f"{CONTAINER}.{_safe(site.name)}")
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
-        replaced.append(node)
+        dead.append(node)
+        if not isinstance(m, str):
+            dead.extend(m.w.chain)
 
-    for node in replaced:
-        graph.erase_node(node)
+    dead = list(dict.fromkeys(dead))  # the replaced nodes and their view chains, erased once unused
+    while gone := [n for n in dead if not n.users]:
+        for n in gone:
+            graph.erase_node(n)
+        dead = [n for n in dead if n not in gone]
     graph.lint()
     gm.recompile()
     result = PassResult(gm, "linear", list(by_param.values()), skipped)
@@ -164,12 +257,39 @@ def rewrite_linear(
     return result
 
 
+def _canonical_name(gm: fx.GraphModule, canonical: dict[int, str], names: str) -> str:
+    """A tied parameter's first name (``names`` may list two parameters: kept as it is)."""
+    try:
+        return canonical.get(id(gm.get_parameter(names)), names)
+    except AttributeError:
+        return names
+
+
+def _emit(graph: fx.Graph, node: fx.Node, m, target: str) -> fx.Node:
+    """The sparse op call (and the permutes around it) that replaces ``node``."""
+    if isinstance(m, str):  # nn.Linear module call
+        mod_bias = graph.owning_module.get_submodule(m).bias is not None
+        w, b = graph.get_attr(f"{m}.weight"), graph.get_attr(f"{m}.bias") if mod_bias else None
+        return graph.call_module(target, (node.args[0], w, b), {"transposed": False})
+    x = m.x
+    if m.pre:
+        x = graph.call_function(torch.einsum, (m.pre, x))
+    if m.left:
+        x = graph.call_function(swap_last, (x,))
+    y = graph.call_module(target, (x, m.w.root, m.bias), {"transposed": m.transposed})
+    if m.left:
+        y = graph.call_function(swap_last, (y,))
+    if m.post:
+        y = graph.call_function(torch.einsum, (m.post, y))
+    return y
+
+
 def _other_uses(gm: fx.GraphModule, by_param: dict[int, LinearSite]) -> list[str]:
     """Sparse parameters that some node other than their SparseWeight call reads (tied embeddings)."""
     names = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            hit = _param_of(gm, node)
+            hit = param_of(gm, node)
             if hit is not None and id(hit[1]) in by_param and any(
                 not (u.op == "call_module" and u.target.startswith(CONTAINER + ".")) for u in node.users
             ):

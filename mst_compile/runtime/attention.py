@@ -37,14 +37,15 @@ def _check_pattern(pattern, who: str) -> str:
     return pattern
 
 
-def _check_stride(stride, who: str, T: int | None = None) -> int | None:
-    """``stride`` must be None (T/8 at run time) or an int in [1, T]."""
+def _check_stride(stride, who: str) -> int | None:
+    """``stride`` must be None (T/8 at run time) or an int >= 1.
+
+    A stride past the sequence length is well defined: every key j <= i lies within l of query i,
+    so ``local`` and ``sparse`` are dense causal and ``strided`` keeps only j == i."""
     if stride is None:
         return None
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{who}: stride={stride!r} is invalid; expected an integer >= 1 or None (T/8)")
-    if T is not None and stride > T:
-        raise ValueError(f"{who}: stride={stride} is larger than the sequence length T={T}; expected 1 <= stride <= T")
     return stride
 
 
@@ -98,8 +99,8 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
             f"hsa_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit: expected "
             "k and v of shape (B, Hkv, T, D) with the query's heads a multiple of Hkv (causal self-attention)"
         )
-    l = _check_stride(stride, "hsa_attention", T) or default_stride(T)
-    if pattern == "dense":
+    l = min(_check_stride(stride, "hsa_attention") or default_stride(T), T)  # l > T selects what l = T does
+    if pattern == "dense" or (pattern != "strided" and l == T):  # a band as wide as T is causal attention
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != H)
     return hsa_kernel(q, k, v, local=pattern != "strided", strided=pattern != "local", stride=l, scale=scale)
 
@@ -121,7 +122,8 @@ class HybridSparseAttention(nn.Module):
 
     A runtime ``attn_mask`` with a sparse pattern: when the mask removes nothing that causality keeps
     (no padding in this batch) the fast kernel runs; otherwise the pattern AND the mask are both
-    applied through masked dense SDPA (exact, but without the saving) and a warning says so once.
+    applied through masked dense SDPA (exact, but without the saving) and a warning says so once;
+    the FLOP ledger charges such a call as dense causal attention (``runs_masked_dense``).
     Attention dropout (``dropout_p``) applies to ``dense`` only; sparse patterns run without it.
     """
 
@@ -131,6 +133,7 @@ class HybridSparseAttention(nn.Module):
         self.dropout_p = float(dropout_p)
         self.pattern = "dense"
         self.stride: int | None = None
+        self.stride_scale = 1.0  # >1 widens the window and stride (a gradual return to dense attention)
         self._warned: set[str] = set()
         self.set_pattern(pattern, stride=stride)
 
@@ -141,8 +144,26 @@ class HybridSparseAttention(nn.Module):
         if stride is not _KEEP:
             self.stride = _check_stride(stride, who)
 
+    def effective(self, T: int) -> tuple[str, int]:
+        """(pattern, stride) that a forward of length ``T`` runs: the stride scaled by ``stride_scale``;
+        a local band that covers every earlier key is dense causal attention."""
+        l = _check_stride(self.stride, f"attention site '{self.site}'") or default_stride(T)
+        if self.stride_scale != 1.0:
+            l = math.ceil(l * self.stride_scale)
+        if self.pattern == "dense" or (self.pattern in ("local", "sparse") and l >= T):
+            return "dense", T
+        return self.pattern, min(l, T)
+
     def extra_repr(self) -> str:
         return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"
+
+    def runs_masked_dense(self, T: int, attn_mask: Tensor | None) -> bool:
+        """True when a call with this ``attn_mask`` falls back to masked dense SDPA: the pattern is
+        sparse and the mask removes keys that causality keeps (padding in this batch)."""
+        if self.pattern == "dense" or attn_mask is None:
+            return False
+        causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
+        return not bool((_allowed(attn_mask) | ~causal).all())
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -157,24 +178,22 @@ class HybridSparseAttention(nn.Module):
         scale = None if scale is None else float(scale)
         T = q.shape[-2]
         gqa = enable_gqa or k.shape[-3] != q.shape[-3]
-        if self.pattern == "dense":
+        pattern, l = self.effective(T)
+        if pattern == "dense":
             p = self.dropout_p if self.training else 0.0
             if attn_mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale, enable_gqa=gqa)
             return out[0] if squeeze else out
-        l = _check_stride(self.stride, f"attention site '{self.site}'", T) or default_stride(T)
         if self.training and self.dropout_p > 0:
             self._warn_once("dropout", f"attention dropout p={self.dropout_p} is not applied by the '{self.pattern}' pattern")
-        if attn_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            if not bool((_allowed(attn_mask) | ~causal).all()):
-                self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
-                                f"'{self.pattern}' pattern runs as masked dense attention for such batches")
-                keep = pattern_mask(T, l, self.pattern, q.device)
-                mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-                return out[0] if squeeze else out
-        out = hsa_attention(q, k, v, pattern=self.pattern, stride=l, scale=scale)
+        if self.runs_masked_dense(T, attn_mask):
+            self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
+                            f"'{self.pattern}' pattern runs as masked dense attention for such batches")
+            keep = pattern_mask(T, l, pattern, q.device)
+            mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            return out[0] if squeeze else out
+        out = hsa_attention(q, k, v, pattern=pattern, stride=l, scale=scale)
         return out[0] if squeeze else out

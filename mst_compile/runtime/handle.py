@@ -16,6 +16,8 @@ from torch import nn
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
+from . import schedule
+from .attention import _check_pattern, _check_stride
 from .density import allocate
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
@@ -62,7 +64,7 @@ class MSTHandle:
         """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
-        FLOP ledger charges the step, and every ``update_interval`` steps the Mixed-Growing topology
+        FLOP ledger charges the step, and every ``config.interval`` steps the Mixed-Growing topology
         update runs (DESIGN §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
 
@@ -110,15 +112,25 @@ class MSTHandle:
         """The global sparsity the current masks were allocated for (changes at update steps)."""
         return self._scheduler.target_sparsity
 
+    def lr_multiplier(self, min_ratio: float = 0.1) -> float:
+        """The learning rate MST recommends for the iteration about to run, as a fraction of the peak
+        (``config.lr_schedule``; add your own linear warm-up). Own loops: ``g["lr"] = peak * m``."""
+        return schedule.lr_multiplier(self._scheduler.step, self.config, min_ratio)
+
     @property
     def flops(self) -> FlopReport:
-        """MST and dense-baseline training FLOPs so far (DESIGN §6)."""
+        """MST and dense-baseline algorithmic training FLOPs so far (DESIGN §6; not a timing)."""
         return self._scheduler.ledger.report
 
     @property
     def last_update(self) -> dict[str, Any] | None:
         """Exploration metrics of the latest topology update (None before the first)."""
         return self._scheduler.last_update
+
+    def measure_flops(self, *args, **kwargs) -> tuple[float, float, int]:
+        """(MST, dense, tokens) the ledger would charge one training forward ``sm(*args, **kwargs)``
+        with the current masks and patterns; nothing is charged and no backward runs."""
+        return self._scheduler.ledger.measure(self._module_ref, lambda: self._module_ref(*args, **kwargs))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
@@ -194,15 +206,22 @@ class MSTHandle:
             sw.select_kernel(self.config.sparse_kernel)
 
     def _mask_grad_hook(self, name: str):
-        """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient."""
+        """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient, and
+        on probe steps let its dense gradient include those uses (``SparseWeight.mask_gradient``)."""
         param, sw, _ = self._weights[name]
-        return param.register_hook(lambda g, sw=sw: g * sw.mask)
+        return param.register_hook(sw.mask_gradient)
 
     # -- attention ----------------------------------------------------------------------------
-    def set_attention(self, pattern: str | dict[str, str] | list[str], stride: int | None = None) -> None:
-        """Switch attention patterns: one name for all sites, or a dict/list per site."""
+    def set_attention(self, pattern: str | dict[str, str | None] | list[str | None] | None,
+                      stride: int | None = None) -> None:
+        """Switch attention patterns: one name for all sites, or a dict/list per site.
+
+        A site set here keeps its pattern across the schedule's phase changes until it is set again;
+        ``None`` (for all sites, or as a site's entry) hands it back to the schedule at once.
+        ``stride`` (default: keep each site's) applies to the sites named.
+        """
         names = list(self._attention)
-        if isinstance(pattern, str):
+        if pattern is None or isinstance(pattern, str):
             chosen = {n: pattern for n in names}
         elif isinstance(pattern, dict):
             unknown = sorted(set(pattern) - set(names))
@@ -214,7 +233,17 @@ class MSTHandle:
             if len(pattern) != len(names):
                 raise ValueError(f"set_attention: got {len(pattern)} patterns for {len(names)} attention sites")
             chosen = dict(zip(names, pattern))
+        for n, p in chosen.items():  # check everything before changing anything
+            if p is not None:
+                _check_pattern(p, f"set_attention: attention site '{n}'")
+        _check_stride(stride, "set_attention")
+        pinned = self._scheduler.pinned_attention
         for n, p in chosen.items():
+            if p is None:
+                pinned.pop(n, None)
+                p = self._scheduler.scheduled_attention(n)
+            else:
+                pinned[n] = p
             self._attention[n].set_pattern(p, stride=stride if stride is not None else self._attention[n].stride)
 
     def attention_patterns(self) -> dict[str, str]:

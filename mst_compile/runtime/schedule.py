@@ -6,6 +6,7 @@ elapsed:
 - warm-up      [0, t1):  s(t) = s_max · (1 − (1 − u)³)          dense start, cubic ramp
 - ultra        [t1, t2): s(t) = s_max
 - restoration  [t2, T]:  s(t) = s_end + (s_max − s_end)·(1 − u³)  time mirror of the warm-up
+  (``restoration_shape="late"``; ``"linear"``: 1 − u; ``"early"``: (1 − u)³, weights return first)
 
 ``t1 = warmup_end·T`` and ``t2 = ultra_end·T`` rounded to whole steps. A ``config.schedule`` of
 ``(step, sparsity)`` points replaces s(t) by the piecewise linear curve through them (held flat
@@ -15,12 +16,13 @@ come from ``warmup_end`` and ``ultra_end``.
 The drop fraction restarts a cosine in each phase k with its own ζ_k:
 ``ζ(t) = ζ_k/2 · (1 + cos(π·(t − τ_k)/(τ_{k+1} − τ_k)))``.
 
+Topology updates run after optimizer steps ΔT, 2ΔT, ... < T, never after the last one, so the
+sparsity a run ends with is s(k) of its last update k < T, not s(T).
 Steps past ``T`` hold the state at ``T``. Nothing here touches a model or torch.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 from ..config import PHASES, MSTConfig
 
@@ -75,7 +77,8 @@ def target_sparsity(step: int, config: MSTConfig) -> float:
     if t < t2 or T == t2:  # an empty restoration phase leaves s_max in place
         return s_max
     u = (t - t2) / (T - t2)
-    return s_end + (s_max - s_end) * (1.0 - u**3)
+    remaining = {"late": 1.0 - u**3, "linear": 1.0 - u, "early": (1.0 - u) ** 3}[config.restoration_shape]
+    return s_end + (s_max - s_end) * remaining
 
 
 def drop_fraction(step: int, config: MSTConfig) -> float:
@@ -90,20 +93,47 @@ def drop_fraction(step: int, config: MSTConfig) -> float:
     return zeta / 2.0 * (1.0 + math.cos(math.pi * (t - start) / (end - start)))
 
 
+def widening(step: int, config: MSTConfig) -> float | None:
+    """The stride scale of a site that leaves its sparse pattern at restoration, or None.
+
+    With ``attention_restore="widen"``, a site whose restoration pattern would be dense instead keeps
+    its ultra-phase pattern with the window and stride widened in three steps: the base stride l for
+    restoration progress u < 0.25, 2l until 0.5, 4l until 0.75, then dense causal attention (8l = T
+    for the default l = T/8). Few distinct patterns keep compiled graphs few. None: no widening now.
+    """
+    t = _clip(step, config)
+    if config.attention_restore != "widen" or phase_at(t, config) != "restoration":
+        return None
+    _, t2, T = phase_bounds(config)
+    u = (t - t2) / (T - t2)
+    return 2.0 ** math.floor(4 * u) if u < 0.75 else None
+
+
 def is_update_step(step: int, config: MSTConfig) -> bool:
-    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... up to total_steps."""
-    return 0 < step <= config.total_steps and step % config.update_interval == 0
+    """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... strictly before total_steps.
+
+    None runs after the last optimizer step T (DESIGN §6): weights grown there would never train,
+    and the final masks are the ones the last step trained.
+    """
+    return 0 < step < config.total_steps and step % config.interval == 0
 
 
 def update_steps(config: MSTConfig) -> list[int]:
     """Every step after which a topology update runs."""
-    return list(range(config.update_interval, config.total_steps + 1, config.update_interval))
+    return list(range(config.interval, config.total_steps, config.interval))
+
+
+def last_update_at(step: int, config: MSTConfig) -> int:
+    """The latest update step <= ``step`` (0, the initial masks, before the first)."""
+    t = min(_clip(step, config), config.total_steps - 1)
+    return t - t % config.interval
 
 
 def check(config: MSTConfig) -> None:
-    """Raise on schedules that cannot run and warn on ones that silently skip what was asked.
+    """Raise on schedules that cannot run or that would silently skip what was asked.
 
-    Warnings point at the caller of ``sm.mst.attach``.
+    Every phase longer than one step must contain a topology update: without one the warm-up ramp
+    collapses into a one-shot prune and the ultra phase never evolves its topology.
     """
     T = config.total_steps
     if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
@@ -119,18 +149,36 @@ def check(config: MSTConfig) -> None:
             f"MSTConfig phases do not fit: warmup_end={config.warmup_end}, ultra_end={config.ultra_end} give "
             f"t1={t1}, t2={t2} for total_steps={T}; expected 0 <= warmup_end <= ultra_end <= 1"
         )
-    if not update_steps(config):
-        warnings.warn(
-            f"MSTConfig.update_interval={config.update_interval} >= total_steps={T}: no topology update will "
-            "run, so the masks never change", stacklevel=4)
-        return
     if config.schedule is not None:
         return  # a user schedule sets the sparsity directly; phases only switch attention and ζ
     spans = {"warmup": (0, t1), "ultra": (t1, t2), "restoration": (t2, T)}
+    updates = update_steps(config)
     for name, (a, b) in spans.items():
-        if b - a > 1 and not any(phase_at(k, config) == name for k in update_steps(config)):
-            lost = ("its topology never evolves" if name == "ultra" else
-                    "its sparsity ramp is skipped and applied at once at the next update")
-            warnings.warn(
-                f"the {name} phase [{a}, {b}) of {T} steps contains no topology update "
-                f"(update_interval={config.update_interval}): {lost}", stacklevel=4)
+        if b - a > 1 and not any(phase_at(k, config) == name for k in updates):
+            lost = {"warmup": "its sparsity ramp would be skipped and applied at once at the next update",
+                    "ultra": "its topology would never evolve",
+                    "restoration": "the density would never be restored (no update runs after the last optimizer step)"}[name]
+            raise ValueError(
+                f"MSTConfig.update_interval={config.interval}: the {name} phase [{a}, {b}) of {T} steps contains no "
+                f"topology update, so {lost}; expected update_interval <= {max(1, (b - a) // 5)} "
+                "(or None to derive it from the run length)")
+
+
+def lr_multiplier(step: int, config: MSTConfig, min_ratio: float = 0.1) -> float:
+    """The learning rate at ``step`` as a fraction of the peak, following ``config.lr_schedule``
+    (before any linear LR warm-up, which the training loop adds):
+
+    - ``"cosine"``: one cosine from 1 to ``min_ratio`` over the run (phase-blind);
+    - ``"wsd"``: warm-up/stable/decay: 1 until restoration starts, then a cosine to ``min_ratio`` over
+      restoration, so regrown weights train while the LR is still high and the final anneal happens
+      at the restored density.
+    """
+    t = _clip(step, config)
+    _, t2, T = phase_bounds(config)
+    if config.lr_schedule == "wsd":
+        if t < t2 or T == t2:
+            return 1.0
+        u = (t - t2) / (T - t2)
+    else:
+        u = t / T
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * u))

@@ -7,12 +7,19 @@ ordinary training loop.
 
 1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
 2. the FLOP ledger charges the work counted since step k−1;
-3. if k is a multiple of ΔT (k <= total_steps), the topology update runs with the target s(k), the
+3. if k is a multiple of ΔT and k < total_steps, the topology update runs with the target s(k), the
    drop fraction ζ(k) and the dense gradient that the backward of step k formed (DDP: averaged
    across ranks first; rank 0's masks are then broadcast so every rank holds identical bits);
-4. if k+1 is an update step, the sparse ops are asked to form the dense gradient on the next
-   backward (gradient accumulation sums into it like any gradient);
-5. attention runs ``config.attention`` in ``config.attention_phases`` and dense causal elsewhere.
+4. if k+1 is an update step, the sparse ops of the weights that update will grow by gradient are
+   asked to form the dense gradient on the next backward (gradient accumulation sums into it like
+   any gradient); a weight with nothing to grow there (drop fraction 0 and no density increase, or
+   SET growth) takes no such probe step and the ledger charges none;
+5. each attention site runs ``config.attention_pattern(site, phase)`` (``config.attention`` in
+   ``config.attention_phases``, dense causal elsewhere, unless ``config.attention_sites`` says
+   otherwise); a site given a pattern by ``sm.mst.set_attention`` keeps it across phase changes
+   until ``set_attention`` changes it again (``None`` hands it back to the schedule).
+6. with ``attention_restore="widen"``, a site that turns dense at restoration keeps its ultra
+   pattern with a widening window instead (``schedule.widening``), then turns dense.
 
 So iteration t (run while ``sm.mst.step_count == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
@@ -27,13 +34,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..config import MSTConfig
 from ..errors import CheckpointError, MstCompileError
 from . import schedule
 from .ledger import FlopLedger, excluded_ops
-from .topology import apply_change, mixed_growing
+from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts
 
 FORMAT = "mst_compile.scheduler/1"
 
@@ -52,13 +58,19 @@ class MSTScheduler:
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
         self._warned_past_end = False
-        self._probing = False
-        self._phase_applied: str | None = None
+        self._probing: set[str] = set()  # weights whose next backward forms the dense gradient
+        self._phase_applied: tuple | None = None  # (phase, widening) last applied
+        self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
+        unmatched = self.config.unmatched_attention_sites(handle._attention)
+        if unmatched:
+            raise ValueError(
+                f"MSTConfig.attention_sites: the rule(s) {unmatched} match no attention site of this model; "
+                f"its sites are {list(handle._attention) or 'none'} (site names or fnmatch globs)")
         self._group = None
         self._hooks: list = []
         linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
         self.ledger = FlopLedger(linear, handle._attention, lambda n: handle._density_cache[n],
-                                 excluded_ops(len(handle._attention), handle.skipped))
+                                 excluded_ops(handle.skipped))
 
     # -- where the run is ---------------------------------------------------------------------
     @property
@@ -68,8 +80,7 @@ class MSTScheduler:
     @property
     def last_update_step(self) -> int:
         """The latest step <= now at which a topology update ran (0 before the first)."""
-        t = min(self.step, self.config.total_steps)
-        return t - t % self.config.update_interval
+        return schedule.last_update_at(self.step, self.config)
 
     @property
     def target_sparsity(self) -> float:
@@ -108,7 +119,7 @@ class MSTScheduler:
         self.ledger.install(self.h._module_ref)
         self.h.apply_masks()
         self._reset_masked_state()
-        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
 
     def detach(self) -> None:
@@ -117,7 +128,7 @@ class MSTScheduler:
             h.remove()
         self._hooks.clear()
         self.ledger.remove()
-        self._set_probes(False)
+        self._set_probes(set())
         self.optimizer, self.attached, self.manual = None, False, False
 
     @torch.no_grad()
@@ -147,19 +158,35 @@ class MSTScheduler:
                 warnings.warn(
                     f"MST stepped past total_steps={T} (step {self.step}): holding the final masks and attention "
                     "patterns; raise MSTConfig.total_steps to keep the schedule going", stacklevel=3)
-            self._set_probes(False)
+            self._set_probes(set())
             return
         if schedule.is_update_step(self.step, self.config):
             self._update()
-        self._set_probes(schedule.is_update_step(self.step + 1, self.config))
+        self._set_probes(self._probes_for_next_step())
         self._sync_attention()
 
-    def _set_probes(self, on: bool) -> None:
-        if not on and not self._probing:
-            return
-        for sw in self.h.sparse_weights().values():
-            sw.collect_dense_grad(on)  # a fresh zero probe each time: no gradient carries over
-        self._probing = on
+    def _probes_for_next_step(self) -> set[str]:
+        """The weights whose update after the next step grows some positions by gradient.
+
+        The counts follow from the current masks and the schedule alone (DESIGN §4), so every DDP
+        rank picks the same set; weights with nothing to grow by gradient need no dense gradient."""
+        k, cfg = self.step + 1, self.config
+        if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
+            return set()
+        counts = self.h.allocation(schedule.target_sparsity(k, cfg))
+        zeta = schedule.drop_fraction(k, cfg)
+        out = set()
+        for name, sw in self.h.sparse_weights().items():
+            _, n_grow = prune_grow_counts(sw.active(), counts[name], zeta)
+            if gradient_share(n_grow, cfg.grow_gradient_fraction):
+                out.add(name)
+        return out
+
+    def _set_probes(self, names: set[str]) -> None:
+        sws = self.h.sparse_weights()
+        for n in names | self._probing:
+            sws[n].collect_dense_grad(n in names)  # a fresh zero probe each time: no gradient carries over
+        self._probing = set(names)
 
     def _drop_stale_probes(self, module, args) -> None:
         """A probe that holds a gradient while the weights' gradients were cleared is left over from
@@ -168,17 +195,35 @@ class MSTScheduler:
             return
         first = next(iter(self.h.parameters().values()), None)
         if first is not None and first.grad is None:
-            if any(sw.probe.grad is not None for sw in self.h.sparse_weights().values()):
-                self._set_probes(True)
+            sws = self.h.sparse_weights()
+            if any(sws[n].probe.grad is not None for n in self._probing):
+                self._set_probes(self._probing)
+
+    def scheduled_attention(self, site: str) -> str:
+        """The pattern ``site`` runs now: its pinned one, else the config's for the current phase (its
+        ultra pattern while a widening restoration has not yet turned it dense)."""
+        if site in self.pinned_attention:
+            return self.pinned_attention[site]
+        pattern = self.config.attention_pattern(site, self.phase)
+        if pattern == "dense" and schedule.widening(self.step, self.config) is not None:
+            return self.config.attention_pattern(site, "ultra")
+        return pattern
+
+    def _stride_scale(self, site: str) -> float:
+        scale = schedule.widening(self.step, self.config)
+        if site in self.pinned_attention or scale is None or self.config.attention_pattern(site, self.phase) != "dense":
+            return 1.0
+        return scale
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:
             return
-        phase = self.phase
-        if force or phase != self._phase_applied:
-            pattern = self.config.attention if phase in self.config.attention_phases else "dense"
-            self.h.set_attention(pattern)
-            self._phase_applied = phase
+        now = (self.phase, schedule.widening(self.step, self.config))
+        if force or now != self._phase_applied:
+            for name, site in self.h._attention.items():
+                site.set_pattern(self.scheduled_attention(name))
+                site.stride_scale = self._stride_scale(name)
+            self._phase_applied = now
 
     # -- the topology update ------------------------------------------------------------------
     @torch.no_grad()
@@ -187,9 +232,9 @@ class MSTScheduler:
         if self._group is None:
             return grads
         world = dist.get_world_size(self._group)
-        out = {}
-        for n, g in grads.items():  # the probe is no DDP parameter: average it here
-            p = self.h._weights[n][0]
+        out = dict.fromkeys(grads)
+        for n in sorted(self._probing):  # the probe is no DDP parameter: average it here (same set on every rank)
+            g, p = grads[n], self.h._weights[n][0]
             g = torch.zeros(p.shape, device=p.device) if g is None else g.detach().float().clone()
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self._group)
             out[n] = g.div_(world)
@@ -214,6 +259,8 @@ class MSTScheduler:
             ch = changes[name]
             sw.set_mask(ch.mask.view_as(param))
             apply_change(param, ch, self.optimizer)
+            if cfg.grow_init_scale > 0:
+                self._init_grown(param, ch)
             totals["pruned"] += ch.n_prune
             totals["grown_gradient"] += ch.n_grow_gradient
             totals["grown_random"] += ch.n_grow_random
@@ -231,6 +278,18 @@ class MSTScheduler:
             "ever_active": self.ever_active(),
             "gradient_fallback": fallback,
         }
+
+    def _init_grown(self, param: torch.Tensor, ch) -> None:
+        """Grown weights start at N(0, σ²), σ = grow_init_scale · rms of the weights that stayed active
+        (drawn from the CPU generator every rank holds alike, so DDP ranks stay identical)."""
+        grown = ch.grown.view_as(param)
+        n = int(grown.sum())
+        kept = ch.mask.view_as(param) & ~grown
+        if n == 0 or not bool(kept.any()):
+            return
+        sigma = self.config.grow_init_scale * float(param[kept].float().pow(2).mean().sqrt())
+        noise = torch.randn(n, generator=self._generator, device="cpu").to(device=param.device, dtype=param.dtype)
+        param[grown] = noise * sigma
 
     def _agree_on_masks(self, changes) -> None:
         """Broadcast rank 0's masks so floating-point differences can never split the ranks."""
@@ -281,6 +340,7 @@ class MSTScheduler:
             "ledger": self.ledger.state_dict(),
             "last_update": None if self.last_update is None else dict(self.last_update),
             "warned_past_end": self._warned_past_end,
+            "pinned_attention": dict(self.pinned_attention),
             "config": self.config.to_dict(),
         }
 
@@ -302,9 +362,11 @@ class MSTScheduler:
         self.ledger.load_state_dict(state.get("ledger") or {})
         self.last_update = state.get("last_update")
         self._warned_past_end = bool(state.get("warned_past_end", False))
+        pinned = state.get("pinned_attention") or {}
+        self.pinned_attention = {n: p for n, p in pinned.items() if n in self.h._attention}
         if self.attached:
             self._reset_masked_state()
-            self._set_probes(schedule.is_update_step(self.step + 1, self.config) and self.step < self.config.total_steps)
+            self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
 
     def _check_masks(self, masks: Any) -> None:

@@ -82,6 +82,7 @@ class SparseWeight(nn.Module):
         self.weight_shape = tuple(weight.shape)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
         self.probe = _NO_PROBE
+        self._outside: Tensor | None = None  # on probe steps: the raw gradient of a weight with other uses
         self.kernel = "dense"  # "dense" (masked-dense op) | "csr" (compressed kernels, CPU)
         self._csr: dict[bool, CsrStructure] = {}  # transposed -> structure of the current mask
 
@@ -117,9 +118,28 @@ class SparseWeight(nn.Module):
             self.probe = torch.zeros(self.weight_shape, device=self.mask.device, requires_grad=True)
         else:
             self.probe = _NO_PROBE
+        self._outside = None
+
+    def mask_gradient(self, grad: Tensor) -> Tensor:
+        """Tensor hook of a weight that is also read outside the sparse op (a tied embedding).
+
+        ``grad`` is the parameter's whole gradient, summed over all its uses: the sparse op's masked
+        part plus the other uses' dense part. Masking it keeps inactive weights untrained; on probe
+        steps the raw sum is kept so :meth:`dense_grad` can cover every use (DESIGN §4)."""
+        if self.probe.dim() == 2:
+            g = grad.detach().float()
+            self._outside = g if self._outside is None else self._outside + g  # sums micro-batches
+        return grad * self.mask
 
     def dense_grad(self) -> Tensor | None:
-        return None if self.probe.grad is None else self.probe.grad
+        """The dense gradient w.r.t. the whole weight on a probe step (None when nothing was collected).
+
+        The probe holds the sparse uses' dense gradient P; a weight with other uses also has the raw
+        hook sum ``mask ⊙ P + E`` (E: the other uses), so the full gradient is that sum + ``P ⊙ ¬mask``."""
+        probe = self.probe.grad
+        if self._outside is None:
+            return probe
+        return self._outside if probe is None else self._outside + probe.float() * ~self.mask
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
         mask, probe = self.mask, self.probe
@@ -132,3 +152,8 @@ class SparseWeight(nn.Module):
         if probe.dim() == 2 and probe.dtype != weight.dtype:
             probe = probe.to(weight.dtype)
         return sparse_linear(x, weight, mask, bias, probe)
+
+
+def swap_last(t: Tensor) -> Tensor:
+    """Swap the last two dims (a no-op on a vector): ``W @ x`` is computed as ``swap(swap(x) @ Wᵀ)``."""
+    return t.transpose(-2, -1) if t.dim() >= 2 else t

@@ -133,38 +133,17 @@ class Accounting:
 
 
 def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor) -> float:
-    """Training FLOPs per token of the dense model, by the ledger's formula (DESIGN §6) at density 1.
+    """Training FLOPs per token of the dense model, by the ledger's formula (DESIGN §6).
 
     The sites are found by the same passes MST uses (on a throwaway capture sharing the model's
-    parameters), so ops MST leaves out are left out here too. One forward on a real (B, T) batch
-    counts, like the ledger, the rows each sparse weight really sees: 6·rows·n_in·n_out per use,
-    and 12·a·d_head·n_heads per query token of each attention site with a = (T + 1)/2.
+    parameters), and the ledger measures one forward on a real (B, T) batch: the dense side of what
+    an MST step on that batch would be charged, so both runs count the same ops.
     """
     from ..api import sparsify
 
     sm = sparsify(model, mst_config, example_inputs=example_inputs)
-    total = [0.0]
-
-    def linear(sw):
-        def hook(_m, args):
-            x = args[0]
-            total[0] += 6.0 * (x.numel() // x.shape[-1]) * sw.numel
-        return hook
-
-    def attention(_m, args):
-        q = args[0]  # (B, n_heads, T, d_head)
-        T = q.shape[-2]
-        total[0] += 12.0 * q.numel() * (T + 1) / 2
-
-    hooks = [sw.register_forward_pre_hook(linear(sw)) for sw in sm.mst.sparse_weights().values()]
-    hooks += [m.register_forward_pre_hook(attention) for m in sm.mst.attention_sites().values()]
-    try:
-        with torch.no_grad():
-            sm(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0] / batch.numel()
+    _, dense, tokens = sm.mst.measure_flops(batch)
+    return dense / tokens
 
 
 def ranks_identical(acct: Accounting, model, d) -> dict[str, bool]:

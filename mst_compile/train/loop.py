@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..modelfile import ModelFile, check_unchanged, file_sha256, load_model_file
+from ..runtime.schedule import lr_multiplier
 from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
@@ -42,11 +44,14 @@ class TrainingDiverged(MstCompileError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, cosine decay to ``min_lr`` at ``schedule_steps``
-    (``steps`` unless a resume lengthened the run), then ``min_lr``."""
+def lr_at(step: int, tc: TrainConfig, mst: MSTConfig | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``schedule_steps``
+    (``steps`` unless a resume lengthened the run; ``min_lr`` after it); an MST run whose ``lr_schedule``
+    knows the phases follows ``schedule.lr_multiplier`` instead."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
+    if mst is not None and mst.lr_schedule != "cosine":
+        return tc.lr * lr_multiplier(step, mst, tc.min_lr / tc.lr if tc.lr else 0.0)
     u = (step - tc.warmup_steps) / max(1, (tc.schedule_steps or tc.steps) - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
 
@@ -62,6 +67,12 @@ def logits_of(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise MstCompileError(f"the model returned {type(out).__name__}; expected logits (B, T, vocab) or an output with .logits")
+
+
+def run_model(net, inputs, x: torch.Tensor):
+    """``net`` on a (B, T) batch of token ids, passed as ``inputs`` (``ModelFile.inputs_for``) says."""
+    args, kwargs = split_inputs(inputs(x))
+    return net(*args, **kwargs)
 
 
 def lm_loss(out, y: torch.Tensor) -> torch.Tensor:
@@ -172,6 +183,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     run_dir = d.broadcast(_check_out(str(out) if out else None, str(resume) if resume else None, mf.path, tc.dense) if d.main else None)
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
+    inputs = mf.inputs_for(model)
     tc = tc.resolved(mst, _model_block_size(model))
     limit = _model_block_size(model)
     if limit is not None and tc.block_size > limit:
@@ -189,10 +201,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     data.check(tc.block_size)
     B, T = tc.batch_size, tc.block_size
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
-    _check_model_runs(model, x0[:1].to(d.device), data)
+    _check_model_runs(model, inputs, x0[:1].to(d.device), data)
 
-    # a full training batch: torch.export specialises a batch dim of 1, so (1, T) would not do
-    example = mf.example_inputs() if mf.hook("example_inputs") else (x0.to(d.device),)
+    example = mf.example_inputs() if mf.hook("example_inputs") else inputs(x0.to(d.device))
     acct = Accounting(model, mst, tc, example, x0.to(d.device), d)
     net = acct.module
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -246,7 +257,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
             total = 0.0
             for k in range(tc.eval_iters):
                 x, y = data.batch(split, (_EVAL_KEY, k, d.rank), B, T, tc.seed)
-                total += lm_loss(acct.module(x.to(d.device)), y.to(d.device)).item()
+                total += lm_loss(run_model(acct.module, inputs, x.to(d.device)), y.to(d.device)).item()
             res[split] = d.all_sum([total / tc.eval_iters])[0] / d.world
         acct.module.train(was)
         return res
@@ -263,7 +274,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                 # what this step trains with (an update in opt.step changes it for the next one)
                 now = {"phase": acct.phase, "density": acct.density(), "target_sparsity": acct.target_sparsity,
                        "attention": acct.patterns()}
-                lr = lr_at(step, tc)
+                lr = lr_at(step, tc, None if tc.dense else mst)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss_sum = 0.0
@@ -271,7 +282,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                     x, y = data.batch("train", (step, micro, d.rank), B, T, tc.seed)
                     sync = net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
-                        loss = lm_loss(net(x.to(d.device)), y.to(d.device))
+                        loss = lm_loss(run_model(net, inputs, x.to(d.device)), y.to(d.device))
                         (loss / tc.grad_accum).backward()
                     loss_sum += loss.item()
                 loss_total, bad, stops = d.all_sum([loss_sum / tc.grad_accum, float(not math.isfinite(loss_sum)), float(stop.requested)])
@@ -320,6 +331,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
         "wall_s": elapsed0 + time.time() - t_start,
+        "step_s": step_time / max(1, tc.steps - start),  # measured training step (eval and checkpoints aside)
     }
     if d.on:
         summary["ranks_identical"] = ranks_identical(acct, model, d)
@@ -328,11 +340,11 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     return summary
 
 
-def _check_model_runs(model, x, data) -> None:
+def _check_model_runs(model, inputs, x, data) -> None:
     """One forward on real tokens before anything is written: a wrong model is one readable line."""
     try:
         with torch.no_grad():
-            logits = logits_of(model(x))
+            logits = logits_of(run_model(model, inputs, x))
     except MstCompileError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -347,7 +359,9 @@ def _check_model_runs(model, x, data) -> None:
 
 
 def summary_line(s: dict) -> str:
+    """One line: the algorithmic FLOP count (DESIGN §6) with the measured time beside it."""
     loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])} | train loss {loss(s['train_loss'])} | "
-            f"val loss {loss(s['val_loss'])} | FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
+    step = f", {s['step_s']:.3g} s/step" if s.get("step_s") is not None else ""
+    return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])}{step} | train loss {loss(s['train_loss'])} | "
+            f"val loss {loss(s['val_loss'])} | algorithmic FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "
             f"reduction {s['reduction']:.2f}x | {s['out']}")

@@ -124,7 +124,7 @@ class Progress:
         if f.get("density") is not None:
             parts.append(f"density {f['density']:.3f}")
         if f.get("reduction"):
-            parts.append(f"FLOPs /{f['reduction']:.2f}")
+            parts.append(f"alg. FLOPs /{f['reduction']:.2f}")
         return " ".join(parts)
 
     def close(self) -> None:

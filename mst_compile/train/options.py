@@ -158,6 +158,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, keys quoted (site globs hold dots and stars)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -246,7 +248,28 @@ _HELP = {
     "attention": "Sparse attention pattern.", "stride": "Sparse attention stride (default T/8).",
     "attention_phases": "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.",
     "sparse_kernel": "CPU sparse linear kernel.",
+    "lr_schedule": "LR shape: cosine (phase-blind) or wsd (stable, then decay over restoration).",
+    "grow_init_scale": "Grown weights start at N(0, (scale x rms of active weights)^2); 0: at zero.",
+    "attention_restore": "Leaving the sparse-attention phases: switch (dense at once) or widen (gradually).",
+    "restoration_shape": "When restored weights return: late (1-u^3), linear, or early ((1-u)^3).",
 }
+_HELP_SITES = ("Per-site attention rule SITE=PATTERN or SITE=PHASE:PATTERN,... (SITE: name or glob; repeatable, "
+               "later rules win), e.g. 'h.*.attn=local' 'h.0.attn=ultra:dense'.")
+
+
+def parse_attention_sites(texts) -> dict:
+    """``--attention-sites`` values: ``SITE=PATTERN`` or ``SITE=PHASE:PATTERN,PHASE:PATTERN`` each
+    (SITE a name or fnmatch glob), in order; later rules override earlier ones."""
+    rules: dict = {}
+    for text in texts:
+        site, sep, spec = text.rpartition("=")
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        phased = [":" in p for p in parts]
+        if not sep or not site.strip() or not parts or not (all(phased) or parts == [spec.strip()]):
+            raise ValueError(f"--attention-sites {text!r} is invalid: expected SITE=PATTERN or SITE=PHASE:PATTERN,... "
+                             "like 'h.*.attn=local' or 'h.0.attn=ultra:dense'")
+        rules[site.strip()] = {k.strip(): v.strip() for k, v in (p.split(":", 1) for p in parts)} if all(phased) else parts[0]
+    return rules
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -264,9 +287,11 @@ def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
 
-    from ..config import ATTENTION_PATTERNS, DISTRIBUTIONS, SPARSE_KERNELS
+    from ..config import (ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES,
+                          SPARSE_KERNELS)
 
-    choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS}
+    choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
+               "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "dense":
@@ -280,6 +305,10 @@ def click_options(fn):
         if f.name == "extra":
             specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE",
                                       help="Free-form note stored with the run's config (repeatable)."))
+            continue
+        if f.name == "attention_sites":
+            specs.append(click.option("--attention-sites", "mst__attention_sites", multiple=True, metavar="SITE=PATTERN",
+                                      help=_HELP_SITES))
             continue
         if f.name in choices:
             typ = click.Choice(choices[f.name])
@@ -304,6 +333,8 @@ def split_flags(kwargs: dict) -> tuple[dict, dict]:
         table, name = key.split("__", 1)
         if name == "extra":
             value = dict(_key_value(v) for v in value)
+        if name == "attention_sites":
+            value = parse_attention_sites(value)
         if table == "mst" and isinstance(value, str) and name in ("schedule", "drop_fractions", "attention_phases", "stride"):
             value = parse_mst_flag(name, value)
         (train if table == "train" else mst)[name] = value

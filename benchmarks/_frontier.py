@@ -1,0 +1,48 @@
+"""The compute-fair baselines of reproduce.py, sized by the ledger's closed form for examples/tiny_gpt.py.
+
+Per token, a tied byte-level GPT with L blocks of width d, vocabulary V and sequence length T costs
+(DESIGN §6, forward + backward):
+
+    linear     6 · (12·L·d² + V·d)          c_attn 3d², c_proj d², MLP 8d² per block, the tied head V·d
+    attention  12 · d · L · (T + 1)/2       dense causal: (T + 1)/2 keys per query on average
+
+``reproduce.py`` checks this against the ledger of its dense run before trusting it. From it:
+
+- static sparsity at MST's FLOPs: only the linear part shrinks, by the density (1 − s);
+- the dense frontier: smaller dense models trained for all the steps whose FLOPs match MST's, found
+  by searching widths (multiples of the head count) at the same depth and at half the depth.
+"""
+from __future__ import annotations
+
+VOCAB = 256
+
+
+def linear_per_token(L: int, d: int, V: int = VOCAB) -> float:
+    return 6.0 * (12 * L * d * d + V * d)
+
+
+def attention_per_token(L: int, d: int, T: int) -> float:
+    return 12.0 * d * L * (T + 1) / 2
+
+
+def dense_per_token(L: int, d: int, T: int, V: int = VOCAB) -> float:
+    return linear_per_token(L, d, V) + attention_per_token(L, d, T)
+
+
+def static_sparsity_for(budget_per_token: float, L: int, d: int, T: int) -> float:
+    """The sparsity s whose static run (dense attention, no probes) costs ``budget_per_token``."""
+    density = (budget_per_token - attention_per_token(L, d, T)) / linear_per_token(L, d)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"no static sparsity costs {budget_per_token:.4g} FLOPs/token for L={L}, d={d}")
+    return 1.0 - density
+
+
+def frontier(budget_per_token: float, L: int, n_head: int, T: int) -> list[tuple[str, int, int, int]]:
+    """[(method, n_layer, width, heads)]: the narrower dense model at depth L and one at depth L/2,
+    each the width (a multiple of the head count) whose dense cost is nearest the budget."""
+    out = []
+    for method, depth in (("dense_narrow", L), ("dense_shallow", max(1, L // 2))):
+        widths = range(n_head, 4096, n_head)
+        d = min(widths, key=lambda w: abs(dense_per_token(depth, w, T) - budget_per_token))
+        out.append((method, depth, d, n_head))
+    return out
