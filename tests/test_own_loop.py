@@ -99,7 +99,7 @@ def test_readme_loop_is_the_example_and_resumes_exactly(tmp_path):
     assert code == (ROOT / "examples" / "own_loop.py").read_text(), "README's loop must be examples/own_loop.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), "--steps", "12", *a],  # noqa: E731
-                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     whole = run("--ckpt", "whole.pt")
     assert whole.returncode == 0, whole.stderr
     assert "step 12: loss" in whole.stdout and "phase restoration" in whole.stdout
