@@ -115,7 +115,7 @@ def main() -> None:
         updates, extra, robust = "-", "-", "1.000"
         if k != "dense":
             mst = runs[k][0].mst
-            start = mst.step - len(t)  # steps are counted from attach; the warm-up steps came first
+            start = mst.step_count - len(t)  # steps are counted from attach; the warm-up steps came first
             upd = [j for j in range(len(t)) if (start + j + 1) % args.update_interval == 0]
             updates = str(len(upd))
             x = statistics.fmean(t[j] for j in upd) - med if upd else 0.0

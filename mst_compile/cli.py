@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -76,6 +77,9 @@ def inspect(model_file: str, sparsity: float | None) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("dest", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
+              help="onnx: one ONNX file checked in onnxruntime; hf: a Hugging Face folder (safetensors + config).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX file to write (default: RUN_DIR/model.onnx).")
 @click.option("--attention", type=click.Choice(["dense", "local", "strided", "sparse"]), default=None,
               help="Attention pattern to export (default: the one active at the end of training).")
@@ -86,20 +90,35 @@ def inspect(model_file: str, sparsity: float | None) -> None:
 @click.option("--check-lengths", default=None, metavar="L1,L2,...",
               help="Also validate at these sequence lengths (each at most the model's maximum sequence length).")
 @_friendly
-def export(run_dir: str, output: str | None, attention: str | None, provider: str, atol: float, no_validate: bool,
-           dense_initializers: bool, check_lengths: str | None) -> None:
-    """Export RUN_DIR's last checkpoint to ONNX and check it against PyTorch in onnxruntime."""
-    from .paths import run_folder, writable_file
+def export(run_dir: str, dest: str | None, fmt: str, output: str | None, attention: str | None, provider: str, atol: float,
+           no_validate: bool, dense_initializers: bool, check_lengths: str | None) -> None:
+    """Export RUN_DIR's last checkpoint: to ONNX (checked against PyTorch in onnxruntime) or, with
+    --format hf, to the Hugging Face folder DEST (default RUN_DIR/hf)."""
+    from .paths import run_folder, writable_dir, writable_file
 
+    if dest and output and dest != output:
+        raise click.BadParameter(f"give the destination once: {dest} or -o {output}", param_hint="DEST")
     run = run_folder(run_dir)  # a typo fails in well under a second: checked before torch is imported
-    writable_file(output or run / "model.onnx", "--output")
+    if fmt == "hf":
+        if attention is not None:
+            raise click.BadParameter("a Hugging Face folder keeps the model's own attention; its summary records "
+                                     "the trained pattern", param_hint="--attention")
+        writable_dir(Path(dest or output or run / "hf"), "DEST")
+        from .export.hf import export_run_hf, read_summary
+
+        folder = export_run_hf(run_dir, dest or output)
+        s = read_summary(folder)
+        click.echo(f"wrote {folder}: density {s['density']:.3f}, masks folded in, attention at the end of training "
+                   f"{s['attention_at_end']}" + (f" ({s['attention_note']})" if "attention_note" in s else ""))
+        return
+    writable_file(dest or output or run / "model.onnx", "--output")
     lengths = _lengths(check_lengths) if check_lengths is not None else []
     if lengths and no_validate:
         raise click.BadParameter("the lengths are checked by the validation; drop --no-validate", param_hint="--check-lengths")
     from .export.run import export_run
 
     try:
-        res = export_run(run_dir, output, attention=attention, provider=provider, atol=atol,
+        res = export_run(run_dir, dest or output, attention=attention, provider=provider, atol=atol,
                          validate=not no_validate, sparse_initializers=not dense_initializers, check_lengths=lengths)
     except ImportError as e:  # onnx / onnxruntime missing: the message names the extra to install
         raise _Failure(str(e)) from None
@@ -143,7 +162,8 @@ def _train_options(fn):
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<timestamp>).")
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder exactly where it stopped.")
+@click.option("--resume", type=click.Path(file_okay=False),
+              help="Continue the run in this folder where it stopped (its own flags may be repeated; --lr, --min-lr and a longer --steps may change).")
 @click.option("--dense", is_flag=True, help="Train the dense baseline: the same run without sparsity.")
 @click.option("--quiet", is_flag=True, help="No progress output; only the final summary.")
 @_train_options
@@ -160,14 +180,19 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     train_flags, mst_flags = split_flags(flags)
     if dense:
         train_flags["dense"] = True
-    if resume and (train_flags or mst_flags or config_file):
-        given = ", ".join(f"--{k.replace('_', '-')}" for k in [*train_flags, *mst_flags]) or "--config"
-        raise _Failure(f"--resume {resume} continues with the run's saved config.toml; drop {given} (or start a new run)")
     _check_train_paths(out, resume, config_file, train_flags.get("data"))
     from .modelfile import load_model_file
 
     mf = load_model_file(model_file)  # a missing file fails here, before torch is imported
-    tc, mst = (None, None) if resume else configs_for_model_file(mf, config_file, train_flags, mst_flags)
+    if resume:  # the run's saved config, with the changes a resume may make (train/resume.py)
+        from .train.loop import load_run_config
+        from .train.resume import resume_configs
+
+        tc, mst, changes = resume_configs(resume, load_run_config(resume), config_file, train_flags, mst_flags)
+        if changes and not quiet:
+            click.echo(f"resuming {resume} with {', '.join(changes)}", err=True)
+    else:
+        tc, mst = configs_for_model_file(mf, config_file, train_flags, mst_flags)
     from .train.loop import TrainingDiverged, TrainingInterrupted, summary_line
     from .train.loop import train as run_training
 

@@ -3,9 +3,11 @@
 file and the fix."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -120,3 +122,16 @@ def max_sequence_length(model) -> int | None:
             if isinstance(v, int) and v > 0:
                 return v
     return None
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_unchanged(path: str | Path, recorded: str | None, run_dir: str | Path) -> None:
+    """Warn when the model file differs from the one ``run_dir`` was trained with (its recorded hash)."""
+    if recorded and file_sha256(path) != recorded:
+        warnings.warn(
+            f"the model file {path} changed since the run in {run_dir} was trained with it (sha256 {recorded[:12]}... "
+            f"then, {file_sha256(path)[:12]}... now): its checkpoint is loaded into the model the file builds now",
+            stacklevel=2)

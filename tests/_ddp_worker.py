@@ -56,7 +56,7 @@ def main(out_path: str) -> None:
         F.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
-        if sm.mst.step % DT == 0:
+        if sm.mst.step_count % DT == 0:
             grown_random += sm.mst.last_update["grown_random"]
 
     errors = []

@@ -81,7 +81,7 @@ def test_attention_sites_flag():
 def _run(sm, opt, steps, seen):
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        seen.append((sm.mst.step + 1, sm.mst.phase, dict(sm.mst.attention_patterns())))
+        seen.append((sm.mst.step_count + 1, sm.mst.phase, dict(sm.mst.attention_patterns())))
         x = torch.randint(0, 64, (2, 17), generator=g)
         logits = sm(x[:, :-1])  # (B, T, vocab)
         F.cross_entropy(logits.reshape(-1, 64), x[:, 1:].reshape(-1)).backward()

@@ -57,7 +57,7 @@ def test_resume_is_bitwise_identical(attach_before_load):
     if not attach_before_load:
         sm_c.mst.attach(opt_c)
     opt_c.load_state_dict(ckpt["opt"])
-    assert sm_c.mst.step == N and sm_c.mst.phase == "ultra"
+    assert sm_c.mst.step_count == N and sm_c.mst.phase == "ultra"
     assert set(sm_c.mst.attention_patterns().values()) == {CFG.attention}
     _train(sm_c, opt_c, data[N:])
 
@@ -70,7 +70,7 @@ def test_resume_is_bitwise_identical(attach_before_load):
     for i in state_a:
         for k in state_a[i]:
             assert torch.equal(torch.as_tensor(state_a[i][k]), torch.as_tensor(state_c[i][k]))
-    assert sm_a.mst.step == sm_c.mst.step == 2 * N
+    assert sm_a.mst.step_count == sm_c.mst.step_count == 2 * N
     assert sm_a.mst.last_update == sm_c.mst.last_update
     assert sm_a.mst.flops.as_dict() == sm_c.mst.flops.as_dict()
 

@@ -56,11 +56,11 @@ def _check_invariants(sm, opt):
     counts = mst.allocation(mst.target_sparsity)
     for n, p in mst.parameters().items():
         m = mst.masks()[n]
-        assert torch.all(p[~m] == 0), f"step {mst.step}: masked weights of {n} must be exactly zero"
-        assert int(m.sum()) == counts[n], f"step {mst.step}: {n} has {int(m.sum())} active, target {counts[n]}"
+        assert torch.all(p[~m] == 0), f"step {mst.step_count}: masked weights of {n} must be exactly zero"
+        assert int(m.sum()) == counts[n], f"step {mst.step_count}: {n} has {int(m.sum())} active, target {counts[n]}"
         for k, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v) and v.shape == p.shape:
-                assert torch.all(v[~m] == 0), f"step {mst.step}: optimizer state {k} of {n} is not zero where masked"
+                assert torch.all(v[~m] == 0), f"step {mst.step_count}: optimizer state {k} of {n} is not zero where masked"
 
 
 def _counts(n_act, n_tgt, zeta, frac):
@@ -87,7 +87,7 @@ def _probing(sm):
 
 def _check_update(sm, seen, frac):
     """The latest update against the schedule, the counting rule and a sort-based oracle."""
-    mst, t = sm.mst, sm.mst.step
+    mst, t = sm.mst, sm.mst.step_count
     u = mst.last_update
     assert u["step"] == t and u["phase"] == phase_at(t, CFG)
     zeta = drop_fraction(t, CFG)
@@ -118,11 +118,11 @@ def test_invariants_through_all_three_phases(opt_name, frac):
            else torch.optim.SGD(sm.parameters(), lr=0.1, momentum=0.9))
     snap = Snapshot(sm, opt)
     assert sm.mst.attach(opt) is sm.mst
-    assert (sm.mst.step, sm.mst.phase, sm.mst.target_sparsity, sm.mst.last_update) == (0, "warmup", 0.0, None)
+    assert (sm.mst.step_count, sm.mst.phase, sm.mst.target_sparsity, sm.mst.last_update) == (0, "warmup", 0.0, None)
     data, phases, updates, probe_steps = _batches(), set(), 0, 0
     for _ in range(T):
-        want_probes = _expected_probes(sm, cfg, sm.mst.step + 1)
-        assert _probing(sm) == want_probes, f"probe state wrong before step {sm.mst.step + 1}"
+        want_probes = _expected_probes(sm, cfg, sm.mst.step_count + 1)
+        assert _probing(sm) == want_probes, f"probe state wrong before step {sm.mst.step_count + 1}"
         probe_steps += bool(want_probes)
         want = cfg.attention if sm.mst.phase in cfg.attention_phases else "dense"
         assert set(sm.mst.attention_patterns().values()) == {want}
@@ -131,7 +131,7 @@ def test_invariants_through_all_three_phases(opt_name, frac):
         opt.zero_grad()
         phases.add(sm.mst.phase)
         _check_invariants(sm, opt)
-        if sm.mst.step % DT == 0 and sm.mst.step < T:
+        if sm.mst.step_count % DT == 0 and sm.mst.step_count < T:
             _check_update(sm, snap.seen, frac)
             updates += 1
     assert phases == {"warmup", "ultra", "restoration"} and updates == (T - 1) // DT
@@ -211,13 +211,13 @@ def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        assert sm.mst.step == good
+        assert sm.mst.step_count == good
         _check_invariants(sm, opt)
-        if sm.mst.step in (3, 6) and i not in (2, 6):  # updates after steps 3 and 6, none after the last (9)
-            assert sm.mst.last_update["step"] == sm.mst.step
+        if sm.mst.step_count in (3, 6) and i not in (2, 6):  # updates after steps 3 and 6, none after the last (9)
+            assert sm.mst.last_update["step"] == sm.mst.step_count
             assert not sm.mst.last_update["gradient_fallback"], "a stale inf gradient must not reach the update"
             assert all(torch.isfinite(g).all() for g in snap.seen["grads"].values())
-    assert sm.mst.step == 9
+    assert sm.mst.step_count == 9
 
 
 def test_stepping_past_total_steps_warns_once_and_holds():
@@ -235,7 +235,7 @@ def test_stepping_past_total_steps_warns_once_and_holds():
             sm(x).square().mean().backward()
             opt.step()
     assert len([w for w in rec if "past total_steps" in str(w.message)]) == 1
-    assert sm.mst.step == 9 and sm.mst.phase == "restoration"
+    assert sm.mst.step_count == 9 and sm.mst.phase == "restoration"
     assert sm.mst.target_sparsity == pytest.approx(target_sparsity(3, cfg)) and sm.mst.last_update["step"] == 3
     assert all(torch.equal(m, final[n]) for n, m in sm.mst.masks().items())
     assert all(sw.probe.dim() != 2 for sw in sm.mst.sparse_weights().values())
@@ -271,11 +271,11 @@ def test_detach_stops_mst():
     sm.mst.attach(opt)
     sm(torch.randn(2, 16)).sum().backward()
     opt.step()
-    assert sm.mst.step == 1
+    assert sm.mst.step_count == 1
     sm.mst.detach()
     sm(torch.randn(2, 16)).sum().backward()
     opt.step()
-    assert sm.mst.step == 1 and sm.mst.flops.steps == 1
+    assert sm.mst.step_count == 1 and sm.mst.flops.steps == 1
 
 
 @pytest.mark.slow
@@ -292,7 +292,7 @@ def test_torch_compile_runs_mst():
         opt.zero_grad()
         _check_invariants(sm, opt)
         assert sm.mst.flops.last_step_tokens == batch[:, :-1].numel()
-        if sm.mst.step % 2 == 0:
+        if sm.mst.step_count % 2 == 0:
             assert not sm.mst.last_update["gradient_fallback"], "the compiled backward must deliver the dense gradient"
     assert sm.mst.last_update["step"] == 4
     x = next(_batches())[:, :-1]

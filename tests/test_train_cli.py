@@ -192,8 +192,8 @@ def test_bad_input_is_one_line_and_keeps_the_disk(work, tmp_path):
     msg = _one_line_error(run.invoke(main, ["train", str(tmp_path / "wider.py"), "--resume", str(d / "mst")]))
     assert "different model" in msg and "shapes differ" in msg
     assert _tree(d / "mst") == before
-    msg = _one_line_error(run.invoke(main, ["train", str(d / "tiny.py"), "--resume", str(d / "mst"), "--lr", "0.1"]))
-    assert "drop --lr" in msg
+    msg = _one_line_error(run.invoke(main, ["train", str(d / "tiny.py"), "--resume", str(d / "mst"), "--batch-size", "8"]))
+    assert "--batch-size 8 (the run has 4)" in msg
     assert "already finished its 24 steps" in _one_line_error(run.invoke(main, ["train", str(d / "tiny.py"), "--resume", str(d / "mst")]))
     assert _tree(d / "mst") == before
     assert "not a run folder" in _one_line_error(run.invoke(main, ["train", str(d / "tiny.py"), "--resume", str(tmp_path)]))

@@ -22,16 +22,20 @@ from .validate import check_length_limit
 
 
 def _model_path(run_dir: Path, doc: dict) -> Path:
+    """The model file a run trained: recorded by absolute path (older runs: relative to where they ran)."""
+    from ..modelfile import check_unchanged
+
     name = doc.get("model")
     if not name:
         raise MstCompileError(f"{run_dir / 'config.toml'} does not name the model file it trained (no 'model' key)")
     p = Path(name)
-    for cand in (p, run_dir / p, run_dir.parent / p):
+    for cand in ([p] if p.is_absolute() else [p, run_dir / p, run_dir.parent / p]):
         if cand.is_file():
+            check_unchanged(cand, doc.get("model_sha256"), run_dir)
             return cand
     raise MstCompileError(
         f"the run's model file {name} is not found (looked from {Path.cwd()} and beside {run_dir}); "
-        "run mstc export from the folder you trained in"
+        "put the model file back at that path, or pass it explicitly: mstc train MODEL --resume RUN_DIR"
     )
 
 
@@ -46,39 +50,52 @@ def _example(mf, model: nn.Module, block_size: int | None):
     return mf.inputs_for(model)(tokens)
 
 
-def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
-    """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
+def load_run(run_dir) -> tuple[Any, nn.Module, torch.fx.GraphModule | None, Any, dict]:
+    """Rebuild ``run_dir``'s model from its model file and last checkpoint (checksum verified).
+
+    Returns ``(model_file, model, sm, example_inputs, metadata)``: ``sm`` is the sparsified module
+    with the masks and attention patterns of the last step (None for a dense baseline).
+    """
     from ..api import sparsify
     from ..config import MSTConfig
-    from ..modelfile import load_model_file, max_sequence_length
+    from ..modelfile import load_model_file
     from ..train import checkpoint as ckpt
     from ..train.options import TrainConfig, read_config_file
 
     run_dir = run_folder(run_dir)
-    output = writable_file(output or run_dir / "model.onnx", "export path")  # before the minutes of work
     cfg_file, last = run_dir / "config.toml", run_dir / "checkpoints" / "last.pt"
-    if export_kw.get("validate", True):
-        from .validate import check_provider
-
-        check_provider(export_kw.get("provider", "cpu"))  # no onnxruntime-gpu: one line before any work
     train, mst = read_config_file(cfg_file)
     tc = TrainConfig(**train)
-    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
     mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
     model = mf.model()
-    # the captured module no longer has the model's attributes: take the limit here, check it early
-    limit = export_kw.setdefault("max_sequence_length", max_sequence_length(model))
-    check_length_limit(export_kw.get("check_lengths", ()), limit, mf.path.name + "'s model")
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, model, last)
     model.load_state_dict(ck["model"])
     example = _example(mf, model, tc.block_size)
     state = ck.get("mst") or {}
     meta = {"train_config": dataclasses.asdict(tc),
-            "run": {"folder": str(run_dir), "step": int(ck["step"]), "model_file": str(mf.path)}}
+            "run": {"folder": str(run_dir.resolve()), "step": int(ck["step"]), "model_file": str(mf.path)}}
     if state.get("dense") or state.get("mst") is None:  # the dense baseline: a plain model
         meta["config"] = mst_cfg.to_dict()
-        return export_onnx(model, output, example, attention=attention, metadata=meta, **export_kw)
+        return mf, model, None, example, meta
     sm = sparsify(model, mst_cfg, example_inputs=example)
     sm.mst.load_state_dict(state["mst"])  # masks, step, and the attention patterns of that step
-    return export_onnx(sm, output, example, attention=attention, metadata=meta, **export_kw)
+    return mf, model, sm, example, meta
+
+
+def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
+    """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
+    from ..modelfile import max_sequence_length
+
+    run_dir = run_folder(run_dir)
+    output = writable_file(output or run_dir / "model.onnx", "export path")  # before the minutes of work
+    if export_kw.get("validate", True):
+        from .validate import check_provider
+
+        check_provider(export_kw.get("provider", "cpu"))  # no onnxruntime-gpu: one line before any work
+    mf, model, sm, example, meta = load_run(run_dir)
+    # the captured module no longer has the model's attributes: take the limit from the model
+    limit = export_kw.setdefault("max_sequence_length", max_sequence_length(model))
+    check_length_limit(export_kw.get("check_lengths", ()), limit, mf.path.name + "'s model")
+    return export_onnx(sm if sm is not None else model, output, example, attention=attention, metadata=meta, **export_kw)

@@ -2,7 +2,7 @@
 
 It owns the sparse state of every rewritten site: masks and densities of the sparse weights and
 the pattern of each attention site, and the scheduler that evolves them during training
-(``sm.mst.attach(optimizer)``). It imports nothing from ``passes`` so any training loop (ours or a
+(``sm.mst.attach(optimizer)``, or ``attach(optimizer, manual=True)`` and ``sm.mst.step()``). It imports nothing from ``passes`` so any training loop (ours or a
 user's) can drive it.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import MSTConfig
+from ..errors import MstCompileError
 from . import schedule
 from .attention import _check_pattern, _check_stride
 from .density import allocate
@@ -58,23 +59,46 @@ class MSTHandle:
         self._scheduler = MSTScheduler(self)
 
     # -- training: the scheduler --------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, *, process_group=None) -> "MSTHandle":
+    def attach(self, optimizer: torch.optim.Optimizer | None, *, manual: bool = False,
+               process_group=None) -> "MSTHandle":
         """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
         FLOP ledger charges the step, and every ``config.interval`` steps the Mixed-Growing topology
         update runs (DESIGN §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
+
+        ``manual=True`` registers no hook: call :meth:`step` after every optimizer step the loop
+        really took (loops under a loss scaler or ``accelerate`` that may skip one). ``optimizer``
+        is still used to zero the optimizer state of dropped and regrown weights; ``None`` means the
+        loop steps no ``torch.optim.Optimizer`` and resets its own state (manual mode).
         """
-        self._scheduler.attach(optimizer, process_group)
+        self._scheduler.attach(optimizer, process_group, manual)
         return self
+
+    def step(self) -> None:
+        """Advance MST by one optimizer step (after ``attach(optimizer, manual=True)`` or ``attach(None)``).
+
+        Does exactly what the optimizer hook of :meth:`attach` does: re-zero the masked weights,
+        charge the step's FLOPs, and run the topology update when one is due. Call it once per
+        optimizer step that really happened, after that step.
+        """
+        sch = self._scheduler
+        if not sch.attached:
+            raise MstCompileError("sm.mst.step(): MST is not attached; call sm.mst.attach(optimizer, manual=True) "
+                                  "(or sm.mst.attach(None)) before training")
+        if not sch.manual:
+            raise MstCompileError(
+                f"sm.mst.step(): MST already advances on every step of the attached {type(sch.optimizer).__name__}; "
+                "calling step() too would count each step twice. Attach with manual=True to drive it by hand")
+        sch.advance()
 
     def detach(self) -> None:
         """Remove the optimizer and forward hooks; masks, step and ledger are kept."""
         self._scheduler.detach()
 
     @property
-    def step(self) -> int:
+    def step_count(self) -> int:
         """Optimizer steps taken since training started (restored by load_state_dict)."""
         return self._scheduler.step
 

@@ -3,7 +3,7 @@ ordinary training loop.
 
 ``sm.mst.attach(optimizer)`` registers an optimizer step post-hook; after that the user's loop
 (``loss.backward(); opt.step(); opt.zero_grad()``) runs MST unchanged. After optimizer step k
-(``sm.mst.step`` becomes k):
+(``sm.mst.step_count`` becomes k):
 
 1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
 2. the FLOP ledger charges the work counted since step k−1;
@@ -21,9 +21,11 @@ ordinary training loop.
 6. with ``attention_restore="widen"``, a site that turns dense at restoration keeps its ultra
    pattern with a widening window instead (``schedule.widening``), then turns dense.
 
-So iteration t (run while ``sm.mst.step == t``) uses phase ``phase_at(t)`` and the masks of the last
+So iteration t (run while ``sm.mst.step_count == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
-step (inf/NaN) is not counted, and a dense gradient that is not finite is replaced by random growth.
+step (inf/NaN) is not counted (fused optimizers included, which run the step and skip inside), and a dense gradient that is not finite is replaced by random growth.
+``attach(optimizer, manual=True)`` (or ``attach(None)``) registers no hook: the loop calls
+``sm.mst.step()`` after each optimizer step it really took, and the same sequence runs.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class MSTScheduler:
         self.config: MSTConfig = handle.config
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.attached = False
+        self.manual = False  # True: the loop calls sm.mst.step() itself (no optimizer hook)
         self.last_update: dict[str, Any] | None = None
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
@@ -84,18 +88,21 @@ class MSTScheduler:
         return schedule.target_sparsity(self.last_update_step, self.config)
 
     # -- attaching ----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, process_group=None) -> None:
-        if self.optimizer is not None:
+    def attach(self, optimizer: torch.optim.Optimizer | None, process_group=None, manual: bool = False) -> None:
+        if self.attached:
             raise MstCompileError(
-                "sm.mst.attach: already attached to an optimizer "
-                f"({type(self.optimizer).__name__}); call sm.mst.detach() first to switch optimizers"
+                "sm.mst.attach: already attached "
+                f"({type(self.optimizer).__name__ if self.optimizer is not None else 'no optimizer'}); "
+                "call sm.mst.detach() first to switch optimizers"
             )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
+                "of another kind attach None and call sm.mst.step() after each of its steps")
         schedule.check(self.config)
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in self.h.parameters().items() if id(p) not in held]
-        if missing:
+        if optimizer is not None and missing:
             raise ValueError(
                 f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; build it from sm.parameters() (or the model's parameters)"
@@ -103,10 +110,11 @@ class MSTScheduler:
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self._group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
-        self.optimizer = optimizer
+        self.optimizer, self.manual, self.attached = optimizer, manual or optimizer is None, True
         if self.step == 0:
             self._initial_masks()
-        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        if not self.manual:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         self._hooks.append(self.h._module_ref.register_forward_pre_hook(self._drop_stale_probes))
         self.ledger.install(self.h._module_ref)
         self.h.apply_masks()
@@ -121,7 +129,7 @@ class MSTScheduler:
         self._hooks.clear()
         self.ledger.remove()
         self._set_probes(set())
-        self.optimizer = None
+        self.optimizer, self.attached, self.manual = None, False, False
 
     @torch.no_grad()
     def _initial_masks(self) -> None:
@@ -133,6 +141,13 @@ class MSTScheduler:
 
     # -- the hook -----------------------------------------------------------------------------
     def _after_step(self, optimizer, args, kwargs) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # GradScaler with a fused optimizer: the step ran
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf):  # but skipped its update inside the kernel
+            return
+        self.advance()
+
+    def advance(self) -> None:
+        """One optimizer step was taken: re-mask, charge it, update the topology when it is due."""
         self.step += 1
         self.h.apply_masks()
         self.ledger.close_step()
@@ -349,7 +364,7 @@ class MSTScheduler:
         self._warned_past_end = bool(state.get("warned_past_end", False))
         pinned = state.get("pinned_attention") or {}
         self.pinned_attention = {n: p for n, p in pinned.items() if n in self.h._attention}
-        if self.optimizer is not None:
+        if self.attached:
             self._reset_masked_state()
             self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)

@@ -114,7 +114,7 @@ class Accounting:
             return []
         self._seen_update = u
         rec = {k: (v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v) for k, v in dict(u).items()}
-        rec.setdefault("step", int(self.mst.step))
+        rec.setdefault("step", int(self.mst.step_count))
         return [rec]
 
     # -- checkpoints ------------------------------------------------------------------------

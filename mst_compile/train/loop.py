@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, load_model_file, max_sequence_length
+from ..modelfile import ModelFile, check_unchanged, file_sha256, load_model_file, max_sequence_length
 from ..paths import writable_dir
 from ..runtime.schedule import lr_multiplier
 from . import checkpoint as ckpt
@@ -31,7 +32,7 @@ from . import distributed
 from .accounting import Accounting, ranks_identical
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress, duration, human
-from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file
+from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file, read_model_record
 from .precision import MAX_SKIPS, Precision
 
 _EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
@@ -46,13 +47,14 @@ class TrainingDiverged(MstCompileError):
 
 
 def lr_at(step: int, tc: TrainConfig, mst: MSTConfig | None = None) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``;
-    an MST run whose ``lr_schedule`` knows the phases follows ``schedule.lr_multiplier`` instead."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``schedule_steps``
+    (``steps`` unless a resume lengthened the run; ``min_lr`` after it); an MST run whose ``lr_schedule``
+    knows the phases follows ``schedule.lr_multiplier`` instead."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
     if mst is not None and mst.lr_schedule != "cosine":
         return tc.lr * lr_multiplier(step, mst, tc.min_lr / tc.lr if tc.lr else 0.0)
-    u = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    u = (step - tc.warmup_steps) / max(1, (tc.schedule_steps or tc.steps) - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
 
 
@@ -128,12 +130,19 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
     return writable_dir(o, "--out")
 
 
+def _absolute(spec: str | None) -> str | None:
+    """A data or tokenizer path relative to the current folder, made absolute (globs too)."""
+    if spec is None or Path(spec).expanduser().is_absolute():
+        return spec
+    return str(Path.cwd() / spec)
+
+
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
     if not (Path(run_dir) / "config.toml").is_file():
         raise MstCompileError(f"--resume {run_dir}: not a run folder (no config.toml); pass the folder mstc train wrote")
     train, mst = read_config_file(Path(run_dir) / "config.toml")
     tc = TrainConfig(**train)
-    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.steps, "seed": tc.seed})
+    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
 
 
 def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None = None, mst_config: MSTConfig | None = None, *,
@@ -147,13 +156,13 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
     """
     t_start = time.time()
     mf = model_file if isinstance(model_file, ModelFile) else load_model_file(model_file)
-    if resume is not None:
+    if resume is not None and train_config is None:
         tc, mst = load_run_config(resume)
-    else:
-        hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {})
+    else:  # a new run, or a resume whose changes resume_configs accepted
+        hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {}) if train_config is None or mst_config is None else (None, None)
         mst, tc = mst_config or hook_mst, train_config or hook_tc
-        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps)
-        mst = mst.replace(total_steps=tc.steps, seed=tc.seed)
+        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps, data=_absolute(tc.data), tokenizer=_absolute(tc.tokenizer))
+        mst = mst.replace(total_steps=tc.schedule_steps or tc.steps, seed=tc.seed)
     d = distributed.setup(tc.device)
     try:
         summary = _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start)
@@ -210,7 +219,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         prec.load_state_dict(ck.get("precision"))
         start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
         if start >= tc.steps:
-            raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json)")
+            raise MstCompileError(f"--resume {run_dir}: the run already finished its {tc.steps} steps (see its summary.json); "
+                                  "pass a larger --steps to train longer in the final phase")
     if d.on:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -219,8 +229,10 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     log = None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path)))
+        if resume is not None:
+            check_unchanged(mf.path, read_model_record(run_dir).get("model_sha256"), run_dir)
+        # the model file by absolute path and content hash: export and resume work from any folder
+        ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path.resolve()), file_sha256(mf.path)))
         log = MetricsLog(run_dir, keep_until_step=start if resume is not None else None)
     bar = Progress(tc.steps, start, tc.log_interval, enabled=progress and d.main)
     if d.main:
@@ -255,7 +267,9 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     last_eval: dict[str, float] = {}
     step_time, step_tokens = 0.0, B * T * tc.grad_accum * d.world
     acct.module.train()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, warnings.catch_warnings():
+        if (tc.schedule_steps or tc.steps) < tc.steps:  # a resume lengthened the run: the final phase is held on purpose
+            warnings.filterwarnings("ignore", message="MST stepped past total_steps")
         try:
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()

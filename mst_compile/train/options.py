@@ -48,9 +48,12 @@ class TrainConfig:
     tokenizer: str | None = None  # local Hugging Face tokenizer folder; None: bytes (vocab 256)
     val_fraction: float = 0.05
     dense: bool = False  # the dense baseline: same run without sparsity
+    # steps the MST and learning-rate schedules span; None: steps. A resume with a longer --steps keeps
+    # the original span and trains the extra steps in the final phase at min_lr (docs: Resuming).
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "block_size", "warmup_steps", "eval_interval", "checkpoint_interval"):
+        for name in ("steps", "block_size", "warmup_steps", "eval_interval", "checkpoint_interval", "schedule_steps"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup_steps" else 1)):
                 _fail(name, v, "an integer >= 1" if name != "warmup_steps" else "an integer >= 0")
@@ -80,6 +83,8 @@ class TrainConfig:
             _fail("precision", self.precision, " or ".join(PRECISIONS))
         if not isinstance(self.dense, bool):
             _fail("dense", self.dense, "true or false")
+        if self.schedule_steps is not None and self.steps is not None and self.schedule_steps > self.steps:
+            _fail("schedule_steps", self.schedule_steps, f"at most steps={self.steps}")
 
     def resolved(self, mst: MSTConfig, model_block_size: int | None = None) -> "TrainConfig":
         """Fill every None with its rule (the saved config has concrete numbers only)."""
@@ -87,9 +92,9 @@ class TrainConfig:
         block = self.block_size or model_block_size or 128
         ev = self.eval_interval or max(1, steps // 5)
         return dataclasses.replace(
-            self, steps=steps, block_size=block, eval_interval=ev,
+            self, steps=steps, block_size=block, eval_interval=ev, schedule_steps=self.schedule_steps or steps,
             min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
-            warmup_steps=max(1, steps // 20) if self.warmup_steps is None else self.warmup_steps,
+            warmup_steps=max(1, (self.schedule_steps or steps) // 20) if self.warmup_steps is None else self.warmup_steps,
             checkpoint_interval=self.checkpoint_interval or ev,
         )
 
@@ -127,13 +132,19 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
             train[key] = value
         elif key in MST_KEYS:
             mst[key] = value
-        elif key != "model":  # the saved config names its model file; informational
+        elif key not in ("model", "model_sha256"):  # the saved config names its model file; informational
             raise MstCompileError(
                 f"config file {p}: unknown key {key!r}; use [train] keys ({', '.join(TRAIN_KEYS)}) "
                 f"or [mst] keys ({', '.join(MST_KEYS)})"
             )
     _fold_steps(train, mst)
     return train, mst
+
+
+def read_model_record(run_dir: str | Path) -> dict:
+    """``{"model": path, "model_sha256": hash}`` as the run's config.toml recorded them (either may be absent)."""
+    doc = tomllib.loads((Path(run_dir) / "config.toml").read_text())
+    return {k: doc[k] for k in ("model", "model_sha256") if k in doc}
 
 
 def _fold_steps(train: dict, mst: dict) -> None:
@@ -160,9 +171,11 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dumps_config(train: TrainConfig, mst: MSTConfig, model: str | None = None) -> str:
+def dumps_config(train: TrainConfig, mst: MSTConfig, model: str | None = None, model_sha256: str | None = None) -> str:
     """The resolved config as TOML (None values are left out: they mean "the default")."""
-    lines = [f"model = {_toml_value(model)}", ""] if model else []
+    lines = [f"model = {_toml_value(model)}"] if model else []
+    lines += [f"model_sha256 = {_toml_value(model_sha256)}"] if model_sha256 else []
+    lines += [""] if lines else []
     for table, d in (("train", dataclasses.asdict(train)), ("mst", mst.to_dict())):
         extra = d.pop("extra", None)
         lines.append(f"[{table}]")
@@ -231,6 +244,7 @@ _HELP = {
     "eval_interval": "Steps between evaluations (default steps/5).", "eval_iters": "Batches per split per evaluation.",
     "log_interval": "Steps between metrics.jsonl lines.", "checkpoint_interval": "Steps between checkpoints (default: eval interval).",
     "keep_checkpoints": "Newest checkpoints kept in the run folder (at least 2).",
+    "schedule_steps": "Steps the MST and learning-rate schedules span (default: --steps); later steps train in the final phase.",
     "seed": "Seed of model init, batch order and random growth.", "device": "auto, cpu, cuda or cuda:N.",
     "precision": "fp32, bf16 (autocast) or fp16 (autocast and a grad scaler); weights stay fp32.",
     "data": "Text file, folder or glob of text files (default: the Python standard library).",

@@ -1,0 +1,176 @@
+"""MST inside a Hugging Face ``Trainer``: ``Trainer(model=..., callbacks=[MSTCallback(MSTConfig(...))])``.
+
+How the sparse kernels and the sparse attention get into the Trainer's training: at train begin the
+callback captures the Trainer's model with ``sparsify`` (the captured module ``sm`` shares every
+parameter with the model) and replaces the model's ``forward`` (on that one instance) by a call to
+``sm``. The Trainer, and DDP around it, still call ``model(**inputs)``, but every step now runs the
+mask-carrying sparse ops and the hybrid sparse attention; the language-model loss is the model's own
+``loss_function``, so the loss is what the model would compute. MST is attached to the Trainer's
+(inner) ``torch.optim.Optimizer``: its step hook runs only when the optimizer really stepped, so a
+step skipped by a loss scaler does not advance MST. At train end the model's own forward comes back
+(its weights hold the final sparse values).
+
+Checkpoints: ``checkpoint-N/mst_state.pt`` holds ``sm.mst.state_dict()`` (masks, schedule position,
+random generator, FLOP ledger); ``trainer.train(resume_from_checkpoint=...)`` restores it, so a
+resumed run equals the uninterrupted one.
+
+Logs: every ``on_log`` adds ``mst_phase``, ``mst_density``, ``mst_target_sparsity``, ``mst_flops``,
+``mst_dense_flops`` and ``mst_flop_reduction`` (all ranks together) to the logs and to
+``trainer.state.log_history``. Reporters that ``report_to`` adds run before the callbacks given to
+``Trainer(callbacks=...)``; to have TensorBoard or W&B record MST's numbers, list the reporter after
+MSTCallback: ``callbacks=[MSTCallback(cfg), TensorBoardCallback()]`` with ``report_to="none"``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..api import _as_config, sparsify
+from ..config import MSTConfig
+from ..errors import CaptureError, CheckpointError, MstCompileError
+from ..export.hf import example_tokens
+
+STATE_FILE = "mst_state.pt"  # in each checkpoint-N/ folder the Trainer writes
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside the Trainer's optimizer (accelerate wraps it)."""
+    inner = optimizer
+    while type(inner).__name__ == "AcceleratedOptimizer":  # accelerate.optimizer.AcceleratedOptimizer
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise MstCompileError(
+            f"MSTCallback: the Trainer's optimizer is a {type(inner).__name__}, not a torch.optim.Optimizer; MST "
+            "hooks the optimizer's step. Pass a torch optimizer with Trainer(optimizers=(optimizer, scheduler)), "
+            "or train with your own loop and drive MST with sm.mst.attach(None) and sm.mst.step()")
+    return inner
+
+
+class MSTCallback(TrainerCallback):
+    """Runs Mixed Sparsity Training inside ``transformers.Trainer``.
+
+    ``config``: the MST knobs (``total_steps`` is taken from the Trainer's ``max_steps``).
+    ``example_inputs``: keyword inputs to capture the model with (default: token ids of the model's
+    vocabulary). ``filter_fn(module, fqn)``: False keeps that module's weights dense.
+    ``resume_from``: the checkpoint folder to restore MST from when the Trainer resumes from a folder
+    that is not ``output_dir/checkpoint-N``. After training, ``callback.sm`` is the sparsified
+    module (``mst_compile.export.export_hf(model, folder, callback.sm)`` writes an HF checkpoint).
+    """
+
+    def __init__(self, config: MSTConfig | dict | None = None, *, example_inputs: dict | None = None,
+                 filter_fn: Callable[[nn.Module, str], bool] | None = None, resume_from: str | os.PathLike | None = None):
+        self.config = _as_config(config)
+        if example_inputs is not None and not isinstance(example_inputs, dict):
+            raise TypeError(f"MSTCallback(example_inputs=...) must be a dict of keyword inputs like "
+                            f"{{'input_ids': tokens}}, got {type(example_inputs).__name__}")
+        self.example_inputs, self.filter_fn, self.resume_from = example_inputs, filter_fn, resume_from
+        self.sm: torch.fx.GraphModule | None = None
+        self._model: nn.Module | None = None
+        self._world = 1
+
+    # -- train begin: capture, attach, restore, take over the forward ----------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise MstCompileError("MSTCallback: the Trainer passed no model to on_train_begin")
+        opt = torch_optimizer(optimizer)  # checked before anything is captured or changed
+        cfg = self.config.replace(total_steps=int(state.max_steps))
+        device = next(model.parameters()).device
+        example = self.example_inputs or example_tokens(model, device)
+        try:
+            with torch.random.fork_rng(devices=[]):  # capture draws nothing from the Trainer's generator
+                sm = sparsify(model, cfg, example_inputs=example, filter_fn=self.filter_fn)
+        except CaptureError as e:
+            raise CaptureError(f"MSTCallback: {e}") from None
+        sm.to(device)
+        if state.global_step > 0:  # resuming: the masks and schedule of that checkpoint, before attach
+            sm.mst.load_state_dict(self._load_state(args, state))
+        sm.mst.attach(opt)
+        self.sm, self._model, self._world = sm, model, max(1, int(getattr(args, "world_size", 1) or 1))
+        self._take_over_forward(model, sm, example)
+
+    def _load_state(self, args, state) -> dict:
+        step_dir = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        where = [Path(self.resume_from)] if self.resume_from is not None else [Path(args.output_dir) / step_dir]
+        for folder in where:
+            if (folder / STATE_FILE).is_file():
+                return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        raise CheckpointError(
+            f"MSTCallback: the Trainer resumes at step {state.global_step} but {where[0] / STATE_FILE} does not exist "
+            "(the checkpoint was written without MSTCallback, or lies elsewhere: pass MSTCallback(..., "
+            "resume_from='path/to/checkpoint-N'))")
+
+    def _take_over_forward(self, model: nn.Module, sm: torch.fx.GraphModule, example: dict) -> None:
+        names = list(example)
+        own = model.forward
+        self._own_forward = model.__dict__.get("forward")  # an instance-level forward, if the model had one
+
+        @functools.wraps(own)  # keeps the signature the Trainer inspects for its input columns
+        def forward(*args, labels=None, attention_mask=None, num_items_in_batch=None, **kw):
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise MstCompileError(
+                    "MSTCallback: a batch has padding (attention_mask with zeros); MST trains the captured model "
+                    "on full token blocks: pack the text into fixed-length blocks (no padding)")
+            inputs = dict(zip(names, args))
+            extra = sorted(k for k, v in kw.items() if k not in names and v is not None and v is not False)
+            if extra:
+                raise MstCompileError(f"MSTCallback: the model was captured with inputs {names}; the Trainer also "
+                                      f"passed {extra}, which the captured model cannot take")
+            inputs.update({k: v for k, v in kw.items() if k in names})
+            sm.train(model.training)
+            from ..train.loop import logits_of
+
+            logits = logits_of(sm(**inputs))  # (B, T, vocab)
+            loss = None
+            if labels is not None:
+                loss_fn = getattr(model, "loss_function", None)
+                if loss_fn is None:
+                    raise MstCompileError(f"MSTCallback: {type(model).__name__} has no loss_function; give the "
+                                          "Trainer a compute_loss_func or a Hugging Face causal LM")
+                loss = loss_fn(logits=logits, labels=labels, vocab_size=logits.size(-1),
+                               num_items_in_batch=num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+        model.forward = forward
+
+    # -- during training ------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        """MST's numbers now: phase, density, target sparsity and cumulative FLOPs of all ranks."""
+        mst = self.sm.mst
+        f = mst.flops
+        return {"mst_phase": mst.phase, "mst_density": float(mst.density()),
+                "mst_target_sparsity": float(mst.target_sparsity), "mst_flops": float(f.mst_total) * self._world,
+                "mst_dense_flops": float(f.dense_total) * self._world, "mst_flop_reduction": float(f.reduction)}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.sm is None or logs is None:
+            return
+        m = self.metrics()
+        logs.update(m)
+        if state.log_history:
+            state.log_history[-1].update(m)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.sm is None or not state.is_world_process_zero:
+            return
+        from ..train.checkpoint import save_atomic
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            save_atomic(self.sm.mst.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sm is None:
+            return
+        self.sm.mst.detach()  # masks and weights stay; the hooks go
+        if self._own_forward is not None:
+            self._model.forward = self._own_forward
+        else:
+            del self._model.forward  # the model's own forward again, on the final sparse weights
