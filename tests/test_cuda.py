@@ -56,7 +56,7 @@ def test_mst_trains_on_cuda_with_state_on_the_device(autocast):
     cfg = mst_compile.MSTConfig(total_steps=10, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.8, stride=4)
     sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg)
     opt = _train(sm, 8, autocast)
-    assert sm.mst.step == 8 and sm.mst.last_update["step"] == 8 and not sm.mst.last_update["gradient_fallback"]
+    assert sm.mst.step_count == 8 and sm.mst.last_update["step"] == 8 and not sm.mst.last_update["gradient_fallback"]
     assert set(sm.mst.attention_patterns().values()) == {"sparse"}
     for name, p in sm.mst.parameters().items():
         mask = sm.mst.masks()[name]
