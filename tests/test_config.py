@@ -4,11 +4,12 @@ from mst_compile import MSTConfig
 
 
 def test_defaults_match_design():
-    c = MSTConfig()
-    assert (c.sparsity, c.final_sparsity, c.warmup_end, c.ultra_end) == (0.9, 0.5, 0.1, 0.8)
+    c = MSTConfig()  # docs/design.md §3 and §8
+    assert (c.sparsity, c.final_sparsity, c.warmup_end, c.ultra_end) == (0.85, 0.5, 0.1, 0.8)
     assert (c.update_interval, c.drop_fraction, c.grow_gradient_fraction) == (None, 0.3, 0.75)
     assert c.interval == 19  # derived: five updates inside the 100-step warm-up
-    assert c.phase_drop_fractions == (0.3, 0.3, 0.3)
+    assert c.phase_drop_fractions == (0.3, 0.3, 0.0)  # restoration drops nothing
+    assert c.attention_phases == ("warmup", "ultra", "restoration") and c.lr_schedule == "wsd"
 
 
 def test_round_trip():

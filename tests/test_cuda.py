@@ -96,7 +96,7 @@ def test_torchrun_two_gpus_nccl_identical_masks(tmp_path):
     f = write(tmp_path, "tiny.py", TINY)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MST_COMPILE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mst_compile", "train", str(f), "--steps", "12", "--out", str(tmp_path / "ddp"), "--quiet", "--device", "cuda"]
+           "-m", "mst_compile", "train", str(f), "--steps", "12", "--update-interval", "2", "--out", str(tmp_path / "ddp"), "--quiet", "--device", "cuda"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((tmp_path / "ddp" / "summary.json").read_text())

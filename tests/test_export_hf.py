@@ -44,7 +44,7 @@ def _load(folder):
 
 
 def test_round_trip_with_dense_attention_at_the_end(tmp_path):
-    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.25, ultra_end=0.5, sparsity=0.9,
+    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=1, attention_phases=("ultra",), warmup_end=0.25, ultra_end=0.5, sparsity=0.9,
                                 final_sparsity=0.7, stride=4)
     model, sm, x = _trained(cfg, 7)  # ends in restoration: sparse weights, dense attention
     assert sm.mst.phase == "restoration" and sm.mst.density() < 0.5
@@ -108,7 +108,7 @@ def example_inputs():
     return (torch.randint(0, 64, (2, 16)),)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4)
+    return mst_compile.MSTConfig(total_steps=8, update_interval=1, attention_phases=("ultra",), warmup_end=0.25, ultra_end=0.75, stride=4)
 
 def data():
     return torch.arange(4000) % 64

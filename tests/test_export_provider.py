@@ -18,7 +18,7 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("provider")
     os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
     f = write(d, "tiny.py", TINY)
-    r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--out", str(d / "run"), "--quiet"])
+    r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--update-interval", "1", "--out", str(d / "run"), "--quiet"])
     assert r.exit_code == 0, r.output
     return d / "run"
 

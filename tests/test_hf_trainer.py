@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainerState, TrainingArgumen
 from mst_compile.integrations.transformers import STATE_FILE, MSTCallback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CFG = mst_compile.MSTConfig(update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
+CFG = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
                             stride=4, seed=5)
 
 

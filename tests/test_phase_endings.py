@@ -49,7 +49,8 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
     from _models import tiny_gpt
 
     T_run = 40
-    cfg = mst_compile.MSTConfig(total_steps=T_run, update_interval=2, attention_restore="widen")  # restoration [32, 40]
+    cfg = mst_compile.MSTConfig(total_steps=T_run, update_interval=2, attention_restore="widen",
+                                attention_phases=("ultra",))  # restoration [32, 40] widens instead of turning dense
     model = tiny_gpt()
     sm = mst_compile.sparsify(model, cfg)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
@@ -144,7 +145,7 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
 def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
     from mst_compile.runtime.schedule import target_sparsity
 
-    shapes = {name: mst_compile.MSTConfig(total_steps=1000, final_sparsity=0.0, restoration_shape=name)
+    shapes = {name: mst_compile.MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.0, restoration_shape=name)
               for name in ("late", "linear", "early")}  # restoration [800, 1000] from 0.9 to 0.0
     for cfg in shapes.values():
         assert target_sparsity(800, cfg) == pytest.approx(0.9) and target_sparsity(1000, cfg) == pytest.approx(0.0)

@@ -53,8 +53,8 @@ def test_drop_fraction_restarts_a_cosine_per_phase():
             assert drop_fraction(t, cfg) == pytest.approx(expected, abs=1e-12)
     assert drop_fraction(1000, cfg) == pytest.approx(0.0, abs=1e-12)
     assert drop_fraction(99, cfg) < 0.01 and drop_fraction(100, cfg) == pytest.approx(0.3)
-    # one drop_fraction for every phase by default
-    assert [drop_fraction(t, CFG) for t in (0, 100, 800)] == pytest.approx([0.3, 0.3, 0.3])
+    # drop_fraction sets warm-up and ultra by default; restoration drops nothing
+    assert [drop_fraction(t, CFG) for t in (0, 100, 800)] == pytest.approx([0.3, 0.3, 0.0])
 
 
 def test_piecewise_user_schedule():
@@ -123,7 +123,7 @@ def test_wsd_lr_is_flat_until_restoration_then_decays_to_the_floor():
     assert [lr_multiplier(t, cfg) for t in (0, 400, 799, 800)] == [1.0, 1.0, 1.0, 1.0]
     assert lr_multiplier(900, cfg) == pytest.approx(0.55)
     assert lr_multiplier(1000, cfg) == pytest.approx(0.1)
-    cos = MSTConfig(total_steps=1000)
+    cos = MSTConfig(total_steps=1000, lr_schedule="cosine")
     assert lr_multiplier(500, cos) == pytest.approx(0.55)
     assert lr_multiplier(1000, cos, min_ratio=0.0) == pytest.approx(0.0)
 

@@ -27,7 +27,7 @@ SUMMARY = "mst_summary.json"
 
 def example_tokens(model: nn.Module, device: torch.device | str = "cpu", length: int = 64) -> dict[str, torch.Tensor]:
     """Token ids of the model's vocabulary to capture with (a local generator: global RNG untouched)."""
-    from ..train.loop import _model_block_size
+    from ..modelfile import max_sequence_length as _model_block_size
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int):

@@ -185,12 +185,14 @@ class FlopLedger:
         if not installed:
             self.install(root)
         saved, self._pending = self._pending, [0.0, 0.0, 0, 0.0, 0.0]
+        saved_rows, self._rows = self._rows, dict.fromkeys(self._rows, 0)
         try:
             with torch.enable_grad():
                 call()
+            self._charge_linear()
             return self._pending[0], self._pending[1], int(self._pending[2])
         finally:
-            self._pending = saved
+            self._pending, self._rows = saved, saved_rows
             if not installed:
                 self.remove()
 
