@@ -1,7 +1,7 @@
 """The compute-fair baselines of reproduce.py, sized by the ledger's closed form for examples/tiny_gpt.py.
 
 Per token, a tied byte-level GPT with L blocks of width d, vocabulary V and sequence length T costs
-(DESIGN §6, forward + backward):
+(docs/design.md §6, forward + backward):
 
     linear     6 · (12·L·d² + V·d)          c_attn 3d², c_proj d², MLP 8d² per block, the tied head V·d
     attention  12 · d · L · (T + 1)/2       dense causal: (T + 1)/2 keys per query on average

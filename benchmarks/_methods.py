@@ -1,7 +1,7 @@
 """The methods of the reproduction, each as (dense?, MSTConfig changes) over the MST defaults.
 
 Every method trains the same model with the same seed, data order, optimizer and LR schedule; only
-what MST does to the weights and the attention differs. ``MSTConfig`` defaults are DESIGN §3-5
+what MST does to the weights and the attention differs. ``MSTConfig`` defaults are docs/design.md §3-5
 (dense start, ramp to 90%, ultra until 80% of the run, restoration to 50%, Mixed-Growing 3:1, HSA
 in the ultra phase); the baselines switch parts of that off:
 

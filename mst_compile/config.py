@@ -1,4 +1,4 @@
-"""MSTConfig: every knob of Mixed Sparsity Training (DESIGN §2-5), validated on construction.
+"""MSTConfig: every knob of Mixed Sparsity Training (docs/design.md §2-5), validated on construction.
 
 Importing this module does not import torch, so the CLI can build and check configs cheaply.
 """
@@ -26,12 +26,12 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 class MSTConfig:
     """Configuration of one MST run.
 
-    Sparsity variation (DESIGN §3): dense start, cubic ramp to ``sparsity`` over
+    Sparsity variation (docs/design.md §3): dense start, cubic ramp to ``sparsity`` over
     ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
     ``final_sparsity`` at ``T = total_steps``. ``schedule`` replaces all of that with any piecewise
     linear list of ``(step, sparsity)`` points.
 
-    Attention (DESIGN §5): every site runs ``attention`` in ``attention_phases`` and dense causal
+    Attention (docs/design.md §5): every site runs ``attention`` in ``attention_phases`` and dense causal
     elsewhere, unless a rule of ``attention_sites`` matches it. That dict maps a site name or an
     ``fnmatch`` glob (``"h.*.attn"``; ``*`` also crosses dots) to either one pattern, used in
     ``attention_phases`` with dense elsewhere, or a ``{phase: pattern}`` dict that sets only the

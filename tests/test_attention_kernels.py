@@ -1,4 +1,4 @@
-"""Hybrid sparse attention kernels against the dense boolean-mask oracle (DESIGN §5)."""
+"""Hybrid sparse attention kernels against the dense boolean-mask oracle (docs/design.md §5)."""
 import math
 import warnings
 

@@ -1,5 +1,5 @@
 """Attention at run time: per-site patterns from MSTConfig, hand-set patterns that persist, and what the
-FLOP ledger charges when a padding mask sends a sparse site to masked dense SDPA (DESIGN §5-6)."""
+FLOP ledger charges when a padding mask sends a sparse site to masked dense SDPA (docs/design.md §5-6)."""
 import json
 import subprocess
 import sys

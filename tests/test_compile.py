@@ -30,7 +30,7 @@ def test_topology_updates_do_not_recompile():
         opt.zero_grad()
         graphs[sm.mst.step_count] = counters["stats"]["unique_graphs"]
         masks[sm.mst.step_count] = torch.cat([m.flatten() for m in sm.mst.masks().values()])
-    assert sm.mst.last_update["step"] == 22  # no update at the last step (DESIGN §6)
+    assert sm.mst.last_update["step"] == 22  # no update at the last step (docs/design.md §6)
     for a, b in [(10, 16), (20, 24)]:  # several updates inside the ultra and restoration phases
         assert not torch.equal(masks[a], masks[b]), f"the masks should change between steps {a} and {b}"
         assert graphs[b] == graphs[a], f"recompiled between steps {a} and {b}: {graphs}"

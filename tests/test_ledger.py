@@ -1,4 +1,4 @@
-"""FLOP ledger (DESIGN §6) against FlopCounterMode, the attention mask oracle and closed forms."""
+"""FLOP ledger (docs/design.md §6) against FlopCounterMode, the attention mask oracle and closed forms."""
 import math
 
 import pytest

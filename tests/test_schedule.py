@@ -1,4 +1,4 @@
-"""Schedules as pure functions (DESIGN §3-4): no model involved."""
+"""Schedules as pure functions (docs/design.md §3-4): no model involved."""
 import math
 import warnings
 

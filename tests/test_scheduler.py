@@ -64,7 +64,7 @@ def _check_invariants(sm, opt):
 
 
 def _counts(n_act, n_tgt, zeta, frac):
-    """(n_prune, n_grow, n_grad) of DESIGN §4 for one tensor."""
+    """(n_prune, n_grow, n_grad) of docs/design.md §4 for one tensor."""
     n_prune = min(n_act, max(math.floor(zeta * n_act), n_act - n_tgt))
     n_grow = n_prune - (n_act - n_tgt)
     return n_prune, n_grow, math.floor(frac * n_grow + 0.5)
@@ -300,7 +300,7 @@ def test_torch_compile_runs_mst():
 
 
 def _linear_charge(sm, rows):
-    """One iteration's linear FLOPs by DESIGN §6: 6·d·n_in·n_out per row, + 2·(1 − d)·n_in·n_out on a probe step."""
+    """One iteration's linear FLOPs by docs/design.md §6: 6·d·n_in·n_out per row, + 2·(1 − d)·n_in·n_out on a probe step."""
     probing, dens = _probing(sm), sm.mst.densities()
     return sum(rows * p.numel() * (6 * dens[n] + (2 * (1 - dens[n]) if n in probing else 0))
                for n, p in sm.mst.parameters().items())

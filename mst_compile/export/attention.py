@@ -1,6 +1,6 @@
 """Hybrid sparse attention written in ONNX-exportable torch ops, with the skipping structure kept.
 
-For query i, key j <= i and stride l (DESIGN §5):
+For query i, key j <= i and stride l (docs/design.md §5):
 
 - dense:   every j <= i (plain causal SDPA)
 - local:   i - j < l        -> banded blocks: queries in blocks of l rows see 2l keys

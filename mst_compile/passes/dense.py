@@ -4,7 +4,7 @@ Run after the linear and attention passes. What is left are activation matmuls (
 attention site that was not rewritten), weights a user excluded with ``filter_fn`` and parameter
 matmuls the linear pass listed in ``skipped``. Each becomes
 ``call_module mst_dense.op_<i>(*args, **kwargs)``, which calls the original op, so the ledger charges
-it at dense cost on both sides (DESIGN §6). ``finalize`` puts the original ops back.
+it at dense cost on both sides (docs/design.md §6). ``finalize`` puts the original ops back.
 """
 from __future__ import annotations
 

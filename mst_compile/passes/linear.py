@@ -1,4 +1,4 @@
-"""Linear pass: every 2-D parameter consumed by a matmul becomes one mask-carrying sparse op (DESIGN §2).
+"""Linear pass: every 2-D parameter consumed by a matmul becomes one mask-carrying sparse op (docs/design.md §2).
 
 A site is a matmul-like node one of whose operands is a 2-D ``nn.Parameter`` (a ``get_attr``), seen
 through any chain of views that keep it a matrix (``.t()``, ``.T``, ``transpose``, ``permute``,

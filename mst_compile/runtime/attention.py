@@ -1,4 +1,4 @@
-"""Hybrid sparse attention (HSA, DESIGN §5): one switchable module per causal attention site.
+"""Hybrid sparse attention (HSA, docs/design.md §5): one switchable module per causal attention site.
 
 Patterns, for query i, key j <= i and stride l:
 

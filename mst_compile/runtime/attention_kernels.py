@@ -1,4 +1,4 @@
-"""Kernels of hybrid sparse attention (DESIGN §5): causal attention restricted to a pattern,
+"""Kernels of hybrid sparse attention (docs/design.md §5): causal attention restricted to a pattern,
 computed without ever forming a T×T score matrix, forward and backward.
 
 For query i, key j <= i and stride l:

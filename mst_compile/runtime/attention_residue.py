@@ -1,4 +1,4 @@
-"""Hybrid sparse attention as three mask-free causal attention calls (DESIGN §5), any device.
+"""Hybrid sparse attention as three mask-free causal attention calls (docs/design.md §5), any device.
 
 With T padded to n·l (n = ⌈T/l⌉), position a·l + r is row a, column r of an (n, l) grid. For a query
 i = a·l + r and a key j <= i:

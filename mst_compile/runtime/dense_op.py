@@ -1,4 +1,4 @@
-"""A matmul or attention op that stayed dense, wrapped so the FLOP ledger can charge it (DESIGN §6).
+"""A matmul or attention op that stayed dense, wrapped so the FLOP ledger can charge it (docs/design.md §6).
 
 ``DenseOp`` runs the original op unchanged. The ledger charges its forward FLOPs ×3 (forward plus a
 backward of twice the work) on both the MST and the dense side, so a site the passes did not rewrite

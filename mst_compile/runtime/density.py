@@ -1,4 +1,4 @@
-"""Layer-wise density allocation (DESIGN §2): how many weights each sparse tensor keeps.
+"""Layer-wise density allocation (docs/design.md §2): how many weights each sparse tensor keeps.
 
 ``allocate`` returns exact active counts per tensor whose sum is ``round((1 - s) · Σ N_l)``, so the
 realised global density matches the target to one weight, whatever the rounding of each layer.

@@ -65,7 +65,7 @@ class MSTHandle:
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
         FLOP ledger charges the step, and every ``config.interval`` steps the Mixed-Growing topology
-        update runs (DESIGN §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
+        update runs (docs/design.md §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
 
         ``manual=True`` registers no hook: call :meth:`step` after every optimizer step the loop
@@ -119,7 +119,7 @@ class MSTHandle:
 
     @property
     def flops(self) -> FlopReport:
-        """MST and dense-baseline algorithmic training FLOPs so far (DESIGN §6; not a timing)."""
+        """MST and dense-baseline algorithmic training FLOPs so far (docs/design.md §6; not a timing)."""
         return self._scheduler.ledger.report
 
     @property

@@ -1,4 +1,4 @@
-"""FLOP ledger (DESIGN §6): algorithmic training FLOPs of the MST run and of the same model dense.
+"""FLOP ledger (docs/design.md §6): algorithmic training FLOPs of the MST run and of the same model dense.
 
 The count is the method's algorithmic cost, not a measurement: a sparse linear is charged for its
 active weights even where it runs as a dense matmul on a masked (zero-filled) weight, so the

@@ -1,4 +1,4 @@
-"""Sparsity variation and drop-fraction schedules (DESIGN §3-4) as pure functions of (step, config).
+"""Sparsity variation and drop-fraction schedules (docs/design.md §3-4) as pure functions of (step, config).
 
 Training of ``T = total_steps`` steps has three phases, with ``u`` the fraction of the current phase
 elapsed:
@@ -112,7 +112,7 @@ def widening(step: int, config: MSTConfig) -> float | None:
 def is_update_step(step: int, config: MSTConfig) -> bool:
     """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... strictly before total_steps.
 
-    None runs after the last optimizer step T (DESIGN §6): weights grown there would never train,
+    None runs after the last optimizer step T (docs/design.md §6): weights grown there would never train,
     and the final masks are the ones the last step trained.
     """
     return 0 < step < config.total_steps and step % config.interval == 0

@@ -168,7 +168,7 @@ class MSTScheduler:
     def _probes_for_next_step(self) -> set[str]:
         """The weights whose update after the next step grows some positions by gradient.
 
-        The counts follow from the current masks and the schedule alone (DESIGN §4), so every DDP
+        The counts follow from the current masks and the schedule alone (docs/design.md §4), so every DDP
         rank picks the same set; weights with nothing to grow by gradient need no dense gradient."""
         k, cfg = self.step + 1, self.config
         if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:

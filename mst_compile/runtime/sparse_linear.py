@@ -122,7 +122,7 @@ class SparseWeight(nn.Module):
 
         ``grad`` is the parameter's whole gradient, summed over all its uses: the sparse op's masked
         part plus the other uses' dense part. Masking it keeps inactive weights untrained; on probe
-        steps the raw sum is kept so :meth:`dense_grad` can cover every use (DESIGN §4)."""
+        steps the raw sum is kept so :meth:`dense_grad` can cover every use (docs/design.md §4)."""
         if self.probe.dim() == 2:
             g = grad.detach().float()
             self._outside = g if self._outside is None else self._outside + g  # sums micro-batches

@@ -1,4 +1,4 @@
-"""Mixed-Growing topology update of one sparse tensor (DESIGN §4), and the optimizer-state reset.
+"""Mixed-Growing topology update of one sparse tensor (docs/design.md §4), and the optimizer-state reset.
 
 For a tensor with n_act active weights, a target of n_tgt and drop fraction ζ:
 
@@ -23,7 +23,7 @@ from torch import Tensor
 
 
 def prune_grow_counts(n_act: int, n_tgt: int, zeta: float) -> tuple[int, int]:
-    """(n_prune, n_grow) for one tensor: target-tracking counts of DESIGN §4."""
+    """(n_prune, n_grow) for one tensor: target-tracking counts of docs/design.md §4."""
     delta = n_act - n_tgt
     n_prune = min(n_act, max(int(math.floor(zeta * n_act)), delta))
     return n_prune, n_prune - delta

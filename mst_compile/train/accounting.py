@@ -133,7 +133,7 @@ class Accounting:
 
 
 def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor) -> float:
-    """Training FLOPs per token of the dense model, by the ledger's formula (DESIGN §6).
+    """Training FLOPs per token of the dense model, by the ledger's formula (docs/design.md §6).
 
     The sites are found by the same passes MST uses (on a throwaway capture sharing the model's
     parameters), and the ledger measures one forward on a real (B, T) batch: the dense side of what

@@ -375,7 +375,7 @@ def _check_model_runs(model, inputs, x, data) -> None:
 
 
 def summary_line(s: dict) -> str:
-    """One line: the algorithmic FLOP count (DESIGN §6) with the measured time beside it."""
+    """One line: the algorithmic FLOP count (docs/design.md §6) with the measured time beside it."""
     loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     step = f", {s['step_s']:.3g} s/step" if s.get("step_s") is not None else ""
     return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])}{step} | train loss {loss(s['train_loss'])} | "

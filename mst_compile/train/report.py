@@ -67,7 +67,7 @@ def _plot_loss(runs: list[Run], path: Path, plt) -> None:
                 ax.plot(xs(run.eval), [r["val_loss"] for r in run.eval], "o-", color=color, ms=4, label=f"{run.label} val")
             ax.plot([], [], color=color, alpha=0.35, label=f"{run.label} train")
     axes[0].set_xlabel("step")
-    axes[1].set_xlabel("cumulative training FLOPs (algorithmic count, DESIGN §6)")
+    axes[1].set_xlabel("cumulative training FLOPs (algorithmic count, docs/design.md §6)")
     axes[1].set_xscale("log")  # MST's whole run can be a fraction of the dense one: a log axis shows both
     for ax, title in zip(axes, ("loss vs step", "loss vs FLOPs")):
         ax.set_ylabel("cross-entropy loss")
@@ -201,7 +201,7 @@ def _markdown(runs: list[Run], images: list[str]) -> str:
     excluded = sorted({str(x) for r in runs for x in r.summary.get("excluded", [])})
     timing = (f"measured speed-up = s/step of the dense run {base.name} / s/step of the run" if base is not None
               else "train a dense baseline (mstc train --dense) to compare measured step times")
-    lines += ["", "FLOPs are algorithmic counts of the rewritten linear and attention sites (DESIGN §6): a sparse "
+    lines += ["", "FLOPs are algorithmic counts of the rewritten linear and attention sites (docs/design.md §6): a sparse "
               "weight is charged for its active entries even where it runs as a dense matmul on a masked weight, "
               "so measured time shrinks less than the count; " + timing + "."
               + (f" Left out of both counts: {', '.join(excluded)}." if excluded else ""), ""]
