@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,3 +169,18 @@ def transposed_head_gpt(vocab_size=64):
     gpt = TransposedHead(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
     del gpt.lm_head
     return gpt
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (kernels that must never build a T×T mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

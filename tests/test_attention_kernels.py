@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mst_compile.runtime import attention_cpu
+from _models import LargestTensor as _Largest
 from mst_compile.runtime import attention_kernels as K
 from mst_compile.runtime.attention import (
     PATTERNS,
@@ -122,21 +122,6 @@ def test_mean_attended_keys_defaults_and_errors():
         mean_attended_keys("bogus", 16, 4)
     with pytest.raises(ValueError, match="stride=0"):
         mean_attended_keys("local", 16, 0)
-
-
-class _Largest(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("pattern", ["local", "strided", "sparse"])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _models import LargestTensor as _Largest
 from mst_compile.runtime import attention_kernels as K
 from mst_compile.runtime.attention import hsa_attention, pattern_mask
 from mst_compile.runtime.attention_residue import backend_for, hsa_residue
@@ -98,19 +98,6 @@ def test_backend_choice():
     assert backend_for(x(torch.bfloat16, device="meta"), 128) == "math"  # not CUDA: matmuls
     with pytest.raises(ValueError, match="backend='triton'"):
         hsa_residue(*_qkv(8, 1, 1)[:3], local=True, strided=True, stride=2, backend="triton")
-
-
-class _Largest(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("backend", ["auto", "math"])
