@@ -202,18 +202,17 @@ class MSTScheduler:
     def scheduled_attention(self, site: str) -> str:
         """The pattern ``site`` runs now: its pinned one, else the config's for the current phase (its
         ultra pattern while a widening restoration has not yet turned it dense)."""
-        if site in self.pinned_attention:
-            return self.pinned_attention[site]
-        pattern = self.config.attention_pattern(site, self.phase)
-        if pattern == "dense" and schedule.widening(self.step, self.config) is not None:
-            return self.config.attention_pattern(site, "ultra")
-        return pattern
+        return self._scheduled(site)[0]
 
-    def _stride_scale(self, site: str) -> float:
+    def _scheduled(self, site: str) -> tuple[str, float]:
+        """(pattern, stride scale) of ``site`` now."""
+        if site in self.pinned_attention:
+            return self.pinned_attention[site], 1.0
+        pattern = self.config.attention_pattern(site, self.phase)
         scale = schedule.widening(self.step, self.config)
-        if site in self.pinned_attention or scale is None or self.config.attention_pattern(site, self.phase) != "dense":
-            return 1.0
-        return scale
+        if pattern == "dense" and scale is not None:
+            return self.config.attention_pattern(site, "ultra"), scale
+        return pattern, 1.0
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:
@@ -221,8 +220,8 @@ class MSTScheduler:
         now = (self.phase, schedule.widening(self.step, self.config))
         if force or now != self._phase_applied:
             for name, site in self.h._attention.items():
-                site.set_pattern(self.scheduled_attention(name))
-                site.stride_scale = self._stride_scale(name)
+                pattern, site.stride_scale = self._scheduled(name)
+                site.set_pattern(pattern)
             self._phase_applied = now
 
     # -- the topology update ------------------------------------------------------------------
