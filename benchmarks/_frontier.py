@@ -10,11 +10,14 @@ Per token, a tied byte-level GPT with L blocks of width d, vocabulary V and sequ
 
 - static sparsity at MST's FLOPs: only the linear part shrinks, by the density (1 − s);
 - the dense frontier: smaller dense models trained for all the steps whose FLOPs match MST's, found
-  by searching widths (multiples of the head count) at the same depth and at half the depth.
+  by searching widths at the same depth and at half the depth. A width must be a multiple of the
+  head count; when no multiple of the main model's head count lands within ``TOLERANCE`` of the
+  budget, fewer heads are allowed (the most heads that do).
 """
 from __future__ import annotations
 
 VOCAB = 256
+TOLERANCE = 0.05  # the issue's bar: a sized baseline's FLOPs within 5% of MST's
 
 
 def linear_per_token(L: int, d: int, V: int = VOCAB) -> float:
@@ -39,10 +42,15 @@ def static_sparsity_for(budget_per_token: float, L: int, d: int, T: int) -> floa
 
 def frontier(budget_per_token: float, L: int, n_head: int, T: int) -> list[tuple[str, int, int, int]]:
     """[(method, n_layer, width, heads)]: the narrower dense model at depth L and one at depth L/2,
-    each the width (a multiple of the head count) whose dense cost is nearest the budget."""
+    each the width whose dense cost is nearest the budget, with the most heads (≤ n_head) that put
+    it within TOLERANCE (or, if none does, the nearest over all head counts)."""
     out = []
     for method, depth in (("dense_narrow", L), ("dense_shallow", max(1, L // 2))):
-        widths = range(n_head, 4096, n_head)
-        d = min(widths, key=lambda w: abs(dense_per_token(depth, w, T) - budget_per_token))
-        out.append((method, depth, d, n_head))
+        best = []
+        for heads in range(n_head, 0, -1):
+            d = min(range(heads, 4096, heads), key=lambda w: abs(dense_per_token(depth, w, T) - budget_per_token))
+            best.append((abs(dense_per_token(depth, d, T) / budget_per_token - 1), d, heads))
+        within = [b for b in best if b[0] <= TOLERANCE]
+        _, d, heads = within[0] if within else min(best)
+        out.append((method, depth, d, heads))
     return out

@@ -73,9 +73,6 @@ def _args(argv=None) -> argparse.Namespace:
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(ORDER)}")
-    after = [m for m in a.methods if m in AFTER_MST]
-    if after and "mst" not in a.methods:
-        p.error(f"--methods: {','.join(after)} need mst (they are sized by MST's FLOP budget)")
     try:
         a.overrides = parse_overrides(a.set)
     except ValueError as e:
@@ -209,7 +206,7 @@ def run_all(a) -> list[dict]:
     specs = [_spec(a, m, a.d) for m in first]
     specs += [_spec(a, m, w) for w in a.widths for m in ("dense", "mst")]
     specs += [_spec(a, m, a.d) for m in a.methods if m not in first and m not in AFTER_MST]
-    if "mst" in a.methods and any(m in AFTER_MST for m in a.methods):
+    if any(m in AFTER_MST for m in a.methods):  # sized by MST's predicted budget, with or without the MST run
         predicted = predict_mst_flops(a)
         a.predicted_mst_flops = predicted["mst_flops"]
         specs += sized_by_mst(a, predicted)  # sized up front: they run beside MST, not after it
@@ -258,7 +255,8 @@ _SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "s
 
 
 def merge(out: Path, parts: list[Path], command: str) -> dict:
-    """Join results.json files of the same setup (each method once) into one table and plot set."""
+    """Join results.json files of the same setup into one table and plot set. A run named in more
+    than one part is taken from the last part that has it (a rerun replaces the earlier run)."""
     docs = [json.loads(p.read_text()) for p in parts]
     if not docs:
         raise SystemExit("--merge OUT a.json b.json ...: give the results.json files to join")
@@ -266,10 +264,13 @@ def merge(out: Path, parts: list[Path], command: str) -> dict:
         diff = [k for k in _SAME if d["setup"].get(k) != docs[0]["setup"].get(k)]
         if diff:
             raise SystemExit(f"--merge: {p} was run with a different setup ({', '.join(diff)}) than {parts[0]}")
-    runs = [r for d in docs for r in d["runs"]]
-    names = [r["name"] for r in runs]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"--merge: runs appear twice: {sorted({n for n in names if names.count(n) > 1})}")
+    by_name: dict[str, dict] = {}
+    for p, d in zip(parts, docs):
+        for r in d["runs"]:
+            if r["name"] in by_name:
+                print(f"--merge: {r['name']} from {p} replaces the earlier run")
+            by_name[r["name"]] = r
+    runs = list(by_name.values())
     setup = {**docs[0]["setup"], "widths": sorted({w for d in docs for w in d["setup"]["widths"]})}
     cmds = [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
     doc = {"command": cmds + [command], "setup": setup, "wall_s": sum(d["wall_s"] for d in docs),

@@ -42,15 +42,17 @@ def main(argv=None) -> dict:
     p.add_argument("--variant", action="append", default=[], help="'NAME: KEY=VALUE; ...' (repeatable)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--equal-flops", action="store_true", help="also train the dense model at each variant's FLOPs")
+    p.add_argument("--out", default=None, help="folder for sweep.{md,json,png} (default: next to --baseline)")
     p.add_argument("--work", default=None, help="folder for the run folders (default: runs/sweep-<time>)")
     p.add_argument("--replot", action="store_true", help="only redraw sweep.png from the sweep.json next to --baseline")
     a = p.parse_args(argv)
     base_path = Path(a.baseline)
     if a.replot:
-        base, doc = json.loads(base_path.read_text()), json.loads((base_path.parent / "sweep.json").read_text())
+        out = Path(a.out) if a.out else base_path.parent
+        base, doc = json.loads(base_path.read_text()), json.loads((out / "sweep.json").read_text())
         d = base["setup"]["d"]
         mst, dense, eq = (_find(base["runs"], m, d) for m in ("mst", "dense", "dense_eq"))
-        _plot([("MST (defaults)", mst)] + [(r["name"], r) for r in doc["runs"]], base["runs"], dense, eq, base_path.parent / "sweep.png")
+        _plot([("MST (defaults)", mst)] + [(r["name"], r) for r in doc["runs"]], base["runs"], dense, eq, out / "sweep.png")
         return doc
     base = json.loads(base_path.read_text())
     setup = base["setup"]
@@ -91,7 +93,8 @@ def main(argv=None) -> dict:
     for r in rows:
         r["dense_eq"] = eqs.get(r["name"])
     doc = {"baseline": str(base_path), "setup": setup, "wall_s": time.time() - t0, "runs": rows}
-    out = base_path.parent
+    out = Path(a.out) if a.out else base_path.parent
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(doc, indent=1) + "\n")
     ref = [("MST (defaults)", mst)] if mst else []
     lines = [f"### Sweep of MST settings ({setup['steps']} steps, d={d}; gaps paired with the dense run of {base_path.name})", "",
