@@ -105,11 +105,11 @@ def latency(out: Path, seq: int, reps: int) -> list[tuple]:
             x = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(batch))
             feed = {name: x.numpy()}
 
-            def run_torch():
+            def run_torch(eager=eager, x=x):
                 with torch.no_grad():
                     eager(x)
 
-            t_ort, t_torch = _median_pair(lambda: sess.run(None, feed), run_torch, reps)
+            t_ort, t_torch = _median_pair(lambda sess=sess, feed=feed: sess.run(None, feed), run_torch, reps)
             rows.append((attention, batch, t_torch * 1e3, t_ort * 1e3))
             print(f"{attention} attention, batch {batch}: torch {t_torch * 1e3:.2f} ms, ort {t_ort * 1e3:.2f} ms", file=sys.stderr)
         sm.mst.set_attention("dense")

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import mst_compile  # noqa: E402
-from mst_compile.runtime.attention import hsa_attention, mean_attended_keys  # noqa: E402
+import mst_compile
+from mst_compile.runtime.attention import hsa_attention, mean_attended_keys
 
 ROWS: list[tuple[str, str, str]] = []  # (section, case, result)
 
@@ -88,11 +88,11 @@ def hsa(device, dry: bool, reps: int) -> None:
         q, k, v, do = (torch.randn(1, H, T, D, generator=g).to(device, torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
-        causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
         with _flash():
             dense = _median_time(_fwd_bwd(causal, q, k, v, do), device, reps)
         for l in sorted({T // 8, 4 if dry else 128}):
-            sparse = lambda q, k, v, l=l: hsa_attention(q, k, v, pattern="sparse", stride=l)  # noqa: E731
+            sparse = lambda q, k, v, l=l: hsa_attention(q, k, v, pattern="sparse", stride=l)
             t = _median_time(_fwd_bwd(sparse, q, k, v, do), device, reps)
             ratio = (T + 1) / 2 / mean_attended_keys("sparse", T, l)
             _row("hsa", f"T={T} l={l} fwd+bwd bf16", f"flash {dense * 1e3:.2f} ms, HSA {t * 1e3:.2f} ms, "
@@ -198,7 +198,7 @@ def main() -> None:
     for name in a.only.split(","):
         try:
             sections[name.strip()](device, a.dry_run, reps)
-        except Exception as e:  # noqa: BLE001 - one failed section must not hide the others' figures
+        except Exception as e:  # one failed section must not hide the others' figures
             _row(name, "FAILED", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
     print(f"\nmst_compile GPU check on {where}, torch {torch.__version__}")
     width = max(len(c) for _, c, _ in ROWS)

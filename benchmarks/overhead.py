@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import mst_compile  # noqa: E402
+import mst_compile
 
 
 def _gpt_module():

@@ -28,9 +28,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-import _frontier  # noqa: E402
-from _methods import AFTER_MST, METHODS, ORDER, mst_config, parse_overrides  # noqa: E402
-from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops  # noqa: E402
+import _frontier
+from _methods import AFTER_MST, METHODS, ORDER, mst_config, parse_overrides
+from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
 
@@ -312,7 +312,7 @@ def main(argv=None) -> dict:
         from mst_compile.train.report import write_report
 
         write_report([r["out"] for r in results], a.work / "report")
-    except Exception as e:  # noqa: BLE001 - the extra report never costs the benchmark its table
+    except Exception as e:  # the extra report never costs the benchmark its table
         print(f"mstc report skipped: {type(e).__name__}: {e}")
     print(markdown(doc))
     print(f"wrote {out}/results.{{md,json}}, loss_vs_flops.png, gap_vs_params.png; runs in {a.work}")

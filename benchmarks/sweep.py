@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import reproduce  # noqa: E402
-from _methods import parse_overrides  # noqa: E402
-from _tables import GAP_BAR, REDUCTION_BAR, _find, _plt, gap_pct, paired_se_pct  # noqa: E402
+import reproduce
+from _methods import parse_overrides
+from _tables import GAP_BAR, REDUCTION_BAR, _find, _plt, gap_pct, paired_se_pct
 
 
 def _variants(items: list[str]) -> list[tuple[str, dict]]:

@@ -6,9 +6,9 @@ derives it from the seed and the step), so runs are reproducible and resume exac
 """
 import numpy as np
 import torch
+from tiny_gpt import GPT  # mstc puts this file's folder on sys.path while importing it
 
 import mst_compile
-from tiny_gpt import GPT  # mstc puts this file's folder on sys.path while importing it
 
 BLOCK = 64
 

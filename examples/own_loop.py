@@ -14,7 +14,7 @@ import mst_compile
 from mst_compile.train.data import load_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_gpt import GPT  # noqa: E402  (the nanoGPT-style model beside this file)
+from tiny_gpt import GPT  # (the nanoGPT-style model beside this file)
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=300)

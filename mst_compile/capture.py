@@ -88,7 +88,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
     try:
         if fx:
             return torch.fx.symbolic_trace(model), "fx"
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "try export"
+    except Exception as e:  # any tracing failure means "try export"
         fx_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if example_inputs is None:
         raise CaptureError(
@@ -110,7 +110,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
             try:
                 gm = _export(model, a, k, check=None if a is args and k is kwargs else (args, kwargs))
                 break
-            except Exception as e:  # noqa: BLE001 - a widened example may not suit the model: try the next
+            except Exception as e:  # a widened example may not suit the model: try the next
                 error = e
         else:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -222,7 +222,7 @@ def _returned_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
     try:
         with torch.no_grad(), _no_kv_cache(model), _eval_mode(model):
             out = model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - torch.export reports it with its own context
+    except Exception:  # torch.export reports it with its own context
         return None
     values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
     return next((type(v).__name__ for v in values if type(v).__name__.endswith("Cache")), None)

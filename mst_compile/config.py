@@ -194,7 +194,7 @@ class MSTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MSTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MSTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -204,7 +204,7 @@ class MSTConfig:
         return cls(**d)
 
     @classmethod
-    def preset(cls, name: str, **changes: Any) -> "MSTConfig":
+    def preset(cls, name: str, **changes: Any) -> MSTConfig:
         """A named recipe plus ``changes``: ``"default"`` (this class's defaults) or ``"paper"`` (the
         published recipe: ΔT = 100, ζ = 0.3 in every phase, HSA in the ultra phase only, attention
         switched back to dense at once, the trainer's cosine LR, grown weights at zero)."""
@@ -212,7 +212,7 @@ class MSTConfig:
             raise ValueError(f"MSTConfig.preset({name!r}) is unknown: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **changes})
 
-    def replace(self, **changes: Any) -> "MSTConfig":
+    def replace(self, **changes: Any) -> MSTConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -8,9 +8,10 @@ import importlib.util
 import inspect
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ModelInputError, MstCompileError
 
@@ -30,7 +31,7 @@ class ModelFile:
             raise MstCompileError(f"{self.path} does not define {name}()")
         try:
             return fn(*args)
-        except Exception as e:  # noqa: BLE001 - a user's hook failing is reported in one line
+        except Exception as e:  # a user's hook failing is reported in one line
             raise MstCompileError(f"{self.path}: {name}() raised {type(e).__name__}: {e}") from e
 
     def model(self):
@@ -103,7 +104,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     sys.path.insert(0, str(p.resolve().parent))  # let model.py import its neighbours
     try:
         spec.loader.exec_module(mod)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MstCompileError(f"importing {p} raised {type(e).__name__}: {e}") from e
     finally:
         sys.path.pop(0)

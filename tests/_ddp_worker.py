@@ -11,10 +11,10 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _models import tiny_gpt
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mst_compile
-from _models import tiny_gpt
 
 STEPS, DT = 13, 3  # updates after steps 3, 6, 9, 12 (none after the last step)
 

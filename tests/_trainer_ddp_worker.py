@@ -12,11 +12,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from _models import hf_gpt2
+from test_hf_trainer import CFG, Blocks
 from transformers import Trainer, TrainingArguments
 
-from _models import hf_gpt2
 from mst_compile.integrations.transformers import MSTCallback
-from test_hf_trainer import CFG, Blocks
 
 
 def _digest(tensors) -> str:

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import LargestTensor as _Largest
 
 from mst_compile.runtime import attention_cpu
-from _models import LargestTensor as _Largest
 from mst_compile.runtime import attention_kernels as K
 from mst_compile.runtime.attention import (
     PATTERNS,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _models import LargestTensor as _Largest
+
 from mst_compile.runtime import attention_kernels as K
 from mst_compile.runtime.attention import hsa_attention, pattern_mask
 from mst_compile.runtime.attention_residue import backend_for, hsa_residue
@@ -18,7 +18,7 @@ PATTERNS = ["local", "strided", "sparse"]
 
 def _qkv(T, Hq, Hkv, D=16, B=2, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda H: torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    make = lambda H: torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
     return make(Hq), make(Hkv), make(Hkv), make(Hq)
 
 
@@ -60,7 +60,7 @@ def test_gradcheck_float64(backend):
     """Finite differences: the merged backward (no gradient through lse) is the exact gradient."""
     q, k, v, _ = (t.double() for t in _qkv(11, 4, 2, D=4, B=1))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    f = lambda q, k, v: hsa_residue(q, k, v, local=True, strided=True, stride=3, backend=backend)  # noqa: E731
+    f = lambda q, k, v: hsa_residue(q, k, v, local=True, strided=True, stride=3, backend=backend)
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
 
 
@@ -92,7 +92,7 @@ def test_dispatch_selects_residue_off_cpu_and_on_request():
 
 
 def test_backend_choice():
-    x = lambda dtype, D=64, device="cpu": torch.empty(1, 1, 8, D, dtype=dtype, device=device)  # noqa: E731
+    x = lambda dtype, D=64, device="cpu": torch.empty(1, 1, 8, D, dtype=dtype, device=device)
     assert backend_for(x(torch.float32), 128) == "cpu_flash"
     assert backend_for(x(torch.bfloat16), 128, "math") == "math"
     assert backend_for(x(torch.bfloat16, device="meta"), 128) == "math"  # not CUDA: matmuls

@@ -182,9 +182,9 @@ def test_padding_mask_is_charged_as_the_dense_attention_that_runs():
 
 
 def test_mstc_train_attention_sites_flag(tmp_path):
+    from _train_models import TINY, write
     from click.testing import CliRunner
 
-    from _train_models import TINY, write
     from mst_compile.cli import main
     from mst_compile.train.metrics import read_jsonl
 

@@ -1,10 +1,10 @@
 """capture: a size-1 example does not fix batch or sequence length; calls follow the model's own signature."""
 import pytest
 import torch
+from _models import hf_gpt2, hf_llama, tiny_gpt
 from torch import nn
 
 import mst_compile
-from _models import hf_gpt2, hf_llama, tiny_gpt
 
 MODELS = {
     "hf_llama": (hf_llama, "export"),

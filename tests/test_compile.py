@@ -2,11 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import tiny_gpt
 from torch._dynamo.utils import counters
 
 import mst_compile
-
-from _models import tiny_gpt
 
 
 @pytest.mark.slow

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import tiny_gpt
+from _train_models import TINY, write
 
 import mst_compile
 from mst_compile.runtime.sparse_linear import sparse_linear
-
-from _models import tiny_gpt
-from _train_models import TINY, write
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]

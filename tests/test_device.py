@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
 from mst_compile.train import distributed
 from mst_compile.train.loop import TrainingInterrupted, train
-
-from _train_models import TINY, write
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _models import MLP, hf_gpt2, hf_llama, tiny_gpt
 
 import mst_compile
-from _models import MLP, hf_gpt2, hf_llama, tiny_gpt
 from mst_compile.export import read_metadata, validate_onnx
 
 MAKERS = {"tiny_gpt": tiny_gpt, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}

@@ -6,16 +6,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import hf_gpt2
 from click.testing import CliRunner
 
 import mst_compile
-from _models import hf_gpt2
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from mst_compile.cli import main  # noqa: E402
-from mst_compile.export import export_hf, read_summary, with_trained_attention  # noqa: E402
+from mst_compile.cli import main
+from mst_compile.export import export_hf, read_summary, with_trained_attention
 
 
 def _trained(cfg, steps):

@@ -3,11 +3,10 @@ import os
 
 import pytest
 import torch
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
-
-from _train_models import TINY, write
 
 ort = pytest.importorskip("onnxruntime")
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()

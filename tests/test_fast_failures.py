@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
 from mst_compile.errors import MstCompileError
 from mst_compile.paths import writable_dir, writable_file
-
-from _train_models import TINY, write
 
 ROOT = Path(__file__).resolve().parents[1]
 

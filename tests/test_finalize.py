@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from _models import hf_gpt2, hf_llama, tiny_gpt
 
 import mst_compile
-from _models import hf_gpt2, hf_llama, tiny_gpt
 from mst_compile.export.attention import export_attention, pattern_attention
 from mst_compile.runtime.attention import hsa_attention, pattern_mask
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import hf_gpt2
 
 import mst_compile
-from _models import hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
-from mst_compile.integrations.transformers import STATE_FILE, MSTCallback  # noqa: E402
+from mst_compile.integrations.transformers import STATE_FILE, MSTCallback
 
 HERE = Path(__file__).resolve().parent
 CFG = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import tiny_gpt
 
 import mst_compile
-from _models import tiny_gpt
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = mst_compile.MSTConfig(total_steps=12, update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
@@ -66,14 +66,14 @@ def _same(a, b):
 @pytest.mark.parametrize("fused", [False, True])  # a fused optimizer runs a skipped step and skips inside
 @pytest.mark.parametrize("skip", [(), (3, 7)])
 def test_manual_step_equals_the_optimizer_hook(skip, fused):
-    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused)  # noqa: E731
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused)
     hooked, manual = _run(adamw, _hooked, skip), _run(adamw, _manual, skip)
     assert hooked.mst.step_count == 12 - len(skip) and hooked.mst.last_update is not None
     _same(hooked, manual)
 
 
 def test_step_without_a_torch_optimizer():
-    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731  (no state: nothing to reset)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # (no state: nothing to reset)
 
     def no_optimizer(sm, opt):
         sm.mst.attach(None)  # the loop steps something MST does not see
@@ -98,7 +98,7 @@ def test_readme_loop_is_the_example_and_resumes_exactly(tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert code == (ROOT / "examples" / "own_loop.py").read_text(), "README's loop must be examples/own_loop.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), "--steps", "12", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), "--steps", "12", *a],
                                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     whole = run("--ckpt", "whole.pt")
     assert whole.returncode == 0, whole.stderr

@@ -4,13 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _train_models import TINY, write
 from torch import nn
 
 import mst_compile
 from mst_compile.runtime.attention import HybridSparseAttention, mean_attended_keys
 from mst_compile.train.metrics import read_jsonl
-
-from _train_models import TINY, write
 
 
 def _oracle_attention(q, k, v, l):

@@ -4,14 +4,13 @@ import os
 
 import pytest
 import torch
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
 from mst_compile.train.metrics import read_jsonl
 from mst_compile.train.options import TrainConfig
 from mst_compile.train.precision import Precision
-
-from _train_models import TINY, write
 
 # a gradient hook on a dense weight that overflows the backward passes listed in INF_AT (1-based)
 INF_AT = (4, 9)

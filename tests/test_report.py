@@ -3,11 +3,10 @@ import json
 import os
 
 import pytest
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
-
-from _train_models import TINY, write
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import MLP, load_example, tiny_gpt
 
 import mst_compile
-from _models import MLP, load_example, tiny_gpt
 
 N = 8
 CFG = mst_compile.MSTConfig(total_steps=2 * N, update_interval=3, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
@@ -92,7 +92,8 @@ def test_mismatched_checkpoint_is_a_clear_error():
     _, sm, opt = _fresh(0)
     sd = sm.mst.state_dict()
     other = mst_compile.sparsify(load_example("tiny_gpt").GPT(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48), CFG)
-    with pytest.raises(mst_compile.CheckpointError, match=r"mask of weight 'h.0.attn.c_attn.weight' has shape \(96, 32\) in the checkpoint, but the model's weight has shape \(144, 48\).*more"):
+    want = r"mask of weight 'h.0.attn.c_attn.weight' has shape \(96, 32\) in the checkpoint, but the model's weight has shape \(144, 48\).*more"
+    with pytest.raises(mst_compile.CheckpointError, match=want):
         other.mst.load_state_dict(sd)
     mlp = mst_compile.sparsify(MLP(), CFG)
     with pytest.raises(mst_compile.CheckpointError, match=r"missing masks for \['fc1.weight', 'fc2.weight'\]"):

@@ -3,17 +3,16 @@ rest naming each) and run folders that work from any folder."""
 import json
 import os
 import shutil
-import tomllib
 
 import pytest
+import tomllib
 import torch
+from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
 from mst_compile.train.loop import TrainingInterrupted, load_run_config, lr_at, train
 from mst_compile.train.metrics import read_jsonl
-
-from _train_models import TINY, write
 
 
 def _rows(run, kind):

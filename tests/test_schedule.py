@@ -5,8 +5,18 @@ import warnings
 import pytest
 
 from mst_compile import MSTConfig
-from mst_compile.runtime.schedule import (check, drop_fraction, is_update_step, last_update_at, lr_multiplier,
-                                          phase_at, phase_bounds, target_sparsity, update_steps, widening)
+from mst_compile.runtime.schedule import (
+    check,
+    drop_fraction,
+    is_update_step,
+    last_update_at,
+    lr_multiplier,
+    phase_at,
+    phase_bounds,
+    target_sparsity,
+    update_steps,
+    widening,
+)
 
 CFG = MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.5, warmup_end=0.1, ultra_end=0.8, update_interval=10)
 

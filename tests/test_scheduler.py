@@ -1,14 +1,13 @@
 """The scheduler inside an ordinary training loop: invariants after every step through all three phases."""
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import MLP, tiny_gpt
 
 import mst_compile
-from _models import MLP, tiny_gpt
 from mst_compile.runtime.schedule import drop_fraction, phase_at, target_sparsity
 
 T, DT = 24, 3

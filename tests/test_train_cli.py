@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_models import NAN_AT_6, SLOW, TINY, UNCAPTURABLE, WIDER, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
 from mst_compile.train.metrics import read_jsonl
-
-from _train_models import NAN_AT_6, SLOW, TINY, UNCAPTURABLE, WIDER, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +88,7 @@ def test_resume_continues_exactly(work, tmp_path):
     assert r.exit_code == 0, r.output
     whole, split = d / "mst", tmp_path / "split"
     for kind in ("train", "eval", "update"):
-        strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]  # noqa: E731
+        strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]
         assert strip(_records(split, kind)) == strip(_records(whole, kind)), kind
     a = torch.load(whole / "checkpoints/last.pt", weights_only=True)
     b = torch.load(split / "checkpoints/last.pt", weights_only=True)
@@ -117,7 +116,7 @@ def test_ctrl_c_checkpoints_and_resume_matches(tmp_path):
     assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == step
     r = CliRunner().invoke(main, ["train", str(f), "--resume", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
-    strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]
     for kind in ("train", "eval", "update"):
         assert strip(_records(out, kind)) == strip(_records(tmp_path / "whole", kind)), kind
 
@@ -138,7 +137,8 @@ def test_data_folder(work, tmp_path):
     docs.mkdir()
     for i in range(12):
         (docs / f"doc{i}.md").write_text(f"# note {i}\n" + "the quick brown fox jumps over the lazy dog. " * 30)
-    r = CliRunner().invoke(main, ["train", str(d / "tiny.py"), "--data", str(docs), "--steps", "6", "--update-interval", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    r = CliRunner().invoke(main, ["train", str(d / "tiny.py"), "--data", str(docs), "--steps", "6", "--update-interval", "1",
+                                  "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 0, r.output
     assert 'data = ' in (tmp_path / "run/config.toml").read_text() and str(docs) in (tmp_path / "run/config.toml").read_text()
     meta = [json.loads(m.read_text()) for m in (d / "cache").glob("docs-*/meta.json")]

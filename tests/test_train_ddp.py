@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _train_models import TINY, write
 
 from mst_compile.train.metrics import read_jsonl
-
-from _train_models import TINY, write
 
 ROOT = Path(__file__).resolve().parents[1]
 

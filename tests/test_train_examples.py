@@ -4,11 +4,10 @@ import math
 from pathlib import Path
 
 import pytest
+from _train_models import write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
-
-from _train_models import write
 
 ROOT = Path(__file__).resolve().parents[1]
 # the model files (scripts such as own_loop.py and hf_trainer.py run on their own and are tested elsewhere)

@@ -43,8 +43,11 @@ _WRAPPED = "model"  # attribute of the wrapper holding the model: initializer na
 
 def _import_onnx():
     try:
+        import importlib
+
         import onnx
-        import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter needs it
+
+        importlib.import_module("onnxscript")  # torch.onnx's dynamo exporter needs it
     except ImportError as e:
         raise ImportError(
             f"ONNX export needs the onnx and onnxscript packages ({e.name} is missing): pip install 'mst-compile[onnx]'"
@@ -322,7 +325,7 @@ def _export(module: nn.Module, io: _IO, onnx, label: str):
                 input_names=io.names, output_names=outputs, dynamic_shapes=dynamic,
                 custom_translation_table={hsa_op._opoverload: hsa_onnx},
             )
-    except Exception as e:  # noqa: BLE001 - one readable line instead of the exporter's trace
+    except Exception as e:  # one readable line instead of the exporter's trace
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()][:3]
         raise MstCompileError(
             f"torch.onnx.export could not export {label}: {type(e).__name__}: {' / '.join(lines)}"

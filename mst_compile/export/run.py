@@ -8,10 +8,10 @@ patterns of the last step restored, and the result goes through ``export_onnx``.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 from torch import nn
 

@@ -10,7 +10,7 @@ in one line before anything runs (onnxruntime would only report a broadcast fail
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def compare(
             expected = [y.detach().float().cpu().numpy() for y in reference(*inputs)]
         try:
             got = sess.run(outs, {i.name: x.cpu().numpy() for i, x in zip(ins, inputs)})
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; one line is enough
+        except Exception as e:  # onnxruntime's own error types; one line is enough
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportValidationError(f"onnxruntime could not run {path} at batch={b}, seq={t}: {first}",
                                         {n: float("nan") for n in outs}) from None

@@ -340,14 +340,14 @@ def rewrite_attention(
     for node in list(graph.nodes):
         try:
             m = _match_sdpa(node) if _is(node, _SDPA) else _match_softmax(gm, node) if _is(node, _SOFTMAX) else None
-        except Exception as e:  # noqa: BLE001 - an odd graph must not stop sparsify: report the site instead
+        except Exception as e:  # an odd graph must not stop sparsify: report the site instead
             m = _Match(out=node, q=None, k=None, v=None, spelling="?", why_not=f"could not analyse ({type(e).__name__}: {e})")
         if m is not None:
             matches.append(m)
     masks = list({m.mask: None for m in matches if isinstance(m.mask, fx.Node) and not m.why_not})
     try:
         values = _evaluate(gm, masks, example_inputs)
-    except Exception as e:  # noqa: BLE001 - reported per site below
+    except Exception as e:  # reported per site below
         values = {n: e for n in masks}
     if not hasattr(gm, CONTAINER):
         gm.add_module(CONTAINER, nn.Module())

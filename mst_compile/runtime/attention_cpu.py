@@ -321,7 +321,7 @@ def available() -> bool:
             torch.ops.load_library(str(lib))
         _register_fakes()
         _state["ok"] = True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build lock held too long: the stock path works
+    except Exception as e:  # no compiler, no ninja, a build lock held too long: the stock path works
         warnings.warn(f"mst_compile: the fused CPU attention kernel is not available ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the stock-kernel path",
                       stacklevel=2)

@@ -76,7 +76,7 @@ class _Plan:
     Tq: int  # padded sequence length of Q (covers nb·b and n·l)
 
     @staticmethod
-    def make(T: int, l: int, local: bool, strided: bool) -> "_Plan":
+    def make(T: int, l: int, local: bool, strided: bool) -> _Plan:
         ll = min(l, T)
         b = band_block(ll) if local else 1
         nb = -(-T // b) if local else 0
@@ -224,7 +224,7 @@ class _HSAFlash(torch.autograd.Function):
         dq = dk = dv = None
         if p.local:
             nbb = p.nb * p.b
-            view = lambda x: x[:, :nbb].view(BH, p.nb, p.b, *x.shape[2:])  # noqa: E731
+            view = lambda x: x[:, :nbb].view(BH, p.nb, p.b, *x.shape[2:])
             dq1, dkw, dvw = _FLASH_BWD(
                 view(gp), view(qp), _windows(kp, p), _windows(vp, p), view(outp), view(lsep), 0.0, False,
                 attn_mask=_band_mask(p, qp.dtype, qp.device), scale=scale,
@@ -233,7 +233,7 @@ class _HSAFlash(torch.autograd.Function):
             dk, dv = _fold_windows(dkw, p, rows), _fold_windows(dvw, p, rows)
         if p.strided:
             s, m = p.shift, p.n - p.shift
-            res = lambda x, start=0: _residues(x, p, start)  # noqa: E731
+            res = lambda x, start=0: _residues(x, p, start)
             lr = lsep[:, :p.n * p.l].view(BH, p.n, p.l).transpose(1, 2)  # (BH, l, n)
             dq2, dk2, dv2 = _FLASH_BWD(
                 res(gp)[:, :, s:], res(qp)[:, :, s:], res(kp, p.front)[:, :, :m], res(vp, p.front)[:, :, :m],
@@ -257,7 +257,7 @@ def _hsa_explicit(q: Tensor, k: Tensor, v: Tensor, p: _Plan, scale: float) -> Te
     B, H, T, D = q.shape
     g = H // k.shape[1]
     qp = F.pad(q.reshape(B * H, T, D), (0, 0, 0, p.Tq - T))
-    pad = lambda x: F.pad(x.repeat_interleave(g, 1).reshape(B * H, T, D), (0, 0, p.front, p.Tq - T))  # noqa: E731
+    pad = lambda x: F.pad(x.repeat_interleave(g, 1).reshape(B * H, T, D), (0, 0, p.front, p.Tq - T))
     out, _ = _parts_forward(qp, pad(k), pad(v), p, scale, _explicit_attend)
     return out[:, :T].view(B, H, T, D)
 
@@ -275,7 +275,7 @@ class _HSAHybrid(torch.autograd.Function):
         out, lse = torch.ops.mst_hsa.forward(q, k, v, l, True, False, scale)  # band: (B, H, T, D), (B, H, T)
         out, lse = out.view(BH, T, D), lse.view(BH, T)
         qp, kp, vp = _pack(q, 1, p.Tq, 0), _pack(k, g, p.Tq, 0), _pack(v, g, p.Tq, 0)  # (BH, n·l, D)
-        res = lambda x: _residues(x, p)  # noqa: E731
+        res = lambda x: _residues(x, p)
         o2, l2 = _FLASH(res(qp)[:, :, 1:], res(kp)[:, :, :-1], res(vp)[:, :, :-1], 0.0, True, scale=scale)
         o2, l2 = _positions(o2)[:, :T - l], _positions(l2)[:, :T - l]  # rows l..T-1
         m1 = lse[:, l:]
@@ -295,7 +295,7 @@ class _HSAHybrid(torch.autograd.Function):
         dq, dk, dv = torch.ops.mst_hsa.backward(grad, q, k, v, out.view(B, H, T, D), lse.view(B, H, T), l, True, False, scale)
         gp, op = _pack(grad, 1, p.Tq, 0), F.pad(out, (0, 0, 0, p.Tq - T))
         lp = F.pad(lse, (0, p.Tq - T)).view(BH, p.n, l).transpose(1, 2)  # (BH, l, n)
-        res = lambda x: _residues(x, p)  # noqa: E731
+        res = lambda x: _residues(x, p)
         dq2, dk2, dv2 = _FLASH_BWD(
             res(gp)[:, :, 1:], res(qp)[:, :, 1:], res(kp)[:, :, :-1], res(vp)[:, :, :-1], res(op)[:, :, 1:],
             lp[:, :, 1:], 0.0, True, scale=scale,

@@ -135,7 +135,7 @@ def _backward(name: str, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     if name == "cuda_flash":
         L = q.shape[2]
         seed, offset = state
-        c = lambda x: x.contiguous()  # noqa: E731
+        c = lambda x: x.contiguous()
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             c(do), c(q), c(k), c(v), c(out), c(lse), None, None, L, L, 0.0, True, seed, offset, scale=scale)
     p = torch.exp(_scores(q, k, scale) - lse[..., None])  # (N, G, L, L)
@@ -202,7 +202,7 @@ class _HSAResidue(torch.autograd.Function):
             p.region_k(dk).add_(p.orient(gk.to(dq.dtype)))
             p.region_k(dv).add_(p.orient(gv.to(dq.dtype)))
         g = H // Hkv
-        unpad = lambda x, heads: x.view(B, heads, n * l, D)[:, :, :T]  # noqa: E731
+        unpad = lambda x, heads: x.view(B, heads, n * l, D)[:, :, :T]
         dq = unpad(dq, H).to(qg.dtype)
         dk = unpad(dk, H).view(B, Hkv, g, T, D).sum(2).to(kg.dtype)
         dv = unpad(dv, H).view(B, Hkv, g, T, D).sum(2).to(vg.dtype)

@@ -25,7 +25,6 @@ Forward+backward breaks even around density 0.22-0.29 (see ``CSR_CROSSOVER_DENSI
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -181,7 +180,7 @@ class _CsrLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], probe: Tensor, st: CsrStructure):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, probe: Tensor, st: CsrStructure):
         out_f, in_f = st.shape
         x2 = x.reshape(-1, in_f)  # (N, in)
         y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)  # (N, out)
@@ -238,7 +237,7 @@ class _CsrLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_probe, None
 
 
-def csr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], probe: Tensor, st: CsrStructure) -> Tensor:
+def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None, probe: Tensor, st: CsrStructure) -> Tensor:
     """``x @ Wᵀ + bias`` on the CSR path, W = weight (or weightᵀ when ``st.transposed``).
 
     ``weight`` and ``probe`` are passed as stored (not transposed); ``probe`` follows the

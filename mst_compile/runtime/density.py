@@ -6,7 +6,7 @@ realised global density matches the target to one weight, whatever the rounding 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ..config import DISTRIBUTIONS
 

@@ -8,8 +8,9 @@ user's) can drive it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class MSTHandle:
 
     # -- training: the scheduler --------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None, *, manual: bool = False,
-               process_group=None) -> "MSTHandle":
+               process_group=None) -> MSTHandle:
         """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the

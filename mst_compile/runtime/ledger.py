@@ -31,8 +31,9 @@ recompile at every topology update.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +118,7 @@ class FlopLedger:
         self._hooks.append(root.register_forward_pre_hook(self._on_model, with_kwargs=True))
         for name, (work, sw) in self._linear.items():
             self._hooks.append(sw.register_forward_pre_hook(self._linear_hook(name, work, sw)))
-        for name, site in self._attention.items():
+        for site in self._attention.values():
             self._hooks.append(site.register_forward_pre_hook(self._attention_hook(site), with_kwargs=True))
         for op in root.modules():
             if isinstance(op, DenseOp):

@@ -23,7 +23,8 @@ ordinary training loop.
 
 So iteration t (run while ``sm.mst.step_count == t``) uses phase ``phase_at(t)`` and the masks of the last
 update <= t. The optimizer step of an update step is never skipped. Under ``GradScaler`` a skipped
-step (inf/NaN) is not counted (fused optimizers included, which run the step and skip inside), and a dense gradient that is not finite is replaced by random growth.
+step (inf/NaN) is not counted (fused optimizers included, which run the step and skip inside), and a dense
+gradient that is not finite is replaced by random growth.
 ``attach(optimizer, manual=True)`` (or ``attach(None)``) registers no hook: the loop calls
 ``sm.mst.step()`` after each optimizer step it really took, and the same sequence runs.
 """
@@ -350,7 +351,7 @@ class MSTScheduler:
             raise CheckpointError(f"sm.mst.load_state_dict: expected a dict from sm.mst.state_dict() (format {FORMAT!r}), got {got!r}")
         self._check_masks(state["masks"])
         self._warn_config(state.get("config") or {})
-        for name, (param, sw, _) in self.h._weights.items():
+        for name, (_, sw, _) in self.h._weights.items():
             sw.set_mask(state["masks"][name].to(device=sw.mask.device, dtype=torch.bool))
         self.h._on_masks_changed()
         self.h.apply_masks()

@@ -19,16 +19,15 @@ Being a ``torch.library`` custom op, the node survives ``torch.fx``, ``torch.exp
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .csr import CsrStructure, choose_kernel, csr_linear, csr_usable
 
+
 @torch.library.custom_op("mst::sparse_linear", mutates_args=())
-def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], probe: Tensor) -> Tensor:
+def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, probe: Tensor) -> Tensor:
     return F.linear(x, weight, bias)
 
 

@@ -190,7 +190,7 @@ def load_checkpoint(path: Path) -> dict:
                               f"(in {path.parent / SUMS}); {hint}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is one line
+    except Exception as e:  # a truncated or foreign file is one line
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mst_compile training checkpoint (format {FORMAT})")

@@ -19,8 +19,9 @@ import os
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class _HFTokenizer:
             from transformers import AutoTokenizer
 
             self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - any loading failure is one line
+        except Exception as e:  # any loading failure is one line
             raise MstCompileError(f"--tokenizer {folder}: cannot load a tokenizer there ({type(e).__name__}: {e})") from None
         self.vocab_size = len(self.tok)
         self.name = f"hf:{p.resolve()}"
@@ -191,7 +192,7 @@ class TokenData:
         self.skipped = 0  # non-text files of the folder or glob that were left out
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "TokenData":
+    def from_folder(cls, folder: Path) -> TokenData:
         meta = json.loads((folder / "meta.json").read_text())
         arrs = {}
         for s in ("train", "val"):
@@ -243,7 +244,7 @@ class HookData:
         index = int(np.random.default_rng([seed, _SPLITS[split], *key]).integers(0, 2**62))
         try:
             out = self.fn(split, index)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise MstCompileError(f"{self.source}: get_batch({split!r}, {index}) raised {type(e).__name__}: {e}") from e
         if isinstance(out, (tuple, list)) and len(out) == 2:
             return torch.as_tensor(out[0]).long(), torch.as_tensor(out[1]).long()

@@ -363,7 +363,7 @@ def _check_model_runs(model, inputs, x, data) -> None:
             logits = logits_of(run_model(model, inputs, x))
     except MstCompileError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MstCompileError(f"model() failed on a batch of token ids of shape {tuple(x.shape)}: {type(e).__name__}: {msg}") from None
     if logits.dim() != 3 or logits.shape[:2] != x.shape:
@@ -376,7 +376,7 @@ def _check_model_runs(model, inputs, x, data) -> None:
 
 def summary_line(s: dict) -> str:
     """One line: the algorithmic FLOP count (docs/design.md §6) with the measured time beside it."""
-    loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
     step = f", {s['step_s']:.3g} s/step" if s.get("step_s") is not None else ""
     return (f"done: {s['steps']} steps ({s['mode']}) in {duration(s['wall_s'])}{step} | train loss {loss(s['train_loss'])} | "
             f"val loss {loss(s['val_loss'])} | algorithmic FLOPs: MST {human(s['mst_flops'])}, dense {human(s['dense_flops'])}, "

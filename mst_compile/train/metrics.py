@@ -51,11 +51,13 @@ class MetricsLog:
         self.file = open(self.path, "a")
         self.tb = None
         try:
-            import tensorboard  # noqa: F401
+            import importlib
+
+            importlib.import_module("tensorboard")  # torch's SummaryWriter imports it lazily: fail here
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=keep_until_step)
-        except Exception:  # noqa: BLE001 - TensorBoard is optional
+        except Exception:  # TensorBoard is optional
             self.tb = None
 
     def write(self, record: dict) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
@@ -86,7 +87,7 @@ class TrainConfig:
         if self.schedule_steps is not None and self.steps is not None and self.schedule_steps > self.steps:
             _fail("schedule_steps", self.schedule_steps, f"at most steps={self.steps}")
 
-    def resolved(self, mst: MSTConfig, model_block_size: int | None = None) -> "TrainConfig":
+    def resolved(self, mst: MSTConfig, model_block_size: int | None = None) -> TrainConfig:
         """Fill every None with its rule (the saved config has concrete numbers only)."""
         steps = self.steps or mst.total_steps
         block = self.block_size or model_block_size or 128
@@ -297,8 +298,7 @@ def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
 
-    from ..config import (ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES,
-                          SPARSE_KERNELS)
+    from ..config import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
 
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
                "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}

@@ -61,7 +61,7 @@ def _plot_loss(runs: list[Run], path: Path, plt) -> None:
     for i, run in enumerate(runs):
         color = f"C{i}"
         for ax, key in zip(axes, ("step", "flops")):
-            xs = lambda rows: [r["step"] if key == "step" else r["mst_flops"] for r in rows]  # noqa: E731
+            xs = lambda rows, key=key: [r["step"] if key == "step" else r["mst_flops"] for r in rows]
             ax.plot(xs(run.train), [r["loss"] for r in run.train], color=color, alpha=0.35, lw=1)
             if run.eval:
                 ax.plot(xs(run.eval), [r["val_loss"] for r in run.eval], "o-", color=color, ms=4, label=f"{run.label} val")
