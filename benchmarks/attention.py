@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mst_compile.runtime.attention import hsa_attention, mean_attended_keys
-from mst_compile.runtime.attention_kernels import _HSAFlash, _Plan, choose_kernel
+from mst_compile.ops.attention import hsa_attention, mean_attended_keys
+from mst_compile.ops.attention_kernels import _HSAFlash, _Plan, choose_kernel
 
 
 def _fwd_bwd(fn, q, k, v, g):

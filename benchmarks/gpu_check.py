@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mst_compile
-from mst_compile.runtime.attention import hsa_attention, mean_attended_keys
+from mst_compile.ops.attention import hsa_attention, mean_attended_keys
 
 ROWS: list[tuple[str, str, str]] = []  # (section, case, result)
 

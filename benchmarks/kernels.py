@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mst_compile
 from mst_compile.config import MSTConfig
-from mst_compile.runtime.csr import CSR_CROSSOVER_DENSITY
-from mst_compile.runtime.sparse_linear import SparseWeight
+from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY
+from mst_compile.ops.sparse_linear import SparseWeight
 
 _CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to other jobs on the machine)
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from _models import LargestTensor as _Largest
 
-from mst_compile.runtime import attention_cpu
-from mst_compile.runtime import attention_kernels as K
-from mst_compile.runtime.attention import (
+from mst_compile.ops import attention_cpu
+from mst_compile.ops import attention_kernels as K
+from mst_compile.ops.attention import (
     PATTERNS,
     HybridSparseAttention,
     hsa_attention,

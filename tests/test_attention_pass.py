@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mst_compile.capture import capture
+from mst_compile.ops.attention import HybridSparseAttention, pattern_mask
 from mst_compile.passes.attention import rewrite_attention
-from mst_compile.runtime.attention import HybridSparseAttention, pattern_mask
 
 # ----------------------------------------------------------------------------- a nanoGPT-style model
 

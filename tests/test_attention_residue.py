@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from _models import LargestTensor as _Largest
 
-from mst_compile.runtime import attention_kernels as K
-from mst_compile.runtime.attention import hsa_attention, pattern_mask
-from mst_compile.runtime.attention_residue import backend_for, hsa_residue
+from mst_compile.ops import attention_kernels as K
+from mst_compile.ops.attention import hsa_attention, pattern_mask
+from mst_compile.ops.attention_residue import backend_for, hsa_residue
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

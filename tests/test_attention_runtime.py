@@ -13,7 +13,7 @@ from torch import nn
 
 import mst_compile
 from mst_compile.config import MSTConfig
-from mst_compile.runtime.attention import pattern_mask
+from mst_compile.ops.attention import pattern_mask
 from mst_compile.train.options import (
     TrainConfig,
     dumps_config,

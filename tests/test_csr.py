@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from mst_compile.runtime import csr
-from mst_compile.runtime.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_kernel
-from mst_compile.runtime.sparse_linear import SparseWeight
+from mst_compile.ops import csr
+from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_kernel
+from mst_compile.ops.sparse_linear import SparseWeight
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

@@ -12,7 +12,7 @@ from _models import tiny_gpt
 from _train_models import TINY, write
 
 import mst_compile
-from mst_compile.runtime.sparse_linear import sparse_linear
+from mst_compile.ops.sparse_linear import sparse_linear
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]

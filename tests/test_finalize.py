@@ -9,7 +9,7 @@ from _models import hf_gpt2, hf_llama, tiny_gpt
 
 import mst_compile
 from mst_compile.export.attention import export_attention, pattern_attention
-from mst_compile.runtime.attention import hsa_attention, pattern_mask
+from mst_compile.ops.attention import hsa_attention, pattern_mask
 
 PATTERNS = ("dense", "local", "strided", "sparse")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mst_compile.runtime import attention_cpu, kernel_build
+from mst_compile.ops import attention_cpu, kernel_build
 
 NAME = "mst_hsa_test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def holder(root: Path, marker: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from mst_compile.runtime.kernel_build import build_once
+        from mst_compile.ops.kernel_build import build_once
         def slow(folder):
             (folder / "half.o").write_bytes(b"x")
             Path({str(marker)!r}).write_text("building")
@@ -139,7 +139,7 @@ def test_real_build_killed_mid_compile_then_built_by_the_next_process(tmp_path):
     """The issue's scenario with the real compiler: SIGKILL during the first build, then a new process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path), "MST_HSA_BUILD_TIMEOUT": "300"}
     env.pop("MST_HSA_CPP", None)
-    code = "from mst_compile.runtime import attention_cpu; print(attention_cpu.available())"
+    code = "from mst_compile.ops import attention_cpu; print(attention_cpu.available())"
     first = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = tmp_path / "mst_compile"

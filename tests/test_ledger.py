@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import mst_compile
-from mst_compile.runtime.attention import pattern_mask
+from mst_compile.ops.attention import pattern_mask
 from mst_compile.runtime.density import allocate
 from mst_compile.runtime.ledger import count_tokens
 

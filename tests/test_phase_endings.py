@@ -8,7 +8,7 @@ from _train_models import TINY, write
 from torch import nn
 
 import mst_compile
-from mst_compile.runtime.attention import HybridSparseAttention, mean_attended_keys
+from mst_compile.ops.attention import HybridSparseAttention, mean_attended_keys
 from mst_compile.train.metrics import read_jsonl
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..runtime.attention import HybridSparseAttention, _check_pattern, _check_stride
+from ..ops.attention import HybridSparseAttention, _check_pattern, _check_stride
 from . import PassResult
 from ._mask_eval import _allowed, _evaluate
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..runtime.dense_op import DenseOp
+from ..ops.dense_op import DenseOp
 from . import PassResult
 from ._operands import (
     ADDMM,

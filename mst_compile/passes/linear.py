@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..ops.sparse_linear import SparseWeight, swap_last
 from ..runtime.ledger import UNCOUNTED
-from ..runtime.sparse_linear import SparseWeight, swap_last
 from . import PassResult
 from ._operands import (
     ADDMM,

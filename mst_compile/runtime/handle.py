@@ -17,12 +17,12 @@ from torch import nn
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
+from ..ops.attention import _check_pattern, _check_stride
+from ..ops.sparse_linear import SparseWeight
 from . import schedule
-from .attention import _check_pattern, _check_stride
 from .density import allocate
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
-from .sparse_linear import SparseWeight
 
 
 @dataclass(frozen=True)

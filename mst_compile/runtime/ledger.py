@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attention import mean_attended_keys
-from .dense_op import DenseOp
+from ..ops.attention import mean_attended_keys
+from ..ops.dense_op import DenseOp
 
 _OTHER_OPS = "embedding lookups, norms, activations, residual adds, the loss and the optimizer update"
 UNCOUNTED = "its FLOPs are not counted"  # said by a skipped site whose work the ledger cannot see
