@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mst_compile.ops.attention import hsa_attention, mean_attended_keys
-from mst_compile.ops.attention_kernels import _HSAFlash, _Plan, choose_kernel
+from mst_compile.ops.attention_kernels import _HSAFlash, _Plan, choose_attention_kernel
 
 
 def _fwd_bwd(fn, q, k, v, g):
@@ -58,7 +58,7 @@ def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns,
     kernel = {}
     for p in patterns:
         runs[p] = _fwd_bwd(lambda q, k, v, p=p: hsa_attention(q, k, v, pattern=p, stride=l), q, k, v, g)
-        kernel[p] = choose_kernel(q, k, v, local=p != "strided", strided=p != "local", stride=l)
+        kernel[p] = choose_attention_kernel(q, k, v, local=p != "strided", strided=p != "local", stride=l)
         if stock and kernel[p] != "flash":
             runs[p + " "] = _fwd_bwd(_stock(p, l), q, k, v, g)
             kernel[p + " "] = "flash"

@@ -103,7 +103,7 @@ def print_layer_table(rows: list[dict], tokens: int) -> None:
     for s in dict.fromkeys(r["shape"] for r in rows):
         c = crossover(rows, s)
         print(f"| {s} | {'never' if c is None else f'{c:.2f}'} |")
-    print(f"(choose_kernel uses CSR_CROSSOVER_DENSITY = {CSR_CROSSOVER_DENSITY})")
+    print(f"(choose_linear_kernel uses CSR_CROSSOVER_DENSITY = {CSR_CROSSOVER_DENSITY})")
 
 
 # -- per step: a GPT-2-small-shaped model --------------------------------------------------------

@@ -53,27 +53,21 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _no_kv_cache(model: nn.Module):
-    """Hugging Face models must be captured with use_cache=False (a cache object is not a tensor)."""
+def inference(model: nn.Module):
+    """Eval mode and, for Hugging Face models, ``use_cache=False`` (a cache object is not a tensor):
+    how a model is captured, exported and checked. Both are restored on exit."""
     cfg = getattr(model, "config", None)
-    old = getattr(cfg, "use_cache", None)
-    if old is not None:
-        cfg.use_cache = False
-    try:
-        yield
-    finally:
-        if old is not None:
-            cfg.use_cache = old
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+    cache = getattr(cfg, "use_cache", None)
     was = model.training
-    model.eval()
+    if cache is not None:
+        cfg.use_cache = False
+    model.train(False)
     try:
         yield
     finally:
         model.train(was)
+        if cache is not None:
+            cfg.use_cache = cache
 
 
 def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) -> tuple[torch.fx.GraphModule, str]:
@@ -105,7 +99,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
         )
     _warn_dropout(model)
     was_training = model.training
-    with _no_kv_cache(model), _eval_mode(model):
+    with inference(model):
         for a, k in _widenings(args, kwargs):
             try:
                 gm = _export(model, a, k, check=None if a is args and k is kwargs else (args, kwargs))
@@ -220,7 +214,7 @@ def _accept_model_calls(gm: nn.Module, model: nn.Module, args: tuple, kwargs: di
 def _returned_cache(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
     """The class name of a KV cache in the model's eager output (T5 builds one even with config.use_cache=False)."""
     try:
-        with torch.no_grad(), _no_kv_cache(model), _eval_mode(model):
+        with torch.no_grad(), inference(model):
             out = model(*args, **kwargs)
     except Exception:  # torch.export reports it with its own context
         return None

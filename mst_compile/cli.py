@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import ModelInputError, MstCompileError
+from .vocab import ATTENTION_PATTERNS
 
 
 class _Failure(click.ClickException):
@@ -81,7 +82,7 @@ def inspect(model_file: str, sparsity: float | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
               help="onnx: one ONNX file checked in onnxruntime; hf: a Hugging Face folder (safetensors + config).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX file to write (default: RUN_DIR/model.onnx).")
-@click.option("--attention", type=click.Choice(["dense", "local", "strided", "sparse"]), default=None,
+@click.option("--attention", type=click.Choice(ATTENTION_PATTERNS), default=None,
               help="Attention pattern to export (default: the one active at the end of training).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime provider of the validation run.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |onnxruntime - PyTorch| difference allowed.")

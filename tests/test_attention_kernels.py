@@ -243,7 +243,7 @@ def test_hybrid_band_fused_residues_flash_matches_oracle(T, l, Hq, Hkv):
 def test_kernel_choice():
     q, k, v, _ = _qkv(100, 2, 1)
     fused = attention_cpu.available()
-    assert K.choose_kernel(q, k, v, local=True, strided=True, stride=2) == ("fused+flash" if fused else "flash")
-    assert K.choose_kernel(q, k, v, local=True, strided=True, stride=16) == ("fused" if fused else "flash")
-    assert K.choose_kernel(q, k, v, local=False, strided=True, stride=16) == "flash"
-    assert K.choose_kernel(q.double(), k.double(), v.double(), local=True, strided=True, stride=16) == "flash"
+    assert K.choose_attention_kernel(q, k, v, local=True, strided=True, stride=2) == ("fused+flash" if fused else "flash")
+    assert K.choose_attention_kernel(q, k, v, local=True, strided=True, stride=16) == ("fused" if fused else "flash")
+    assert K.choose_attention_kernel(q, k, v, local=False, strided=True, stride=16) == "flash"
+    assert K.choose_attention_kernel(q.double(), k.double(), v.double(), local=True, strided=True, stride=16) == "flash"

@@ -85,7 +85,7 @@ def test_bfloat16_within_tolerance(pattern):
 
 def test_dispatch_selects_residue_off_cpu_and_on_request():
     meta = [torch.empty(1, 2, 64, 16, device="meta") for _ in range(3)]
-    assert K.choose_kernel(*meta, local=True, strided=True, stride=8) == "residue"
+    assert K.choose_attention_kernel(*meta, local=True, strided=True, stride=8) == "residue"
     q, k, v, _ = _qkv(48, 2, 2)
     forced = K.hsa_kernel(q, k, v, local=True, strided=True, stride=6, scale=None, kernel="residue")
     torch.testing.assert_close(forced, hsa_attention(q, k, v, pattern="sparse", stride=6), rtol=1e-5, atol=1e-6)
@@ -128,4 +128,4 @@ def test_cuda_bfloat16_flash_matches_oracle(T, l, pattern):
 def test_cuda_float32_matches_oracle(pattern):
     q, k, v, g = _qkv(200, 4, 4, D=32, device="cuda")
     _check(_run(q, k, v, g, pattern, 16), _oracle(q, k, v, g, 16, pattern), 1e-4, f"cuda fp32 {pattern}")
-    assert K.choose_kernel(q, k, v, local=True, strided=True, stride=16) == "residue"
+    assert K.choose_attention_kernel(q, k, v, local=True, strided=True, stride=16) == "residue"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from mst_compile.ops import csr
-from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_kernel
+from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_linear_kernel
 from mst_compile.ops.sparse_linear import SparseWeight
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -154,18 +154,18 @@ def test_structure_indices():
         torch.testing.assert_close(st.weight_t_csr(vals).to_dense(), (w * mask).t())
 
 
-def test_choose_kernel_and_select_kernel():
+def test_choose_linear_kernel_and_select_kernel():
     lo, hi = CSR_CROSSOVER_DENSITY / 2, min(1.0, CSR_CROSSOVER_DENSITY * 1.5)
-    assert choose_kernel(lo, "cpu", (768, 768)) == "csr"
-    assert choose_kernel(hi, "cpu", (768, 768)) == "dense"
-    assert choose_kernel(lo, "meta", (768, 768)) == "dense"  # not CPU: the masked-dense path
-    assert choose_kernel(lo, "cpu", (768, 16)) == "dense"  # too small to pay off
-    assert choose_kernel(hi, "cpu", (768, 768), "csr") == "csr"
-    assert choose_kernel(lo, "cpu", (768, 768), "dense") == "dense"
+    assert choose_linear_kernel(lo, "cpu", (768, 768)) == "csr"
+    assert choose_linear_kernel(hi, "cpu", (768, 768)) == "dense"
+    assert choose_linear_kernel(lo, "meta", (768, 768)) == "dense"  # not CPU: the masked-dense path
+    assert choose_linear_kernel(lo, "cpu", (768, 16)) == "dense"  # too small to pay off
+    assert choose_linear_kernel(hi, "cpu", (768, 768), "csr") == "csr"
+    assert choose_linear_kernel(lo, "cpu", (768, 768), "dense") == "dense"
     with pytest.raises(ValueError, match="sparse_kernel='fast'.*auto, dense, csr"):
-        choose_kernel(lo, "cpu", None, "fast")
+        choose_linear_kernel(lo, "cpu", None, "fast")
     with pytest.raises(ValueError, match="density=1.5"):
-        choose_kernel(1.5, "cpu")
+        choose_linear_kernel(1.5, "cpu")
 
     sw, *_ = _site(128, 128, 0.05)
     assert sw.select_kernel("auto") == "csr" and sw.kernel == "csr"

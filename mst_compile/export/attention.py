@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTENTION_CHOICES = ("dense", "local", "strided", "sparse")
+from ..vocab import STRIDE_DIVISOR
+
 _NEG = float("-inf")
 
 
@@ -75,7 +76,7 @@ def pattern_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride=N
     scale = D ** -0.5 if scale is None else scale
     if pattern == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    l = stride if stride is not None else torch.sym_max(1, T // 8)  # sym_max: no guard on T when traced
+    l = stride if stride is not None else torch.sym_max(1, T // STRIDE_DIVISOR)  # sym_max: no guard on T when traced
     n = (T + l - 1) // l
     qb, kb, vb = _blocks(q, n, l), _blocks(k, n, l), _blocks(v, n, l)  # (B, H, n, l, D)
     if pattern == "strided":

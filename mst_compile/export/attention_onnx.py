@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-_STRIDE_DIVISOR = 8  # stride 0 means max(1, T // 8), as in the runtime
+from ..vocab import STRIDE_DIVISOR
 
 
 def _ints(*values: int):
@@ -33,7 +33,7 @@ def hsa_onnx(q, k, v, pattern: str, stride: int, scale: float):
     bh, T = op.Slice(shape, _ints(0), _ints(2)), op.Slice(shape, _ints(2), _ints(3))
     dk, dv = op.Slice(shape, _ints(3), _ints(4)), op.Shape(v, start=3, end=4)
     one = _ints(1)
-    l = _ints(stride) if stride > 0 else op.Max(op.Div(T, _ints(_STRIDE_DIVISOR)), one)
+    l = _ints(stride) if stride > 0 else op.Max(op.Div(T, _ints(STRIDE_DIVISOR)), one)
     n = op.Div(op.Sub(op.Add(T, l), one), l)  # ceil(T / l)
     pad = op.Concat(_ints(0), op.Sub(op.Mul(n, l), T), axis=0)  # [before, after] on axis 2
 

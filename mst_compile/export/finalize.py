@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .attention import ATTENTION_CHOICES, export_attention
+from ..vocab import ATTENTION_PATTERNS, ATTENTION_SITES, DENSE_SITES, SPARSE_SITES
+from .attention import export_attention
 
-SITES = "mst_sites."  # call_module targets of the sparse weight sites (passes/linear.py)
-ATTN = "mst_attn."  # call_module targets of the attention sites (passes/attention.py)
-DENSE = "mst_dense."  # call_module targets of the counted dense ops (passes/dense.py)
+SITES = SPARSE_SITES + "."  # call_module targets of the sparse weight sites
+ATTN = ATTENTION_SITES + "."  # call_module targets of the attention sites
+DENSE = DENSE_SITES + "."  # call_module targets of the counted dense ops
 
 
 def is_sparsified(module) -> bool:
@@ -50,8 +51,8 @@ def resolve_attention(gm: fx.GraphModule, attention: str | dict | None) -> dict[
     if unknown:
         raise ValueError(f"attention: unknown attention sites {unknown}; the model's sites are {sorted(sites)}")
     for name, p in attention.items():
-        if p not in ATTENTION_CHOICES:
-            raise ValueError(f"attention[{name!r}]={p!r} is invalid: expected one of {', '.join(ATTENTION_CHOICES)}")
+        if p not in ATTENTION_PATTERNS:
+            raise ValueError(f"attention[{name!r}]={p!r} is invalid: expected one of {', '.join(ATTENTION_PATTERNS)}")
     return {n: (attention.get(n, m.pattern), m.stride) for n, m in sites.items()}
 
 

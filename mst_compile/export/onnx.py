@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from .. import __version__
+from ..capture import inference
 from ..errors import MstCompileError
 from ..modelfile import max_sequence_length as model_limit
 from ..paths import writable_file
@@ -161,23 +162,6 @@ def _traceable(io: _IO, dynamic) -> list[torch.Tensor]:
 
 # -- modes the export and the reference run in ------------------------------------------------
 @contextlib.contextmanager
-def _inference(model: nn.Module):
-    """Eval mode and, for Hugging Face models, no KV cache (a cache object is not a tensor)."""
-    cfg = getattr(model, "config", None)
-    cache = getattr(cfg, "use_cache", None)
-    was = model.training
-    if cache is not None:
-        cfg.use_cache = False
-    model.train(False)
-    try:
-        yield
-    finally:
-        model.train(was)
-        if cache is not None:
-            cfg.use_cache = cache
-
-
-@contextlib.contextmanager
 def _patterns(sm: nn.Module, chosen: dict[str, tuple[str, int | None]]):
     """Run ``sm``'s attention sites with the exported patterns (the PyTorch side of validation)."""
     sites = attention_sites(sm) if is_sparsified(sm) else {}
@@ -197,7 +181,7 @@ def reference(model: nn.Module, example_inputs: Any, attention: str | dict | Non
     chosen = resolve_attention(model, attention) if is_sparsified(model) else {}
 
     def run(*xs):
-        with _inference(model), _patterns(model, chosen), torch.no_grad():
+        with inference(model), _patterns(model, chosen), torch.no_grad():
             return _tensors(_call(model, io, xs))
 
     return run, io
@@ -317,7 +301,7 @@ def _export(module: nn.Module, io: _IO, onnx, label: str):
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     try:
-        with _inference(module), as_op(), warnings.catch_warnings():
+        with inference(module), as_op(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outputs = _output_names(module, io)
             program = torch.onnx.export(

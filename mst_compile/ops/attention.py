@@ -20,15 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..vocab import ATTENTION_PATTERNS as PATTERNS
+from ..vocab import blocks, default_stride
 from .attention_kernels import hsa_kernel
 
-PATTERNS = ("dense", "local", "strided", "sparse")
 _KEEP = object()  # set_pattern(stride=...) default: keep the current stride
-
-
-def default_stride(T: int) -> int:
-    """The published default l = T/8 (128 at T = 1024), at least 1."""
-    return max(1, T // 8)
 
 
 def _check_pattern(pattern, who: str) -> str:
@@ -105,11 +101,12 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
     return hsa_kernel(q, k, v, local=pattern != "strided", strided=pattern != "local", stride=l, scale=scale)
 
 
-def _allowed(mask: Tensor) -> Tensor:
-    """Boolean view of an SDPA mask: bool as is; additive float masks allow entries above min/2."""
+def allowed_keys(mask: Tensor) -> Tensor:
+    """Boolean view of an SDPA mask, True where a key may be attended: a bool mask as it is; an
+    additive float mask allows the entries that do not block (``vocab.blocks``: above -1e4)."""
     if mask.dtype == torch.bool:
         return mask
-    return mask > torch.finfo(mask.dtype).min / 2
+    return ~blocks(mask)
 
 
 class HybridSparseAttention(nn.Module):
@@ -163,7 +160,7 @@ class HybridSparseAttention(nn.Module):
         if self.pattern == "dense" or attn_mask is None:
             return False
         causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
-        return not bool((_allowed(attn_mask) | ~causal).all())
+        return not bool((allowed_keys(attn_mask) | ~causal).all())
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:

@@ -181,10 +181,6 @@ def _flash_attend(q, k, v, causal, mask, scale):
     return _FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _explicit_attend(q, k, v, causal, mask, scale):
-    return _explicit(q, k, v, causal, mask, scale)
-
-
 def _fold_windows(dw: Tensor, p: _Plan, rows: int) -> Tensor:
     """Adjoint of ``_windows``: sum each window's gradient back onto the packed rows (BH, rows, D)."""
     BH, _, _, D = dw.shape
@@ -258,7 +254,7 @@ def _hsa_explicit(q: Tensor, k: Tensor, v: Tensor, p: _Plan, scale: float) -> Te
     g = H // k.shape[1]
     qp = F.pad(q.reshape(B * H, T, D), (0, 0, 0, p.Tq - T))
     pad = lambda x: F.pad(x.repeat_interleave(g, 1).reshape(B * H, T, D), (0, 0, p.front, p.Tq - T))
-    out, _ = _parts_forward(qp, pad(k), pad(v), p, scale, _explicit_attend)
+    out, _ = _parts_forward(qp, pad(k), pad(v), p, scale, _explicit)
     return out[:, :T].view(B, H, T, D)
 
 
@@ -306,7 +302,7 @@ class _HSAHybrid(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def choose_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int) -> str:
+def choose_attention_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, stride: int) -> str:
     """Which implementation ``hsa_kernel`` runs: "fused", "fused+flash", "flash", "residue" or "matmul"."""
     if q.device.type != "cpu":
         return "residue"
@@ -321,11 +317,11 @@ def hsa_kernel(q: Tensor, k: Tensor, v: Tensor, *, local: bool, strided: bool, s
     """Causal attention over the band (``local``) and/or residues (``strided``) of stride ``stride``.
 
     q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0; arguments are assumed validated.
-    ``kernel`` forces one of ``choose_kernel``'s answers (default: its choice).
+    ``kernel`` forces one of ``choose_attention_kernel``'s answers (default: its choice).
     """
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    kernel = kernel or choose_kernel(q, k, v, local=local, strided=strided, stride=stride)
+    kernel = kernel or choose_attention_kernel(q, k, v, local=local, strided=strided, stride=stride)
     if kernel == "residue":
         return hsa_residue(q, k, v, local=local, strided=strided, stride=stride, scale=scale)
     if kernel == "fused":

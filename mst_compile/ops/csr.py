@@ -29,6 +29,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..vocab import SPARSE_KERNELS
+
 # Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
 # Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens,
 # GPT-2-small shapes (in x out: 768x2304, 768x768, 768x3072, 3072x768), break-even density:
@@ -37,12 +39,10 @@ from torch import Tensor
 # At 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x, at 0.05 about 3-3.5x, at 0.5 about 0.5-0.6x.
 # 0.22, the lowest break-even measured, takes CSR only where it was never measured slower.
 CSR_CROSSOVER_DENSITY = 0.22
-KERNELS = ("dense", "csr")
-SETTINGS = ("auto", "dense", "csr")
 _CSR_DTYPES = (torch.float32, torch.float64)  # what torch's CPU sparse kernels support
 
 
-def choose_kernel(density: float, device: torch.device | str, shape: tuple[int, ...] | None = None,
+def choose_linear_kernel(density: float, device: torch.device | str, shape: tuple[int, ...] | None = None,
                   setting: str = "auto") -> str:
     """Pick "dense" (masked-dense) or "csr" for one sparse weight.
 
@@ -51,8 +51,8 @@ def choose_kernel(density: float, device: torch.device | str, shape: tuple[int, 
     path (no crossover was measured on a GPU); "csr" still forces the CSR path, which runs on any
     device torch's sparse CSR ops support (only the CPU path is tested).
     """
-    if setting not in SETTINGS:
-        raise ValueError(f"sparse_kernel={setting!r} is invalid: expected one of {', '.join(SETTINGS)}")
+    if setting not in SPARSE_KERNELS:
+        raise ValueError(f"sparse_kernel={setting!r} is invalid: expected one of {', '.join(SPARSE_KERNELS)}")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density={density!r} is invalid: expected a number in [0, 1]")
     if setting != "auto":

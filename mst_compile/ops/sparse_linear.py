@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .csr import CsrStructure, choose_kernel, csr_linear, csr_usable
+from .csr import CsrStructure, choose_linear_kernel, csr_linear, csr_usable
 
 
 @torch.library.custom_op("mst::sparse_linear", mutates_args=())
@@ -99,7 +99,7 @@ class SparseWeight(nn.Module):
     def select_kernel(self, setting: str = "auto") -> str:
         """Pick the linear kernel from the current mask density and device (call after masks change)."""
         density = self.active() / self.numel if self.numel else 1.0
-        self.kernel = choose_kernel(density, self.mask.device, self.weight_shape, setting)
+        self.kernel = choose_linear_kernel(density, self.mask.device, self.weight_shape, setting)
         return self.kernel
 
     def _structure(self, transposed: bool) -> CsrStructure:

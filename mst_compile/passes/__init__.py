@@ -16,10 +16,6 @@ class PassResult:
     sites: list = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, reason)
 
-    @property
-    def matched(self) -> int:
-        return len(self.sites)
-
     def warn_if_empty(self) -> None:
         if not self.sites:
             why = "; ".join(f"{s}: {r}" for s, r in self.skipped) or "no matching op in the graph"

@@ -10,6 +10,7 @@ from torch import fx
 from torch.fx import _pytree as fx_pytree
 
 from ..capture import split_inputs
+from ..vocab import blocks
 
 
 def _ancestors(nodes) -> set[fx.Node]:
@@ -68,13 +69,13 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs) -> dict:
     return {n: probe.env.get(n) for n in nodes}
 
 
-def _allowed(value: torch.Tensor, kind: str) -> torch.Tensor | str:
+def allowed_set(value: torch.Tensor, kind: str) -> torch.Tensor | str:
     """Boolean allowed-set of a mask, or a reason why it is not a pure mask."""
     if kind == "fill":
         return ~value.bool()
     if kind == "where" or value.dtype == torch.bool:
         return value.bool()
-    blocked = value <= -1e4
+    blocked = blocks(value)
     if not bool(((value == 0) | blocked).all()):
         return "the additive attention mask is a bias (values other than 0 and -inf)"
     return ~blocked

@@ -28,7 +28,6 @@ lengths (a sliding window wider than the example) would be mistaken for causal.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 
@@ -37,11 +36,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops.attention import HybridSparseAttention, _check_pattern, _check_stride
+from ..vocab import ATTENTION_SITES, blocks
 from . import PassResult
-from ._mask_eval import _allowed, _evaluate
+from ._mask_eval import _evaluate, allowed_set
 
 aten = torch.ops.aten
-CONTAINER = "mst_attn"
+CONTAINER = ATTENTION_SITES
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, aten.softmax.int, aten._softmax.default, "softmax"}
 _MATMUL = {operator.matmul, torch.matmul, torch.Tensor.matmul, aten.matmul.default, "matmul"}
@@ -129,7 +129,7 @@ def _key_of_transpose(node) -> fx.Node | None:
 
 
 def _is_neg_inf(x) -> bool:
-    return isinstance(x, (int, float)) and (x == -math.inf or x <= -1e4)
+    return isinstance(x, (int, float)) and blocks(x)
 
 
 def _match_sdpa(node: fx.Node) -> _Match:
@@ -259,7 +259,7 @@ def _verdict(m: _Match, value, data_dependent: bool) -> tuple[bool, str | None]:
         return False, f"could not evaluate the attention mask ({type(value).__name__}: {first}); pass example_inputs"
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return False, "the attention mask is not a tensor of shape (..., T, T)"
-    allowed = _allowed(value, m.mask_kind)
+    allowed = allowed_set(value, m.mask_kind)
     if isinstance(allowed, str):
         return False, allowed
     Tq, Tk = allowed.shape[-2:]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops.dense_op import DenseOp
+from ..vocab import DENSE_SITES
 from . import PassResult
 from ._operands import (
     ADDMM,
@@ -26,7 +27,7 @@ from ._operands import (
 )
 
 aten = torch.ops.aten
-CONTAINER = "mst_dense"
+CONTAINER = DENSE_SITES
 _BADDBMM = {torch.baddbmm, aten.baddbmm.default, "baddbmm"}
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 

@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from ..ops.sparse_linear import SparseWeight, swap_last
-from ..runtime.ledger import UNCOUNTED
+from ..vocab import SPARSE_SITES, UNCOUNTED
 from . import PassResult
 from ._operands import (
     ADDMM,
@@ -49,7 +49,7 @@ from ._operands import (
     param_of,
 )
 
-CONTAINER = "mst_sites"
+CONTAINER = SPARSE_SITES
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from ..config import DISTRIBUTIONS
+from ..vocab import DISTRIBUTIONS
 
 
 def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[str, float]:
@@ -69,8 +69,3 @@ def _round_to_total(exact: dict[str, float], cap: dict[str, int], target: int) -
             break
     return counts
 
-
-def densities(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er") -> dict[str, float]:
-    """Realised density per tensor (active count / numel) for a global sparsity."""
-    counts = allocate(shapes, sparsity, distribution)
-    return {n: counts[n] / math.prod(shapes[n]) for n in shapes}

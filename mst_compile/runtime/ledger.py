@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from ..ops.attention import mean_attended_keys
 from ..ops.dense_op import DenseOp
+from ..vocab import UNCOUNTED
 
 _OTHER_OPS = "embedding lookups, norms, activations, residual adds, the loss and the optimizer update"
-UNCOUNTED = "its FLOPs are not counted"  # said by a skipped site whose work the ledger cannot see
 
 
 @dataclass

@@ -298,7 +298,7 @@ def click_options(fn):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
     import click
 
-    from ..config import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
+    from ..vocab import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
 
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
                "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}

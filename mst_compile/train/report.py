@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ..errors import MstCompileError
 from ..paths import writable_dir
+from ..vocab import ATTENTION_PATTERNS
 from .metrics import duration, human, read_jsonl
 
 _PHASE_COLORS = {"warmup": "#fde0c5", "ultra": "#c9e4f6", "restoration": "#d5f0d2", "dense": "#eeeeee"}
-_PATTERNS = ("dense", "local", "strided", "sparse")
 
 
 class Run:
@@ -121,14 +121,14 @@ def _plot_attention(runs: list[Run], path: Path, plt) -> None:
             ax.set_axis_off()
             ax.set_title(run.label)
             continue
-        grid = np.array([[_PATTERNS.index(r["attention"].get(s, "dense")) for r in run.train] for s in sites])  # (sites, logged steps)
+        grid = np.array([[ATTENTION_PATTERNS.index(r["attention"].get(s, "dense")) for r in run.train] for s in sites])  # (sites, logged steps)
         edges = [0] + [r["step"] for r in run.train]  # record k covers the steps (previous record, k]
         ax.pcolormesh(edges, np.arange(len(sites) + 1) - 0.5, grid, cmap=cmap, vmin=-0.5, vmax=3.5)
         ax.invert_yaxis()
         ax.set_yticks(range(len(sites)), sites, fontsize=7)
         ax.set_title(run.label)
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(4)]
-    fig.legend(handles, _PATTERNS, loc="upper right", ncol=4, fontsize=8)
+    fig.legend(handles, ATTENTION_PATTERNS, loc="upper right", ncol=4, fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
