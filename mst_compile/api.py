@@ -14,6 +14,7 @@ from .passes.attention import rewrite_attention
 from .passes.dense import wrap_dense
 from .passes.linear import opaque_weights, rewrite_linear
 from .runtime.handle import MSTHandle
+from .runtime.sites import WeightSite
 
 
 def _as_config(config: MSTConfig | dict | None) -> MSTConfig:
@@ -67,6 +68,6 @@ def sparsify(
     attention.update({s.name: s.module for s in att.sites})
     skipped.extend(att.skipped)
     wrap_dense(gm)  # what stays dense is charged dense on both sides of the ledger
-    weights = {s.name: (gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
-    gm.mst = MSTHandle(gm, cfg, weights, attention, lin.other_uses, skipped, how)
+    sites = {s.name: WeightSite(s.name, gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
+    gm.mst = MSTHandle(gm, cfg, sites, attention, lin.other_uses, skipped, how)
     return gm

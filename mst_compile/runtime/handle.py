@@ -20,9 +20,9 @@ from ..errors import MstCompileError
 from ..ops.attention import _check_pattern, _check_stride
 from ..ops.sparse_linear import SparseWeight
 from . import schedule
-from .density import allocate
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
+from .sites import Sites, WeightSite, allocation, apply_masks, keep_largest, overall_density
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,20 @@ class MSTHandle:
         self,
         module: nn.Module,
         config: MSTConfig,
-        weights: dict[str, tuple[nn.Parameter, SparseWeight, int]],
+        sites: dict[str, WeightSite],
         attention: dict[str, nn.Module] | None = None,
         other_uses: Iterable[str] = (),
         skipped: list[tuple[str, str]] | None = None,
         capture: str = "fx",
     ):
-        self._module_ref = module  # the GraphModule (kept for the scheduler; no cycle concern for GC)
+        self._module = module  # the GraphModule this handle is sm.mst of
         self.config = config
-        self._weights = weights  # name -> (parameter, SparseWeight, uses)
+        self.sites: Sites = dict(sites)  # the site table, shared with the scheduler and its ledger
         self._attention = dict(attention or {})
         self.skipped = list(skipped or [])
         self.capture = capture
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
-        self._density_cache = {n: sw.active() / sw.numel for n, (_, sw, _) in weights.items()}
-        self._scheduler = MSTScheduler(self)
+        self._scheduler = MSTScheduler(config, self.sites, self._attention, module, self.skipped)
 
     # -- training: the scheduler --------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None, *, manual: bool = False,
@@ -131,7 +130,7 @@ class MSTHandle:
     def measure_flops(self, *args, **kwargs) -> tuple[float, float, int]:
         """(MST, dense, tokens) the ledger would charge one training forward ``sm(*args, **kwargs)``
         with the current masks and patterns; nothing is charged and no backward runs."""
-        return self._scheduler.ledger.measure(self._module_ref, lambda: self._module_ref(*args, **kwargs))
+        return self._scheduler.ledger.measure(self._module, lambda: self._module(*args, **kwargs))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
@@ -144,36 +143,34 @@ class MSTHandle:
     # -- what was rewritten -------------------------------------------------------------------
     @property
     def plan(self) -> list[PlanEntry]:
-        lin = [PlanEntry(n, "linear", tuple(p.shape), p.numel(), u) for n, (p, _, u) in self._weights.items()]
+        lin = [PlanEntry(n, "linear", s.shape, s.param.numel(), s.uses) for n, s in self.sites.items()]
         att = [PlanEntry(n, "attention", None) for n in self._attention]
         return lin + att
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """The sparse parameters by name."""
-        return {n: p for n, (p, _, _) in self._weights.items()}
+        return {n: s.param for n, s in self.sites.items()}
 
     def sparse_weights(self) -> dict[str, SparseWeight]:
-        return {n: sw for n, (_, sw, _) in self._weights.items()}
+        return {n: s.sparse for n, s in self.sites.items()}
 
     def attention_sites(self) -> dict[str, nn.Module]:
         return dict(self._attention)
 
     # -- masks and densities ------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: sw.mask for n, (_, sw, _) in self._weights.items()}
+        return {n: s.mask for n, s in self.sites.items()}
 
     def densities(self) -> dict[str, float]:
-        return {n: sw.active() / sw.numel for n, (_, sw, _) in self._weights.items()}
+        return {n: s.active() / s.sparse.numel for n, s in self.sites.items()}
 
     def density(self) -> float:
         """Overall density of the sparse weights (active / total)."""
-        total = sum(sw.numel for _, sw, _ in self._weights.values())
-        return sum(sw.active() for _, sw, _ in self._weights.values()) / total if total else 1.0
+        return overall_density(self.sites)
 
     def allocation(self, sparsity: float) -> dict[str, int]:
         """Active count per weight for a global sparsity under the configured distribution."""
-        shapes = {n: tuple(p.shape) for n, (p, _, _) in self._weights.items()}
-        return allocate(shapes, sparsity, self.config.distribution)
+        return allocation(self.sites, sparsity, self.config.distribution)
 
     @torch.no_grad()
     def set_sparsity(self, sparsity: float) -> dict[str, float]:
@@ -183,34 +180,18 @@ class MSTHandle:
         """
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"set_sparsity(sparsity={sparsity!r}): expected a number in [0, 1)")
-        for name, count in self.allocation(float(sparsity)).items():
-            param, sw, _ = self._weights[name]
-            mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
-            if count:
-                mask[torch.topk(param.detach().abs().flatten(), count, sorted=False).indices] = True
-            mask = mask.view_as(param)
-            sw.set_mask(mask)
-            param.mul_(mask)
-        self._on_masks_changed()
+        keep_largest(self.sites, self.allocation(float(sparsity)), self.config.sparse_kernel)
         return self.densities()
 
-    @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every masked weight (the invariant the sparse op relies on)."""
-        if self._weights:  # one fused call: this runs after every optimizer step
-            torch._foreach_mul_([p for p, _, _ in self._weights.values()], [sw.mask for _, sw, _ in self._weights.values()])
-
-    def _on_masks_changed(self) -> None:
-        """Called after any mask change: caches densities and lets each site re-pick its kernel."""
-        for name, (_, sw, _) in self._weights.items():
-            self._density_cache[name] = sw.active() / sw.numel if sw.numel else 1.0
-            sw.select_kernel(self.config.sparse_kernel)
+        apply_masks(self.sites)
 
     def _mask_grad_hook(self, name: str):
         """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient, and
         on probe steps let its dense gradient include those uses (``SparseWeight.mask_gradient``)."""
-        param, sw, _ = self._weights[name]
-        return param.register_hook(sw.mask_gradient)
+        site = self.sites[name]
+        return site.param.register_hook(site.sparse.mask_gradient)
 
     # -- attention ----------------------------------------------------------------------------
     def set_attention(self, pattern: str | dict[str, str | None] | list[str | None] | None,
@@ -251,7 +232,7 @@ class MSTHandle:
         return {n: m.pattern for n, m in self._attention.items()}
 
     def __repr__(self) -> str:
-        lin = len(self._weights)
+        lin = len(self.sites)
         return f"MSTHandle({lin} sparse weights, {len(self._attention)} attention sites, density={self.density():.3f})"
 
 

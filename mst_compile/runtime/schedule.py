@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 
-from ..config import PHASES, MSTConfig
+from ..config import MSTConfig
+from ..vocab import PHASES
 
 
 def _at(frac: float, total: int) -> int:
@@ -135,9 +136,7 @@ def check(config: MSTConfig) -> None:
     Every phase longer than one step must contain a topology update: without one the warm-up ramp
     collapses into a one-shot prune and the ultra phase never evolves its topology.
     """
-    T = config.total_steps
-    if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
-        raise ValueError(f"MSTConfig.total_steps={T!r} is invalid: expected an integer > 0")
+    T = config.total_steps  # a valid integer > 0: MSTConfig is frozen and validated on construction
     if config.schedule is not None and config.schedule[-1][0] > T:
         raise ValueError(
             f"MSTConfig.schedule has a point at step {config.schedule[-1][0]}, past total_steps={T}: "

@@ -35,22 +35,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import MSTConfig
-from ..errors import CheckpointError, MstCompileError
-from . import schedule
+from ..errors import MstCompileError
+from . import schedule, scheduler_state
 from .ledger import FlopLedger, excluded_ops
-from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts
-
-FORMAT = "mst_compile.scheduler/1"
+from .sites import Sites, allocation, apply_masks, keep_largest, overall_density, refresh
+from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts, zero_state
 
 
 class MSTScheduler:
     """Step counter, topology updates, attention switching, FLOP ledger and resumable state."""
 
-    def __init__(self, handle):
-        self.h = handle
-        self.config: MSTConfig = handle.config
+    def __init__(self, config: MSTConfig, sites: Sites, attention: dict[str, nn.Module], module: nn.Module,
+                 skipped: list[tuple[str, str]]):
+        self.config = config
+        self.sites = sites  # the handle's site table (the same dict: mask changes are seen by both)
+        self.attention = attention  # site name -> HybridSparseAttention
+        self.module = module  # the sparsified GraphModule: forward hooks go on it
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.attached = False
@@ -62,16 +65,15 @@ class MSTScheduler:
         self._probing: set[str] = set()  # weights whose next backward forms the dense gradient
         self._phase_applied: tuple | None = None  # (phase, widening) last applied
         self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
-        unmatched = self.config.unmatched_attention_sites(handle._attention)
+        unmatched = self.config.unmatched_attention_sites(attention)
         if unmatched:
             raise ValueError(
                 f"MSTConfig.attention_sites: the rule(s) {unmatched} match no attention site of this model; "
-                f"its sites are {list(handle._attention) or 'none'} (site names or fnmatch globs)")
+                f"its sites are {list(attention) or 'none'} (site names or fnmatch globs)")
         self._group = None
         self._hooks: list = []
-        linear = {n: (p.numel(), sw) for n, (p, sw, _) in handle._weights.items()}
-        self.ledger = FlopLedger(linear, handle._attention, lambda n: handle._density_cache[n],
-                                 excluded_ops(handle.skipped))
+        linear = {n: (s.param.numel(), s.sparse) for n, s in sites.items()}
+        self.ledger = FlopLedger(linear, attention, lambda n: sites[n].density, excluded_ops(skipped))
 
     # -- where the run is ---------------------------------------------------------------------
     @property
@@ -102,7 +104,7 @@ class MSTScheduler:
                 "of another kind attach None and call sm.mst.step() after each of its steps")
         schedule.check(self.config)
         held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in self.h.parameters().items() if id(p) not in held]
+        missing = [n for n, s in self.sites.items() if id(s.param) not in held]
         if optimizer is not None and missing:
             raise ValueError(
                 f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
@@ -116,9 +118,9 @@ class MSTScheduler:
             self._initial_masks()
         if not self.manual:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
-        self._hooks.append(self.h._module_ref.register_forward_pre_hook(self._drop_stale_probes))
-        self.ledger.install(self.h._module_ref)
-        self.h.apply_masks()
+        self._hooks.append(self.module.register_forward_pre_hook(self._drop_stale_probes))
+        self.ledger.install(self.module)
+        apply_masks(self.sites)
         self._reset_masked_state()
         self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
@@ -135,10 +137,9 @@ class MSTScheduler:
     @torch.no_grad()
     def _initial_masks(self) -> None:
         """At step 0 the masks follow s(0): dense for the default schedule, sparse for one that starts sparse."""
-        s0 = schedule.target_sparsity(0, self.config)
-        counts = self.h.allocation(s0)
-        if any(sw.active() != counts[n] for n, sw in self.h.sparse_weights().items()):
-            self.h.set_sparsity(s0)
+        counts = self._allocation(schedule.target_sparsity(0, self.config))
+        if any(s.active() != counts[n] for n, s in self.sites.items()):
+            keep_largest(self.sites, counts, self.config.sparse_kernel)
 
     # -- the hook -----------------------------------------------------------------------------
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -150,7 +151,7 @@ class MSTScheduler:
     def advance(self) -> None:
         """One optimizer step was taken: re-mask, charge it, update the topology when it is due."""
         self.step += 1
-        self.h.apply_masks()
+        apply_masks(self.sites)
         self.ledger.close_step()
         T = self.config.total_steps
         if self.step > T:
@@ -174,19 +175,21 @@ class MSTScheduler:
         k, cfg = self.step + 1, self.config
         if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
             return set()
-        counts = self.h.allocation(schedule.target_sparsity(k, cfg))
+        counts = self._allocation(schedule.target_sparsity(k, cfg))
         zeta = schedule.drop_fraction(k, cfg)
         out = set()
-        for name, sw in self.h.sparse_weights().items():
-            _, n_grow = prune_grow_counts(sw.active(), counts[name], zeta)
+        for name, site in self.sites.items():
+            _, n_grow = prune_grow_counts(site.active(), counts[name], zeta)
             if gradient_share(n_grow, cfg.grow_gradient_fraction):
                 out.add(name)
         return out
 
+    def _allocation(self, sparsity: float) -> dict[str, int]:
+        return allocation(self.sites, sparsity, self.config.distribution)
+
     def _set_probes(self, names: set[str]) -> None:
-        sws = self.h.sparse_weights()
         for n in names | self._probing:
-            sws[n].collect_dense_grad(n in names)  # a fresh zero probe each time: no gradient carries over
+            self.sites[n].sparse.collect_dense_grad(n in names)  # a fresh zero probe each time: no gradient carries over
         self._probing = set(names)
 
     def _drop_stale_probes(self, module, args) -> None:
@@ -194,10 +197,9 @@ class MSTScheduler:
         a step the optimizer never took (GradScaler skips steps with inf/NaN): start it afresh."""
         if not self._probing or not torch.is_grad_enabled():
             return
-        first = next(iter(self.h.parameters().values()), None)
-        if first is not None and first.grad is None:
-            sws = self.h.sparse_weights()
-            if any(sws[n].probe.grad is not None for n in self._probing):
+        first = next(iter(self.sites.values()), None)
+        if first is not None and first.param.grad is None:
+            if any(self.sites[n].sparse.probe.grad is not None for n in self._probing):
                 self._set_probes(self._probing)
 
     def scheduled_attention(self, site: str) -> str:
@@ -216,11 +218,11 @@ class MSTScheduler:
         return pattern, 1.0
 
     def _sync_attention(self, force: bool = False) -> None:
-        if not self.h._attention:
+        if not self.attention:
             return
         now = (self.phase, schedule.widening(self.step, self.config))
         if force or now != self._phase_applied:
-            for name, site in self.h._attention.items():
+            for name, site in self.attention.items():
                 pattern, site.stride_scale = self._scheduled(name)
                 site.set_pattern(pattern)
             self._phase_applied = now
@@ -228,13 +230,13 @@ class MSTScheduler:
     # -- the topology update ------------------------------------------------------------------
     @torch.no_grad()
     def _dense_grads(self) -> dict[str, torch.Tensor | None]:
-        grads = {n: sw.dense_grad() for n, sw in self.h.sparse_weights().items()}
+        grads = {n: s.sparse.dense_grad() for n, s in self.sites.items()}
         if self._group is None:
             return grads
         world = dist.get_world_size(self._group)
         out = dict.fromkeys(grads)
         for n in sorted(self._probing):  # the probe is no DDP parameter: average it here (same set on every rank)
-            g, p = grads[n], self.h._weights[n][0]
+            g, p = grads[n], self.sites[n].param
             g = torch.zeros(p.shape, device=p.device) if g is None else g.detach().float().clone()
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self._group)
             out[n] = g.div_(world)
@@ -245,19 +247,19 @@ class MSTScheduler:
         t, cfg = self.step, self.config
         sparsity = schedule.target_sparsity(t, cfg)
         zeta = schedule.drop_fraction(t, cfg)
-        counts = self.h.allocation(sparsity)
+        counts = self._allocation(sparsity)
         grads = self._dense_grads()
         changes = {}
-        for name, (param, sw, _) in self.h._weights.items():
-            changes[name] = mixed_growing(param, sw.mask, grads[name], counts[name], zeta,
+        for name, site in self.sites.items():
+            changes[name] = mixed_growing(site.param, site.mask, grads[name], counts[name], zeta,
                                           cfg.grow_gradient_fraction, self._generator)
         if self._group is not None:
             self._agree_on_masks(changes)
         totals = dict(pruned=0, grown_gradient=0, grown_random=0, regrown=0)
         fallback = False
-        for name, (param, sw, _) in self.h._weights.items():
-            ch = changes[name]
-            sw.set_mask(ch.mask.view_as(param))
+        for name, site in self.sites.items():
+            ch, param = changes[name], site.param
+            site.sparse.set_mask(ch.mask.view_as(param))
             apply_change(param, ch, self.optimizer)
             if cfg.grow_init_scale > 0:
                 self._init_grown(param, ch)
@@ -266,7 +268,7 @@ class MSTScheduler:
             totals["grown_random"] += ch.n_grow_random
             totals["regrown"] += ch.regrown
             fallback |= ch.gradient_fallback
-        self.h._on_masks_changed()
+        refresh(self.sites, cfg.sparse_kernel)
         self._track_exploration()
         self.last_update = {
             "step": t,
@@ -303,9 +305,9 @@ class MSTScheduler:
             ch.dropped, ch.grown = old & ~ch.mask, ch.mask & ~old
 
     def _track_exploration(self) -> None:
-        masks = self.h.masks()
+        masks = {n: s.mask for n, s in self.sites.items()}
         if self._ever is None:
-            if self.h.density() >= 1.0:
+            if overall_density(self.sites) >= 1.0:
                 return  # still dense: exploration starts once the topology is sparse
             self._ever = {n: m.detach().clone() for n, m in masks.items()}
         else:
@@ -315,86 +317,20 @@ class MSTScheduler:
     def ever_active(self) -> float:
         """Share of the sparse weights that have been active in at least one sparse topology so far."""
         if self._ever is None:
-            return 1.0 if self.h.density() >= 1.0 else self.h.density()
+            density = overall_density(self.sites)
+            return 1.0 if density >= 1.0 else density
         total = sum(m.numel() for m in self._ever.values())
         return sum(int(m.sum()) for m in self._ever.values()) / total if total else 1.0
 
     @torch.no_grad()
     def _reset_masked_state(self) -> None:
         """Zero optimizer state wherever a mask is 0 (a moment left there would revive a dead weight)."""
-        if self.optimizer is None:
-            return
-        for param, sw, _ in self.h._weights.values():
-            for v in self.optimizer.state.get(param, {}).values():
-                if isinstance(v, torch.Tensor) and v.shape == param.shape:
-                    v.masked_fill_(~sw.mask, 0)
+        for site in self.sites.values():
+            zero_state(self.optimizer, site.param, ~site.mask)
 
-    # -- checkpointing ------------------------------------------------------------------------
+    # -- checkpointing (scheduler_state.py) ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "step": self.step,
-            "masks": {n: m.detach().cpu().clone() for n, m in self.h.masks().items()},
-            "ever_active": None if self._ever is None else {n: m.cpu().clone() for n, m in self._ever.items()},
-            "generator": self._generator.get_state(),
-            "ledger": self.ledger.state_dict(),
-            "last_update": None if self.last_update is None else dict(self.last_update),
-            "warned_past_end": self._warned_past_end,
-            "pinned_attention": dict(self.pinned_attention),
-            "config": self.config.to_dict(),
-        }
+        return scheduler_state.state_dict(self)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"sm.mst.load_state_dict: expected a dict from sm.mst.state_dict() (format {FORMAT!r}), got {got!r}")
-        self._check_masks(state["masks"])
-        self._warn_config(state.get("config") or {})
-        for name, (_, sw, _) in self.h._weights.items():
-            sw.set_mask(state["masks"][name].to(device=sw.mask.device, dtype=torch.bool))
-        self.h._on_masks_changed()
-        self.h.apply_masks()
-        self.step = int(state["step"])
-        self._generator.set_state(state["generator"])
-        ever = state.get("ever_active")
-        self._ever = None if ever is None else {n: ever[n].to(self.h.masks()[n].device).bool() for n in self.h.masks()}
-        self.ledger.load_state_dict(state.get("ledger") or {})
-        self.last_update = state.get("last_update")
-        self._warned_past_end = bool(state.get("warned_past_end", False))
-        pinned = state.get("pinned_attention") or {}
-        self.pinned_attention = {n: p for n, p in pinned.items() if n in self.h._attention}
-        if self.attached:
-            self._reset_masked_state()
-            self._set_probes(self._probes_for_next_step())
-        self._sync_attention(force=True)
-
-    def _check_masks(self, masks: Any) -> None:
-        if not isinstance(masks, dict):
-            raise CheckpointError(f"sm.mst.load_state_dict: 'masks' must be a dict of name -> bool tensor, got {type(masks).__name__}")
-        ours = self.h.parameters()
-        missing = [n for n in ours if n not in masks]
-        extra = [n for n in masks if n not in ours]
-        if missing or extra:
-            raise CheckpointError(
-                f"sm.mst.load_state_dict: the checkpoint's masks do not fit this model: missing masks for {missing}, "
-                f"masks for weights the model does not have: {extra}"
-            )
-        bad = []
-        for n, p in ours.items():
-            if not isinstance(masks[n], torch.Tensor) or tuple(masks[n].shape) != tuple(p.shape):
-                shape = tuple(masks[n].shape) if isinstance(masks[n], torch.Tensor) else type(masks[n]).__name__
-                bad.append(f"the mask of weight '{n}' has shape {shape} in the checkpoint, but the model's weight "
-                           f"has shape {tuple(p.shape)}")
-        if bad:
-            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-            raise CheckpointError("sm.mst.load_state_dict: " + "; ".join(bad[:3]) + more)
-
-    def _warn_config(self, saved: dict[str, Any]) -> None:
-        ours = self.config.to_dict()
-        diff = sorted(k for k in saved if k != "extra" and k in ours and saved[k] != ours[k])
-        if diff:
-            warnings.warn(
-                "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("
-                + ", ".join(f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in diff)
-                + "); the schedule continues under the current config", stacklevel=3)
+        scheduler_state.load_state_dict(self, state)

@@ -118,16 +118,23 @@ def mixed_growing(
 def apply_change(param: Tensor, change: TopologyChange, optimizer: torch.optim.Optimizer | None) -> None:
     """Zero dropped and grown weights and their optimizer state; keep everything else bit for bit.
 
-    Every optimizer state tensor shaped like the parameter is reset (SGD ``momentum_buffer``,
-    Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...), which also zeroes it wherever
-    the new mask is 0.
+    The optimizer state is reset there too (``zero_state``), which also zeroes it wherever the new
+    mask is 0.
     """
     new = change.mask.view_as(param)
     reset = (~change.mask | change.grown).view_as(param)
     param.mul_(new)
     param.masked_fill_(change.grown.view_as(param), 0.0)
+    zero_state(optimizer, param, reset)
+
+
+@torch.no_grad()
+def zero_state(optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor) -> None:
+    """Zero ``param``'s optimizer state where ``where`` is True: every state tensor shaped like the
+    parameter (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+    ...). A moment left at a masked position would revive a dead weight on its next step."""
     if optimizer is None:
         return
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(reset, 0)
+            value.masked_fill_(where, 0)

@@ -1,0 +1,87 @@
+"""The site table: one ``WeightSite`` per sparse weight, and what the runtime does to all of them.
+
+The handle builds the table from what the linear pass rewrote and hands the same dict to the
+scheduler and the ledger, so each of them reads the parameter, its mask and its cached density
+from one place instead of from the handle's internals. Masks only change through
+``keep_largest``, ``SparseWeight.set_mask`` followed by ``refresh``, so the cached densities and
+the kernel choice of each site always follow the current mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.sparse_linear import SparseWeight
+from .density import allocate
+
+
+@dataclass(eq=False)
+class WeightSite:
+    """One sparse weight: the parameter, its ``SparseWeight`` (mask, probe, kernel) and how many graph
+    nodes use it (2 for a tied head read twice). ``density`` caches active / numel of the mask: the
+    ledger reads it at every step and counting a mask each time would cost a reduction per weight."""
+
+    name: str
+    param: nn.Parameter
+    sparse: SparseWeight
+    uses: int = 1
+    density: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.density = self.sparse.active() / self.sparse.numel
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.sparse.mask
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    def active(self) -> int:
+        return self.sparse.active()
+
+
+Sites = dict[str, WeightSite]
+
+
+def allocation(sites: Sites, sparsity: float, distribution: str) -> dict[str, int]:
+    """Active count per weight for a global ``sparsity`` under ``distribution`` (docs/design.md §2)."""
+    return allocate({n: s.shape for n, s in sites.items()}, sparsity, distribution)
+
+
+def overall_density(sites: Sites) -> float:
+    """Active / total over all sparse weights (1.0 with none)."""
+    total = sum(s.sparse.numel for s in sites.values())
+    return sum(s.active() for s in sites.values()) / total if total else 1.0
+
+
+def refresh(sites: Sites, kernel_setting: str) -> None:
+    """After any mask change: re-cache every density and let each site re-pick its linear kernel."""
+    for s in sites.values():
+        s.density = s.active() / s.sparse.numel if s.sparse.numel else 1.0
+        s.sparse.select_kernel(kernel_setting)
+
+
+@torch.no_grad()
+def apply_masks(sites: Sites) -> None:
+    """Zero every masked weight (the invariant the sparse op relies on)."""
+    if sites:  # one fused call: this runs after every optimizer step
+        torch._foreach_mul_([s.param for s in sites.values()], [s.mask for s in sites.values()])
+
+
+@torch.no_grad()
+def keep_largest(sites: Sites, counts: dict[str, int], kernel_setting: str) -> None:
+    """Mask each weight to its ``counts[name]`` largest-magnitude entries and zero the rest."""
+    for name, count in counts.items():
+        s = sites[name]
+        param = s.param
+        mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        if count:
+            mask[torch.topk(param.detach().abs().flatten(), count, sorted=False).indices] = True
+        mask = mask.view_as(param)
+        s.sparse.set_mask(mask)
+        param.mul_(mask)
+    refresh(sites, kernel_setting)
