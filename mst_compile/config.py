@@ -9,22 +9,33 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
-ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")
-PHASES = ("warmup", "ultra", "restoration")
-SPARSE_KERNELS = ("auto", "dense", "csr")
-LR_SCHEDULES = ("cosine", "wsd")
-ATTENTION_RESTORES = ("switch", "widen")
-RESTORATION_SHAPES = ("late", "linear", "early")
+from .vocab import (
+    ATTENTION_PATTERNS,
+    ATTENTION_RESTORES,
+    DISTRIBUTIONS,
+    LR_SCHEDULES,
+    PHASES,
+    RESTORATION_SHAPES,
+    SPARSE_KERNELS,
+)
+
+__all__ = ["MSTConfig", "PRESETS", "ATTENTION_PATTERNS", "ATTENTION_RESTORES", "DISTRIBUTIONS", "LR_SCHEDULES", "PHASES",
+           "RESTORATION_SHAPES", "SPARSE_KERNELS"]
+
+
+def _set(cfg: MSTConfig, name: str, value: Any) -> None:
+    """Store the normalised form of a field during validation (the dataclass is frozen)."""
+    object.__setattr__(cfg, name, value)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MSTConfig.{name}={value!r} is invalid: expected {allowed}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MSTConfig:
-    """Configuration of one MST run.
+    """Configuration of one MST run. Frozen: every field is validated once, here, so a config that
+    exists is valid; change one with ``cfg.replace(sparsity=0.9)`` (validated again).
 
     Sparsity variation (docs/design.md §3): dense start, cubic ramp to ``sparsity`` over
     ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
@@ -86,7 +97,7 @@ class MSTConfig:
                 _fail("schedule", self.schedule, "steps that are integers >= 0 in strictly increasing order")
             if any(not 0.0 <= p[1] < 1.0 for p in pts):
                 _fail("schedule", self.schedule, "sparsities in [0, 1)")
-            self.schedule = [(int(s), float(v)) for s, v in pts]
+            _set(self, "schedule", [(int(s), float(v)) for s, v in pts])
         if self.distribution not in DISTRIBUTIONS:
             _fail("distribution", self.distribution, f"one of {', '.join(DISTRIBUTIONS)}")
         if self.update_interval is not None and (isinstance(self.update_interval, bool)
@@ -98,7 +109,7 @@ class MSTConfig:
             dfs = tuple(self.drop_fractions)
             if len(dfs) != 3 or any(not isinstance(z, (int, float)) or not 0.0 <= z <= 1.0 for z in dfs):
                 _fail("drop_fractions", self.drop_fractions, "three numbers in [0, 1] (warmup, ultra, restoration)")
-            self.drop_fractions = tuple(float(z) for z in dfs)
+            _set(self, "drop_fractions", tuple(float(z) for z in dfs))
         if not isinstance(self.grow_gradient_fraction, (int, float)) or not 0.0 <= self.grow_gradient_fraction <= 1.0:
             _fail("grow_gradient_fraction", self.grow_gradient_fraction, "a number in [0, 1]")
         if self.attention not in ATTENTION_PATTERNS:
@@ -108,7 +119,7 @@ class MSTConfig:
         phases = tuple(self.attention_phases)
         if any(p not in PHASES for p in phases):
             _fail("attention_phases", self.attention_phases, f"phase names from {', '.join(PHASES)}")
-        self.attention_phases = phases
+        _set(self, "attention_phases", phases)
         if self.sparse_kernel not in SPARSE_KERNELS:
             _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -147,7 +158,7 @@ class MSTConfig:
                     _fail(f"attention_sites[{site!r}]", rule, f"phases from {', '.join(PHASES)}; got {phase!r}")
                 if pattern not in ATTENTION_PATTERNS:
                     _fail(f"attention_sites[{site!r}][{phase!r}]", pattern, f"one of {', '.join(ATTENTION_PATTERNS)}")
-        self.attention_sites = {k: (dict(v) if isinstance(v, dict) else v) for k, v in rules.items()}
+        _set(self, "attention_sites", {k: (dict(v) if isinstance(v, dict) else v) for k, v in rules.items()})
 
     def attention_pattern(self, site: str, phase: str) -> str:
         """The pattern attention site ``site`` runs in ``phase`` under this config."""
@@ -213,6 +224,7 @@ class MSTConfig:
         return cls(**{**PRESETS[name], **changes})
 
     def replace(self, **changes: Any) -> MSTConfig:
+        """A copy with ``changes`` applied, validated like a new config."""
         return dataclasses.replace(self, **changes)
 
 

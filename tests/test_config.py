@@ -52,3 +52,16 @@ def test_phase_fractions_must_fit():
 def test_unknown_keys_rejected():
     with pytest.raises(ValueError, match="unknown keys \\['sparsity_max'\\]"):
         MSTConfig.from_dict({"sparsity_max": 0.9})
+
+
+def test_config_is_frozen_and_replace_validates():
+    import dataclasses
+
+    cfg = MSTConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sparsity = 2  # would bypass validation
+    assert cfg.replace(sparsity=0.9).sparsity == 0.9 and cfg.sparsity == 0.85
+    with pytest.raises(ValueError, match=r"MSTConfig.sparsity=2 is invalid"):
+        cfg.replace(sparsity=2)
+    with pytest.raises(ValueError, match=r"MSTConfig.total_steps=0 is invalid"):
+        dataclasses.replace(cfg, total_steps=0)
