@@ -95,11 +95,12 @@ def export(run_dir: str, dest: str | None, fmt: str, output: str | None, attenti
            no_validate: bool, dense_initializers: bool, check_lengths: str | None) -> None:
     """Export RUN_DIR's last checkpoint: to ONNX (checked against PyTorch in onnxruntime) or, with
     --format hf, to the Hugging Face folder DEST (default RUN_DIR/hf)."""
-    from .paths import run_folder, writable_dir, writable_file
+    from . import run_folder as rf
+    from .paths import writable_dir, writable_file
 
     if dest and output and dest != output:
         raise click.BadParameter(f"give the destination once: {dest} or -o {output}", param_hint="DEST")
-    run = run_folder(run_dir)  # a typo fails in well under a second: checked before torch is imported
+    run = rf.existing(run_dir)  # a typo fails in well under a second: checked before torch is imported
     if fmt == "hf":
         if attention is not None:
             raise click.BadParameter("a Hugging Face folder keeps the model's own attention; its summary records "
@@ -112,7 +113,7 @@ def export(run_dir: str, dest: str | None, fmt: str, output: str | None, attenti
         click.echo(f"wrote {folder}: density {s['density']:.3f}, masks folded in, attention at the end of training "
                    f"{s['attention_at_end']}" + (f" ({s['attention_note']})" if "attention_note" in s else ""))
         return
-    writable_file(dest or output or run / "model.onnx", "--output")
+    writable_file(dest or output or run / rf.ONNX, "--output")
     lengths = _lengths(check_lengths) if check_lengths is not None else []
     if lengths and no_validate:
         raise click.BadParameter("the lengths are checked by the validation; drop --no-validate", param_hint="--check-lengths")
@@ -184,7 +185,7 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
 
     mf = load_model_file(model_file)  # a missing file fails here, before torch is imported
     if resume:  # the run's saved config, with the changes a resume may make (train/resume.py)
-        from .train.loop import load_run_config
+        from .run_folder import load_run_config
         from .train.resume import resume_configs
 
         tc, mst, changes = resume_configs(resume, load_run_config(resume), config_file, train_flags, mst_flags)
@@ -210,13 +211,14 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
 
 def _check_train_paths(out: str | None, resume: str | None, config_file: str | None, data: str | None) -> None:
     """What ``mstc train`` can check without torch: a typo fails in well under a second."""
-    from .paths import run_folder, writable_dir
+    from . import run_folder as rf
+    from .paths import writable_dir
     from .train.options import read_config_file
 
     if resume:
-        writable_dir(run_folder(resume, checkpoint=False), "--resume")
+        writable_dir(rf.existing(resume, checkpoint=False), "--resume")
     else:
-        writable_dir(out or "runs", "--out" if out else "run folder")
+        writable_dir(out or rf.RUNS, "--out" if out else "run folder")
     if config_file:
         read_config_file(config_file)
     if data:

@@ -57,18 +57,3 @@ def writable_dir(path: str | Path, what: str) -> Path:
         raise MstCompileError(f"{what} {p} cannot be written ({why}); choose another path")
     return p
 
-
-def run_folder(run_dir: str | Path, *, checkpoint: bool = True) -> Path:
-    """A folder ``mstc train`` wrote: it has ``config.toml`` (and ``checkpoints/last.pt``)."""
-    p = Path(run_dir)
-    if not p.is_dir():
-        raise MstCompileError(f"run folder {p} does not exist: pass the folder mstc train wrote (runs/...)")
-    if not (p / "config.toml").is_file():
-        raise MstCompileError(f"{p} is not a run folder (no config.toml): pass the folder mstc train wrote")
-    last = p / "checkpoints" / "last.pt"
-    if checkpoint and not last.is_file():
-        raise MstCompileError(
-            f"run folder {p} has no checkpoint ({last} is missing): the run stopped before its first "
-            "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
-        )
-    return p

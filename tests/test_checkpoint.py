@@ -7,9 +7,9 @@ import torch
 from _train_models import NAN_AT_6, TINY, write
 from click.testing import CliRunner
 
+from mst_compile import checkpoint as ckpt
 from mst_compile.cli import main
 from mst_compile.errors import CheckpointError
-from mst_compile.train import checkpoint as ckpt
 
 
 def flip(path: Path, at: float = 0.5, n: int = 1) -> None:

@@ -53,7 +53,7 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
         train(f, out=tmp_path / "split", progress=False, stop_at=9)
     last = tmp_path / "split" / "checkpoints" / "last.pt"
     _save_as_if_on_cuda(torch.load(last, weights_only=True), last)
-    from mst_compile.train import checkpoint as ckpt
+    from mst_compile import checkpoint as ckpt
 
     sums = last.parent / ckpt.SUMS  # the trainer records each file's digest as it writes it, on a GPU too
     sums.write_text(sums.read_text() + f"{ckpt.sha256(last)}  9  {ckpt.step_files(last.parent)[0].name}\n")

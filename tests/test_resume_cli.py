@@ -11,7 +11,8 @@ from _train_models import TINY, write
 from click.testing import CliRunner
 
 from mst_compile.cli import main
-from mst_compile.train.loop import TrainingInterrupted, load_run_config, lr_at, train
+from mst_compile.run_folder import load_run_config
+from mst_compile.train.loop import TrainingInterrupted, lr_at, train
 from mst_compile.train.metrics import read_jsonl
 
 

@@ -15,8 +15,10 @@ import tomllib
 import torch
 from torch import nn
 
+from .. import checkpoint as ckpt
+from .. import run_folder as rf
 from ..errors import MstCompileError
-from ..paths import run_folder, writable_file
+from ..paths import writable_file
 from .onnx import ExportResult, export_onnx
 from .validate import check_length_limit
 
@@ -27,7 +29,7 @@ def _model_path(run_dir: Path, doc: dict) -> Path:
 
     name = doc.get("model")
     if not name:
-        raise MstCompileError(f"{run_dir / 'config.toml'} does not name the model file it trained (no 'model' key)")
+        raise MstCompileError(f"{rf.config_file(run_dir)} does not name the model file it trained (no 'model' key)")
     p = Path(name)
     for cand in ([p] if p.is_absolute() else [p, run_dir / p, run_dir.parent / p]):
         if cand.is_file():
@@ -57,17 +59,12 @@ def load_run(run_dir) -> tuple[Any, nn.Module, torch.fx.GraphModule | None, Any,
     with the masks and attention patterns of the last step (None for a dense baseline).
     """
     from ..api import sparsify
-    from ..config import MSTConfig
     from ..modelfile import load_model_file
-    from ..train import checkpoint as ckpt
-    from ..train.options import TrainConfig, read_config_file
 
-    run_dir = run_folder(run_dir)
-    cfg_file, last = run_dir / "config.toml", run_dir / "checkpoints" / "last.pt"
-    train, mst = read_config_file(cfg_file)
-    tc = TrainConfig(**train)
-    mst_cfg = MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
-    mf = load_model_file(_model_path(run_dir, tomllib.loads(cfg_file.read_text())))
+    run_dir = rf.existing(run_dir)
+    last = rf.last_checkpoint(run_dir)
+    tc, mst_cfg = rf.load_run_config(run_dir)
+    mf = load_model_file(_model_path(run_dir, tomllib.loads(rf.config_file(run_dir).read_text())))
     model = mf.model()
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, model, last)
@@ -88,8 +85,8 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
     """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
     from ..modelfile import max_sequence_length
 
-    run_dir = run_folder(run_dir)
-    output = writable_file(output or run_dir / "model.onnx", "export path")  # before the minutes of work
+    run_dir = rf.existing(run_dir)
+    output = writable_file(output or run_dir / rf.ONNX, "export path")  # before the minutes of work
     if export_kw.get("validate", True):
         from .validate import check_provider
 

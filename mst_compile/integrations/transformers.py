@@ -161,7 +161,7 @@ class MSTCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.sm is None or not state.is_world_process_zero:
             return
-        from ..train.checkpoint import save_atomic
+        from ..checkpoint import save_atomic
 
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir():

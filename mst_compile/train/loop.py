@@ -21,18 +21,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import checkpoint as ckpt
+from .. import run_folder as rf
 from ..capture import split_inputs
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..modelfile import ModelFile, check_unchanged, file_sha256, load_model_file, max_sequence_length
 from ..paths import writable_dir
 from ..runtime.schedule import lr_multiplier
-from . import checkpoint as ckpt
 from . import distributed
 from .accounting import Accounting, ranks_identical
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress, duration, human
-from .options import TrainConfig, configs_for_model_file, dumps_config, read_config_file, read_model_record
+from .options import TrainConfig, configs_for_model_file, dumps_config, read_model_record
 from .precision import MAX_SKIPS, Precision
 
 _EVAL_KEY = 2**40  # batch keys of evaluations never collide with training steps
@@ -106,7 +107,7 @@ class _StopRequest:
 
 def _new_run_dir(model_file: Path, dense: bool) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{model_file.stem}{'-dense' if dense else ''}-{stamp}"
+    base = Path(rf.RUNS) / f"{model_file.stem}{'-dense' if dense else ''}-{stamp}"
     out, i = base, 1
     while out.exists():
         out, i = Path(f"{base}-{i}"), i + 1
@@ -117,8 +118,8 @@ def _check_out(out: str | None, resume: str | None, model_file: Path, dense: boo
     """The run folder; never one that holds something unless we are resuming it."""
     if resume:
         r = Path(resume)
-        if not (r / "config.toml").is_file():
-            raise MstCompileError(f"--resume {r}: not a run folder (no config.toml); pass the folder mstc train wrote")
+        if not rf.config_file(r).is_file():
+            raise MstCompileError(f"--resume {r}: not a run folder (no {rf.CONFIG}); pass the folder mstc train wrote")
         if out and Path(out).resolve() != r.resolve():
             raise MstCompileError(f"--resume {r} continues in that folder; drop --out {out}")
         return writable_dir(r, "--resume")
@@ -137,14 +138,6 @@ def _absolute(spec: str | None) -> str | None:
     return str(Path.cwd() / spec)
 
 
-def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
-    if not (Path(run_dir) / "config.toml").is_file():
-        raise MstCompileError(f"--resume {run_dir}: not a run folder (no config.toml); pass the folder mstc train wrote")
-    train, mst = read_config_file(Path(run_dir) / "config.toml")
-    tc = TrainConfig(**train)
-    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
-
-
 def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None = None, mst_config: MSTConfig | None = None, *,
           out: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
           stop_at: int | None = None) -> dict:
@@ -157,7 +150,7 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
     t_start = time.time()
     mf = model_file if isinstance(model_file, ModelFile) else load_model_file(model_file)
     if resume is not None and train_config is None:
-        tc, mst = load_run_config(resume)
+        tc, mst = rf.load_run_config(resume)
     else:  # a new run, or a resume whose changes resume_configs accepted
         hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {}) if train_config is None or mst_config is None else (None, None)
         mst, tc = mst_config or hook_mst, train_config or hook_tc
@@ -210,11 +203,12 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if resume is not None:
         if d.main:
             ckpt.clean_temp(run_dir)  # left by writes a kill interrupted
-        ck = ckpt.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        ckpt.check_same_model(ck, model, run_dir / "checkpoints" / "last.pt")
+        last = rf.last_checkpoint(run_dir)
+        ck = ckpt.load_checkpoint(last)
+        ckpt.check_same_model(ck, model, last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        acct.load_state_dict(ck["mst"], run_dir / "checkpoints" / "last.pt")
+        acct.load_state_dict(ck["mst"], last)
         ckpt.set_rng_state(ck["rng"])
         prec.load_state_dict(ck.get("precision"))
         start, best, elapsed0 = ck["step"], ck["best_val"], ck["elapsed"]
@@ -232,14 +226,14 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
         if resume is not None:
             check_unchanged(mf.path, read_model_record(run_dir).get("model_sha256"), run_dir)
         # the model file by absolute path and content hash: export and resume work from any folder
-        ckpt.write_text_atomic(run_dir / "config.toml", dumps_config(tc, mst, str(mf.path.resolve()), file_sha256(mf.path)))
+        ckpt.write_text_atomic(rf.config_file(run_dir), dumps_config(tc, mst, str(mf.path.resolve()), file_sha256(mf.path)))
         log = MetricsLog(run_dir, keep_until_step=start if resume is not None else None)
     bar = Progress(tc.steps, start, tc.log_interval, enabled=progress and d.main)
     if d.main:
         bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {data.describe()} | "
                  f"{tc.steps} steps x {B * T * tc.grad_accum * d.world:,} tokens" + (f" | resumed at step {start}" if start else ""))
 
-    def save(step: int, name: str = "last.pt") -> None:
+    def save(step: int, name: str = rf.LAST) -> None:
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:  # a finite loss can still leave inf/NaN weights: never checkpoint them
             raise _diverged(f"weight {bad} became non-finite at step {step}", run_dir)
@@ -247,7 +241,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
             state = ckpt.make_checkpoint(step=step, model=model, optimizer=opt, mst_state=acct.state_dict(), extra={
                 "best_val": best, "elapsed": elapsed0 + time.time() - t_start, "data": {"step": step, "tokens": acct.tokens},
                 "precision": prec.state_dict()})
-            ckpt.save_checkpoint(state, run_dir / "checkpoints", keep=tc.keep_checkpoints, best=name == "best.pt")
+            ckpt.save_checkpoint(state, rf.checkpoints(run_dir), keep=tc.keep_checkpoints, best=name == rf.BEST)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -323,7 +317,7 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
                     bar.note(f"step {done}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}")
                     if last_eval["val"] < best:
                         best = last_eval["val"]
-                        save(done, "best.pt")
+                        save(done, rf.BEST)
                 if done % tc.checkpoint_interval == 0 or done == tc.steps or stops or done == stop_at:
                     save(done)
                 if (stops or done == stop_at) and done < tc.steps:
@@ -346,12 +340,12 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.on:
         summary["ranks_identical"] = ranks_identical(acct, model, d)
     if d.main:
-        ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        ckpt.write_text_atomic(run_dir / rf.SUMMARY, json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def _diverged(what: str, run_dir: Path) -> TrainingDiverged:
-    good = ckpt.last_good(run_dir / "checkpoints")
+    good = ckpt.last_good(rf.checkpoints(run_dir))
     where = f"; the last good checkpoint (checksum verified) is {good}" if good else ""
     return TrainingDiverged(f"{what}: stopping{where} (try a lower --lr)")
 

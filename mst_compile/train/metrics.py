@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import run_folder as rf
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
@@ -42,10 +44,10 @@ class MetricsLog:
     """Appends to metrics.jsonl and mirrors scalars to TensorBoard if ``tensorboard`` imports."""
 
     def __init__(self, folder: Path, keep_until_step: int | None = None):
-        self.path = folder / "metrics.jsonl"
+        self.path = folder / rf.METRICS
         if keep_until_step is not None:  # resuming: drop lines past the checkpoint, they are redone
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= keep_until_step]
-            from .checkpoint import write_text_atomic
+            from ..checkpoint import write_text_atomic
 
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
@@ -56,7 +58,7 @@ class MetricsLog:
             importlib.import_module("tensorboard")  # torch's SummaryWriter imports it lazily: fail here
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=keep_until_step)
+            self.tb = SummaryWriter(str(folder / rf.TENSORBOARD), purge_step=keep_until_step)
         except Exception:  # TensorBoard is optional
             self.tb = None
 

@@ -14,6 +14,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from .. import run_folder as rf
 from ..errors import MstCompileError
 from ..paths import writable_dir
 from ..vocab import ATTENTION_PATTERNS
@@ -24,15 +25,15 @@ _PHASE_COLORS = {"warmup": "#fde0c5", "ultra": "#c9e4f6", "restoration": "#d5f0d
 
 class Run:
     def __init__(self, folder: Path):
-        if not (folder / "metrics.jsonl").is_file():
+        if not (folder / rf.METRICS).is_file():
             raise MstCompileError(f"{folder} is not a run folder: it has no metrics.jsonl (pass folders written by mstc train)")
         self.folder = folder
         self.name = folder.name
-        rows = read_jsonl(folder / "metrics.jsonl")
+        rows = read_jsonl(folder / rf.METRICS)
         self.train = [r for r in rows if r.get("kind") == "train"]
         self.eval = [r for r in rows if r.get("kind") == "eval"]
         self.updates = [r for r in rows if r.get("kind") == "update"]
-        s = folder / "summary.json"
+        s = folder / rf.SUMMARY
         self.summary = json.loads(s.read_text()) if s.is_file() else {}
         self.dense = self.summary.get("mode") == "dense" or bool(self.train) and self.train[0].get("phase") == "dense"
         if not self.train:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
+from .run_folder import BEST, CHECKPOINTS, LAST
 
 FORMAT = 1
 SUMS = "sha256sums"
@@ -88,7 +89,7 @@ def _record(folder: Path, digest: str, step: int, name: str) -> None:
 def save_checkpoint(state: dict, folder: Path, *, keep: int, best: bool = False) -> Path:
     """Write ``state`` as ``step-N.pt`` (and ``last.pt``), or as ``best.pt``; keep the newest ``keep`` step files."""
     step = int(state["step"])
-    target = folder / ("best.pt" if best else f"step-{step:07d}.pt")
+    target = folder / (BEST if best else f"step-{step:07d}.pt")
     tmp = _saved_temp(state, target)
     try:
         _record(folder, sha256(tmp), step, target.name)
@@ -99,13 +100,13 @@ def save_checkpoint(state: dict, folder: Path, *, keep: int, best: bool = False)
         raise
     if best:
         return target
-    alias = _temp_beside(folder / "last.pt")
+    alias = _temp_beside(folder / LAST)
     os.unlink(alias)
     try:
         os.link(target, alias)
     except OSError:  # no hard links on this file system
         shutil.copyfile(target, alias)
-    os.replace(alias, folder / "last.pt")
+    os.replace(alias, folder / LAST)
     for old in step_files(folder)[keep:]:
         old.unlink()
     return target
@@ -125,7 +126,7 @@ def verifies(path: Path) -> bool:
 
 def last_good(folder: Path, skip: Path | None = None) -> Path | None:
     """The newest checkpoint of ``folder`` that verifies (``last.pt`` first), other than ``skip``."""
-    for p in [folder / "last.pt", *step_files(folder)]:
+    for p in [folder / LAST, *step_files(folder)]:
         if p.is_file() and (skip is None or not p.samefile(skip)) and verifies(p):
             return p
     return None
@@ -133,7 +134,7 @@ def last_good(folder: Path, skip: Path | None = None) -> Path | None:
 
 def clean_temp(folder: Path) -> list[Path]:
     """Remove the temp files of interrupted writes (``.NAME.*.tmp``) in ``folder`` and its checkpoints."""
-    gone = [p for d in (folder, folder / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    gone = [p for d in (folder, folder / CHECKPOINTS) if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
     for p in gone:
         p.unlink()
     return gone
@@ -181,7 +182,7 @@ def make_checkpoint(*, step: int, model, optimizer, mst_state, extra: dict) -> d
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint after checking its sha256; a mismatch names the previous one that verifies."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: the run folder has no checkpoints/last.pt to resume from")
+        raise CheckpointError(f"no checkpoint at {path}: the run folder has no {CHECKPOINTS}/{LAST} to resume from")
     if not verifies(path):
         prev = last_good(path.parent, skip=path)
         hint = (f"the previous checkpoint that verifies is {prev}: copy it over {path} to continue from there" if prev

@@ -1,0 +1,70 @@
+"""The run folder ``mstc train`` writes: its file names, where each file lives, and reading its config.
+
+Training writes the folder; resume, ``mstc export`` and ``mstc report`` read it. Each name is
+spelled here once, so a renamed file cannot leave one reader behind. Layout::
+
+    <run>/config.toml            the model file (path, sha256) and the resolved [train] / [mst] tables
+    <run>/metrics.jsonl          one JSON line per logged step, evaluation and topology update
+    <run>/summary.json           the final summary (losses, FLOPs, densities)
+    <run>/tensorboard/           the same scalars for TensorBoard (when installed)
+    <run>/checkpoints/           step-N.pt, last.pt, best.pt and sha256sums (mst_compile.checkpoint)
+    <run>/model.onnx             what mstc export writes by default
+
+Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import MSTConfig
+from .errors import MstCompileError
+from .run_config import CONFIG, TrainConfig, read_config_file
+
+RUNS = "runs"  # where new run folders go, relative to the current folder
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+ONNX = "model.onnx"
+
+__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "ONNX", "RUNS", "SUMMARY", "TENSORBOARD",
+           "checkpoints", "config_file", "existing", "last_checkpoint", "load_run_config"]
+
+
+def config_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CONFIG
+
+
+def checkpoints(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    return checkpoints(run_dir) / LAST
+
+
+def existing(run_dir: str | Path, *, checkpoint: bool = True) -> Path:
+    """A folder ``mstc train`` wrote: it has ``config.toml`` (and ``checkpoints/last.pt``)."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise MstCompileError(f"run folder {p} does not exist: pass the folder mstc train wrote ({RUNS}/...)")
+    if not config_file(p).is_file():
+        raise MstCompileError(f"{p} is not a run folder (no {CONFIG}): pass the folder mstc train wrote")
+    last = last_checkpoint(p)
+    if checkpoint and not last.is_file():
+        raise MstCompileError(
+            f"run folder {p} has no checkpoint ({last} is missing): the run stopped before its first "
+            "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
+        )
+    return p
+
+
+def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
+    """The run's ``(TrainConfig, MSTConfig)`` as saved, the MST schedule spanning the run's steps."""
+    if not config_file(run_dir).is_file():
+        raise MstCompileError(f"--resume {run_dir}: not a run folder (no {CONFIG}); pass the folder mstc train wrote")
+    train, mst = read_config_file(config_file(run_dir))
+    tc = TrainConfig(**train)
+    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
