@@ -39,76 +39,154 @@ def quiet_torch():
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
+    """The module the loop trains, with its accounting: ``model`` sparsified (MST) or captured as it is
+    (the dense baseline, whose FLOPs per token are measured on ``batch`` once), moved to the device."""
+    with quiet_torch():
+        if tc.dense:
+            from ..capture import capture
+
+            module, _ = capture(model, example_inputs)
+            acct: Accounting = DenseAccounting(module, d.world, dense_flops_per_token(model, mst_config, example_inputs, batch))
+        else:
+            from ..api import sparsify
+
+            acct = MSTAccounting(sparsify(model, mst_config, example_inputs=example_inputs), d.world)
+    acct.module.to(d.device)
+    return acct
+
+
 class Accounting:
-    def __init__(self, model, mst_config, tc, example_inputs, batch, d):
-        self.dense, self.world, self.tokens = tc.dense, d.world, 0
-        self._dense_total = 0.0
-        self._seen_update = None
-        with quiet_torch():
-            if tc.dense:
-                from ..capture import capture
+    """What a run reports about its module: the dense baseline's figures (``MSTAccounting`` has MST's).
 
-                self.sm = None
-                self.module, _ = capture(model, example_inputs)
-                self._per_token = dense_flops_per_token(model, mst_config, example_inputs, batch)
-            else:
-                from ..api import sparsify
+    Both keep the checkpoint format ``{"dense", "tokens", "dense_total", "mst"}`` that export reads.
+    """
 
-                self.sm = sparsify(model, mst_config, example_inputs=example_inputs)
-                self.module = self.sm
-        self.module.to(d.device)
+    dense = True
+    mst = None  # the runtime handle sm.mst of an MST run
 
-    @property
-    def mst(self):
-        return self.sm.mst if self.sm is not None else None
+    def __init__(self, module, world: int):
+        self.module, self.world, self.tokens = module, world, 0
 
     def attach(self, optimizer) -> None:
-        if self.mst is not None:
-            self.mst.attach(optimizer)
+        pass
 
     def after_step(self, tokens: int) -> None:
         self.tokens += tokens
-        if self.dense:
-            self._dense_total += self._per_token * tokens
 
     # -- what the run is doing --------------------------------------------------------------
     @property
     def phase(self) -> str:
-        return self.mst.phase if self.mst is not None else "dense"
+        return "dense"
 
     @property
     def target_sparsity(self) -> float:
-        return float(self.mst.target_sparsity) if self.mst is not None else 0.0
+        return 0.0
 
     def density(self) -> float:
-        return float(self.mst.density()) if self.mst is not None else 1.0
+        return 1.0
 
     def densities(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.mst.densities().items()} if self.mst is not None else {}
+        return {}
 
     def patterns(self) -> dict[str, str]:
-        return dict(self.mst.attention_patterns()) if self.mst is not None else {}
+        return {}
 
     def flops(self) -> dict[str, float]:
-        """Cumulative training FLOPs of all processes (each ledger counts its own tokens)."""
-        if self.mst is None:
-            return {"mst_flops": self._dense_total, "dense_flops": self._dense_total}
-        f = self.mst.flops
-        return {"mst_flops": float(f.mst_total) * self.world, "dense_flops": float(f.dense_total) * self.world}
+        """Cumulative training FLOPs of all processes."""
+        raise NotImplementedError
 
     def reduction(self) -> float:
         f = self.flops()
         return f["dense_flops"] / f["mst_flops"] if f["mst_flops"] else 1.0
 
     def excluded(self) -> list:
-        if self.mst is None:
-            return []
-        return list(getattr(self.mst.flops, "excluded", []) or [])
+        return []
 
     def new_updates(self) -> list[dict]:
         """Topology updates since the last call, as metrics records."""
-        if self.mst is None:
-            return []
+        return []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _dense_total(self) -> float:
+        return 0.0
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense, "tokens": self.tokens, "dense_total": self._dense_total(),
+                "mst": self.mst.state_dict() if self.mst is not None else None}
+
+    def load_state_dict(self, sd: dict, where) -> None:
+        if sd.get("dense") != self.dense:
+            kind = "a dense baseline" if sd.get("dense") else "an MST run"
+            raise CheckpointError(f"checkpoint {where} belongs to {kind}; this run is {'dense' if self.dense else 'MST'}")
+        self.tokens = int(sd["tokens"])
+        self._load(sd)
+
+    def _load(self, sd: dict) -> None:
+        pass
+
+
+class DenseAccounting(Accounting):
+    """The dense baseline: the ledger's formula at density 1, charged per token."""
+
+    def __init__(self, module, world: int, per_token: float):
+        super().__init__(module, world)
+        self._per_token, self._total = per_token, 0.0
+
+    def after_step(self, tokens: int) -> None:
+        super().after_step(tokens)
+        self._total += self._per_token * tokens
+
+    def flops(self) -> dict[str, float]:
+        return {"mst_flops": self._total, "dense_flops": self._total}
+
+    def _dense_total(self) -> float:
+        return self._total
+
+    def _load(self, sd: dict) -> None:
+        self._total = float(sd["dense_total"])
+
+
+class MSTAccounting(Accounting):
+    """An MST run: everything from the runtime handle ``sm.mst`` and its FLOP ledger."""
+
+    dense = False
+
+    def __init__(self, sm, world: int):
+        super().__init__(sm, world)
+        self.sm = sm
+        self.mst = sm.mst
+        self._seen_update = None
+
+    def attach(self, optimizer) -> None:
+        self.mst.attach(optimizer)
+
+    @property
+    def phase(self) -> str:
+        return self.mst.phase
+
+    @property
+    def target_sparsity(self) -> float:
+        return float(self.mst.target_sparsity)
+
+    def density(self) -> float:
+        return float(self.mst.density())
+
+    def densities(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.mst.densities().items()}
+
+    def patterns(self) -> dict[str, str]:
+        return dict(self.mst.attention_patterns())
+
+    def flops(self) -> dict[str, float]:
+        """Each process's ledger counts its own tokens: scaled by the world size."""
+        f = self.mst.flops
+        return {"mst_flops": float(f.mst_total) * self.world, "dense_flops": float(f.dense_total) * self.world}
+
+    def excluded(self) -> list:
+        return list(getattr(self.mst.flops, "excluded", []) or [])
+
+    def new_updates(self) -> list[dict]:
         u = self.mst.last_update
         if u is None or u is self._seen_update:
             return []
@@ -117,19 +195,9 @@ class Accounting:
         rec.setdefault("step", int(self.mst.step_count))
         return [rec]
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"dense": self.dense, "tokens": self.tokens, "dense_total": self._dense_total,
-                "mst": self.mst.state_dict() if self.mst is not None else None}
-
-    def load_state_dict(self, sd: dict, where) -> None:
-        if sd.get("dense") != self.dense:
-            kind = "a dense baseline" if sd.get("dense") else "an MST run"
-            raise CheckpointError(f"checkpoint {where} belongs to {kind}; this run is {'dense' if self.dense else 'MST'}")
-        self.tokens, self._dense_total = int(sd["tokens"]), float(sd["dense_total"])
-        if self.mst is not None:
-            self.mst.load_state_dict(sd["mst"])
-            self._seen_update = self.mst.last_update  # already logged before the interruption
+    def _load(self, sd: dict) -> None:
+        self.mst.load_state_dict(sd["mst"])
+        self._seen_update = self.mst.last_update  # already logged before the interruption
 
 
 def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor) -> float:
