@@ -46,7 +46,6 @@ def _save_as_if_on_cuda(obj, path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="proves the mapping on a machine without CUDA")
 def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
-    os.environ["MST_COMPILE_CACHE"] = str(tmp_path / "cache")
     f = write(tmp_path, "m.py", TINY)
     whole = train(f, out=tmp_path / "whole", progress=False)
     with pytest.raises(TrainingInterrupted):
@@ -73,7 +72,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.cuda
 @cuda
-def test_cpu_checkpoint_resumes_on_cuda_and_back(tmp_path):
+def test_cpu_checkpoint_resumes_on_cuda_and_back(tmp_path, monkeypatch):
     """A run started on CPU continues on the GPU, and its GPU checkpoint continues on CPU again."""
     import subprocess
     import sys
@@ -93,7 +92,7 @@ def test_cpu_checkpoint_resumes_on_cuda_and_back(tmp_path):
         assert p.returncode == 0 or "TrainingInterrupted" in p.stderr, p.stderr[-2000:]
 
     cpu_part("new", 8)
-    os.environ["MST_COMPILE_CACHE"] = str(tmp_path / "cache")
+    monkeypatch.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))  # the data the CPU part tokenized
     with pytest.raises(TrainingInterrupted):  # device "auto": this part runs on the GPU
         train(f, resume=run, progress=False, stop_at=16)
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)

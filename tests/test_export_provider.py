@@ -1,5 +1,4 @@
 """mstc export --provider: per-output differences, and a clear line when onnxruntime-gpu is missing."""
-import os
 
 import pytest
 import torch
@@ -13,9 +12,9 @@ HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, module_env):
     d = tmp_path_factory.mktemp("provider")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))
     f = write(d, "tiny.py", TINY)
     r = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--update-interval", "1", "--out", str(d / "run"), "--quiet"])
     assert r.exit_code == 0, r.output

@@ -88,11 +88,11 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, module_env):
     from mst_compile.train.loop import train
 
     d = tmp_path_factory.mktemp("fast")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))
     train(write(d, "tiny.py", TINY), out=d / "run", progress=False)
     return d / "run"
 

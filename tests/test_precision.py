@@ -1,6 +1,5 @@
 """mstc train --precision bf16 / fp16 on CPU (CPU autocast), and fp16 steps the grad scaler skips."""
 import json
-import os
 
 import pytest
 import torch
@@ -33,7 +32,6 @@ STEPS = 12
 
 
 def _train(tmp_path, source, *flags, name="run"):
-    os.environ["MST_COMPILE_CACHE"] = str(tmp_path / "cache")
     f = write(tmp_path, "m.py", source)
     out = tmp_path / name
     r = CliRunner().invoke(main, ["train", str(f), "--out", str(out), "--quiet", "--steps", str(STEPS),

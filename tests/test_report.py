@@ -1,6 +1,5 @@
 """mstc report: PNG plots and a markdown table for an MST run and its dense baseline."""
 import json
-import os
 
 import pytest
 from _train_models import TINY, write
@@ -10,9 +9,9 @@ from mst_compile.cli import main
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, module_env):
     d = tmp_path_factory.mktemp("report")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))
     f = write(d, "tiny.py", TINY)
     runner = CliRunner()
     for name, extra in (("mst", []), ("dense", ["--dense"])):

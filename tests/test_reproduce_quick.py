@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,17 +19,10 @@ def _reproduce():
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, module_env):
     d = tmp_path_factory.mktemp("reproduce")
-    old = os.environ.get("MST_COMPILE_CACHE")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")  # the workers inherit it; tokenizes the corpus afresh
-    try:
-        doc = _reproduce().main(["--quick", "--out", str(d / "out"), "--work", str(d / "runs")])
-    finally:
-        if old is None:
-            os.environ.pop("MST_COMPILE_CACHE")
-        else:
-            os.environ["MST_COMPILE_CACHE"] = old
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))  # the workers inherit it; tokenizes the corpus afresh
+    doc = _reproduce().main(["--quick", "--out", str(d / "out"), "--work", str(d / "runs")])
     return d, doc
 
 

@@ -1,7 +1,6 @@
 """Resumes that can change course (repeat the original flags, lower --lr, longer --steps; refuse the
 rest naming each) and run folders that work from any folder."""
 import json
-import os
 import shutil
 
 import pytest
@@ -21,10 +20,10 @@ def _rows(run, kind):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, module_env):
     """The whole 24-step run and a copy interrupted after step 11."""
     d = tmp_path_factory.mktemp("resume")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))
     f = write(d, "tiny.py", TINY)
     train(f, out=d / "whole", progress=False)
     with pytest.raises(TrainingInterrupted):

@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, module_env):
     """One MST run and one dense run of the tiny model, shared by the tests that only read them."""
     d = tmp_path_factory.mktemp("train")
-    os.environ["MST_COMPILE_CACHE"] = str(d / "cache")
+    module_env.setenv("MST_COMPILE_CACHE", str(d / "cache"))
     write(d, "tiny.py", TINY)
     runner = CliRunner()
     mst = runner.invoke(main, ["train", str(d / "tiny.py"), "--out", str(d / "mst")])
