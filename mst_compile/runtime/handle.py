@@ -1,9 +1,11 @@
 """``sm.mst``: the runtime handle of a sparsified module.
 
-It owns the sparse state of every rewritten site: masks and densities of the sparse weights and
-the pattern of each attention site, and the scheduler that evolves them during training
-(``sm.mst.attach(optimizer)``, or ``attach(optimizer, manual=True)`` and ``sm.mst.step()``). It imports nothing from ``passes`` so any training loop (ours or a
-user's) can drive it.
+It owns the sparse state of every rewritten site: the site table (one ``WeightSite`` per sparse
+weight: its mask, cached density and uses) and the attention sites, and the scheduler that evolves
+them during training (``sm.mst.attach(optimizer)``, or ``attach(optimizer, manual=True)`` and
+``sm.mst.step()``). The scheduler is given the table, the attention sites and the module
+explicitly; it never reads this object. Nothing here imports ``passes``, so any training loop
+(ours or a user's) can drive it.
 """
 from __future__ import annotations
 

@@ -46,7 +46,10 @@ from .topology import apply_change, gradient_share, mixed_growing, prune_grow_co
 
 
 class MSTScheduler:
-    """Step counter, topology updates, attention switching, FLOP ledger and resumable state."""
+    """Step counter, topology updates, attention switching, FLOP ledger and resumable state.
+
+    Works on what the handle passes in: the site table (shared, so a mask change here is the
+    handle's too), the attention sites, the module to hook and the sites the passes skipped."""
 
     def __init__(self, config: MSTConfig, sites: Sites, attention: dict[str, nn.Module], module: nn.Module,
                  skipped: list[tuple[str, str]]):
