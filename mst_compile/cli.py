@@ -233,10 +233,11 @@ def _check_train_paths(out: str | None, resume: str | None, config_file: str | N
 @_friendly
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Plot RUN_DIRS (loss vs step and FLOPs, sparsity, attention, layer densities) and write report.md."""
+    from .run_folder import REPORT
     from .train.report import write_report
 
     folder = write_report(list(run_dirs), out)
-    click.echo(f"report: {folder / 'report.md'}")
+    click.echo(f"report: {folder / REPORT}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ spelled here once, so a renamed file cannot leave one reader behind. Layout::
     <run>/tensorboard/           the same scalars for TensorBoard (when installed)
     <run>/checkpoints/           step-N.pt, last.pt, best.pt and sha256sums (mst_compile.checkpoint)
     <run>/model.onnx             what mstc export writes by default
+    <run>/report/report.md       what mstc report writes for this run (with its plots)
 
 Importing this module does not import torch.
 """
@@ -28,8 +29,10 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 ONNX = "model.onnx"
+REPORT_DIR = "report"  # what mstc report writes for one run: plots and REPORT
+REPORT = "report.md"
 
-__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "ONNX", "RUNS", "SUMMARY", "TENSORBOARD",
+__all__ = ["BEST", "CHECKPOINTS", "CONFIG", "LAST", "METRICS", "ONNX", "REPORT", "REPORT_DIR", "RUNS", "SUMMARY", "TENSORBOARD",
            "checkpoints", "config_file", "existing", "last_checkpoint", "load_run_config"]
 
 

@@ -222,7 +222,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         runs.append(Run(p))
     if out is None:
         first = runs[0].folder
-        out = first / "report" if len(runs) == 1 else first.parent / f"report-{datetime.now():%Y%m%d-%H%M%S}"
+        out = first / rf.REPORT_DIR if len(runs) == 1 else first.parent / f"report-{datetime.now():%Y%m%d-%H%M%S}"
     out = writable_dir(out, "report folder")  # before the plots are drawn
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib
@@ -235,5 +235,5 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     _plot_sparsity(runs, out / images[1], plt)
     _plot_attention(runs, out / images[2], plt)
     _plot_layer_density(runs, out / images[3], plt)
-    (out / "report.md").write_text(_markdown(runs, images))
+    (out / rf.REPORT).write_text(_markdown(runs, images))
     return out
