@@ -66,10 +66,10 @@ CASES = [
     ("tiny_gpt", 0.9, None),
     ("tiny_gpt", 0.0, "sparse"),
     ("tiny_gpt", 0.9, "sparse"),
-    ("hf_gpt2", 0.0, None),
-    ("hf_gpt2", 0.9, "sparse"),
-    ("hf_llama", 0.0, None),
-    ("hf_llama", 0.9, "sparse"),
+    pytest.param("hf_gpt2", 0.0, None, marks=pytest.mark.slow),  # 20-25 s each on a loaded 2-core CPU
+    pytest.param("hf_gpt2", 0.9, "sparse", marks=pytest.mark.slow),
+    pytest.param("hf_llama", 0.0, None, marks=pytest.mark.slow),
+    pytest.param("hf_llama", 0.9, "sparse", marks=pytest.mark.slow),
     pytest.param("hf_gpt2", 0.9, None, marks=pytest.mark.slow),
     pytest.param("hf_gpt2", 0.0, "sparse", marks=pytest.mark.slow),
     pytest.param("hf_llama", 0.9, None, marks=pytest.mark.slow),
@@ -105,6 +105,7 @@ def test_export_validates_against_pytorch(tmp_path, case, sparsity, attention):
     assert res.metadata["density"] == pytest.approx(1.0 - sparsity, abs=1e-3)  # before any training: dense
 
 
+@pytest.mark.slow
 def test_sparse_initializers_shrink_file_and_keep_one_tied_weight(tmp_path):
     model, sm, example = _build("tiny_gpt", 0.9)
     dense = mst_compile.export_onnx(sm, tmp_path / "dense.onnx", example, sparse_initializers=False, validate=False)
@@ -159,6 +160,7 @@ def test_tampered_model_fails_validation(tmp_path):
     assert "output" in str(e.value) and "atol=0.0001" in str(e.value)
 
 
+@pytest.mark.slow
 def test_plain_model_exports_with_its_sparse_weights(tmp_path):
     model, sm, example = _build("hf_gpt2", 0.9)
     res = mst_compile.export_onnx(model, tmp_path / "plain.onnx", example)  # the user's model keeps the sparse weights
@@ -252,6 +254,7 @@ def test_cli_export_finished_run(runs, tmp_path):
         np.testing.assert_allclose(_ort(out, x), model.eval()(x).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_export_run_stopped_in_ultra_phase_keeps_sparse_attention(runs):
     from click.testing import CliRunner
 

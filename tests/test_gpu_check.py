@@ -23,6 +23,7 @@ def _section(row: str) -> str:
     return row.split("|")[1].strip()
 
 
+@pytest.mark.slow
 def test_dry_run_cuda_tests_and_attention(tmp_path):
     rows = _dry_run(tmp_path, "--only", "hsa", timeout=300)
     assert _section(rows[0]) == "tests" and "skipped" in rows[0]  # no GPU: the CUDA tests skip

@@ -124,6 +124,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resumed_trainer_run_equals_the_uninterrupted_one(tmp_path):
     whole, cb_w = _train(tmp_path / "whole")
     _train(tmp_path / "split", extra=[_StopAt(4)])

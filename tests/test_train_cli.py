@@ -95,6 +95,7 @@ def test_resume_continues_exactly(work, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_resume_matches(tmp_path):
     from mst_compile.train.loop import train
 

@@ -38,6 +38,7 @@ def test_example_trains_through_the_cli(example, tmp_path):
     assert s["mode"] == "mst" and s["final_densities"]  # its weights were found and rewritten
 
 
+@pytest.mark.slow
 def test_hf_example_dense_baseline(tmp_path):
     s = _train(ROOT / "examples" / "hf_llama.py", tmp_path / "run", "--dense")
     assert s["mode"] == "dense" and s["reduction"] == 1.0
