@@ -39,7 +39,7 @@ from ..config import MSTConfig
 from ..errors import CheckpointError, MstCompileError
 from . import schedule
 from .ledger import FlopLedger, excluded_ops
-from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts
+from .topology import apply_change, mixed_growing, probed
 
 FORMAT = "mst_compile.scheduler/1"
 
@@ -173,14 +173,9 @@ class MSTScheduler:
         k, cfg = self.step + 1, self.config
         if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
             return set()
-        counts = self.h.allocation(schedule.target_sparsity(k, cfg))
-        zeta = schedule.drop_fraction(k, cfg)
-        out = set()
-        for name, sw in self.h.sparse_weights().items():
-            _, n_grow = prune_grow_counts(sw.active(), counts[name], zeta)
-            if gradient_share(n_grow, cfg.grow_gradient_fraction):
-                out.add(name)
-        return out
+        active = {name: sw.active() for name, sw in self.h.sparse_weights().items()}
+        return probed(active, self.h.allocation(schedule.target_sparsity(k, cfg)), schedule.drop_fraction(k, cfg),
+                      cfg.grow_gradient_fraction)
 
     def _set_probes(self, names: set[str]) -> None:
         sws = self.h.sparse_weights()
@@ -208,11 +203,7 @@ class MSTScheduler:
         """(pattern, stride scale) of ``site`` now."""
         if site in self.pinned_attention:
             return self.pinned_attention[site], 1.0
-        pattern = self.config.attention_pattern(site, self.phase)
-        scale = schedule.widening(self.step, self.config)
-        if pattern == "dense" and scale is not None:
-            return self.config.attention_pattern(site, "ultra"), scale
-        return pattern, 1.0
+        return schedule.site_pattern(site, self.step, self.config)
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.h._attention:

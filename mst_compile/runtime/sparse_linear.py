@@ -88,6 +88,8 @@ class SparseWeight(nn.Module):
         return self.mask.numel()
 
     def active(self) -> int:
+        if self.mask.is_meta:  # a model built without storage (mst_compile.plan): the mask it was made as
+            return self.numel
         return int(self.mask.sum())
 
     def set_mask(self, mask: Tensor) -> None:
@@ -140,7 +142,7 @@ class SparseWeight(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
         mask, probe = self.mask, self.probe
-        if torch.is_autocast_enabled(x.device.type):  # autocast skips custom ops: cast as it casts F.linear
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):  # autocast skips custom ops: cast as it casts F.linear
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)  # the fp32 master weight gets its gradient through .to()
             bias = None if bias is None else bias.to(dtype)

@@ -238,6 +238,8 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.main:
         bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {data.describe()} | "
                  f"{tc.steps} steps x {B * T * tc.grad_accum * d.world:,} tokens" + (f" | resumed at step {start}" if start else ""))
+        if not tc.dense and start == 0:
+            _warn_regime(model, mst, tc.steps * B * T * tc.grad_accum * d.world)
 
     def save(step: int, name: str = "last.pt") -> None:
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -348,6 +350,16 @@ def _run(mf, tc, mst, d, out, resume, progress, stop_at, t_start) -> dict:
     if d.main:
         ckpt.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _warn_regime(model, mst: MSTConfig, tokens: int) -> None:
+    """Say so when the run's tokens/param lie where the regime map found MST far from dense."""
+    from ..planning import regime_warning
+
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    msg = regime_warning(mst, tokens / params)
+    if msg:
+        warnings.warn(msg, stacklevel=3)
 
 
 def _diverged(what: str, run_dir: Path) -> TrainingDiverged:
