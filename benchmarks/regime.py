@@ -1,6 +1,7 @@
 """Where MST pays off: the gap to dense across training tokens per parameter (the regime map).
 
     PYTHONPATH=. python benchmarks/regime.py              # the map: 5 points, tokens/param 16 → 2000 (~1 h on 2 cores)
+    PYTHONPATH=. python benchmarks/regime.py --family fixed   # one model (d=32) trained 16 → 1000 tokens/param
     PYTHONPATH=. python benchmarks/regime.py --quick      # CI smoke run (2 tiny points, about a minute)
     PYTHONPATH=. python benchmarks/regime.py --replot benchmarks/results/regime/regime.json
 
@@ -40,8 +41,10 @@ from _tables import _plt, gap_pct  # noqa: E402
 
 PACKAGE_MAP = ROOT / "mst_compile" / "regime_map.json"
 BLOCK, BATCH = 64, 64  # 4096 tokens per step at every point
-# (width, layers, heads, target tokens/param): smaller models trained longer
-POINTS = [(64, 2, 2, 16), (48, 2, 2, 64), (32, 2, 2, 250), (24, 2, 2, 1000), (16, 2, 2, 2000)]
+# (width, layers, heads, target tokens/param). "shrink": smaller models trained longer (the map);
+# "fixed": one model (d=32) trained longer, which separates more tokens per parameter from less width
+FAMILIES = {"shrink": [(64, 2, 2, 16), (48, 2, 2, 64), (32, 2, 2, 250), (24, 2, 2, 1000), (16, 2, 2, 2000)],
+            "fixed": [(32, 2, 2, 16), (32, 2, 2, 64), (32, 2, 2, 250), (32, 2, 2, 1000)]}
 QUICK_POINTS = [(32, 1, 2, 0.2), (8, 1, 2, 2)]
 METHODS = ("dense", "mst", "paper", "dense_eq")
 
@@ -59,13 +62,17 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-eval-iters", type=int, default=50, help="val batches of the final evaluation")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "regime"))
-    p.add_argument("--work", default=str(ROOT / "runs" / "regime"), help="run folders (a finished run is reused)")
-    p.add_argument("--package", action="store_true", help=f"also write the fit to {PACKAGE_MAP.relative_to(ROOT)}")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="shrink",
+                   help="shrink: smaller models trained longer (the map); fixed: the d=32 model trained longer")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/regime (fixed: regime-fixed)")
+    p.add_argument("--work", default=None, help="run folders, a finished run is reused (default: runs/regime[-fixed])")
+    p.add_argument("--package", action="store_true", help=f"also write the fit to {PACKAGE_MAP.relative_to(ROOT)} (shrink family)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: two tiny points, a few dozen steps")
     a = p.parse_args(argv)
-    a.points, a.block, a.batch = (QUICK_POINTS, 16, 8) if a.quick else (POINTS, BLOCK, BATCH)
-    a.work, a.out = Path(a.work), Path(a.out)
+    a.points, a.block, a.batch = (QUICK_POINTS, 16, 8) if a.quick else (FAMILIES[a.family], BLOCK, BATCH)
+    suffix = "" if a.family == "shrink" else f"-{a.family}"
+    a.work = Path(a.work or ROOT / "runs" / f"regime{suffix}")
+    a.out = Path(a.out or ROOT / "benchmarks" / "results" / f"regime{suffix}")
     return a
 
 
@@ -82,7 +89,7 @@ def plan_points(a) -> list[dict]:
     for d, L, h, target in a.points:
         n = params_of(d, L, h, a.block)
         steps = max(8, round(target * n / (a.block * a.batch)))
-        out.append(dict(name=f"d{d}L{L}", d=d, n_layer=L, n_head=h, params=n, steps=steps,
+        out.append(dict(name=f"d{d}L{L}" if a.family == "shrink" else f"d{d}L{L}-{steps}", d=d, n_layer=L, n_head=h, params=n, steps=steps,
                         tokens=steps * a.block * a.batch, tokens_per_param=steps * a.block * a.batch / n))
     return out
 
@@ -257,7 +264,8 @@ def package_map(doc: dict) -> dict:
 
 
 def write(a, points: list[dict], results: list[dict], wall_s: float) -> dict:
-    doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else ""),
+    doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else "")
+           + ("" if a.family == "shrink" else f" --family {a.family}"),
            "setup": {"block": a.block, "batch": a.batch, "lr": a.lr, "seed": a.seed, "quick": a.quick,
                      "final_eval_iters": a.final_eval_iters if not a.quick else 2, "points": points},
            "wall_s": wall_s, "runs": results, "summary": summarize(points, results)}
@@ -287,7 +295,7 @@ def main(argv=None) -> dict:
     results = run_all(a, points)
     doc = write(a, points, results, time.time() - t0)
     plot(doc, a.out / "regime.png")
-    if a.package:
+    if a.package and a.family == "shrink" and not a.quick:
         PACKAGE_MAP.write_text(json.dumps(package_map(doc), indent=1) + "\n")
     print(markdown(doc))
     return doc
