@@ -103,7 +103,8 @@ def markdown(doc: dict) -> str:
         red = "-" if dense is None else f"{dense['mst_flops'] / r['mst_flops']:.2f}x"
         label = r["label"]
         if r["method"] in _SIZED:
-            label += f" (d={r['d']}, {r.get('n_layer', s['n_layer'])} layers, {r['params'] / 1e6:.2f}M)"
+            heads = f", {r['n_head']} heads" if r.get("n_head") not in (None, s["n_head"]) else ""
+            label += f" (d={r['d']}, {r.get('n_layer', s['n_layer'])} layers{heads}, {r['params'] / 1e6:.2f}M)"
         elif r.get("sized"):
             label += " (" + ", ".join(f"{k}={val}" for k, val in r["sized"].items()) + ")"
         lines.append(f"| {label} | {r['steps']} | {r['val_loss']:.4f} | {gap} | {_human(r['mst_flops'])} | {red} | "

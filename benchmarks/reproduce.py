@@ -149,7 +149,8 @@ def final_record(spec: dict, cfg, summary: dict) -> dict:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {
         "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
-        "n_layer": spec["n_layer"], "sized": spec.get("sized"), "params": params, "steps": steps, "val_loss": sum(losses) / len(losses),
+        "n_layer": spec["n_layer"], "n_head": spec["n_head"], "sized": spec.get("sized"), "params": params, "steps": steps,
+        "val_loss": sum(losses) / len(losses),
         "trainer_val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
         "mst_flops": summary["mst_flops"], "dense_flops": summary["dense_flops"],
         "dense_flops_per_step": summary["dense_flops"] / steps, "final_density": train_rows[-1]["density"],

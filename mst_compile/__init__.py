@@ -13,6 +13,7 @@ __all__ = [
     "sparsify",
     "finalize",
     "export_onnx",
+    "plan",
     "MstCompileError",
     "CaptureError",
     "CheckpointError",
@@ -20,7 +21,8 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"sparsify": ("api", "sparsify"), "finalize": ("export", "finalize"), "export_onnx": ("export", "export_onnx")}
+_LAZY = {"sparsify": ("api", "sparsify"), "finalize": ("export", "finalize"), "export_onnx": ("export", "export_onnx"),
+         "plan": ("planning", "plan")}
 
 
 def __getattr__(name: str):

@@ -227,6 +227,83 @@ def _check_train_paths(out: str | None, resume: str | None, config_file: str | N
         data_files(data)
 
 
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _count(text: str, flag: str) -> float:
+    """'295e9', '2.5B', '26b', '300M', '1,000,000' -> a positive number."""
+    t = text.strip().replace(",", "").replace("_", "")
+    mult = _SUFFIX.get(t[-1:].lower(), 1.0) if t else 1.0
+    try:
+        value = float(t[:-1] if mult != 1.0 else t) * mult
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise _Failure(f"{flag} {text!r} is invalid: expected a positive count such as 2.5e9, 2.5B or 300M")
+    return value
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--tokens", required=True, help="Training tokens of the run: 2.5e9, 2.5B, 300M, ...")
+@click.option("--hardware", default="h100", show_default=True, help="Device preset: a100, h100, h200 or cpu.")
+@click.option("--peak-flops", default=None, help="Peak bf16 FLOP/s of the device (overrides the preset's), e.g. 989e12.")
+@click.option("--utilization", type=float, default=None, help="Fraction of peak a dense step reaches (preset: 0.4 GPU, 0.5 CPU).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@_train_options
+@_friendly
+def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, utilization: float | None,
+         config_file: str | None, as_json: bool, quiet: bool, **flags) -> None:
+    """Cost, time and expected quality gap of training MODEL_FILE (a model file or an HF config.json) with MST.
+
+    Nothing is trained: the model is built and captured, one forward shows the FLOP ledger its
+    footprint, and the schedule is walked with the ledger's formula. --batch-size (sequences per
+    optimizer step, all devices together) and --block-size set the step; the MST flags are mstc train's.
+    """
+    import json as _json
+
+    from .planning import HARDWARE
+
+    n_tokens = _count(tokens, "--tokens")
+    if hardware.lower() not in HARDWARE:
+        raise _Failure(f"--hardware {hardware!r} is unknown: expected one of {', '.join(HARDWARE)}")
+    peak = None if peak_flops is None else _count(peak_flops, "--peak-flops")
+    train_flags, mst_flags = split_flags_for_plan(flags)
+    if config_file:
+        from .train.options import read_config_file
+
+        read_config_file(config_file)
+    path = Path(model_file)
+    if path.suffix == ".json":
+        from .train.options import build_configs
+
+        tc, mst = build_configs(None, {}, config_file, train_flags, mst_flags)
+        model = path
+    else:
+        from .modelfile import load_model_file
+        from .train.options import configs_for_model_file
+
+        model = load_model_file(path)
+        tc, mst = configs_for_model_file(model, config_file, train_flags, mst_flags)
+    from .planning import plan as make_plan
+
+    result = make_plan(model, n_tokens, config=mst, block_size=tc.block_size, batch_size=tc.batch_size * tc.grad_accum,
+                       hardware=hardware, peak_flops=peak, utilization=utilization,
+                       progress=None if quiet else (lambda message: click.echo(message, err=True)))
+    click.echo(_json.dumps(result.as_dict(), indent=1) if as_json else result.render())
+
+
+def split_flags_for_plan(flags: dict) -> tuple[dict, dict]:
+    from .train.options import split_flags
+
+    train_flags, mst_flags = split_flags(flags)
+    if "steps" in train_flags:
+        raise _Failure("--steps does not apply to mstc plan: the run's length is --tokens / (--batch-size x --block-size)")
+    return train_flags, mst_flags
+
+
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and report.md (default: RUN_DIR/report).")

@@ -119,5 +119,12 @@ def test_merge_joins_split_runs_into_the_same_table(quick, tmp_path):
     assert merged["bar"] == doc["bar"]  # the verdict needs only dense, mst and dense_eq
     assert sorted(r["name"] for r in merged["runs"]) == sorted(r["name"] for r in doc["runs"])
     assert (tmp_path / "m" / "results.md").read_text().count("\n| ") == (d / "out" / "results.md").read_text().count("\n| ")
-    with pytest.raises(SystemExit, match="twice"):
-        rep.merge(tmp_path / "m2", [tmp_path / "a" / "results.json", tmp_path / "a" / "results.json"], "merge")
+    # a rerun replaces the earlier run of the same name: the last part that has it wins
+    rerun = {**first, "runs": [{**r, "val_loss": r["val_loss"] + 1.0} if r["method"] == "dense_eq" else r for r in first["runs"]]}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps(rerun))
+    replaced = rep.merge(tmp_path / "m2", [tmp_path / "a" / "results.json", tmp_path / "b" / "results.json",
+                                           tmp_path / "c" / "results.json"], "merge")
+    assert len(replaced["runs"]) == len(merged["runs"])
+    eq = {r["name"]: r for r in merged["runs"]}["dense_eq"]
+    assert {r["name"]: r for r in replaced["runs"]}["dense_eq"]["val_loss"] == pytest.approx(eq["val_loss"] + 1.0)

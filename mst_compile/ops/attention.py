@@ -79,6 +79,17 @@ def mean_attended_keys(pattern: str, T: int, stride: int | None) -> float:
     return total / T
 
 
+def effective_pattern(pattern: str, stride: int | None, stride_scale: float, T: int) -> tuple[str, int]:
+    """(pattern, stride) that a site set to ``pattern``/``stride`` (None: T/8), widened by
+    ``stride_scale``, runs at length ``T``; a local band that covers every earlier key is dense."""
+    l = stride or default_stride(T)
+    if stride_scale != 1.0:
+        l = math.ceil(l * stride_scale)
+    if pattern == "dense" or (pattern in ("local", "sparse") and l >= T):
+        return "dense", T
+    return pattern, min(l, T)
+
+
 def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int | None, scale: float | None = None) -> Tensor:
     """Causal attention restricted to ``pattern`` with stride ``stride`` (None: T/8).
 
@@ -144,12 +155,8 @@ class HybridSparseAttention(nn.Module):
     def effective(self, T: int) -> tuple[str, int]:
         """(pattern, stride) that a forward of length ``T`` runs: the stride scaled by ``stride_scale``;
         a local band that covers every earlier key is dense causal attention."""
-        l = _check_stride(self.stride, f"attention site '{self.site}'") or default_stride(T)
-        if self.stride_scale != 1.0:
-            l = math.ceil(l * self.stride_scale)
-        if self.pattern == "dense" or (self.pattern in ("local", "sparse") and l >= T):
-            return "dense", T
-        return self.pattern, min(l, T)
+        return effective_pattern(self.pattern, _check_stride(self.stride, f"attention site '{self.site}'"),
+                                 self.stride_scale, T)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"

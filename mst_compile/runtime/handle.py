@@ -134,6 +134,11 @@ class MSTHandle:
         with the current masks and patterns; nothing is charged and no backward runs."""
         return self._scheduler.ledger.measure(self._module, lambda: self._module(*args, **kwargs))
 
+    def footprint(self, *args, **kwargs):
+        """What the ledger sees in one training forward ``sm(*args, **kwargs)`` (rows per sparse weight,
+        attention calls, dense work), before densities and patterns apply: ``mst_compile.plan``'s input."""
+        return self._scheduler.ledger.footprint(self._module, lambda: self._module(*args, **kwargs))
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
         return self._scheduler.state_dict()

@@ -31,6 +31,7 @@ recompile at every topology update.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,54 @@ class FlopReport:
         }
 
 
+def linear_flops(rows: float, work: int, density: float, probe: bool) -> float:
+    """Training FLOPs of a sparse linear over ``rows`` input rows: 6·d·work, plus 2·(1 − d)·work per
+    row on a probe step (the dense gradient), with work = n_in·n_out."""
+    return rows * work * (6.0 * density + (2.0 * (1.0 - density) if probe else 0.0))
+
+
+def attention_flops(per_key: float, T: int, pattern: str, stride: int | None) -> float:
+    """Training FLOPs of an attention call: ``per_key`` (12·d_head·heads·queries) times the mean keys
+    a query attends under ``pattern`` ((T + 1)/2 for dense causal)."""
+    return per_key * ((T + 1) / 2 if pattern == "dense" else mean_attended_keys(pattern, T, stride))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one training forward shows the ledger before densities, probes and patterns apply: the
+    closed form that ``mst_compile.plan`` integrates over a schedule (``runtime/forecast.py``)."""
+
+    tokens: int  # B·T of the forward
+    linear: dict[str, tuple[int, int]]  # sparse weight -> (rows it saw, n_in·n_out)
+    attention: list[tuple[str, float, int, bool]]  # per call: (site, per_key, T, runs masked dense)
+    dense_ops: float  # training FLOPs of what stayed dense (charged alike on both sides)
+
+    def step_flops(self, density, probes, patterns, scale: float = 1.0) -> tuple[float, float, float, float]:
+        """(mst, dense, linear mst, attention mst) of a step of ``scale`` such forwards, with
+        ``density[name]``, the probed weights ``probes`` and ``patterns[(site, T)] = (pattern, stride)``."""
+        lin = sum(linear_flops(rows, work, density[n], n in probes) for n, (rows, work) in self.linear.items())
+        lin_dense = sum(linear_flops(rows, work, 1.0, False) for rows, work in self.linear.values())
+        att = att_dense = 0.0
+        for site, per_key, T, masked in self.attention:
+            pattern, stride = ("dense", T) if masked else patterns[(site, T)]
+            att += attention_flops(per_key, T, pattern, stride)
+            att_dense += attention_flops(per_key, T, "dense", None)
+        mst = lin + att + self.dense_ops
+        dense = lin_dense + att_dense + self.dense_ops
+        return mst * scale, dense * scale, lin * scale, att * scale
+
+    def step_time(self, density, patterns, linear_speed, attention_speed, scale: float = 1.0) -> float:
+        """The step's dense-equivalent FLOPs at the speed its kernels run: each part's dense FLOPs
+        divided by the speed-up ``linear_speed(density)`` / ``attention_speed(pattern, T, stride)``
+        (1: no faster than dense). Divided by a device's FLOP/s this is the step's time."""
+        lin = sum(linear_flops(rows, work, 1.0, False) / linear_speed(density[n]) for n, (rows, work) in self.linear.items())
+        att = 0.0
+        for site, per_key, T, masked in self.attention:
+            pattern, stride = ("dense", T) if masked else patterns[(site, T)]
+            att += attention_flops(per_key, T, "dense", None) / attention_speed(pattern, T, stride)
+        return (lin + att + self.dense_ops) * scale
+
+
 def count_tokens(args: tuple, kwargs: dict) -> int:
     """B·T of a model call: the first integer tensor input (token ids), else the leading dims of the first tensor."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -112,6 +161,7 @@ class FlopLedger:
         self._pending = [0.0, 0.0, 0, 0.0, 0.0]  # mst, dense, tokens, linear mst, attention mst
         self._rows = dict.fromkeys(linear, 0)  # rows (tokens) each sparse weight saw since the last step
         self._hooks: list = []
+        self._record: dict | None = None  # set by footprint(): what the hooks saw, raw
 
     # -- hooks --------------------------------------------------------------------------------
     def install(self, root: nn.Module) -> None:
@@ -146,10 +196,8 @@ class FlopLedger:
         for name, rows in self._rows.items():
             if rows:
                 work, sw = self._linear[name]
-                d = self._density(name)
-                extra = 2.0 * (1.0 - d) if sw.probe.dim() == 2 else 0.0  # the dense gradient on probe steps
-                mst = rows * work * (6.0 * d + extra)
-                self._add(mst, rows * work * 6.0, linear=mst)
+                mst = linear_flops(rows, work, self._density(name), sw.probe.dim() == 2)  # probe: the dense gradient
+                self._add(mst, linear_flops(rows, work, 1.0, False), linear=mst)
                 self._rows[name] = 0
 
     def _attention_hook(self, site: nn.Module):
@@ -162,15 +210,18 @@ class FlopLedger:
             per_key = 12.0 * D * heads_x_batch * T  # 4·d_head·n_heads per token forward, ×3 with backward
             mask = args[3] if len(args) > 3 else (kwargs or {}).get("attn_mask")
             pattern, stride = site.effective(T)
-            dense = pattern == "dense" or site.runs_masked_dense(T, mask)
-            a = (T + 1) / 2 if dense else mean_attended_keys(pattern, T, stride)  # what runs
-            mst = per_key * a
-            self._add(mst, per_key * (T + 1) / 2, attention=mst)
+            masked = site.runs_masked_dense(T, mask)
+            if self._record is not None:
+                self._record["attention"].append((site.site, per_key, T, masked))
+            mst = attention_flops(per_key, T, "dense" if masked else pattern, stride)  # what runs
+            self._add(mst, attention_flops(per_key, T, "dense", None), attention=mst)
         return hook
 
     def _dense_hook(self, module, args, kwargs, out):
         if torch.is_grad_enabled():
             work = 3.0 * module.forward_flops(args, kwargs, out)  # forward + a backward of twice the work
+            if self._record is not None:
+                self._record["dense_ops"] += work
             self._add(work, work)
 
     def _add(self, mst: float, dense: float, linear: float = 0.0, attention: float = 0.0) -> None:
@@ -180,8 +231,9 @@ class FlopLedger:
         p[3] += linear
         p[4] += attention
 
-    def measure(self, root: nn.Module, call: Callable[[], Any]) -> tuple[float, float, int]:
-        """(MST, dense, tokens) one training forward ``call()`` would be charged, without charging it."""
+    @contextlib.contextmanager
+    def _isolated(self, root: nn.Module):
+        """Hooks installed and fresh counters for one forward, then everything as it was."""
         installed = bool(self._hooks)
         if not installed:
             self.install(root)
@@ -189,13 +241,30 @@ class FlopLedger:
         saved_rows, self._rows = self._rows, dict.fromkeys(self._rows, 0)
         try:
             with torch.enable_grad():
-                call()
-            self._charge_linear()
-            return self._pending[0], self._pending[1], int(self._pending[2])
+                yield
         finally:
             self._pending, self._rows = saved, saved_rows
             if not installed:
                 self.remove()
+
+    def measure(self, root: nn.Module, call: Callable[[], Any]) -> tuple[float, float, int]:
+        """(MST, dense, tokens) one training forward ``call()`` would be charged, without charging it."""
+        with self._isolated(root):
+            call()
+            self._charge_linear()
+            return self._pending[0], self._pending[1], int(self._pending[2])
+
+    def footprint(self, root: nn.Module, call: Callable[[], Any]) -> Footprint:
+        """The raw observations of one training forward ``call()`` (nothing is charged)."""
+        self._record = {"attention": [], "dense_ops": 0.0}
+        try:
+            with self._isolated(root):
+                call()
+                rows, tokens, record = dict(self._rows), int(self._pending[2]), self._record
+        finally:
+            self._record = None
+        linear = {n: (r, self._linear[n][0]) for n, r in rows.items() if r}
+        return Footprint(tokens, linear, record["attention"], record["dense_ops"])
 
     # -- charging -----------------------------------------------------------------------------
     def close_step(self) -> None:

@@ -110,6 +110,16 @@ def widening(step: int, config: MSTConfig) -> float | None:
     return 2.0 ** math.floor(4 * u) if u < 0.75 else None
 
 
+def site_pattern(site: str, step: int, config: MSTConfig) -> tuple[str, float]:
+    """(pattern, stride scale) the schedule gives attention site ``site`` at ``step``: the config's
+    pattern for the phase, or its ultra pattern widened while a widening restoration runs."""
+    pattern = config.attention_pattern(site, phase_at(step, config))
+    scale = widening(step, config)
+    if pattern == "dense" and scale is not None:
+        return config.attention_pattern(site, "ultra"), scale
+    return pattern, 1.0
+
+
 def is_update_step(step: int, config: MSTConfig) -> bool:
     """Topology updates run after optimizer steps k = ΔT, 2ΔT, ... strictly before total_steps.
 

@@ -42,7 +42,7 @@ from ..errors import MstCompileError
 from . import schedule, scheduler_state
 from .ledger import FlopLedger, excluded_ops
 from .sites import Sites, allocation, apply_masks, keep_largest, overall_density, refresh
-from .topology import apply_change, gradient_share, mixed_growing, prune_grow_counts, zero_state
+from .topology import apply_change, mixed_growing, probed, zero_state
 
 
 class MSTScheduler:
@@ -178,14 +178,9 @@ class MSTScheduler:
         k, cfg = self.step + 1, self.config
         if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
             return set()
-        counts = self._allocation(schedule.target_sparsity(k, cfg))
-        zeta = schedule.drop_fraction(k, cfg)
-        out = set()
-        for name, site in self.sites.items():
-            _, n_grow = prune_grow_counts(site.active(), counts[name], zeta)
-            if gradient_share(n_grow, cfg.grow_gradient_fraction):
-                out.add(name)
-        return out
+        active = {name: site.active() for name, site in self.sites.items()}
+        return probed(active, self._allocation(schedule.target_sparsity(k, cfg)), schedule.drop_fraction(k, cfg),
+                      cfg.grow_gradient_fraction)
 
     def _allocation(self, sparsity: float) -> dict[str, int]:
         return allocation(self.sites, sparsity, self.config.distribution)
@@ -214,11 +209,7 @@ class MSTScheduler:
         """(pattern, stride scale) of ``site`` now."""
         if site in self.pinned_attention:
             return self.pinned_attention[site], 1.0
-        pattern = self.config.attention_pattern(site, self.phase)
-        scale = schedule.widening(self.step, self.config)
-        if pattern == "dense" and scale is not None:
-            return self.config.attention_pattern(site, "ultra"), scale
-        return pattern, 1.0
+        return schedule.site_pattern(site, self.step, self.config)
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.attention:

@@ -34,6 +34,12 @@ def gradient_share(n_grow: int, grad_fraction: float) -> int:
     return int(math.floor(grad_fraction * n_grow + 0.5))
 
 
+def probed(active, target, zeta: float, grad_fraction: float) -> set[str]:
+    """The weights whose update (from ``active`` to ``target`` counts, drop fraction ``zeta``) grows
+    some positions by gradient, so the step before it must form their dense gradient."""
+    return {n for n, a in active.items() if gradient_share(prune_grow_counts(a, target[n], zeta)[1], grad_fraction)}
+
+
 @dataclass
 class TopologyChange:
     """The outcome of one tensor's update (all masks flat, on the weight's device)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -144,6 +145,18 @@ def _open_folder(run: RunState, resumed: bool, progress: bool) -> None:
     if d.main:
         run.bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {run.data.describe()} | "
                      f"{tc.steps} steps x {run.step_tokens:,} tokens" + (f" | resumed at step {run.start}" if run.start else ""))
+        if not tc.dense and not resumed:
+            _warn_regime(run.model, run.mst, tc.steps * run.step_tokens)
+
+
+def _warn_regime(model, mst: MSTConfig, tokens: int) -> None:
+    """Say so when the run's tokens/param lie where the regime map found MST far from dense."""
+    from ..planning import regime_warning
+
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    msg = regime_warning(mst, tokens / params)
+    if msg:
+        warnings.warn(msg, stacklevel=4)
 
 
 def _new_run_dir(model_file: Path, dense: bool) -> Path:
