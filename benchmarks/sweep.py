@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         base, doc = json.loads(base_path.read_text()), json.loads((out / "sweep.json").read_text())
         d = base["setup"]["d"]
         mst, dense, eq = (_find(base["runs"], m, d) for m in ("mst", "dense", "dense_eq"))
-        _plot([("MST (defaults)", mst)] + [(r["name"], r) for r in doc["runs"]], base["runs"], dense, eq, out / "sweep.png")
+        _plot([("MST run of the baseline file", mst)] + [(r["name"], r) for r in doc["runs"]], base["runs"], dense, eq, out / "sweep.png")
         return doc
     base = json.loads(base_path.read_text())
     setup = base["setup"]
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     out = Path(a.out) if a.out else base_path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(doc, indent=1) + "\n")
-    ref = [("MST (defaults)", mst)] if mst else []
+    ref = [("MST run of the baseline file", mst)] if mst else []
     lines = [f"### Sweep of MST settings ({setup['steps']} steps, d={d}; gaps paired with the dense run of {base_path.name})", "",
              "| variant | overrides | final val loss | gap to dense | FLOP reduction | vs dense at the same FLOPs |", "|---|---|---|---|---|---|"]
     for name, r in ref + [(r["name"], r) for r in rows]:
