@@ -152,6 +152,12 @@ def _patterns(attention) -> str:
 
 
 
+def _plan_options(fn):
+    from .train.options import click_options
+
+    return click_options(fn, train_fields=("batch_size", "block_size", "grad_accum", "seed"))
+
+
 def _train_options(fn):
     from .train.options import click_options
 
@@ -252,7 +258,7 @@ def _count(text: str, flag: str) -> float:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-@_train_options
+@_plan_options
 @_friendly
 def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, utilization: float | None,
          config_file: str | None, as_json: bool, quiet: bool, **flags) -> None:
@@ -260,7 +266,8 @@ def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, ut
 
     Nothing is trained: the model is built and captured, one forward shows the FLOP ledger its
     footprint, and the schedule is walked with the ledger's formula. --batch-size (sequences per
-    optimizer step, all devices together) and --block-size set the step; the MST flags are mstc train's.
+    optimizer step, all devices together, times --grad-accum) and --block-size set the step; the MST
+    flags are mstc train's.
     """
     import json as _json
 
@@ -270,7 +277,9 @@ def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, ut
     if hardware.lower() not in HARDWARE:
         raise _Failure(f"--hardware {hardware!r} is unknown: expected one of {', '.join(HARDWARE)}")
     peak = None if peak_flops is None else _count(peak_flops, "--peak-flops")
-    train_flags, mst_flags = split_flags_for_plan(flags)
+    from .train.options import split_flags
+
+    train_flags, mst_flags = split_flags(flags)
     if config_file:
         from .train.options import read_config_file
 
@@ -293,15 +302,6 @@ def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, ut
                        hardware=hardware, peak_flops=peak, utilization=utilization,
                        progress=None if quiet else (lambda message: click.echo(message, err=True)))
     click.echo(_json.dumps(result.as_dict(), indent=1) if as_json else result.render())
-
-
-def split_flags_for_plan(flags: dict) -> tuple[dict, dict]:
-    from .train.options import split_flags
-
-    train_flags, mst_flags = split_flags(flags)
-    if "steps" in train_flags:
-        raise _Failure("--steps does not apply to mstc plan: the run's length is --tokens / (--batch-size x --block-size)")
-    return train_flags, mst_flags
 
 
 @main.command()

@@ -120,7 +120,6 @@ def test_cli_text_output(model_file):
     (["--tokens", "-3B"], "--tokens"),
     (["--tokens", "lots"], "--tokens"),
     (["--tokens", "1M", "--hardware", "tpu9"], "--hardware 'tpu9' is unknown"),
-    (["--tokens", "1M", "--steps", "10"], "--steps does not apply"),
     (["--tokens", "1M", "--utilization", "2"], "utilization"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(model_file, args, words):
@@ -128,6 +127,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(model_file, args, words):
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and words in lines[0], r.output
+
+
+def test_cli_has_no_steps_flag(model_file):
+    r = CliRunner().invoke(main, ["plan", str(model_file), "--tokens", "1M", "--steps", "10"])
+    assert r.exit_code == 2 and "No such option" in r.output  # the length is --tokens / (batch x block)
 
 
 def test_cli_model_that_cannot_be_built(tmp_path):

@@ -136,8 +136,11 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
-def click_options(fn):
-    """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field."""
+def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None):
+    """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field (``train_fields``:
+    only those TrainConfig fields, for a command such as ``mstc plan`` that uses a few)."""
+    if fn is None:
+        return lambda f: click_options(f, train_fields=train_fields)
     import click
 
     from ..vocab import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
@@ -146,8 +149,8 @@ def click_options(fn):
                "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "dense":
-            continue  # a plain switch, declared by the command
+        if f.name == "dense" or (train_fields is not None and f.name not in train_fields):
+            continue  # dense: a plain switch, declared by the command
         flags = ["--steps", "--total-steps"] if f.name == "steps" else [f"--{f.name.replace('_', '-')}"]
         typ = str if f.name in ("device", "data", "tokenizer") else (float if f.type.startswith("float") else int)
         typ = click.Choice(PRECISIONS) if f.name == "precision" else typ
