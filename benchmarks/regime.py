@@ -186,7 +186,7 @@ def _r(x: float) -> str:
 
 def _where(x: float | None, lo: float, hi: float) -> str:
     if x is None:
-        return "does not (the fitted gap does not fall with tokens/param)"
+        return "is not reached (the fitted gap grows with tokens/param)"
     where = "inside" if lo <= x <= hi else "outside (extrapolated from)"
     return f"≈ {_r(x)} tokens/param, {where} the measured range"
 
@@ -216,7 +216,7 @@ def markdown(doc: dict) -> str:
     for m, label in (("mst", "MST defaults"), ("paper", "paper preset")):
         f = s["series"][m]
         fit = f["fit"]
-        law = "no fit (fewer than two positive gaps)" if fit is None else f"gap ≈ {fit['a']:.3g} · r^(−{fit['b']:.3f})%"
+        law = "no fit (fewer than two positive gaps)" if fit is None else f"gap ≈ {fit['a']:.3g} · r^({-fit['b']:+.3f})%"
         lines.append(f"- {label}: {law}; ≤ 5% gap {_where(f['within_5pct_at'], lo, hi)}; ≤ 1% gap "
                      f"{_where(f['within_1pct_at'], lo, hi)}.")
     lines += ["", f"Command: `{doc['command']}` ({doc['wall_s'] / 60:.0f} min).", ""]
@@ -237,7 +237,12 @@ def plot(doc: dict, path: Path) -> None:
             grid = [lo * (hi / lo) ** (i / 50) for i in range(51)]
             a, b = f["fit"]["a"], f["fit"]["b"]
             ax.plot(grid, [a * x ** (-b) for x in grid], "-", color=color, lw=1, alpha=0.7,
-                    label=f"fit {a:.3g}·r^(−{b:.2f})")
+                    label=f"fit {a:.3g}·r^({-b:+.2f})")
+    for p in s["points"]:  # which model each point is
+        m = p["runs"].get("mst")
+        if m and m["gap_pct"] is not None:
+            ax.annotate(f"d={p['d']}", (p["tokens_per_param"], m["gap_pct"]), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7, color="C3")
     for g in (5.0, 1.0):
         ax.axhline(g, color="k", ls=":" if g == 1 else "--", lw=0.8, label=f"{g:g}% gap")
     ax.axhline(0, color="k", lw=0.5)
