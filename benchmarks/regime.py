@@ -193,7 +193,8 @@ def _where(x: float | None, lo: float, hi: float) -> str:
 
 def markdown(doc: dict) -> str:
     s, lo, hi = doc["summary"], *doc["summary"]["measured_range"]
-    lines = ["### When does MST pay off? (built-in corpus)" + (" (quick smoke run)" if doc["setup"]["quick"] else ""), "",
+    family = " one model trained longer," if "--family fixed" in doc["command"] else ""
+    lines = [f"### When does MST pay off? ({family} built-in corpus)".replace("( ", "(") + (" (quick smoke run)" if doc["setup"]["quick"] else ""), "",
              f"Byte-level GPTs, T={doc['setup']['block']}, batch {doc['setup']['batch']}, lr {doc['setup']['lr']:g}, seed "
              f"{doc['setup']['seed']}; final val loss on {doc['setup']['final_eval_iters']} val batches; gap to the dense run of the "
              "same point; FLOP reduction is algorithmic (the ledger), wall time is measured.", "",
