@@ -205,7 +205,8 @@ def regime_warning(config: MSTConfig, tokens_per_param: float) -> str | None:
              f"{lo:,.0f}-{hi:,.0f} tokens/param" if x5 is None else
              f"it comes within 5% of dense from about {x5:,.0f} tokens/param"
              + ("" if lo <= x5 <= hi else f" (extrapolated beyond the measured {lo:,.0f}-{hi:,.0f})"))
-    return (f"this run trains {tokens_per_param:,.1f} tokens per parameter; on the regime map (benchmarks/regime.py) MST "
+    ratio = f"{tokens_per_param:,.1f}" if tokens_per_param >= 1 else f"{tokens_per_param:.2g}"
+    return (f"this run trains {ratio} tokens per parameter; on the regime map (benchmarks/regime.py) MST "
             f"with the {series} config ends further from dense at this ratio{seen}: {where}. "
             "`mstc plan` shows the expected gap for a budget")
 
