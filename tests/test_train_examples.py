@@ -79,7 +79,9 @@ def example_inputs():
 ])
 def test_other_call_conventions_train(kind, example, hook, tmp_path):
     f = write(tmp_path, "conv.py", CONVENTIONS.format(kind=kind, example=example) + hook)
-    _train(f, tmp_path / "run")
+    mst = _train(f, tmp_path / "run")
+    dense = _train(f, tmp_path / "dense", "--dense")  # the dense baseline counts through the same inputs
+    assert dense["dense_flops"] == pytest.approx(mst["dense_flops"]) and dense["mst_flops"] == pytest.approx(dense["dense_flops"])
 
 
 def test_forward_needing_an_argument_is_one_line_exit_1(tmp_path):

@@ -41,7 +41,8 @@ def quiet_torch():
 
 def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
     """The module the loop trains, with its accounting: ``model`` sparsified (MST) or captured as it is
-    (the dense baseline, whose FLOPs per token are measured on ``batch`` once), moved to the device."""
+    (the dense baseline, whose FLOPs per token are measured once on ``batch``, the forward's inputs
+    for a (B, T) batch as ``ModelFile.inputs_for`` packs them), moved to the device."""
     with quiet_torch():
         if tc.dense:
             from ..capture import capture
@@ -200,7 +201,7 @@ class MSTAccounting(Accounting):
         self._seen_update = self.mst.last_update  # already logged before the interruption
 
 
-def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor) -> float:
+def dense_flops_per_token(model, mst_config, example_inputs, batch) -> float:
     """Training FLOPs per token of the dense model, by the ledger's formula (docs/design.md §6).
 
     The sites are found by the same passes MST uses (on a throwaway capture sharing the model's
@@ -208,9 +209,11 @@ def dense_flops_per_token(model, mst_config, example_inputs, batch: torch.Tensor
     an MST step on that batch would be charged, so both runs count the same ops.
     """
     from ..api import sparsify
+    from ..capture import split_inputs
 
     sm = sparsify(model, mst_config, example_inputs=example_inputs)
-    _, dense, tokens = sm.mst.measure_flops(batch)
+    args, kwargs = split_inputs(batch)  # a model with a batch() hook takes more than the token ids
+    _, dense, tokens = sm.mst.measure_flops(*args, **kwargs)
     return dense / tokens
 
 

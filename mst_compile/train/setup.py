@@ -81,7 +81,7 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
     check_model_runs(model, inputs, x0[:1].to(d.device), data)
 
     example = mf.example_inputs() if mf.hook("example_inputs") else inputs(x0.to(d.device))
-    acct = build(model, mst, tc, example, x0.to(d.device), d)
+    acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
