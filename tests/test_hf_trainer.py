@@ -221,3 +221,25 @@ def test_trainer_under_ddp_keeps_ranks_identical(tmp_path):
     assert v["world"] == 2 and v["steps"] == [8, 8]
     assert v["masks_identical"] and v["weights_identical"] and v["min_density"] < 0.3
     assert (tmp_path / "run" / "checkpoint-8" / STATE_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_the_example_script_trains_and_exports(tmp_path):
+    """examples/hf_trainer.py as a user runs it: Trainer + MSTCallback, checkpoints, then export_hf."""
+    from transformers import AutoModelForCausalLM
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    env = {**os.environ, "MST_COMPILE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, str(script), "--steps", "8", "--out", str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("done: density") and "FLOP reduction" in line, r.stdout[-2000:]
+    density = float(line.split("density ")[1].split(",")[0])
+    assert 0 < density < 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [f"checkpoint-{k}" for k in (2, 4, 6, 8)]
+    assert all((tmp_path / "out" / f"checkpoint-{k}" / "mst_state.pt").is_file() for k in (2, 4, 6, 8))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n]
+    zeros = sum(int((p == 0).sum()) for p in matrices) / sum(p.numel() for p in matrices)
+    assert zeros > 0.5  # the masked weights were folded in as exact zeros
