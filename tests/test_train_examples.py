@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mst_compile.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# the model files (scripts such as own_loop.py and hf_trainer.py run on their own and are tested elsewhere)
+# the model files (the scripts own_loop.py and hf_trainer.py have their own tests: test_own_loop, test_hf_trainer)
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if "\ndef model(" in p.read_text())
 FAST = ["--steps", "2", "--batch-size", "2", "--block-size", "16", "--eval-iters", "1", "--quiet"]
 
