@@ -29,8 +29,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +50,9 @@ METHODS = ("dense", "mst", "paper", "dense_eq")
 def params_of(d: int, n_layer: int, n_head: int, block: int) -> int:
     """Parameters of examples/tiny_gpt.py's GPT (the tied head counted once)."""
     _, gpt, sizes = reproduce._model_file(dict(block_size=block, n_layer=n_layer, n_head=n_head, d=d))
-    m = gpt(**sizes)
-    return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    from mst_compile.modelfile import parameter_count
+
+    return parameter_count(gpt(**sizes))
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -115,21 +114,13 @@ def run_all(a, points: list[dict]) -> list[dict]:
     a.out.mkdir(parents=True, exist_ok=True)
     by_name = {p["name"]: p for p in points}
     specs = [_spec(a, p, m, p["steps"]) for p in sorted(points, key=lambda p: -p["steps"]) for m in ("mst", "paper", "dense")]
+    def dense_eq(s: dict, r: dict) -> list[dict]:  # the dense model on MST's FLOPs, once they are known
+        return [_spec(a, by_name[s["point"]], "dense_eq", reproduce._equal_flops_steps(r))] if s["method"] == "mst" else []
+
     results, t0 = [], time.time()
-    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn"), initializer=reproduce._init_worker) as pool:
-        pending = {pool.submit(_run, s): s for s in specs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                s = pending.pop(f)
-                r = f.result()
-                results.append(r)
-                print(f"[{time.time() - t0:6.0f}s] {s['name']:14s} val {r['val_loss']:.4f}  "
-                      f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
-                if s["method"] == "mst":  # the dense model on MST's FLOPs, once they are known
-                    e = _spec(a, by_name[s["point"]], "dense_eq", reproduce._equal_flops_steps(r))
-                    pending[pool.submit(_run, e)] = e
-                write(a, points, results, time.time() - t0)  # results as they go
+    for _, r in reproduce.run_pool(specs, a.jobs, _run, dense_eq):
+        results.append(r)
+        write(a, points, results, time.time() - t0)  # results as they go
     return results
 
 

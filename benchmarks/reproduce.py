@@ -118,6 +118,7 @@ def final_record(spec: dict, cfg, summary: dict) -> dict:
     """The table's record of a finished run: its final weights evaluated on ``final_eval_iters`` val batches."""
     import torch
 
+    from mst_compile.modelfile import parameter_count
     from mst_compile.train.data import load_data
     from mst_compile.train.loop import lm_loss
     from mst_compile.train.metrics import read_jsonl
@@ -146,7 +147,7 @@ def final_record(spec: dict, cfg, summary: dict) -> dict:
         for k in range(spec["final_eval_iters"]):
             x, y = data.batch("val", (_FINAL_EVAL_KEY, k, 0), spec["batch_size"], spec["block_size"], spec["seed"])
             losses.append(lm_loss(net(x), y).item())
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params = parameter_count(model)
     return {
         "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
         "n_layer": spec["n_layer"], "n_head": spec["n_head"], "sized": spec.get("sized"), "params": params, "steps": steps,
@@ -211,18 +212,27 @@ def run_all(a) -> list[dict]:
         predicted = predict_mst_flops(a)
         a.predicted_mst_flops = predicted["mst_flops"]
         specs += sized_by_mst(a, predicted)  # sized up front: they run beside MST, not after it
-    results, t0 = [], time.time()
-    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        pending = {pool.submit(run_one, s): s["name"] for s in specs}
+    return [r for _, r in run_pool(specs, a.jobs)]
+
+
+def run_pool(specs: list[dict], jobs: int, fn=None, then=None):
+    """Run ``fn(spec)`` (default ``run_one``) for every spec, ``jobs`` at a time with one thread each,
+    yielding (spec, result) as each finishes with a progress line. ``then(spec, result)`` may return
+    further specs, which join the queue (a run sized by another run's result)."""
+    fn = fn or run_one
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        pending = {pool.submit(fn, s): s for s in specs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
-                name = pending.pop(f)
+                s = pending.pop(f)
                 r = f.result()
-                results.append(r)
-                print(f"[{time.time() - t0:7.0f}s] {name:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
+                print(f"[{time.time() - t0:7.0f}s] {s['name']:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
                       f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
-    return results
+                for extra in (then(s, r) if then else None) or ():
+                    pending[pool.submit(fn, extra)] = extra
+                yield s, r
 
 
 def predict_mst_flops(a) -> dict:

@@ -15,8 +15,6 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,24 +68,21 @@ def main(argv=None) -> dict:
         s = reproduce._spec(ns, "mst", d)
         s.update(name=name, out=str(work / name.replace(" ", "_").replace(":", "")))
         specs.append(s)
+    def dense_eq(s: dict, r: dict) -> list[dict]:  # the dense model on this variant's FLOP budget, LR schedule fitted
+        if not a.equal_flops or s["method"] == "dense_eq":
+            return []
+        e = reproduce._spec(ns, "dense_eq", d, reproduce._equal_flops_steps(r))
+        e.update(name=f"{s['name']} dense_eq", variant=s["name"], out=s["out"] + "_dense_eq")
+        return [e]
+
     t0 = time.time()
     rows, eqs = [], {}
-    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn"), initializer=reproduce._init_worker) as pool:
-        pending = {pool.submit(reproduce.run_one, s): s for s in specs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                s, r = pending.pop(f), f.result()
-                if s["method"] == "dense_eq":
-                    eqs[s["variant"]] = r
-                    continue
-                r["overrides"] = dict(s["overrides"])
-                rows.append(r)
-                print(f"{r['name']}: val {r['val_loss']:.4f}, {dense['mst_flops'] / r['mst_flops']:.2f}x", flush=True)
-                if a.equal_flops:  # the dense model on this variant's FLOP budget, LR schedule fitted
-                    e = reproduce._spec(ns, "dense_eq", d, reproduce._equal_flops_steps(r))
-                    e.update(variant=r["name"], out=s["out"] + "_dense_eq")
-                    pending[pool.submit(reproduce.run_one, e)] = e
+    for s, r in reproduce.run_pool(specs, a.jobs, then=dense_eq):
+        if s["method"] == "dense_eq":
+            eqs[s["variant"]] = r
+            continue
+        r["overrides"] = dict(s["overrides"])
+        rows.append(r)
     order = [s["name"] for s in specs]
     rows.sort(key=lambda r: order.index(r["name"]))
     for r in rows:

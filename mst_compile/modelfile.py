@@ -125,6 +125,11 @@ def max_sequence_length(model) -> int | None:
     return None
 
 
+def parameter_count(model) -> int:
+    """Parameters of ``model``, a tensor shared by several modules (a tied head) counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

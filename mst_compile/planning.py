@@ -250,7 +250,8 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     import torch
 
     from .api import _as_config, sparsify
-    from .modelfile import max_sequence_length
+    from .capture import split_inputs
+    from .modelfile import max_sequence_length, parameter_count
     from .runtime import schedule
     from .runtime.forecast import forecast
 
@@ -267,18 +268,17 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     steps = max(1, round(tokens / per_step))
     cfg = _as_config(config).replace(total_steps=steps)
     schedule.check(cfg)
-    x = torch.zeros(1, T, dtype=torch.long)
-    example = inputs(x)
-    args, kwargs = (example, {}) if isinstance(example, tuple) else ((), example)
+    example = inputs(torch.zeros(1, T, dtype=torch.long))
+    args, kwargs = split_inputs(example)
+    params = parameter_count(net)
     say = progress or (lambda message: None)
-    say(f"capturing {name} ({sum(p.numel() for p in net.parameters()):,} parameters) ...")
+    say(f"capturing {name} ({params:,} parameters) ...")
     sm = sparsify(net, cfg, example_inputs=example)
     say(f"one forward at batch 1, T={T}, through the FLOP ledger's hooks ...")
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
     fc = forecast(fp, cfg, sm.mst.allocation, numel, per_step, stride=cfg.stride, speed=_speed(hw.kind))
-    params = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
     rate = hw.peak_flops * hw.utilization * 3600.0
     overhead = _CPU_OVERHEAD if hw.kind == "cpu" else 1.0
     gap, extrapolated, regime = expected_gap(cfg, steps * per_step / params)

@@ -21,7 +21,7 @@ from .. import checkpoint as ckpt
 from .. import run_folder as rf
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, check_unchanged, file_sha256, max_sequence_length
+from ..modelfile import ModelFile, check_unchanged, file_sha256, max_sequence_length, parameter_count
 from ..paths import writable_dir
 from .accounting import Accounting, build
 from .data import from_hook, load_data
@@ -153,8 +153,7 @@ def _warn_regime(model, mst: MSTConfig, tokens: int) -> None:
     """Say so when the run's tokens/param lie where the regime map found MST far from dense."""
     from ..planning import regime_warning
 
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    msg = regime_warning(mst, tokens / params)
+    msg = regime_warning(mst, tokens / parameter_count(model))
     if msg:
         warnings.warn(msg, stacklevel=4)
 
