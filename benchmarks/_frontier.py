@@ -40,6 +40,24 @@ def static_sparsity_for(budget_per_token: float, L: int, d: int, T: int) -> floa
     return 1.0 - density
 
 
+def params(L: int, d: int, T: int, V: int = VOCAB) -> int:
+    """Parameters of the tied GPT: embeddings V·d + T·d, per block 12d² + 13d (two norms, four linears with
+    biases), the final norm 2d."""
+    return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+
+
+def width_for_params(target: float, L: int, n_head: int, T: int) -> tuple[int, int]:
+    """(width, heads): the depth-L model whose parameter count is nearest ``target``, with the most heads
+    (≤ n_head) that land within TOLERANCE (else the nearest over all head counts)."""
+    best = []
+    for heads in range(n_head, 0, -1):
+        d = min(range(heads, 4096, heads), key=lambda w: abs(params(L, w, T) - target))
+        best.append((abs(params(L, d, T) / target - 1), d, heads))
+    within = [b for b in best if b[0] <= TOLERANCE]
+    _, d, heads = within[0] if within else min(best)
+    return d, heads
+
+
 def frontier(budget_per_token: float, L: int, n_head: int, T: int) -> list[tuple[str, int, int, int]]:
     """[(method, n_layer, width, heads)]: the narrower dense model at depth L and one at depth L/2,
     each the width whose dense cost is nearest the budget, with the most heads (≤ n_head) that put

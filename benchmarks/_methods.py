@@ -1,7 +1,9 @@
 """The methods of the reproduction, each as (dense?, MSTConfig changes) over the MST defaults.
 
-Every method trains the same model with the same seed, data order, optimizer and LR schedule; only
-what MST does to the weights and the attention differs. ``MSTConfig`` defaults are docs/design.md §3-5
+Every method trains the same model with the same seed, data order, optimizer and learning-rate curve
+(the trainer's ``--lr-schedule``, the same for dense and sparse runs; reproduce.py passes it to every
+run); only what MST does to the weights and the attention differs, and each method may have its own
+peak learning rate (``--lr-of``, tuned by ``fair.py tune``). ``MSTConfig`` defaults are docs/design.md §3-5
 (dense start, ramp to 90%, ultra until 80% of the run, restoration to 50%, Mixed-Growing 3:1, HSA
 in the ultra phase); the baselines switch parts of that off:
 
@@ -10,10 +12,12 @@ in the ultra phase); the baselines switch parts of that off:
   ultra_end=1`` makes the run one phase) and dense attention, as they were published.
 - the MST ablations keep every MST default except the one part they remove.
 - dense at equal FLOPs is the dense model for as many steps as MST's ledger total buys, with its
-  own warm-up and cosine fitted to that shorter run (its step count is known once MST has run).
+  own warm-up and learning-rate curve fitted to that shorter run (its step count is known once MST has run).
 - the compute-fair baselines, sized once MST has run (``_frontier.py``): static sparse training at
   the sparsity whose FLOPs equal MST's, and smaller dense models (narrower; half as deep) trained
-  for all the steps on MST's FLOP budget: what a user with MST's budget would otherwise train.
+  for all the steps on MST's FLOP budget: what a user with MST's budget would otherwise train; and the
+  dense model whose parameter count is MST's average active parameter count over the run (Jin et al.
+  2025, arXiv 2501.12486: sparse pre-training ends where the dense model of that average size ends).
 - the paper preset is the published recipe (``MSTConfig.preset("paper")``); the defaults are this
   library's (docs/design.md says why they differ).
 
@@ -30,7 +34,7 @@ from mst_compile.config import PRESETS
 
 _SCALED = "steps/30"  # an update_interval that follows the run length like the published recipe
 _CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense", "attention_phases": ("ultra",),
-                "lr_schedule": "cosine", "grow_init_scale": 0.0, "update_interval": _SCALED}
+                "grow_init_scale": 0.0, "update_interval": _SCALED}
 _PAPER = {**PRESETS["paper"], "update_interval": _SCALED}
 
 
@@ -56,20 +60,17 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("mst_no_hsa", "MST w/o HSA", mst={"attention": "dense"}, note="dense causal attention throughout"),
     Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
            note="RigL growth instead of Mixed-Growing"),
-    Method("mst_cosine", "MST defaults, phase-blind cosine LR", mst={"lr_schedule": "cosine"},
-           note="the trainer's cosine instead of the phase-aware schedule"),
-    Method("dense_wsd", "dense, WSD learning rate", mst={"sparsity": 0.0, "final_sparsity": 0.0, "attention": "dense",
-                                                          "drop_fraction": 0.0, "drop_fractions": None, "lr_schedule": "wsd"},
-           note="the dense model with MST's phase-aware LR schedule (masks all ones)"),
     Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
     Method("static_eq", "static sparse at MST's FLOPs", mst={**_CONSTANT_90, "drop_fraction": 0.0},
            note="sparsity solved so its FLOPs equal MST's"),
     Method("dense_narrow", "smaller dense, narrower", dense=True, note="same depth, width sized to MST's FLOPs"),
     Method("dense_shallow", "smaller dense, half depth", dense=True, note="half the blocks, width sized to MST's FLOPs"),
+    Method("dense_avg", "dense of MST's average size", dense=True,
+           note="same depth, parameters = MST's average active parameters over the run (Jin et al. 2025)"),
 )}
 
-# sized or timed from MST's result: run after it
-AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow")
+# sized from MST's (predicted) result
+AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
 ORDER = tuple(METHODS)
 

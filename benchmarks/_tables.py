@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-_ORDER = ("dense", "dense_wsd", "paper", "mst", "mst_cosine", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "static",
-          "static_eq", "set", "rigl", "dense_eq", "dense_narrow", "dense_shallow")
-_SIZED = ("dense_narrow", "dense_shallow")  # baselines of the main table at another size
+_ORDER = ("dense", "paper", "mst", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "static",
+          "static_eq", "set", "rigl", "dense_eq", "dense_avg", "dense_narrow", "dense_shallow")
+_SIZED = ("dense_narrow", "dense_shallow", "dense_avg")  # baselines of the main table at another size
 REDUCTION_BAR = 4.0  # MST must cut training FLOPs at least this much, and then ...
 EQ_BAR = 20.0  # ... end at least this many % below the same dense model trained for MST's FLOPs,
 GAP_BAR = 20.0  # ... within this many % of the full dense run (a target),
@@ -148,7 +148,7 @@ _STYLE = {"dense": ("k", "-", "o"), "dense_eq": ("k", "--", "s"), "static": ("C7
           "rigl": ("C2", "-", "<"), "mst": ("C3", "-", "D"), "mst_no_sv": ("C4", ":", "x"),
           "mst_no_hsa": ("C5", ":", "+"), "mst_grad_grow": ("C9", ":", "*"), "paper": ("C6", "-", "P"),
           "static_eq": ("C7", "--", "v"), "dense_narrow": ("0.45", "-.", "o"), "dense_shallow": ("0.45", ":", "o"),
-          "dense_wsd": ("k", ":", "o"), "mst_cosine": ("C3", ":", "d")}
+          "dense_avg": ("C0", "-", "o")}
 
 
 def plot_loss_vs_flops(results: list[dict], d: int, path: Path) -> None:

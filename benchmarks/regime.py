@@ -47,14 +47,6 @@ QUICK_POINTS = [(32, 1, 2, 0.2), (8, 1, 2, 2)]
 METHODS = ("dense", "mst", "paper", "dense_eq")
 
 
-def params_of(d: int, n_layer: int, n_head: int, block: int) -> int:
-    """Parameters of examples/tiny_gpt.py's GPT (the tied head counted once)."""
-    _, gpt, sizes = reproduce._model_file(dict(block_size=block, n_layer=n_layer, n_head=n_head, d=d))
-    from mst_compile.modelfile import parameter_count
-
-    return parameter_count(gpt(**sizes))
-
-
 def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (every run)")
@@ -86,7 +78,7 @@ def _spec(a, point: dict, method: str, steps: int) -> dict:
 def plan_points(a) -> list[dict]:
     out = []
     for d, L, h, target in a.points:
-        n = params_of(d, L, h, a.block)
+        n = reproduce.params_of(d, L, h, a.block)
         steps = max(8, round(target * n / (a.block * a.batch)))
         out.append(dict(name=f"d{d}L{L}" if a.family == "shrink" else f"d{d}L{L}-{steps}", d=d, n_layer=L, n_head=h, params=n, steps=steps,
                         tokens=steps * a.block * a.batch, tokens_per_param=steps * a.block * a.batch / n))

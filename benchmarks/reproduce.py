@@ -46,7 +46,12 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence T")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (every method)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (every method without its own --lr-of)")
+    p.add_argument("--lr-of", action="append", default=[], metavar="METHOD=LR",
+                   help="a method's own peak learning rate (its tuned one, benchmarks/fair.py tune), repeatable")
+    p.add_argument("--lr-schedule", choices=("wsd", "cosine"), default="wsd", help="the learning-rate curve of every run")
+    p.add_argument("--lr-decay", type=float, default=0.2,
+                   help="WSD: the last fraction of every run that decays (the same for every method; MST's restoration by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update-interval", type=int, default=None,
                    help="ΔT of every sparse method (default: each method's own; see benchmarks/_methods.py)")
@@ -70,6 +75,7 @@ def _args(argv=None) -> argparse.Namespace:
     else:
         a.widths = [int(w) for w in a.widths.split(",") if w.strip()]
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.lr_of = dict((k.strip(), float(v)) for k, _, v in (x.partition("=") for x in a.lr_of))
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(ORDER)}")
@@ -106,8 +112,10 @@ def run_one(spec: dict) -> dict:
     mf, _, _ = _model_file(spec)
     steps = spec["steps"]
     tc = TrainConfig(steps=steps, batch_size=spec["batch_size"], block_size=spec["block_size"], lr=spec["lr"],
+                     lr_schedule=spec.get("lr_schedule", "wsd"), lr_decay=spec.get("lr_decay", 0.2),
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
-                     log_interval=max(1, steps // 100), device="cpu", dense=method.dense, data=spec.get("data"))
+                     log_interval=spec.get("log_interval") or max(1, steps // 100), device="cpu", dense=method.dense,
+                     data=spec.get("data"))
     cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
     summary = train(mf, tc, cfg, out=out, progress=False)
@@ -145,16 +153,20 @@ def final_record(spec: dict, cfg, summary: dict) -> dict:
     losses = []
     with torch.no_grad():
         for k in range(spec["final_eval_iters"]):
-            x, y = data.batch("val", (_FINAL_EVAL_KEY, k, 0), spec["batch_size"], spec["block_size"], spec["seed"])
+            x, y = data.batch("val", (_FINAL_EVAL_KEY, k, 0), spec["batch_size"], spec["block_size"], 0)  # every seed, the same batches
             losses.append(lm_loss(net(x), y).item())
     params = parameter_count(model)
+    sparse = sum(model.get_parameter(n).numel() for n in summary.get("final_densities", {}))
+    densities = [r["density"] for r in train_rows]  # the density each logged step trained with
     return {
         "name": spec["name"], "method": method.key, "label": method.label, "note": method.note, "d": spec["d"],
+        "lr": spec["lr"], "lr_schedule": spec.get("lr_schedule", "wsd"), "lr_decay": spec.get("lr_decay", 0.2), "seed": spec["seed"],
         "n_layer": spec["n_layer"], "n_head": spec["n_head"], "sized": spec.get("sized"), "params": params, "steps": steps,
         "val_loss": sum(losses) / len(losses),
         "trainer_val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
         "mst_flops": summary["mst_flops"], "dense_flops": summary["dense_flops"],
         "dense_flops_per_step": summary["dense_flops"] / steps, "final_density": train_rows[-1]["density"],
+        "sparse_params": sparse, "avg_active_params": params - sparse + sparse * sum(densities) / len(densities),
         "wall_s": summary["wall_s"], "out": str(out), "mst_config": cfg.to_dict() if not method.dense else None,
         "val_batches": losses,
         "curve": [{"step": r["step"], "flops": r["mst_flops"], "val_loss": r["val_loss"]}
@@ -166,8 +178,10 @@ def final_record(spec: dict, cfg, summary: dict) -> dict:
 def _spec(a, method: str, d: int, steps: int | None = None, n_layer: int | None = None, n_head: int | None = None,
           sized: dict | None = None) -> dict:
     name = method if d == a.d or method in AFTER_MST else f"{method}@d{d}"
+    lr = getattr(a, "lr_of", {}).get(method, a.lr)
     return dict(name=name, method=method, d=d, steps=steps or a.steps, n_layer=n_layer or a.n_layer,
-                n_head=n_head or a.n_head, block_size=a.block_size, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                n_head=n_head or a.n_head, block_size=a.block_size, batch_size=a.batch_size, lr=lr, seed=a.seed,
+                lr_schedule=getattr(a, "lr_schedule", "wsd"), lr_decay=getattr(a, "lr_decay", 0.2),
                 update_interval=a.update_interval, evals=a.evals, eval_iters=a.eval_iters, data=a.data,
                 final_eval_iters=a.final_eval_iters, overrides=a.overrides, sized=sized, out=str(a.work / name))
 
@@ -195,7 +209,20 @@ def sized_by_mst(a, mst: dict) -> list[dict]:
     for method, depth, width, heads in _frontier.frontier(budget, a.n_layer, a.n_head, a.block_size):
         if method in a.methods:
             specs.append(_spec(a, method, width, n_layer=depth, n_head=heads))
+    if "dense_avg" in a.methods:  # the dense model of MST's average active parameter count (Jin et al. 2025)
+        width, heads = _frontier.width_for_params(mst["avg_active_params"], a.n_layer, a.n_head, a.block_size)
+        if params_of(width, a.n_layer, heads, a.block_size) != _frontier.params(a.n_layer, width, a.block_size):
+            raise RuntimeError("the closed-form parameter count differs from the model's")  # the sizing must be the model's
+        specs.append(_spec(a, "dense_avg", width, n_head=heads))
     return specs
+
+
+def params_of(d: int, n_layer: int, n_head: int, block: int) -> int:
+    """Parameters of examples/tiny_gpt.py's GPT (the tied head counted once)."""
+    from mst_compile.modelfile import parameter_count
+
+    _, gpt, sizes = _model_file(dict(block_size=block, n_layer=n_layer, n_head=n_head, d=d))
+    return parameter_count(gpt(**sizes))
 
 
 def run_all(a) -> list[dict]:
@@ -241,14 +268,14 @@ def predict_mst_flops(a) -> dict:
     The ledger charges every sparse weight and attention site per row of its input, and the masks,
     patterns and dense-gradient steps follow the schedule alone, so the totals scale exactly with the
     batch: the batch-1 run's totals times ``batch_size`` are the full run's (checked in the table)."""
-    spec = {**_spec(a, "mst", a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1,
+    spec = {**_spec(a, "mst", a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1, "log_interval": 1,
             "out": str(a.work / "mst_flops_batch1")}
-    done = Path(spec["out"]) / "summary.json"
+    done = Path(spec["out"]) / "record.json"
     if done.is_file():  # a rerun into the same --work folder: that sizing run already finished
         r = json.loads(done.read_text())
-        r["dense_flops_per_step"] = r["dense_flops"] / r["steps"]
     else:
         r = run_one(spec)
+        done.write_text(json.dumps(r))
     scale = a.batch_size
     return {**r, "mst_flops": r["mst_flops"] * scale, "dense_flops": r["dense_flops"] * scale,
             "dense_flops_per_step": r["dense_flops_per_step"] * scale}
@@ -261,7 +288,7 @@ def write_outputs(doc: dict, out: Path) -> None:
     (out / "results.md").write_text(markdown(doc))
 
 
-_SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed", "update_interval", "evals",
+_SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "lr_schedule", "lr_decay", "seed", "update_interval", "evals",
          "eval_iters", "final_eval_iters", "overrides", "quick", "data")
 
 
@@ -310,7 +337,8 @@ def main(argv=None) -> dict:
     results = run_all(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "seed",
+    setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "lr_of", "lr_schedule",
+                                        "lr_decay", "seed",
                                         "update_interval", "widths", "evals", "eval_iters", "final_eval_iters", "jobs", "quick",
                                         "data")}
     setup["overrides"] = {k: v for k, v in a.overrides.items()}

@@ -13,13 +13,12 @@ from .vocab import (
     ATTENTION_PATTERNS,
     ATTENTION_RESTORES,
     DISTRIBUTIONS,
-    LR_SCHEDULES,
     PHASES,
     RESTORATION_SHAPES,
     SPARSE_KERNELS,
 )
 
-__all__ = ["MSTConfig", "PRESETS", "ATTENTION_PATTERNS", "ATTENTION_RESTORES", "DISTRIBUTIONS", "LR_SCHEDULES", "PHASES",
+__all__ = ["MSTConfig", "PRESETS", "ATTENTION_PATTERNS", "ATTENTION_RESTORES", "DISTRIBUTIONS", "PHASES",
            "RESTORATION_SHAPES", "SPARSE_KERNELS"]
 
 
@@ -69,7 +68,6 @@ class MSTConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
     # how the phases end (see the class docstring); the paper's recipe is preset("paper")
-    lr_schedule: str = "wsd"  # the LR the trainer uses: warm-up/stable/decay in restoration, or its own cosine
     grow_init_scale: float = 0.0  # grown weights start at N(0, (scale·rms of the layer's active weights)²)
     attention_restore: str = "switch"  # leaving attention_phases: dense at once, or a widening window
     restoration_shape: str = "late"  # when restored weights come back: late (1 − u³), linear, early ((1 − u)³)
@@ -124,8 +122,6 @@ class MSTConfig:
             _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
-        if self.lr_schedule not in LR_SCHEDULES:
-            _fail("lr_schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
         if isinstance(self.grow_init_scale, bool) or not isinstance(self.grow_init_scale, (int, float)) \
                 or not 0.0 <= self.grow_init_scale <= 10.0:
             _fail("grow_init_scale", self.grow_init_scale, "a number in [0, 10] (0: grown weights start at zero)")
@@ -218,7 +214,8 @@ class MSTConfig:
     def preset(cls, name: str, **changes: Any) -> MSTConfig:
         """A named recipe plus ``changes``: ``"default"`` (this class's defaults) or ``"paper"`` (the
         published recipe: ΔT = 100, ζ = 0.3 in every phase, HSA in the ultra phase only, attention
-        switched back to dense at once, the trainer's cosine LR, grown weights at zero)."""
+        switched back to dense at once, grown weights at zero; the paper's learning rate is a cosine:
+        ``mstc train --lr-schedule cosine``, the trainer's choice like every learning rate)."""
         if name not in PRESETS:
             raise ValueError(f"MSTConfig.preset({name!r}) is unknown: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **changes})
@@ -231,7 +228,7 @@ class MSTConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": dict(update_interval=100, drop_fraction=0.3, drop_fractions=(0.3, 0.3, 0.3), attention_phases=("ultra",),
-                  attention_restore="switch", lr_schedule="cosine", grow_init_scale=0.0, final_sparsity=0.5,
+                  attention_restore="switch", grow_init_scale=0.0, final_sparsity=0.5,
                   restoration_shape="late",
                   sparsity=0.9, warmup_end=0.1, ultra_end=0.8),
 }

@@ -16,6 +16,7 @@ import tomllib
 
 from .config import MSTConfig
 from .errors import MstCompileError
+from .vocab import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 CONFIG = "config.toml"  # the file of a run folder this module reads and writes
 
@@ -30,8 +31,13 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch per process
     block_size: int | None = None  # tokens per sequence; None: the model's block_size (else 128)
     lr: float = 1e-3  # peak learning rate
-    min_lr: float | None = None  # end of the cosine decay; None: lr / 10
+    min_lr: float | None = None  # end of the decay; None: lr / 10
     warmup_steps: int | None = None  # linear lr warm-up; None: 5% of steps
+    # the learning-rate curve of every run, dense or sparse (runtime/schedule.lr_multiplier): "wsd" is flat,
+    # then a cosine over the last lr_decay of the run (None: MST's restoration phase, 1 - ultra_end); "cosine"
+    # decays over the whole run
+    lr_schedule: str = "wsd"
+    lr_decay: float | None = None
     weight_decay: float = 0.1  # AdamW decoupled decay on matrices (not on biases or norms)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -68,6 +74,11 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
                 _fail(name, v, "a number > 0" if name == "lr" else "a number >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("lr_schedule", self.lr_schedule, " or ".join(LR_SCHEDULES))
+        if self.lr_decay is not None and (isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float))
+                                          or not 0 < self.lr_decay <= 1):
+            _fail("lr_decay", self.lr_decay, "a fraction of the run in (0, 1]")
         if self.min_lr is not None and (not isinstance(self.min_lr, (int, float)) or not 0 <= self.min_lr <= self.lr):
             _fail("min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
         for name in ("beta1", "beta2"):
@@ -97,6 +108,7 @@ class TrainConfig:
             min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
             warmup_steps=max(1, (self.schedule_steps or steps) // 20) if self.warmup_steps is None else self.warmup_steps,
             checkpoint_interval=self.checkpoint_interval or ev,
+            lr_decay=self.lr_decay or (round(1.0 - mst.ultra_end, 12) if mst.ultra_end < 1 else DEFAULT_LR_DECAY),
         )
 
 
@@ -124,7 +136,7 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
     train, mst = {}, {}
     for key, value in doc.items():
         if key in ("train", "mst") and isinstance(value, dict):
-            allowed = TRAIN_KEYS if key == "train" else MST_KEYS + ("steps",)
+            allowed = TRAIN_KEYS if key == "train" else MST_KEYS + ("steps", "lr_schedule")
             bad = sorted(set(value) - set(allowed))
             if bad:
                 raise MstCompileError(f"config file {p}: unknown key(s) {bad} in [{key}]; allowed: {', '.join(sorted(allowed))}")
@@ -156,6 +168,8 @@ def fold_steps(train: dict, mst: dict) -> None:
         train.setdefault("steps", mst.pop("total_steps"))
     if "seed" in mst:  # one seed drives init, data order and random growth
         train.setdefault("seed", mst.pop("seed"))
+    if "lr_schedule" in mst:  # the learning rate is the trainer's (run folders written before it moved keep it in [mst])
+        train.setdefault("lr_schedule", mst.pop("lr_schedule"))
 
 
 def _toml_value(v: Any) -> str:

@@ -13,6 +13,7 @@ DISTRIBUTIONS = ("uniform", "er", "erk")  # docs/design.md §2
 SPARSE_KERNELS = ("auto", "dense", "csr")  # MSTConfig.sparse_kernel: "auto" picks one of LINEAR_KERNELS
 LINEAR_KERNELS = ("dense", "csr")  # what a sparse weight site runs: the masked-dense op or CSR kernels
 LR_SCHEDULES = ("cosine", "wsd")
+DEFAULT_LR_DECAY = 0.2  # the WSD decay tail of a run without a restoration phase (ultra_end = 1)
 ATTENTION_RESTORES = ("switch", "widen")
 RESTORATION_SHAPES = ("late", "linear", "early")
 

@@ -9,7 +9,7 @@ def test_defaults_match_design():
     assert (c.update_interval, c.drop_fraction, c.grow_gradient_fraction) == (None, 0.3, 0.75)
     assert c.interval == 19  # derived: five updates inside the 100-step warm-up
     assert c.phase_drop_fractions == (0.3, 0.3, 0.0)  # restoration drops nothing
-    assert c.attention_phases == ("warmup", "ultra", "restoration") and c.lr_schedule == "wsd"
+    assert c.attention_phases == ("warmup", "ultra", "restoration")
 
 
 def test_round_trip():

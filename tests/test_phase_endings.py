@@ -125,8 +125,8 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
 
     write(tmp_path, "tiny.py", TINY)
     tc = TrainConfig(steps=24, batch_size=2, block_size=32, eval_iters=1, eval_interval=24, log_interval=1,
-                     lr=2e-3, warmup_steps=2)
-    cfg = mst_compile.MSTConfig(total_steps=24, update_interval=2, warmup_end=0.25, ultra_end=0.75, lr_schedule="wsd")
+                     lr=2e-3, warmup_steps=2, lr_schedule="wsd")
+    cfg = mst_compile.MSTConfig(total_steps=24, update_interval=2, warmup_end=0.25, ultra_end=0.75)
     train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "run", progress=False)
     lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"}
     for step, lr in lrs.items():
@@ -144,23 +144,23 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
 def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
     from mst_compile.runtime.schedule import target_sparsity
 
-    shapes = {name: mst_compile.MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.0, restoration_shape=name)
-              for name in ("late", "linear", "early")}  # restoration [800, 1000] from 0.9 to 0.0
-    for cfg in shapes.values():
-        assert target_sparsity(800, cfg) == pytest.approx(0.9) and target_sparsity(1000, cfg) == pytest.approx(0.0)
-    assert target_sparsity(900, shapes["late"]) == pytest.approx(0.9 * (1 - 0.5**3))
-    assert target_sparsity(900, shapes["linear"]) == pytest.approx(0.45)
-    assert target_sparsity(900, shapes["early"]) == pytest.approx(0.9 * 0.5**3)
+    shapes = {name: mst_compile.MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.0, restoration_shape=name,
+                                          update_interval=10) for name in ("late", "linear", "early")}
+    for cfg in shapes.values():  # restoration from 0.9 at step 800 to 0.0 at the last update, step 990
+        assert target_sparsity(800, cfg) == pytest.approx(0.9) and target_sparsity(990, cfg) == pytest.approx(0.0)
+    assert target_sparsity(895, shapes["late"]) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert target_sparsity(895, shapes["linear"]) == pytest.approx(0.45)
+    assert target_sparsity(895, shapes["early"]) == pytest.approx(0.9 * 0.5**3)
 
 
 def test_paper_preset_is_the_published_recipe():
     p = mst_compile.MSTConfig.preset("paper", total_steps=3000)
     assert (p.update_interval, p.phase_drop_fractions, p.attention_phases) == (100, (0.3, 0.3, 0.3), ("ultra",))
-    assert (p.attention_restore, p.lr_schedule, p.grow_init_scale, p.final_sparsity) == ("switch", "cosine", 0.0, 0.5)
+    assert (p.attention_restore, p.grow_init_scale, p.final_sparsity) == ("switch", 0.0, 0.5)
     assert mst_compile.MSTConfig.preset("default") == mst_compile.MSTConfig()
     with pytest.raises(ValueError, match=r"preset\('fast'\) is unknown: expected one of default, paper"):
         mst_compile.MSTConfig.preset("fast")
-    for field, bad in (("lr_schedule", "linear"), ("grow_init_scale", -1.0), ("attention_restore", "fade"),
+    for field, bad in (("grow_init_scale", -1.0), ("attention_restore", "fade"),
                        ("restoration_shape", "cubic")):
         with pytest.raises(ValueError, match=f"MSTConfig.{field}="):
             mst_compile.MSTConfig(**{field: bad})

@@ -36,19 +36,21 @@ def test_three_phase_sparsity_closed_form():
         assert target_sparsity(t, CFG) == pytest.approx(s_max * (1 - (1 - u) ** 3), abs=1e-12)
     for t in range(100, 800, 37):
         assert target_sparsity(t, CFG) == s_max
-    for t in range(800, 1001, 13):
-        u = (t - 800) / 200
+    for t in range(800, 1001, 13):  # the ramp ends at the last update (990), which lands s_end
+        u = min(1.0, (t - 800) / 190)
         assert target_sparsity(t, CFG) == pytest.approx(s_end + (s_max - s_end) * (1 - u**3), abs=1e-12)
-    # endpoints: dense start, continuous into ultra, final sparsity reached and held past the end
+    # endpoints: dense start, continuous into ultra, final sparsity reached at the last update and held
     assert target_sparsity(0, CFG) == 0.0
     assert target_sparsity(99, CFG) < target_sparsity(100, CFG) == s_max
+    assert update_steps(CFG)[-1] == 990 and target_sparsity(990, CFG) == pytest.approx(s_end)
+    assert target_sparsity(989, CFG) > s_end
     assert target_sparsity(1000, CFG) == pytest.approx(s_end)
     assert target_sparsity(4000, CFG) == target_sparsity(1000, CFG)
     # cubic shape: the warm-up ramps fastest at its start, the restoration recovers fastest at its end
     ramp = [target_sparsity(t, CFG) for t in range(0, 101, 10)]
     steps = [b - a for a, b in zip(ramp, ramp[1:])]
     assert all(x > y for x, y in zip(steps, steps[1:]))
-    back = [target_sparsity(t, CFG) for t in range(800, 1001, 20)]
+    back = [target_sparsity(t, CFG) for t in range(800, 991, 10)]
     falls = [a - b for a, b in zip(back, back[1:])]
     assert all(x < y for x, y in zip(falls, falls[1:]))
 
@@ -129,13 +131,23 @@ def test_derived_update_interval_gives_the_warmup_five_updates():
 
 
 def test_wsd_lr_is_flat_until_restoration_then_decays_to_the_floor():
-    cfg = MSTConfig(total_steps=1000, lr_schedule="wsd")  # restoration [800, 1000]
+    cfg = MSTConfig(total_steps=1000)  # restoration [800, 1000]
     assert [lr_multiplier(t, cfg) for t in (0, 400, 799, 800)] == [1.0, 1.0, 1.0, 1.0]
     assert lr_multiplier(900, cfg) == pytest.approx(0.55)
     assert lr_multiplier(1000, cfg) == pytest.approx(0.1)
-    cos = MSTConfig(total_steps=1000, lr_schedule="cosine")
-    assert lr_multiplier(500, cos) == pytest.approx(0.55)
-    assert lr_multiplier(1000, cos, min_ratio=0.0) == pytest.approx(0.0)
+    assert lr_multiplier(500, cfg, schedule="cosine") == pytest.approx(0.55)
+    assert lr_multiplier(1000, cfg, min_ratio=0.0, schedule="cosine") == pytest.approx(0.0)
+    # an explicit tail replaces the restoration phase: decay over the last 40% of the run
+    assert lr_multiplier(599, cfg, decay=0.4) == 1.0 and lr_multiplier(800, cfg, decay=0.4) == pytest.approx(0.55)
+
+
+def test_wsd_without_restoration_still_decays_over_the_stated_default_tail():
+    one_phase = MSTConfig(total_steps=1000, warmup_end=0.0, ultra_end=1.0)  # no restoration: [t2, T] is empty
+    assert lr_multiplier(799, one_phase) == 1.0
+    assert lr_multiplier(900, one_phase) == pytest.approx(0.55)  # DEFAULT_LR_DECAY = 0.2
+    assert lr_multiplier(1000, one_phase) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr schedule 'linear' is invalid"):
+        lr_multiplier(0, one_phase, schedule="linear")
 
 
 def test_attention_widens_through_restoration_then_turns_dense():

@@ -68,6 +68,9 @@ def test_resolved_fills_every_default():
     tc = TrainConfig(lr=1e-3).resolved(MSTConfig(total_steps=200), model_block_size=None)
     assert all(getattr(tc, f.name) is not None for f in dataclasses.fields(tc) if f.name not in ("data", "tokenizer"))
     assert (tc.steps, tc.block_size, tc.min_lr, tc.warmup_steps, tc.eval_interval, tc.checkpoint_interval) == (200, 128, 1e-4, 10, 40, 40)
+    assert (tc.lr_schedule, tc.lr_decay) == ("wsd", 0.2)  # the WSD decay spans MST's restoration phase
+    assert TrainConfig().resolved(MSTConfig(ultra_end=0.7)).lr_decay == 0.3
+    assert TrainConfig().resolved(MSTConfig(warmup_end=0.0, ultra_end=1.0)).lr_decay == 0.2  # no restoration: the stated tail
 
 
 def test_flag_parsing():
@@ -79,13 +82,14 @@ def test_flag_parsing():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
-    lrs = [lr_at(s, tc) for s in range(100)]
+    tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10, lr_schedule="cosine")
+    mst = MSTConfig(total_steps=100)
+    lrs = [lr_at(s, tc, mst) for s in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear ramp up to the peak
     assert lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine: never increases
     assert lrs[55] == pytest.approx(0.55, abs=1e-9)  # halfway through the decay: (lr + min_lr)/2
-    assert lr_at(100, tc) == pytest.approx(0.1)
+    assert lr_at(100, tc, mst) == pytest.approx(0.1)
 
 
 def test_extra_flag_parses_key_values():

@@ -21,7 +21,7 @@ from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..ops.attention import _check_pattern, _check_stride
 from ..ops.sparse_linear import SparseWeight
-from . import schedule
+from . import schedule as _schedule
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
 from .sites import Sites, WeightSite, allocation, apply_masks, keep_largest, overall_density
@@ -114,10 +114,12 @@ class MSTHandle:
         """The global sparsity the current masks were allocated for (changes at update steps)."""
         return self._scheduler.target_sparsity
 
-    def lr_multiplier(self, min_ratio: float = 0.1) -> float:
-        """The learning rate MST recommends for the iteration about to run, as a fraction of the peak
-        (``config.lr_schedule``; add your own linear warm-up). Own loops: ``g["lr"] = peak * m``."""
-        return schedule.lr_multiplier(self._scheduler.step, self.config, min_ratio)
+    def lr_multiplier(self, min_ratio: float = 0.1, schedule: str = "wsd", decay: float | None = None) -> float:
+        """The learning rate for the iteration about to run, as a fraction of the peak: the curve
+        ``mstc train`` uses (``schedule`` "wsd": flat, then a cosine over restoration, or the last
+        ``decay`` of the run; "cosine": over the whole run; add your own linear warm-up).
+        Own loops: ``g["lr"] = peak * m``."""
+        return _schedule.lr_multiplier(self._scheduler.step, self.config, min_ratio, schedule, decay)
 
     @property
     def flops(self) -> FlopReport:

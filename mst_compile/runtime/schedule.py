@@ -8,6 +8,10 @@ elapsed:
 - restoration  [t2, T]:  s(t) = s_end + (s_max − s_end)·(1 − u³)  time mirror of the warm-up
   (``restoration_shape="late"``; ``"linear"``: 1 − u; ``"early"``: (1 − u)³, weights return first)
 
+In restoration u runs from t2 to the last topology update k_last < T, not to T: masks change only at
+updates, so a ramp that ended at T would leave the run at s(k_last) > s_end. With u = 1 at k_last the
+last update lands ``final_sparsity`` and the steps after it train at that density.
+
 ``t1 = warmup_end·T`` and ``t2 = ultra_end·T`` rounded to whole steps. A ``config.schedule`` of
 ``(step, sparsity)`` points replaces s(t) by the piecewise linear curve through them (held flat
 before the first and after the last point); the phases (attention switching, drop fractions) still
@@ -16,8 +20,8 @@ come from ``warmup_end`` and ``ultra_end``.
 The drop fraction restarts a cosine in each phase k with its own ζ_k:
 ``ζ(t) = ζ_k/2 · (1 + cos(π·(t − τ_k)/(τ_{k+1} − τ_k)))``.
 
-Topology updates run after optimizer steps ΔT, 2ΔT, ... < T, never after the last one, so the
-sparsity a run ends with is s(k) of its last update k < T, not s(T).
+Topology updates run after optimizer steps ΔT, 2ΔT, ... < T, never after the last one; the sparsity
+a run ends with is s(k_last), which the restoration ramp makes s_end.
 Steps past ``T`` hold the state at ``T``. Nothing here touches a model or torch.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import math
 
 from ..config import MSTConfig
-from ..vocab import PHASES
+from ..vocab import DEFAULT_LR_DECAY, LR_SCHEDULES, PHASES
 
 
 def _at(frac: float, total: int) -> int:
@@ -75,11 +79,18 @@ def target_sparsity(step: int, config: MSTConfig) -> float:
     if t < t1:
         u = t / t1
         return s_max * (1.0 - (1.0 - u) ** 3)
-    if t < t2 or T == t2:  # an empty restoration phase leaves s_max in place
+    end = restoration_end(config)
+    if t < t2 or end <= t2:  # an empty restoration phase (or one without an update) leaves s_max in place
         return s_max
-    u = (t - t2) / (T - t2)
+    u = min(1.0, (t - t2) / (end - t2))
     remaining = {"late": 1.0 - u**3, "linear": 1.0 - u, "early": (1.0 - u) ** 3}[config.restoration_shape]
     return s_end + (s_max - s_end) * remaining
+
+
+def restoration_end(config: MSTConfig) -> int:
+    """The step where the restoration ramp reaches ``final_sparsity``: the last topology update (T without one)."""
+    T = config.total_steps
+    return T - 1 - (T - 1) % config.interval if T > config.interval else T
 
 
 def drop_fraction(step: int, config: MSTConfig) -> float:
@@ -173,21 +184,39 @@ def check(config: MSTConfig) -> None:
                 "(or None to derive it from the run length)")
 
 
-def lr_multiplier(step: int, config: MSTConfig, min_ratio: float = 0.1) -> float:
-    """The learning rate at ``step`` as a fraction of the peak, following ``config.lr_schedule``
-    (before any linear LR warm-up, which the training loop adds):
+def lr_decay_start(config: MSTConfig, decay: float | None = None) -> int:
+    """The step where a WSD learning rate leaves its plateau: the last ``decay`` fraction of the run decays.
 
-    - ``"cosine"``: one cosine from 1 to ``min_ratio`` over the run (phase-blind);
-    - ``"wsd"``: warm-up/stable/decay: 1 until restoration starts, then a cosine to ``min_ratio`` over
-      restoration, so regrown weights train while the LR is still high and the final anneal happens
-      at the restored density.
+    ``decay=None`` decays over MST's restoration phase ``[t2, T]``; a config without one (``ultra_end=1``)
+    decays over the last ``DEFAULT_LR_DECAY`` of the run instead of never decaying.
     """
-    t = _clip(step, config)
     _, t2, T = phase_bounds(config)
-    if config.lr_schedule == "wsd":
-        if t < t2 or T == t2:
+    if decay is None:
+        return t2 if t2 < T else _at(1.0 - DEFAULT_LR_DECAY, T)
+    return _at(1.0 - decay, T)
+
+
+def lr_multiplier(step: int, config: MSTConfig, min_ratio: float = 0.1, schedule: str = "wsd",
+                  decay: float | None = None, warmup: int = 0) -> float:
+    """The learning rate at ``step`` as a fraction of the peak, after any linear warm-up (which the
+    caller adds before ``warmup``), over a run of ``config.total_steps``:
+
+    - ``"cosine"``: one cosine from 1 at ``warmup`` to ``min_ratio`` at the end of the run;
+    - ``"wsd"``: warm-up/stable/decay: 1 until :func:`lr_decay_start`, then a cosine to ``min_ratio``
+      over the rest, by default MST's restoration phase, so regrown weights train while the LR is still
+      high and the final anneal happens at the restored density.
+
+    The trainer uses this one curve for dense and sparse runs alike; ``sm.mst.lr_multiplier()`` gives
+    it to own loops.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r} is invalid: expected one of {', '.join(LR_SCHEDULES)}")
+    t, T = _clip(step, config), config.total_steps
+    if schedule == "wsd":
+        start = lr_decay_start(config, decay)
+        if t < start:
             return 1.0
-        u = (t - t2) / (T - t2)
     else:
-        u = t / T
+        start = min(warmup, T - 1)
+    u = min(1.0, max(0.0, (t - start) / max(1, T - start)))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * u))

@@ -46,16 +46,17 @@ class TrainingDiverged(MstCompileError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, tc: TrainConfig, mst: MSTConfig | None = None) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``schedule_steps``
-    (``steps`` unless a resume lengthened the run; ``min_lr`` after it); an MST run whose ``lr_schedule``
-    knows the phases follows ``schedule.lr_multiplier`` instead."""
+def lr_at(step: int, tc: TrainConfig, mst: MSTConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then ``tc.lr_schedule`` down to ``min_lr`` at
+    ``schedule_steps`` (``steps`` unless a resume lengthened the run; ``min_lr`` after it).
+
+    The same curve for a dense and a sparse run of the same length: ``mst`` only places the WSD decay
+    (its restoration phase, unless ``lr_decay`` says otherwise), and a dense run has the same MSTConfig.
+    """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
-    if mst is not None and mst.lr_schedule != "cosine":
-        return tc.lr * lr_multiplier(step, mst, tc.min_lr / tc.lr if tc.lr else 0.0)
-    u = (step - tc.warmup_steps) / max(1, (tc.schedule_steps or tc.steps) - tc.warmup_steps)
-    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * min(u, 1.0))) * (tc.lr - tc.min_lr)
+    span = mst.replace(total_steps=tc.schedule_steps or tc.steps) if mst.total_steps != (tc.schedule_steps or tc.steps) else mst
+    return tc.lr * lr_multiplier(step, span, tc.min_lr / tc.lr, tc.lr_schedule, tc.lr_decay, tc.warmup_steps)
 
 
 def _absolute(spec: str | None) -> str | None:
@@ -106,7 +107,7 @@ def _run(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, prog
                 # what this step trains with (an update in opt.step changes it for the next one)
                 now = {"phase": run.acct.phase, "density": run.acct.density(), "target_sparsity": run.acct.target_sparsity,
                        "attention": run.acct.patterns()}
-                lr = lr_at(step, tc, None if tc.dense else run.mst)
+                lr = lr_at(step, tc, run.mst)
                 loss, stops = _train_step(run, step, lr, stop)
                 done = step + 1
                 run.acct.after_step(run.step_tokens)
@@ -221,7 +222,7 @@ def _finish(run: RunState) -> dict:
         "model": str(run.mf.path), "out": str(run.run_dir), "mode": "dense" if tc.dense else "mst", "steps": tc.steps,
         "train_loss": run.last_eval.get("train"), "val_loss": run.last_eval.get("val"), "best_val_loss": run.best,
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
-        "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
+        "final_density": acct.density(), "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
         "precision": tc.precision, "skipped_steps": run.prec.skipped,
         "wall_s": run.elapsed(),
         "step_s": run.step_time / max(1, tc.steps - run.start),  # measured training step (eval and checkpoints aside)

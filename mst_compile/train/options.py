@@ -80,7 +80,10 @@ def parse_mst_flag(name: str, text: str) -> Any:
 _HELP = {
     "steps": "Optimizer steps (= MST total_steps).", "batch_size": "Sequences per micro-batch per process.",
     "block_size": "Tokens per sequence (default: the model's block_size, else 128).", "lr": "Peak learning rate.",
-    "min_lr": "Learning rate at the end of the cosine decay (default lr/10).",
+    "min_lr": "Learning rate at the end of the decay (default lr/10).",
+    "lr_schedule": "Learning-rate curve of every run, dense or MST: wsd (flat, then a cosine decay over the last --lr-decay "
+                   "of the run) or cosine (over the whole run).",
+    "lr_decay": "WSD: fraction of the run the learning rate decays over (default: the restoration phase, 1 - ultra_end; 0.2 without one).",
     "warmup_steps": "Linear learning-rate warm-up steps (default 5% of steps).",
     "weight_decay": "AdamW weight decay on matrices.", "beta1": "AdamW beta1.", "beta2": "AdamW beta2.",
     "grad_clip": "Clip the global gradient norm (0: off).", "grad_accum": "Micro-batches per optimizer step.",
@@ -101,7 +104,6 @@ _HELP = {
     "attention": "Sparse attention pattern.", "stride": "Sparse attention stride (default T/8).",
     "attention_phases": "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.",
     "sparse_kernel": "CPU sparse linear kernel.",
-    "lr_schedule": "LR shape: cosine (phase-blind) or wsd (stable, then decay over restoration).",
     "grow_init_scale": "Grown weights start at N(0, (scale x rms of active weights)^2); 0: at zero.",
     "attention_restore": "Leaving the sparse-attention phases: switch (dense at once) or widen (gradually).",
     "restoration_shape": "When restored weights return: late (1-u^3), linear, or early ((1-u)^3).",
@@ -146,14 +148,14 @@ def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None):
     from ..vocab import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
 
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
-               "lr_schedule": LR_SCHEDULES, "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
+               "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "dense" or (train_fields is not None and f.name not in train_fields):
             continue  # dense: a plain switch, declared by the command
         flags = ["--steps", "--total-steps"] if f.name == "steps" else [f"--{f.name.replace('_', '-')}"]
         typ = str if f.name in ("device", "data", "tokenizer") else (float if f.type.startswith("float") else int)
-        typ = click.Choice(PRECISIONS) if f.name == "precision" else typ
+        typ = click.Choice(PRECISIONS) if f.name == "precision" else click.Choice(LR_SCHEDULES) if f.name == "lr_schedule" else typ
         specs.append(click.option(*flags, f"train__{f.name}", type=typ, default=None, help=_HELP.get(f.name)))
     for f in dataclasses.fields(MSTConfig):
         if f.name in ("total_steps", "seed"):
