@@ -44,12 +44,19 @@ def test_quick_run_trains_every_method(quick):
         assert flops == sorted(flops) and flops[-1] == pytest.approx(r["mst_flops"]), r["name"]
     # same model and tokens: every full-length run has the same dense-equivalent FLOPs
     dense = runs["dense"]
-    for name in expected - {"dense_eq", "dense_narrow", "dense_shallow", "dense@d64", "mst@d64"}:
+    for name in expected - {"dense_eq", "dense_narrow", "dense_shallow", "dense_avg", "dense@d64", "mst@d64"}:
         assert runs[name]["dense_flops"] == pytest.approx(dense["dense_flops"]), name
     assert dense["mst_flops"] == pytest.approx(dense["dense_flops"])
-    assert runs["dense_wsd"]["mst_flops"] == pytest.approx(dense["mst_flops"])  # masks all ones: dense cost
+    # one learning-rate curve: every run of the same length has the same lr, step by step, dense or sparse
+    from mst_compile.train.metrics import read_jsonl
+
+    lrs = {n: [x["lr"] for x in read_jsonl(Path(r["out"]) / "metrics.jsonl") if x["kind"] == "train"] for n, r in runs.items()}
+    for name, r in runs.items():
+        if r["steps"] == dense["steps"]:
+            assert lrs[name] == lrs["dense"], name
+    assert lrs["dense"][-1] < lrs["dense"][len(lrs["dense"]) // 2]  # and it decays
     # sparse methods spend fewer FLOPs; the three constant-90% baselines spend the same
-    for name in ("static", "set", "rigl", "mst", "paper", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "mst_cosine", "static_eq"):
+    for name in ("static", "set", "rigl", "mst", "paper", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "static_eq"):
         assert runs[name]["mst_flops"] < 0.6 * dense["mst_flops"], name
     # SET grows at random, so it never forms the dense gradient that RigL pays for before each update
     assert runs["set"]["mst_flops"] == pytest.approx(runs["static"]["mst_flops"])
@@ -75,6 +82,12 @@ def test_quick_run_trains_every_method(quick):
         for w in (r["d"] - 2, r["d"] + 2):  # no other width (a multiple of the 2 heads) is nearer the budget
             assert abs(dense_per_token(depth, w, 32) - budget) >= abs(r["mst_flops"] / tokens - budget), (name, w)
     assert dense["dense_flops"] == pytest.approx(tokens * dense_per_token(2, 32, 32), rel=1e-6)
+    # the dense model of MST's average size: parameters within 5% of MST's average active parameters, where
+    # that average is the per-step density (logged every step of the sizing run) over the sparse weights
+    avg = runs["dense_avg"]
+    assert avg["steps"] == dense["steps"] and avg["n_layer"] == 2 and avg["d"] < 32
+    assert mst["sparse_params"] < dense["params"] and avg["params"] == pytest.approx(mst["avg_active_params"], rel=0.05)
+    assert dense["params"] - mst["sparse_params"] < mst["avg_active_params"] < dense["params"]
     # the wider model has more parameters and more FLOPs per step
     assert runs["dense@d64"]["params"] > 3 * dense["params"]
     assert runs["dense@d64"]["dense_flops"] > 3 * dense["dense_flops"]
@@ -98,7 +111,7 @@ def test_quick_run_writes_table_json_and_plots(quick):
     assert bar["vs_static_pct"] == pytest.approx(100 * (mst["val_loss"] / static["val_loss"] - 1))
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| width")) and "---" not in line]
-    assert len(rows) == 15 + 2  # fifteen methods, then the two widths
+    assert len(rows) == 14 + 2  # fourteen methods, then the two widths
     assert "| dense (baseline) | 40 |" in md and "| 1.00x |" in md and "--quick" in md
     for name in ("loss_vs_flops", "gap_vs_params"):
         img = mpimg.imread(out / f"{name}.png")

@@ -1,0 +1,53 @@
+"""benchmarks/fair.py at toy sizes: tune picks one schedule and each method's LR; confirm trains every seed on them."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--d", "32", "--n-layer", "2", "--n-head", "2", "--block-size", "32", "--batch-size", "4", "--eval-iters", "1",
+        "--final-eval-iters", "2", "--methods", "dense,mst,dense_avg", "--jobs", "2"]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # spawned workers import it by this name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_tune_then_confirm_on_one_schedule_at_every_seed(tmp_path, module_env):
+    module_env.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))
+    fair = _load("fair")
+    tune_out = tmp_path / "tune"
+    tuned = fair.main(["tune", "--steps", "16", "--lrs", "1e-3,8e-3", "--schedules", "wsd,cosine", *TINY,
+                       "--out", str(tune_out), "--work", str(tmp_path / "w1")])
+    assert len(tuned["runs"]) == 3 * 2 * 2  # methods x LRs x schedules
+    from _fair_tables import best_lrs, pick
+
+    schedule, lrs = pick(tuned)
+    for m, lr in lrs.items():  # each method's LR is its own best under the picked schedule (an independent argmin)
+        mine = [r for r in tuned["runs"] if r["method"] == m and r["lr_schedule"] == schedule]
+        assert lr == min(mine, key=lambda r: r["val_loss"])["lr"]
+    assert set(best_lrs(tuned)) == {"wsd", "cosine"}
+    assert "Schedule for every method" in (tune_out / "results.md").read_text()
+
+    conf = fair.main(["confirm", "--steps", "16", "--seeds", "0,1", "--data", str(ROOT / "examples"), *TINY,
+                      "--tuned", str(tune_out / "results.json"), "--out", str(tmp_path / "conf"), "--work", str(tmp_path / "w2")])
+    runs = conf["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in ("dense", "mst", "dense_avg") for s in (0, 1))
+    for r in runs:
+        assert r["lr_schedule"] == schedule and r["lr"] == lrs[r["method"]], r["name"]
+    md = (tmp_path / "conf" / "results.md").read_text()
+    assert "holds at every seed" in md and "| seed 0 | seed 1 |" in md
+    # the JSON is written as runs finish: a second call finds every run and trains none
+    saved = json.loads((tmp_path / "conf" / "results.json").read_text())
+    assert len(saved["runs"]) == 6
+    again = fair.main(["confirm", "--steps", "16", "--seeds", "0,1", "--data", str(ROOT / "examples"), *TINY,
+                       "--tuned", str(tune_out / "results.json"), "--out", str(tmp_path / "conf"), "--work", str(tmp_path / "w2")])
+    assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in runs]
