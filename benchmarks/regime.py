@@ -13,7 +13,12 @@ batches and evaluation train:
 - ``dense``: the model, all the steps;
 - ``mst``: MST with the defaults (``MSTConfig()``);
 - ``paper``: MST with ``MSTConfig.preset("paper")``;
-- ``dense_eq``: the same dense model for as many steps as MST's FLOPs buy (LR schedule fitted).
+- ``dense_eq``: the same dense model for as many steps as MST's FLOPs buy (LR schedule fitted);
+- ``dense_avg``: the dense model (same depth) whose parameter count is MST's average active parameter
+  count over the run, trained for all the steps (Jin et al. 2025's line).
+
+Every run trains on the same learning-rate curve (``--lr-schedule``, WSD by default, decaying over the
+last 20% of each run).
 
 The gap (final val loss vs dense, %) of each MST run is fitted by ``gap = a · r^(−b)`` (least squares
 in log-log over the points with a positive gap, r = tokens/param), which says where MST reaches a
@@ -34,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
+import _frontier  # noqa: E402
 import reproduce  # noqa: E402
 from _tables import _plt, gap_pct  # noqa: E402
 
@@ -44,12 +50,13 @@ BLOCK, BATCH = 64, 64  # 4096 tokens per step at every point
 FAMILIES = {"shrink": [(64, 2, 2, 16), (48, 2, 2, 64), (32, 2, 2, 250), (24, 2, 2, 1000), (16, 2, 2, 2000)],
             "fixed": [(32, 2, 2, 16), (32, 2, 2, 64), (32, 2, 2, 250), (32, 2, 2, 1000)]}
 QUICK_POINTS = [(32, 1, 2, 0.2), (8, 1, 2, 2)]
-METHODS = ("dense", "mst", "paper", "dense_eq")
+METHODS = ("dense", "mst", "paper", "dense_eq", "dense_avg")
 
 
 def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (every run)")
+    p.add_argument("--lr-schedule", choices=("wsd", "cosine"), default="wsd", help="the learning-rate curve of every run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-eval-iters", type=int, default=50, help="val batches of the final evaluation")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -70,7 +77,8 @@ def _args(argv=None) -> argparse.Namespace:
 def _spec(a, point: dict, method: str, steps: int) -> dict:
     name = f"{point['name']}/{method}"
     return dict(name=name, method=method, d=point["d"], steps=steps, n_layer=point["n_layer"], n_head=point["n_head"],
-                block_size=a.block, batch_size=a.batch, lr=a.lr, seed=a.seed, update_interval=None, evals=10,
+                block_size=a.block, batch_size=a.batch, lr=a.lr, lr_schedule=a.lr_schedule, lr_decay=0.2, seed=a.seed,
+                update_interval=None, evals=10, log_interval=1 if method == "mst" else None,
                 eval_iters=5 if not a.quick else 1, data=None, final_eval_iters=a.final_eval_iters if not a.quick else 2,
                 overrides={}, sized=None, out=str(a.work / name), point=point["name"])
 
@@ -106,11 +114,16 @@ def run_all(a, points: list[dict]) -> list[dict]:
     a.out.mkdir(parents=True, exist_ok=True)
     by_name = {p["name"]: p for p in points}
     specs = [_spec(a, p, m, p["steps"]) for p in sorted(points, key=lambda p: -p["steps"]) for m in ("mst", "paper", "dense")]
-    def dense_eq(s: dict, r: dict) -> list[dict]:  # the dense model on MST's FLOPs, once they are known
-        return [_spec(a, by_name[s["point"]], "dense_eq", reproduce._equal_flops_steps(r))] if s["method"] == "mst" else []
+    def sized(s: dict, r: dict) -> list[dict]:  # the dense models on MST's FLOPs and of its average size, once known
+        if s["method"] != "mst":
+            return []
+        p = by_name[s["point"]]
+        width, heads = _frontier.width_for_params(r["avg_active_params"], p["n_layer"], p["n_head"], a.block)
+        return [_spec(a, p, "dense_eq", reproduce._equal_flops_steps(r)),
+                {**_spec(a, {**p, "d": width, "n_head": heads}, "dense_avg", p["steps"])}]
 
     results, t0 = [], time.time()
-    for _, r in reproduce.run_pool(specs, a.jobs, _run, dense_eq):
+    for _, r in reproduce.run_pool(specs, a.jobs, _run, sized):
         results.append(r)
         write(a, points, results, time.time() - t0)  # results as they go
     return results
@@ -140,7 +153,7 @@ def crossing(fit: dict | None, gap: float) -> float | None:
 
 def summarize(points: list[dict], results: list[dict]) -> dict:
     """Per point the four runs' figures; per MST method the fit and where it crosses 5% and 1%."""
-    rows, series = [], {"mst": [], "paper": [], "dense_eq": []}
+    rows, series = [], {"mst": [], "paper": [], "dense_eq": [], "dense_avg": []}
     for p in points:
         got = {r["method"]: r for r in results if r["point"] == p["name"]}
         dense = got.get("dense")
@@ -178,11 +191,13 @@ def markdown(doc: dict) -> str:
     s, lo, hi = doc["summary"], *doc["summary"]["measured_range"]
     family = " one model trained longer," if "--family fixed" in doc["command"] else ""
     lines = [f"### When does MST pay off? ({family} built-in corpus)".replace("( ", "(") + (" (quick smoke run)" if doc["setup"]["quick"] else ""), "",
-             f"Byte-level GPTs, T={doc['setup']['block']}, batch {doc['setup']['batch']}, lr {doc['setup']['lr']:g}, seed "
+             f"Byte-level GPTs, T={doc['setup']['block']}, batch {doc['setup']['batch']}, lr {doc['setup']['lr']:g} on "
+             f"{doc['setup'].get('lr_schedule', 'cosine')} for every run, seed "
              f"{doc['setup']['seed']}; final val loss on {doc['setup']['final_eval_iters']} val batches; gap to the dense run of the "
              "same point; FLOP reduction is algorithmic (the ledger), wall time is measured.", "",
              "| model | params | steps | tokens/param | dense | MST defaults (gap, reduction) | paper preset (gap, reduction) "
-             "| dense at MST's FLOPs (gap) | wall time dense / MST |", "|---|---|---|---|---|---|---|---|---|"]
+             "| dense at MST's FLOPs (gap) | dense of MST's average size (gap, reduction) | wall time dense / MST |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in s["points"]:
         r = p["runs"]
 
@@ -195,7 +210,7 @@ def markdown(doc: dict) -> str:
         dense_loss = "-" if dense is None else f"{dense['val_loss']:.4f}"
         wall = f"{dense['wall_s'] / 60:.1f} / {r['mst']['wall_s'] / 60:.1f} min" if dense and r.get("mst") else "-"
         lines.append(f"| d={p['d']}, L={p['n_layer']} | {p['params'] / 1e3:.1f}k | {p['steps']} | {_r(p['tokens_per_param'])} | "
-                     f"{dense_loss} | {cell('mst')} | {cell('paper')} | {cell('dense_eq', False)} | {wall} |")
+                     f"{dense_loss} | {cell('mst')} | {cell('paper')} | {cell('dense_eq', False)} | {cell('dense_avg')} | {wall} |")
     lines.append("")
     for m, label in (("mst", "MST defaults"), ("paper", "paper preset")):
         f = s["series"][m]
@@ -213,11 +228,11 @@ def plot(doc: dict, path: Path) -> None:
     s = doc["summary"]
     lo, hi = s["measured_range"]
     for m, label, color in (("mst", "MST defaults", "C3"), ("paper", "MST paper preset", "C0"),
-                            ("dense_eq", "dense at MST's FLOPs", "0.5")):
+                            ("dense_eq", "dense at MST's FLOPs", "0.5"), ("dense_avg", "dense of MST's average size", "C2")):
         f = s["series"][m]
         xs = [p["tokens_per_param"] for p in f["points"]]
         ax.plot(xs, [p["gap_pct"] for p in f["points"]], "o", color=color, label=label)
-        if f["fit"] is not None and m != "dense_eq":
+        if f["fit"] is not None and m in ("mst", "paper"):
             grid = [lo * (hi / lo) ** (i / 50) for i in range(51)]
             a, b = f["fit"]["a"], f["fit"]["b"]
             ax.plot(grid, [a * x ** (-b) for x in grid], "-", color=color, lw=1, alpha=0.7,
@@ -255,7 +270,7 @@ def package_map(doc: dict) -> dict:
 def write(a, points: list[dict], results: list[dict], wall_s: float) -> dict:
     doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else "")
            + ("" if a.family == "shrink" else f" --family {a.family}"),
-           "setup": {"block": a.block, "batch": a.batch, "lr": a.lr, "seed": a.seed, "quick": a.quick,
+           "setup": {"block": a.block, "batch": a.batch, "lr": a.lr, "lr_schedule": a.lr_schedule, "seed": a.seed, "quick": a.quick,
                      "final_eval_iters": a.final_eval_iters if not a.quick else 2, "points": points},
            "wall_s": wall_s, "runs": results, "summary": summarize(points, results)}
     (a.out / "regime.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -43,6 +43,14 @@ def test_quick_run_writes_the_map(tmp_path, monkeypatch):
         assert mst["mst_flops"] < dense["mst_flops"] and dense["mst_flops"] == pytest.approx(dense["dense_flops"])
         assert eq["steps"] == rg.reproduce._equal_flops_steps(mst) < dense["steps"]  # sized by MST's ledger total
         assert p["tokens_per_param"] == pytest.approx(p["steps"] * 16 * 8 / p["params"])
+        avg = runs[(p["name"], "dense_avg")]  # the dense model of MST's average active parameter count
+        assert avg["steps"] == dense["steps"] and avg["params"] < dense["params"]
+        assert avg["params"] == pytest.approx(mst["avg_active_params"], rel=0.25)  # the nearest width of a tiny model
+        from mst_compile.train.metrics import read_jsonl
+
+        lrs = {m: [x["lr"] for x in read_jsonl(Path(runs[(p["name"], m)]["out"]) / "metrics.jsonl") if x["kind"] == "train"]
+               for m in ("dense", "mst", "paper", "dense_avg")}
+        assert lrs["mst"] == lrs["dense"] == lrs["paper"] == lrs["dense_avg"]  # one learning-rate curve for every method
     s = doc["summary"]
     assert s["measured_range"] == [min(p["tokens_per_param"] for p in points), max(p["tokens_per_param"] for p in points)]
     for m in ("mst", "paper"):
