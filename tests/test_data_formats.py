@@ -37,6 +37,7 @@ def _nanogpt(folder: Path, vocab: int = 65, dtype=np.uint16, meta: bool = True) 
 # -- token ids ---------------------------------------------------------------------------------
 def test_nanogpt_folder_is_memory_mapped_and_batched_from_its_own_ids(tmp_path):
     train, val = _nanogpt(tmp_path / "shakespeare")
+    _nanogpt(tmp_path / "shakespeare2")
     data = D.load_data(str(tmp_path / "shakespeare"), None, 0.1)
     assert isinstance(data.splits["train"], np.memmap) and isinstance(data.splits["val"], np.memmap)  # not read into memory
     assert np.array_equal(data.splits["train"], train) and np.array_equal(data.splits["val"], val)  # val.bin as it is: no re-split
@@ -51,6 +52,9 @@ def test_nanogpt_folder_is_memory_mapped_and_batched_from_its_own_ids(tmp_path):
     again = D.load_data(str(tmp_path / "shakespeare"), None, 0.1)
     assert again.vocab_size is None and again.id_range() == data.id_range()
     assert len(list((tmp_path / "cache" / "id-ranges").iterdir())) == 1
+    # uint16 ids read as uint32 pair up into ids far past meta.pkl's vocabulary: refused, naming the flag
+    with pytest.raises(MstCompileError, match="beyond meta.pkl's vocab_size 65 with the ids read as uint32; pass --data-dtype"):
+        D.load_data(str(tmp_path / "shakespeare2"), None, 0.1, data_dtype="uint32")
 
 
 def test_single_token_files_hold_out_their_tail(tmp_path):

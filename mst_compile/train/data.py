@@ -371,7 +371,12 @@ def load_data(spec: str | None, tokenizer: str | None, val_fraction: float, *, d
     check_flags(spec, kind, tokenizer, data_dtype, text_field)
     if kind == "tokens":
         train, val, vocab, files = token_splits(spec, data_dtype, val_fraction)
-        return TokenData(train, val, vocab, spec, files=files)
+        data = TokenData(train, val, vocab, spec, files=files)
+        ids = data.id_range() if vocab else None
+        if ids and ids[1] >= vocab:  # most likely ids written in another type than they are read in
+            raise MstCompileError(f"--data {spec}: its largest token id {ids[1]} is beyond meta.pkl's vocab_size {vocab} with the ids "
+                                  f"read as {train.dtype}; pass --data-dtype with the type they were written in")
+        return data
     tok = _HFTokenizer(tokenizer) if tokenizer else _Bytes()
     if kind != "text":
         return TokenData.from_folder(build_record_tokens(spec, kind, tok, val_fraction, text_field))
