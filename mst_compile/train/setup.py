@@ -1,9 +1,10 @@
 """Everything a training run holds, and how ``train()`` builds it before the first step.
 
 ``setup`` does, in this order (the order fixes what the seeded RNG draws, so a run is reproducible):
-the run folder, the model under ``seed``, the data, the sparsified (or captured) module with its
-accounting, the optimizer, and on ``--resume`` the state of the last checkpoint. ``RunState`` is
-what the loop's step, evaluation and checkpoint functions share.
+the run folder, the model under ``seed``, the data (its token ids checked against the model's
+input embedding before any forward), the sparsified (or captured) module with its accounting, the
+optimizer, and on ``--resume`` the state of the last checkpoint. ``RunState`` is what the loop's
+step, evaluation and checkpoint functions share.
 """
 from __future__ import annotations
 
