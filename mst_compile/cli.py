@@ -164,7 +164,7 @@ def _train_options(fn):
     return click_options(fn)
 
 
-@main.command()
+@main.command(context_settings={"allow_extra_args": True})  # extra arguments: an unquoted glob, answered in train()
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<timestamp>).")
@@ -184,9 +184,10 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     from .train.options import configs_for_model_file, split_flags
 
     train_flags, mst_flags = split_flags(flags)
+    _no_extra_arguments(click.get_current_context().args, train_flags.get("data"))
     if dense:
         train_flags["dense"] = True
-    _check_train_paths(out, resume, config_file, train_flags.get("data"))
+    _check_train_paths(out, resume, config_file, train_flags)
     from .modelfile import load_model_file
 
     mf = load_model_file(model_file)  # a missing file fails here, before torch is imported
@@ -215,7 +216,20 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
         click.echo(summary_line(summary))
 
 
-def _check_train_paths(out: str | None, resume: str | None, config_file: str | None, data: str | None) -> None:
+def _no_extra_arguments(extra: list[str], data: str | None) -> None:
+    """Arguments beyond MODEL_FILE: most likely a glob the shell expanded, which --data must get quoted."""
+    if not extra:
+        return
+    if data is None:
+        raise _Failure(f"unexpected extra argument(s) {' '.join(extra)}: mstc train takes one MODEL_FILE; quote a glob given to --data")
+    paths = [Path(data), *map(Path, extra)]
+    same = len({p.parent for p in paths}) == 1 and len({p.suffix for p in paths}) == 1
+    pattern = str(paths[0].parent / f"*{paths[0].suffix}") if same else "PATTERN"
+    raise _Failure(f"--data {data} is followed by {len(extra)} more path(s) ({' '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}): "
+                   f"the shell expanded an unquoted glob; quote it so that mstc expands it: --data '{pattern}'")
+
+
+def _check_train_paths(out: str | None, resume: str | None, config_file: str | None, train_flags: dict) -> None:
     """What ``mstc train`` can check without torch: a typo fails in well under a second."""
     from . import run_folder as rf
     from .paths import writable_dir
@@ -227,10 +241,12 @@ def _check_train_paths(out: str | None, resume: str | None, config_file: str | N
         writable_dir(out or rf.RUNS, "--out" if out else "run folder")
     if config_file:
         read_config_file(config_file)
-    if data:
-        from .train.data import data_files  # numpy, not torch
+    if train_flags.get("data"):
+        from .run_config import TrainConfig
+        from .train.data import check_data  # numpy, not torch
 
-        data_files(data)
+        check_data(train_flags["data"], train_flags.get("tokenizer"), train_flags.get("val_fraction", TrainConfig.val_fraction),
+                   data_dtype=train_flags.get("data_dtype"), text_field=train_flags.get("text_field"))
 
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}

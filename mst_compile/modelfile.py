@@ -125,6 +125,30 @@ def max_sequence_length(model) -> int | None:
     return None
 
 
+def input_embedding(model) -> tuple[str, int] | None:
+    """``(name, rows)`` of the embedding the token ids index, found without a forward: the model's
+    ``get_input_embeddings()`` (Hugging Face), else its only ``nn.Embedding``, else the only one an
+    output layer shares its weight with (a tied head, as in nanoGPT), else the only one that is not a
+    position embedding (rows = the maximum sequence length). None when that leaves it open."""
+    import torch.nn as nn
+
+    names = {id(m): n for n, m in model.named_modules()}
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # e.g. NotImplementedError of a model without one
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return names.get(id(emb), "input embedding"), emb.num_embeddings
+    embs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    heads = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    limit = max_sequence_length(model)
+    for group in (embs, [e for e in embs if id(e[1].weight) in heads], [e for e in embs if e[1].num_embeddings != limit]):
+        if len(group) == 1:
+            return group[0][0], group[0][1].num_embeddings
+    return None
+
+
 def parameter_count(model) -> int:
     """Parameters of ``model``, a tensor shared by several modules (a tied head) counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

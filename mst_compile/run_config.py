@@ -21,6 +21,7 @@ from .vocab import DEFAULT_LR_DECAY, LR_SCHEDULES
 CONFIG = "config.toml"  # the file of a run folder this module reads and writes
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # --data-dtype: how raw token-id files are stored
 
 
 @dataclass
@@ -51,8 +52,10 @@ class TrainConfig:
     seed: int = 0  # model init, batch order and MST's random growth
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp32 master weights; fp16 with a grad scaler)
-    data: str | None = None  # text file, folder or glob; None: the Python standard library
+    data: str | None = None  # text, token ids or records (README: Data); None: the Python standard library
     tokenizer: str | None = None  # local Hugging Face tokenizer folder; None: bytes (vocab 256)
+    data_dtype: str | None = None  # raw token-id files (.bin); None: uint16, as nanoGPT writes them
+    text_field: str | None = None  # the text column of records; None: "text"
     val_fraction: float = 0.05
     dense: bool = False  # the dense baseline: same run without sparsity
     # steps the MST and learning-rate schedules span; None: steps. A resume with a longer --steps keeps
@@ -93,6 +96,10 @@ class TrainConfig:
             _fail("device", self.device, "auto, cpu, cuda or cuda:N")
         if self.precision not in PRECISIONS:
             _fail("precision", self.precision, " or ".join(PRECISIONS))
+        if self.data_dtype is not None and self.data_dtype not in DATA_DTYPES:
+            _fail("data_dtype", self.data_dtype, ", ".join(DATA_DTYPES))
+        if self.text_field is not None and (not isinstance(self.text_field, str) or not self.text_field):
+            _fail("text_field", self.text_field, "a column name")
         if not isinstance(self.dense, bool):
             _fail("dense", self.dense, "true or false")
         if self.schedule_steps is not None and self.steps is not None and self.schedule_steps > self.steps:

@@ -82,7 +82,7 @@ def _binaries(folder: Path) -> list[Path]:
     """Files that are not text: random bytes, a NUL-padded blob, UTF-16 text."""
     rng = np.random.default_rng(0)
     made = {"noise.dat": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
-            "zeros.bin": b"header" + bytes(3000),
+            "zeros.raw": b"header" + bytes(3000),  # (.bin and .npy are token ids)
             "utf16.txt": ("hello world " * 200).encode("utf-16")}
     for name, raw in made.items():
         (folder / name).write_bytes(raw)

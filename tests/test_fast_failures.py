@@ -55,12 +55,16 @@ def test_read_only_folder(tmp_path):
 def test_failing_commands_do_not_import_torch(tmp_path):
     """Each command fails on a missing file, a bad path or a bad flag before torch is loaded."""
     model = write(tmp_path, "tiny.py", TINY)
-    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "blob.dat").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "odd.bin").write_bytes(bytes(101))  # not a whole number of uint16 token ids
     commands = [
         ["train", str(tmp_path / "missing.py")],
         ["train", str(model), "--lr", "abc"],
         ["train", str(model), "--data", str(tmp_path / "missing.txt")],
-        ["train", str(model), "--data", str(tmp_path / "blob.bin")],
+        ["train", str(model), "--data", str(tmp_path / "blob.dat")],
+        ["train", str(model), "--data", str(tmp_path / "odd.bin")],
+        ["train", str(model), "--data", str(tmp_path / "blob.dat"), "--text-field", "body"],
+        ["train", str(model), "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
         ["train", str(model), "--out", "/proc/run"],
         ["train", str(model), "--resume", str(tmp_path)],
         ["train", str(model), "--config", str(tmp_path / "missing.toml")],

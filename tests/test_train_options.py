@@ -58,7 +58,8 @@ def test_unknown_keys_and_bad_files_are_readable(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", 0.0), ("grad_accum", 1.5), ("device", "tpu"),
-                                         ("val_fraction", 1.0), ("min_lr", 5.0), ("warmup_steps", -1)])
+                                         ("val_fraction", 1.0), ("min_lr", 5.0), ("warmup_steps", -1), ("data_dtype", "float32"),
+                                         ("text_field", "")])
 def test_train_config_validates(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
         TrainConfig(**{field: value})
@@ -66,7 +67,8 @@ def test_train_config_validates(field, value):
 
 def test_resolved_fills_every_default():
     tc = TrainConfig(lr=1e-3).resolved(MSTConfig(total_steps=200), model_block_size=None)
-    assert all(getattr(tc, f.name) is not None for f in dataclasses.fields(tc) if f.name not in ("data", "tokenizer"))
+    # the data options stay None: what they default to depends on the form of the data (README: Data)
+    assert all(getattr(tc, f.name) is not None for f in dataclasses.fields(tc) if f.name not in ("data", "tokenizer", "data_dtype", "text_field"))
     assert (tc.steps, tc.block_size, tc.min_lr, tc.warmup_steps, tc.eval_interval, tc.checkpoint_interval) == (200, 128, 1e-4, 10, 40, 40)
     assert (tc.lr_schedule, tc.lr_decay) == ("wsd", 0.2)  # the WSD decay spans MST's restoration phase
     assert TrainConfig().resolved(MSTConfig(ultra_end=0.7)).lr_decay == 0.3

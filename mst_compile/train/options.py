@@ -16,6 +16,7 @@ from typing import Any
 from ..config import MSTConfig
 from ..errors import MstCompileError
 from ..run_config import (  # re-exported: the trainer, the CLI and tests use them from here
+    DATA_DTYPES,
     MST_KEYS,
     PRECISIONS,
     TRAIN_KEYS,
@@ -26,7 +27,7 @@ from ..run_config import (  # re-exported: the trainer, the CLI and tests use th
     read_model_record,
 )
 
-__all__ = ["MST_KEYS", "PRECISIONS", "TRAIN_KEYS", "TrainConfig", "build_configs", "click_options", "configs_for_model_file",
+__all__ = ["DATA_DTYPES", "MST_KEYS", "PRECISIONS", "TRAIN_KEYS", "TrainConfig", "build_configs", "click_options", "configs_for_model_file",
            "dumps_config", "parse_mst_flag", "read_config_file", "read_model_record", "split_flags"]
 
 
@@ -93,8 +94,12 @@ _HELP = {
     "schedule_steps": "Steps the MST and learning-rate schedules span (default: --steps); later steps train in the final phase.",
     "seed": "Seed of model init, batch order and random growth.", "device": "auto, cpu, cuda or cuda:N.",
     "precision": "fp32, bf16 (autocast) or fp16 (autocast and a grad scaler); weights stay fp32.",
-    "data": "Text file, folder or glob of text files (default: the Python standard library).",
-    "tokenizer": "Local Hugging Face tokenizer folder (default: bytes).", "val_fraction": "Share of the data held out for validation.",
+    "data": ("Text file, folder or quoted glob; token ids (.bin, .npy, a folder with train.bin and val.bin); records "
+             "(.jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder) (default: the Python standard library)."),
+    "tokenizer": "Local Hugging Face tokenizer folder for text and records (default: bytes).",
+    "data_dtype": "Type of the ids in .bin token files (default uint16, as nanoGPT writes them).",
+    "text_field": "Column of the records that holds the text (default: text).",
+    "val_fraction": "Share of the data held out for validation.",
     "sparsity": "Sparsity of the ultra-sparsification phase.", "final_sparsity": "Sparsity at the end of restoration.",
     "warmup_end": "End of the MST warm-up phase as a fraction of steps.", "ultra_end": "End of the ultra phase as a fraction of steps.",
     "schedule": "Piecewise-linear sparsity schedule STEP:SPARSITY,... (replaces the three phases).",
@@ -154,8 +159,9 @@ def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None):
         if f.name == "dense" or (train_fields is not None and f.name not in train_fields):
             continue  # dense: a plain switch, declared by the command
         flags = ["--steps", "--total-steps"] if f.name == "steps" else [f"--{f.name.replace('_', '-')}"]
-        typ = str if f.name in ("device", "data", "tokenizer") else (float if f.type.startswith("float") else int)
-        typ = click.Choice(PRECISIONS) if f.name == "precision" else click.Choice(LR_SCHEDULES) if f.name == "lr_schedule" else typ
+        typ = str if f.name in ("device", "data", "tokenizer", "text_field") else (float if f.type.startswith("float") else int)
+        enum = {"precision": PRECISIONS, "lr_schedule": LR_SCHEDULES, "data_dtype": DATA_DTYPES}.get(f.name)
+        typ = click.Choice(enum) if enum else typ
         specs.append(click.option(*flags, f"train__{f.name}", type=typ, default=None, help=_HELP.get(f.name)))
     for f in dataclasses.fields(MSTConfig):
         if f.name in ("total_steps", "seed"):

@@ -1,9 +1,10 @@
 """Everything a training run holds, and how ``train()`` builds it before the first step.
 
 ``setup`` does, in this order (the order fixes what the seeded RNG draws, so a run is reproducible):
-the run folder, the model under ``seed``, the data, the sparsified (or captured) module with its
-accounting, the optimizer, and on ``--resume`` the state of the last checkpoint. ``RunState`` is
-what the loop's step, evaluation and checkpoint functions share.
+the run folder, the model under ``seed``, the data (its token ids checked against the model's
+input embedding before any forward), the sparsified (or captured) module with its accounting, the
+optimizer, and on ``--resume`` the state of the last checkpoint. ``RunState`` is what the loop's
+step, evaluation and checkpoint functions share.
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ from .. import checkpoint as ckpt
 from .. import run_folder as rf
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..modelfile import ModelFile, check_unchanged, file_sha256, max_sequence_length, parameter_count
+from ..modelfile import ModelFile, check_unchanged, file_sha256, input_embedding, max_sequence_length, parameter_count
 from ..paths import writable_dir
 from .accounting import Accounting, build
 from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress
 from .options import TrainConfig, dumps_config, read_model_record
 from .precision import Precision
-from .steps import check_model_runs
+from .steps import check_model_runs, embedding_too_small
 
 
 @dataclass(eq=False)
@@ -76,6 +77,7 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
         raise MstCompileError(f"block size {tc.block_size} is larger than the model's maximum sequence length {limit}; use --block-size {limit} or less")
 
     data = _data(mf, tc, d)
+    _check_vocabulary(model, data)
     B, T = tc.batch_size, tc.block_size
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
     check_model_runs(model, inputs, x0[:1].to(d.device), data)
@@ -101,16 +103,32 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
 
 def _data(mf: ModelFile, tc: TrainConfig, d):
     """The token data: rank 0 tokenizes into the cache first, the others then read it."""
+    options = {"data_dtype": tc.data_dtype, "text_field": tc.text_field}
+
     def get():
         if tc.data is not None or mf.hook("data") is None:
-            return load_data(tc.data, tc.tokenizer, tc.val_fraction)
-        return from_hook(mf.call("data"), f"{mf.path}: data()", tc.val_fraction, tc.tokenizer)
+            return load_data(tc.data, tc.tokenizer, tc.val_fraction, **options)
+        return from_hook(mf.call("data"), f"{mf.path}: data()", tc.val_fraction, tc.tokenizer, **options)
 
     data = get() if d.main else None
     d.barrier()
     data = data or get()
     data.check(tc.block_size)
     return data
+
+
+def _check_vocabulary(model: torch.nn.Module, data) -> None:
+    """Every token id of the data needs a row of the model's input embedding. Checked here, before any
+    forward: a larger id fails deep inside it (``IndexError: index out of range in self``)."""
+    ids = data.id_range()  # None for get_batch data: check_model_runs guards its first batch
+    if ids is None:
+        return
+    lo, hi = ids
+    if lo < 0:
+        raise MstCompileError(f"the data holds the negative token id {lo} ({data.origin()}); token ids start at 0")
+    emb = input_embedding(model)
+    if emb is not None and hi >= emb[1]:
+        raise embedding_too_small(f"the data's largest token id is {hi} ({data.origin()})", hi, *emb)
 
 
 def _restore(run: RunState) -> None:
