@@ -15,6 +15,9 @@ class PassResult:
     name: str
     sites: list = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (site, reason)
+    # the linear pass: sparse parameters that something other than their sparse op also reads (a tied
+    # embedding's lookup), so the runtime masks their gradient there too
+    other_uses: list[str] = field(default_factory=list)
 
     def warn_if_empty(self) -> None:
         if not self.sites:

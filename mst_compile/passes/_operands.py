@@ -1,33 +1,16 @@
-"""Matmul operands for the linear pass: which ops are matmuls, and which operands are a 2-D parameter
+"""Matmul operands for the linear pass: which operands are a 2-D parameter
 seen through views (``W``, ``Wᵀ``, ``W`` broadcast over a batch), found by walking the fx graph's
 use-def edges back from the operand to its ``get_attr``.
 """
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-aten = torch.ops.aten
-# call_function targets, and call_method names as strings
-LINEAR = {F.linear, torch._C._nn.linear, aten.linear.default}
-ADDMM = {torch.addmm, aten.addmm.default, "addmm"}
-MATMUL = {operator.matmul, torch.matmul, aten.matmul.default, "matmul", torch.mm, aten.mm.default, "mm"}
-BMM = {torch.bmm, aten.bmm.default, "bmm"}
-EINSUM = {torch.einsum, torch.functional.einsum, aten.einsum.default}
-_SAME = {"contiguous", aten.contiguous.default, aten.alias.default, aten.clone.default, "clone", "to", "type",
-         "float", "half", "bfloat16", "double", aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
-_T = {torch.t, aten.t.default, aten.numpy_T.default, "t"}
-_TRANSPOSE = {torch.transpose, aten.transpose.int, "transpose", torch.swapaxes, "swapaxes", "swapdims"}
-_PERMUTE = {torch.permute, aten.permute.default, "permute"}
-_RESHAPE = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default, "view", "reshape"}
-_UNSQUEEZE = {torch.unsqueeze, aten.unsqueeze.default, "unsqueeze"}
-_EXPAND = {aten.expand.default, "expand"}
-_VIEWS = _SAME | _T | _TRANSPOSE | _PERMUTE | _RESHAPE | _UNSQUEEZE | _EXPAND
+from ._ops import EXPAND, PERMUTE, RESHAPE, SAME, TRANSPOSE, UNSQUEEZE, VIEWS, T, key, shape_only
 
 
 @dataclass
@@ -46,11 +29,6 @@ class Operand:
 def is_linear_module(mod: nn.Module) -> bool:
     """``nn.Linear`` or a subclass that keeps its forward (``NonDynamicallyQuantizableLinear``)."""
     return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
-
-
-def key(node: fx.Node):
-    """The op of a call node: its function, or its method name."""
-    return node.target if node.op in ("call_function", "call_method") else None
 
 
 def param_of(gm: fx.GraphModule, node) -> tuple[str, nn.Parameter] | None:
@@ -72,25 +50,25 @@ def _ints(args) -> list | None:
 def _step(op: Operand, node: fx.Node, shape: list[int]) -> str | None:
     """Apply one view node to the operand's state; returns why when it is not a matrix view."""
     k, rest, nd = key(node), node.args[1:], len(shape)
-    if k in _SAME:
+    if k in SAME:
         return None
-    if k in _T or (k is getattr and rest in (("T",), ("mT",))):
+    if k in T or (k is getattr and rest in (("T",), ("mT",))):
         if nd != 2 and rest != ("mT",):
             return f"{node.name} transposes a {nd}-D view"
         op.transposed ^= True
-    elif k in _TRANSPOSE or k in _PERMUTE:
+    elif k in TRANSPOSE or k in PERMUTE:
         dims = _ints(rest)
         if dims is None:
             return f"{node.name} has symbolic dims"
         dims = [d % nd for d in dims]
-        if k in _TRANSPOSE:
+        if k in TRANSPOSE:
             dims = [dims[1] if i == dims[0] else dims[0] if i == dims[1] else i for i in range(nd)]
         swapped = list(range(nd - 2)) + [nd - 1, nd - 2]
         if dims == swapped:
             op.transposed ^= True
         elif dims != list(range(nd)):
             return f"{node.name} permutes the parameter's dims {dims}"
-    elif k in _RESHAPE:
+    elif k in RESHAPE:
         new = _ints(rest)
         known = -math.prod(new) if new is not None and new.count(-1) == 1 else 0
         if new is None or new.count(-1) > 1 or (known and math.prod(shape) % known):
@@ -99,9 +77,9 @@ def _step(op: Operand, node: fx.Node, shape: list[int]) -> str | None:
             new[new.index(-1)] = math.prod(shape) // known
         if new != shape:
             return f"{node.name} views it as {tuple(new)}"
-    elif k in _UNSQUEEZE and nd == 2 and rest in ((0,), (-3,)):
+    elif k in UNSQUEEZE and nd == 2 and rest in ((0,), (-3,)):
         op.batched = True
-    elif k in _EXPAND and nd == 3:
+    elif k in EXPAND and nd == 3:
         sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
         if len(sizes) != 3 or any(s not in (-1, d) for s, d in zip(sizes[1:], shape[1:])):
             return f"{node.name} expands the matrix dims"
@@ -114,7 +92,7 @@ def operand(gm: fx.GraphModule, node) -> Operand | None:
     """Follow views from ``node`` back to a 2-D parameter; None when ``node`` is not such a view."""
     chain = []
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.args and (
-            key(node) in _VIEWS or key(node) is getattr) and isinstance(node.args[0], fx.Node):
+            key(node) in VIEWS or key(node) is getattr) and isinstance(node.args[0], fx.Node):
         chain.append(node)
         node = node.args[0]
     hit = param_of(gm, node)
@@ -132,9 +110,6 @@ def operand(gm: fx.GraphModule, node) -> Operand | None:
     return op
 
 
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, "size", "dim", "numel"}
-
-
 def lineage(gm: fx.GraphModule) -> dict[fx.Node, frozenset | None]:
     """Per node: the 2-D parameters its value is computed from, or None when it depends on the inputs.
 
@@ -147,7 +122,7 @@ def lineage(gm: fx.GraphModule) -> dict[fx.Node, frozenset | None]:
         elif n.op == "get_attr":
             hit = param_of(gm, n)
             out[n] = frozenset([hit[0]]) if hit else frozenset()
-        elif key(n) in _SHAPE_ONLY or (key(n) is getattr and n.args[1:] in (("shape",), ("dtype",), ("device",))):
+        elif shape_only(n):
             out[n] = frozenset()
         else:
             acc: frozenset | None = frozenset()

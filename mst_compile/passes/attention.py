@@ -32,35 +32,15 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops.attention import HybridSparseAttention, _check_pattern, _check_stride
 from ..vocab import ATTENTION_SITES, blocks
 from . import PassResult
 from ._mask_eval import _evaluate, allowed_set
+from ._ops import ADD, ASSERTS, CAST, DIV, DROPOUT, FILL, MATMUL, MUL, PERMUTE, SDPA, SOFTMAX, TRANSPOSE, WHERE, is_op, shape_only
 
-aten = torch.ops.aten
 CONTAINER = ATTENTION_SITES
-_SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
-_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, aten.softmax.int, aten._softmax.default, "softmax"}
-_MATMUL = {operator.matmul, torch.matmul, torch.Tensor.matmul, aten.matmul.default, "matmul"}
-_TRANSPOSE = {torch.transpose, aten.transpose.int, "transpose"}
-_PERMUTE = {torch.permute, aten.permute.default, "permute"}
-_CAST = {"to", "type", "float", "half", "bfloat16", "type_as", "contiguous", aten.to.dtype, aten.to.dtype_layout,
-         aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
-_DROPOUT = {F.dropout, aten.dropout.default, "dropout"}
-_MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
-_DIV = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"}
-_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
-_FILL = {torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill"}
-_WHERE = {torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
-# uses of a tensor that read only its shape, dtype or device, never its values
-_SHAPE_ONLY = {"size", "dim", "numel", "new_ones", "new_zeros", "new_empty", "new_full", torch.numel,
-               aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
-               aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
-               torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, aten.ones_like.default,
-               aten.zeros_like.default, aten.empty_like.default, aten.full_like.default}
 
 
 @dataclass
@@ -90,14 +70,6 @@ class _Match:
     why_not: str | None = None  # a reason to skip found while matching
 
 
-def _is(node, targets) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in targets
-    return node.op == "call_function" and node.target in targets
-
-
 def _arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
@@ -113,13 +85,13 @@ def _key_of_transpose(node) -> fx.Node | None:
     """``k`` when ``node`` is kᵀ (last two dims swapped), else None."""
     if not isinstance(node, fx.Node):
         return None
-    if _is(node, _TRANSPOSE):
+    if is_op(node, TRANSPOSE):
         a, b = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
         nd = _ndim(node.args[0])
         dims = {d % nd for d in (a, b)} if nd else {a, b}
         if dims in ({-2, -1}, {2, 3}) or (nd and dims == {nd - 2, nd - 1}):
             return node.args[0]
-    if _is(node, _PERMUTE):
+    if is_op(node, PERMUTE):
         perm = list(node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:])
         if perm == [0, 1, 3, 2] or perm == [0, 2, 1]:
             return node.args[0]
@@ -145,16 +117,9 @@ def _match_sdpa(node: fx.Node) -> _Match:
     return m
 
 
-def _shape_only(node: fx.Node) -> bool:
-    """True for a use that reads a tensor's shape, dtype or device, never its values."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("shape", "dtype", "device", "ndim")
-    return _is(node, _SHAPE_ONLY)
-
-
 def _single_user(node: fx.Node) -> fx.Node | None:
     """The one user that reads the node's values (shape queries and metadata asserts aside)."""
-    users = [u for u in node.users if not _shape_only(u)]
+    users = [u for u in node.users if not shape_only(u)]
     return users[0] if len(users) == 1 else None
 
 
@@ -168,15 +133,15 @@ def _match_softmax(gm: fx.GraphModule, sm: fx.Node) -> _Match | None:
         nxt = _single_user(node)
         if nxt is None:
             return None
-        if _is(nxt, _CAST):
+        if is_op(nxt, CAST):
             node = nxt
-        elif _is(nxt, _DROPOUT):
+        elif is_op(nxt, DROPOUT):
             p, train = _arg(nxt, 1, "p", 0.5), _arg(nxt, 2, "training" if nxt.op == "call_function" else "train", True)
             dropout = float(p) if train and isinstance(p, (int, float)) else dropout
             node = nxt
         elif nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.Dropout):
             dropout, node = gm.get_submodule(nxt.target).p, nxt
-        elif _is(nxt, _MATMUL) and nxt.args[0] is node:
+        elif is_op(nxt, MATMUL) and nxt.args[0] is node:
             out, v = nxt, nxt.args[1]
             break
         else:
@@ -186,32 +151,32 @@ def _match_softmax(gm: fx.GraphModule, sm: fx.Node) -> _Match | None:
     while True:  # walk up to q @ kᵀ
         if _single_user(node) is None:
             m.why_not = "the attention scores are used elsewhere"
-        if _is(node, _MATMUL):
+        if is_op(node, MATMUL):
             k = _key_of_transpose(node.args[1])
             if k is None:
                 return None
             m.q, m.k = node.args[0], k
             return m
-        if _is(node, _CAST):
+        if is_op(node, CAST):
             node = node.args[0]
-        elif _is(node, _MUL | _DIV):
+        elif is_op(node, MUL | DIV):
             a, b = node.args[0], node.args[1]
             x, c = (a, b) if _is_scores(a) else (b, a)
-            if not _is_scores(x) or (_is(node, _DIV) and x is not a):
+            if not _is_scores(x) or (is_op(node, DIV) and x is not a):
                 return None
-            m.scale.append(("mul" if _is(node, _MUL) else "div", c))
+            m.scale.append(("mul" if is_op(node, MUL) else "div", c))
             node = x
-        elif _is(node, _FILL) and m.mask is None:
+        elif is_op(node, FILL) and m.mask is None:
             if not _is_neg_inf(_arg(node, 2, "value")):
                 return None
             m.mask, m.mask_kind, node = node.args[1], "fill", node.args[0]
-        elif _is(node, _ADD) and m.mask is None:
+        elif is_op(node, ADD) and m.mask is None:
             a, b = node.args[0], node.args[1]
             x, mask = (a, b) if _is_scores(a) else (b, a)
             if not _is_scores(x) or not isinstance(mask, fx.Node):
                 return None
             m.mask, m.mask_kind, node = mask, "add", x
-        elif _is(node, _WHERE) and m.mask is None and _is_neg_inf(node.args[2]):
+        elif is_op(node, WHERE) and m.mask is None and _is_neg_inf(node.args[2]):
             m.mask, m.mask_kind, node = node.args[0], "where", node.args[1]
         else:
             return None
@@ -221,13 +186,13 @@ def _is_scores(node, depth: int = 0) -> bool:
     """True when ``node`` leads back to a q @ kᵀ through score ops (tells scores from mask/scale)."""
     if not isinstance(node, fx.Node) or depth > 16:
         return False
-    if _is(node, _MATMUL):
+    if is_op(node, MATMUL):
         return _key_of_transpose(node.args[1]) is not None
-    if _is(node, _MUL | _ADD):
+    if is_op(node, MUL | ADD):
         return any(_is_scores(a, depth + 1) for a in node.args[:2])
-    if _is(node, _CAST | _DIV | _FILL):
+    if is_op(node, CAST | DIV | FILL):
         return _is_scores(node.args[0], depth + 1)
-    return _is(node, _WHERE) and _is_scores(node.args[1], depth + 1)
+    return is_op(node, WHERE) and _is_scores(node.args[1], depth + 1)
 
 
 def _depends_on_data(mask: fx.Node) -> bool:
@@ -240,7 +205,7 @@ def _depends_on_data(mask: fx.Node) -> bool:
         seen.add(n)
         if n.op == "placeholder":
             return True
-        if _shape_only(n):
+        if shape_only(n):
             continue
         todo.extend(n.all_input_nodes)
     return False
@@ -286,7 +251,6 @@ def _site_name(node: fx.Node, used: set[str]) -> str:
     return name
 
 
-_ASSERT = {aten._assert_tensor_metadata.default}
 
 
 def _erase_dead(graph: fx.Graph, seeds) -> None:
@@ -298,7 +262,7 @@ def _erase_dead(graph: fx.Graph, seeds) -> None:
     todo, erased = list(seeds), set()
     while todo:
         n = todo.pop()
-        if n in erased or n.op in ("placeholder", "output") or any(not _is(u, _ASSERT) for u in n.users):
+        if n in erased or n.op in ("placeholder", "output") or any(not is_op(u, ASSERTS) for u in n.users):
             continue
         if n.op != "get_attr" and n.is_impure(impure_random=False):
             continue
@@ -339,7 +303,7 @@ def rewrite_attention(
     matches = []
     for node in list(graph.nodes):
         try:
-            m = _match_sdpa(node) if _is(node, _SDPA) else _match_softmax(gm, node) if _is(node, _SOFTMAX) else None
+            m = _match_sdpa(node) if is_op(node, SDPA) else _match_softmax(gm, node) if is_op(node, SOFTMAX) else None
         except Exception as e:  # an odd graph must not stop sparsify: report the site instead
             m = _Match(out=node, q=None, k=None, v=None, spelling="?", why_not=f"could not analyse ({type(e).__name__}: {e})")
         if m is not None:

@@ -15,29 +15,18 @@ from torch import fx, nn
 from ..ops.dense_op import DenseOp
 from ..vocab import DENSE_SITES
 from . import PassResult
-from ._operands import (
-    ADDMM,
-    BMM,
-    EINSUM,
-    LINEAR,
-    MATMUL,
-    einsum_operands,
-    is_linear_module,
-    key,
-)
+from ._operands import einsum_operands, is_linear_module
+from ._ops import ADDMM, BADDBMM, BMM, EINSUM, LINEAR, MATMUL, SDPA, key
 
-aten = torch.ops.aten
 CONTAINER = DENSE_SITES
-_BADDBMM = {torch.baddbmm, aten.baddbmm.default, "baddbmm"}
-_SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 
 
 def _kind(node: fx.Node) -> str | None:
     k = key(node)
     if k is None or (k in EINSUM and len(einsum_operands(node)[1]) < 2):  # a one-operand einsum only permutes
         return None
-    for kind, ops in (("linear", LINEAR), ("addmm", ADDMM | _BADDBMM), ("matmul", MATMUL | BMM), ("einsum", EINSUM),
-                      ("sdpa", _SDPA)):
+    for kind, ops in (("linear", LINEAR), ("addmm", ADDMM | BADDBMM), ("matmul", MATMUL | BMM), ("einsum", EINSUM),
+                      ("sdpa", SDPA)):
         if k in ops:
             return kind
     return None

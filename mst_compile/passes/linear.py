@@ -17,6 +17,7 @@ Produced: ``call_module mst_sites.<weight>(x, get_attr W, bias, transposed=...)`
 or spellings (a tied ``lm_head`` written ``h @ wte.weight.T``) gets one ``SparseWeight``, so all uses
 share one mask; a parameter that also has non-matmul uses (the token embedding of a tied head) is
 reported in ``PassResult.other_uses`` so the runtime masks its gradient there too.
+``_match`` turns each node into one ``_Match``: a ``_Site`` to emit, or the reason to leave it dense.
 
 A matmul whose operand is a parameter the pass cannot put in that form (another view, a weight
 computed from parameters, two parameter operands, a weight hidden inside a module that ``torch.fx``
@@ -33,21 +34,8 @@ from torch import fx, nn
 from ..ops.sparse_linear import SparseWeight, swap_last
 from ..vocab import SPARSE_SITES, UNCOUNTED
 from . import PassResult
-from ._operands import (
-    ADDMM,
-    BMM,
-    EINSUM,
-    LINEAR,
-    MATMUL,
-    Operand,
-    einsum_operands,
-    einsum_plan,
-    is_linear_module,
-    key,
-    lineage,
-    operand,
-    param_of,
-)
+from ._operands import Operand, einsum_operands, einsum_plan, is_linear_module, lineage, operand, param_of
+from ._ops import ADDMM, BMM, EINSUM, LINEAR, MATMUL, key
 
 CONTAINER = SPARSE_SITES
 
@@ -65,27 +53,39 @@ class LinearSite:
 
 @dataclass
 class _Site:
+    """How to rewrite one matmul as ``sparse(x, W)``."""
+
     x: object  # the other operand
-    w: Operand
+    w: Operand | None  # None: an nn.Linear called as a module (``module``), its weight and bias read from it
     bias: object = None
     transposed: bool = False  # W is stored (in, out): y = x @ W
     left: bool = False  # y = W @ x
     pre: str | None = None  # einsum equation permuting x before the sparse op
     post: str | None = None  # einsum equation permuting its output
+    module: str | None = None  # the nn.Linear module called
+
+
+@dataclass
+class _Match:
+    """A matmul of a parameter: how to rewrite it, or why the pass leaves it dense."""
+
+    param: str  # the parameter's name (two names, comma-separated, when both operands are parameters)
+    site: _Site | None = None
+    why: str | None = None  # set when the pass cannot rewrite it
 
 
 def _safe(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _computed_weight(gm: fx.GraphModule, node: fx.Node, derived) -> tuple[str, str] | None:
+def _computed_weight(gm: fx.GraphModule, node: fx.Node, derived) -> _Match | None:
     """A matmul the pass left whose operand is computed from parameters (``x @ (2 * W)``)."""
     if key(node) not in LINEAR | ADDMM | MATMUL | BMM | EINSUM:
         return None
     names = sorted(set().union(*[derived.get(a) or () for a in node.all_input_nodes]))
     if not names:
         return None
-    return ", ".join(names), "the operand is computed from the parameter, not a view of it"
+    return _Match(", ".join(names), why="the operand is computed from the parameter, not a view of it")
 
 
 def _is_vector(gm: fx.GraphModule, node) -> bool:
@@ -101,12 +101,12 @@ def _is_vector(gm: fx.GraphModule, node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 1
 
 
-def _match(gm: fx.GraphModule, node: fx.Node):
-    """A ``_Site`` for a rewritable node, ``(param, why)`` for a parameter matmul it cannot rewrite, else None."""
+def _match(gm: fx.GraphModule, node: fx.Node) -> _Match | None:
+    """The ``_Match`` of a node that multiplies by a 2-D parameter, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         if is_linear_module(mod) and len(node.args) == 1 and not node.kwargs:
-            return node.target
+            return _Match(f"{node.target}.weight", _Site(node.args[0], None, module=node.target))
         return None
     k, args, kw = key(node), node.args, node.kwargs
     if k in LINEAR:
@@ -133,15 +133,15 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     if wo is None:
         return None
     if wo.why or not bias_ok or (wo.batched and k not in BMM):
-        return wo.name, wo.why or ("its bias is not known to be 1-D" if not bias_ok else "a broadcast parameter outside bmm")
+        return _Match(wo.name, why=wo.why or ("its bias is not known to be 1-D" if not bias_ok else "a broadcast parameter outside bmm"))
     if k in LINEAR:  # F.linear(x, Wop) = x @ Wopᵀ
-        return _Site(x, wo, b, transposed=wo.transposed)
+        return _Match(wo.name, _Site(x, wo, b, transposed=wo.transposed))
     if left:  # W @ x = swap(swap(x) @ Wᵀ)
-        return _Site(x, wo, None, transposed=wo.transposed, left=True)
-    return _Site(x, wo, b, transposed=not wo.transposed)  # x @ Wop
+        return _Match(wo.name, _Site(x, wo, None, transposed=wo.transposed, left=True))
+    return _Match(wo.name, _Site(x, wo, b, transposed=not wo.transposed))  # x @ Wop
 
 
-def _match_einsum(gm: fx.GraphModule, node: fx.Node):
+def _match_einsum(gm: fx.GraphModule, node: fx.Node) -> _Match | None:
     eq, operands = einsum_operands(node)
     ops = [(operand(gm, o), o) for o in operands]
     params = [i for i, (o, _) in enumerate(ops) if o is not None]
@@ -156,14 +156,14 @@ def _match_einsum(gm: fx.GraphModule, node: fx.Node):
     terms = lhs.split(",")
     plan = einsum_plan(terms[i], terms[1 - i], out) if len(terms) == 2 else None
     if w.why or w.batched or plan is None:
-        return w.name, w.why or f"einsum {eq!r} does not contract the parameter like a linear layer"
+        return _Match(w.name, why=w.why or f"einsum {eq!r} does not contract the parameter like a linear layer")
     in_out, pre, post = plan
-    return _Site(ops[1 - i][1], w, None, transposed=in_out ^ w.transposed, pre=pre, post=post)
+    return _Match(w.name, _Site(ops[1 - i][1], w, None, transposed=in_out ^ w.transposed, pre=pre, post=post))
 
 
-def _skip(ops, why: str):
+def _skip(ops, why: str) -> _Match | None:
     names = [o.name for o, _ in ops if o is not None]
-    return (", ".join(names), why) if names else None
+    return _Match(", ".join(names), why=why) if names else None
 
 
 def opaque_weights(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -218,15 +218,11 @@ def rewrite_linear(
             m = _computed_weight(gm, node, derived)
         if m is None:
             continue
-        if isinstance(m, tuple):
-            skipped.append((_canonical_name(gm, canonical, m[0]), f"{m[1]} (at {node.name}; charged dense)"))
+        if m.why is not None:
+            skipped.append((_canonical_name(gm, canonical, m.param), f"{m.why} (at {node.name}; charged dense)"))
             continue
-        if isinstance(m, str):  # an nn.Linear module call
-            mod = gm.get_submodule(m)
-            owner, fqn, pname = mod, m, f"{m}.weight"
-        else:
-            pname = m.w.name
-            owner, fqn = _owner(modules, gm, pname)
+        pname = m.param
+        owner, fqn = (gm.get_submodule(m.site.module), m.site.module) if m.site.module else _owner(modules, gm, pname)
         param = gm.get_parameter(pname)
         if filter_fn is not None and not filter_fn(owner, fqn):
             skipped.append((canonical.get(id(param), pname), "excluded by filter_fn; charged dense"))
@@ -239,12 +235,12 @@ def rewrite_linear(
             by_param[id(param)] = site
         site.uses += 1
         with graph.inserting_before(node):
-            new = _emit(graph, node, m, f"{CONTAINER}.{_safe(site.name)}")
+            new = _emit(graph, m.site, f"{CONTAINER}.{_safe(site.name)}")
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(new)
         dead.append(node)
-        if not isinstance(m, str):
-            dead.extend(m.w.chain)
+        if m.site.w is not None:
+            dead.extend(m.site.w.chain)
 
     dead = list(dict.fromkeys(dead))  # the replaced nodes and their view chains, erased once unused
     while gone := [n for n in dead if not n.users]:
@@ -253,9 +249,7 @@ def rewrite_linear(
         dead = [n for n in dead if n not in gone]
     graph.lint()
     gm.recompile()
-    result = PassResult(gm, "linear", list(by_param.values()), skipped)
-    result.other_uses = _other_uses(gm, by_param)
-    return result
+    return PassResult(gm, "linear", list(by_param.values()), skipped, _other_uses(gm, by_param))
 
 
 def _canonical_name(gm: fx.GraphModule, canonical: dict[int, str], names: str) -> str:
@@ -266,12 +260,12 @@ def _canonical_name(gm: fx.GraphModule, canonical: dict[int, str], names: str) -
         return names
 
 
-def _emit(graph: fx.Graph, node: fx.Node, m, target: str) -> fx.Node:
-    """The sparse op call (and the permutes around it) that replaces ``node``."""
-    if isinstance(m, str):  # nn.Linear module call
-        mod_bias = graph.owning_module.get_submodule(m).bias is not None
-        w, b = graph.get_attr(f"{m}.weight"), graph.get_attr(f"{m}.bias") if mod_bias else None
-        return graph.call_module(target, (node.args[0], w, b), {"transposed": False})
+def _emit(graph: fx.Graph, m: _Site, target: str) -> fx.Node:
+    """The sparse op call (and the permutes around it) that replaces the matched node."""
+    if m.module is not None:  # nn.Linear module call
+        mod_bias = graph.owning_module.get_submodule(m.module).bias is not None
+        w, b = graph.get_attr(f"{m.module}.weight"), graph.get_attr(f"{m.module}.bias") if mod_bias else None
+        return graph.call_module(target, (m.x, w, b), {"transposed": False})
     x = m.x
     if m.pre:
         x = graph.call_function(torch.einsum, (m.pre, x))
