@@ -100,7 +100,7 @@ def test_sparse_attention_runs_as_trained_after_reload(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dense = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
-        assert (dense(input_ids=ids).logits - want).abs().max() > 1e-2, "dense attention would not pass the check above"
+        assert (dense(input_ids=ids).logits - want).abs().max() > 1e-3, "dense attention would not pass the check above"
         # generate decodes with the KV cache: each new token attends at its absolute position
         prompt = torch.randint(1, 64, (2, 5), generator=g)
         out = loaded.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)

@@ -94,7 +94,7 @@ def test_load_runs_the_model_as_trained(runs, monkeypatch):
         monkeypatch.setattr(F, "scaled_dot_product_attention", _oracle_sdpa(4))
         want = model(ids)  # (2, 64, 256)
         monkeypatch.undo()
-        assert (dense - want).abs().max() > 1e-2, "dense attention would not pass the checks below"
+        assert (dense - want).abs().max() > 1e-3, "dense attention would not pass the checks below"
         for T in (32, 20, 64):  # the trained length, a prefix, and past it (up to the model's 64 positions)
             torch.testing.assert_close(loaded(ids[:, :T]), want[:, :T], rtol=0, atol=1e-4)
 
