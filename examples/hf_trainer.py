@@ -5,7 +5,8 @@
 The only MST line is `callbacks=[MSTCallback(...)]`: the callback captures the model at train begin,
 trains it through the sparse ops and the hybrid sparse attention, logs MST's phase, density and
 FLOPs with the Trainer's logs, and keeps its state in every checkpoint-N/ (resume with --resume).
-At the end `export_hf` writes OUT/final, a folder `AutoModelForCausalLM.from_pretrained` loads.
+At the end `export_hf` writes OUT/final, a folder `AutoModelForCausalLM.from_pretrained` loads; after
+`import mst_compile.integrations.transformers` it runs the sparse attention it trained with.
 """
 import argparse
 
@@ -55,6 +56,6 @@ trainer = Trainer(
     callbacks=[mst],
 )
 trainer.train(resume_from_checkpoint=args.resume or None)
-final = export_hf(model, f"{args.out}/final", mst.sm)
+final = export_hf(model, f"{args.out}/final", mst.sm, block_size=BLOCK)  # the default stride: BLOCK / 8
 print(f"done: density {mst.sm.mst.density():.3f}, FLOP reduction {mst.sm.mst.flops.reduction:.2f}x, "
       f"Hugging Face checkpoint in {final}")

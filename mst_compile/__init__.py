@@ -14,6 +14,7 @@ __all__ = [
     "finalize",
     "export_onnx",
     "plan",
+    "load",
     "MstCompileError",
     "CaptureError",
     "CheckpointError",
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 _LAZY = {"sparsify": ("api", "sparsify"), "finalize": ("export", "finalize"), "export_onnx": ("export", "export_onnx"),
-         "plan": ("planning", "plan")}
+         "plan": ("planning", "plan"), "load": ("export", "load")}
 
 
 def __getattr__(name: str):

@@ -103,8 +103,8 @@ def export(run_dir: str, dest: str | None, fmt: str, output: str | None, attenti
     run = rf.existing(run_dir)  # a typo fails in well under a second: checked before torch is imported
     if fmt == "hf":
         if attention is not None:
-            raise click.BadParameter("a Hugging Face folder keeps the model's own attention; its summary records "
-                                     "the trained pattern", param_hint="--attention")
+            raise click.BadParameter("a Hugging Face folder keeps the attention the model trained with (config.json "
+                                     "records it)", param_hint="--attention")
         writable_dir(Path(dest or output or run / "hf"), "DEST")
         from .export.hf import export_run_hf, read_summary
 
@@ -236,7 +236,7 @@ def _check_train_paths(out: str | None, resume: str | None, config_file: str | N
     from .train.options import read_config_file
 
     if resume:
-        writable_dir(rf.existing(resume, checkpoint=False), "--resume")
+        writable_dir(rf.existing(resume), "--resume")
     else:
         writable_dir(out or rf.RUNS, "--out" if out else "run folder")
     if config_file:

@@ -15,7 +15,10 @@ Importing this module does not import torch.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+import tomllib
 
 from .config import MSTConfig
 from .errors import MstCompileError
@@ -48,20 +51,28 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return checkpoints(run_dir) / LAST
 
 
-def existing(run_dir: str | Path, *, checkpoint: bool = True) -> Path:
-    """A folder ``mstc train`` wrote: it has ``config.toml`` (and ``checkpoints/last.pt``)."""
+def existing(run_dir: str | Path) -> Path:
+    """A folder ``mstc train`` wrote, with a checkpoint: it has ``config.toml`` and ``checkpoints/last.pt``."""
     p = Path(run_dir)
     if not p.is_dir():
         raise MstCompileError(f"run folder {p} does not exist: pass the folder mstc train wrote ({RUNS}/...)")
     if not config_file(p).is_file():
         raise MstCompileError(f"{p} is not a run folder (no {CONFIG}): pass the folder mstc train wrote")
     last = last_checkpoint(p)
-    if checkpoint and not last.is_file():
-        raise MstCompileError(
-            f"run folder {p} has no checkpoint ({last} is missing): the run stopped before its first "
-            "checkpoint; resume it with mstc train MODEL --resume RUN_DIR, then export"
-        )
+    if not last.is_file():
+        raise MstCompileError(f"run folder {p} has no checkpoint ({last} is missing): the run stopped before its first "
+                              f"checkpoint, so there is nothing to export or resume; {_restart_advice(p)}")
     return p
+
+
+def _restart_advice(run_dir: Path) -> str:
+    """How to run again a run that stopped before its first checkpoint: the same model file and settings."""
+    try:
+        model = tomllib.loads(config_file(run_dir).read_text()).get("model") or "MODEL"
+    except (OSError, tomllib.TOMLDecodeError):
+        model = "MODEL"
+    return (f"start it again with its settings: mstc train {shlex.quote(str(model))} "
+            f"--config {shlex.quote(str(config_file(run_dir)))} --out NEW_RUN_DIR")
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:

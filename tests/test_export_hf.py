@@ -1,12 +1,14 @@
-"""Hugging Face folders: from_pretrained loads them with the masks folded in and the same logits;
-a model trained to the end with sparse attention says so and gets it back; the CLI writes them."""
+"""Hugging Face folders: from_pretrained loads them with the masks folded in and the same logits; a
+model trained to the end with sparse attention runs it after loading (forward and generate, with the
+KV cache); the CLI writes them."""
+import copy
 import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import hf_gpt2
+from _models import hf_gpt2, hf_llama
 from click.testing import CliRunner
 
 import mst_compile
@@ -14,13 +16,16 @@ import mst_compile
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM
 
+import mst_compile.integrations.transformers  # noqa: F401  (registers the mst_hsa attention)
 from mst_compile.cli import main
-from mst_compile.export import export_hf, read_summary, with_trained_attention
+from mst_compile.export import export_hf, read_summary
+
+SPARSE = dict(total_steps=6, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, final_sparsity=0.5)
 
 
-def _trained(cfg, steps):
+def _trained(cfg, steps, build=hf_gpt2):
     torch.manual_seed(0)
-    model = hf_gpt2()
+    model = build()
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,23 +71,71 @@ def test_round_trip_with_dense_attention_at_the_end(tmp_path):
     assert out.shape == (1, 9)
 
 
-def test_sparse_attention_to_the_end_is_noted_and_reapplied(tmp_path):
-    cfg = mst_compile.MSTConfig(total_steps=6, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.5,
-                                final_sparsity=0.5, stride=4, attention_phases=("warmup", "ultra", "restoration"))
-    model, sm, x = _trained(cfg, 5)
+def _greedy(sm, prompt, n):
+    """The reference decode: the trained module re-run on the whole sequence for every new token (no cache)."""
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, sm(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.slow
+def test_sparse_attention_runs_as_trained_after_reload(tmp_path):
+    model, sm, _ = _trained(mst_compile.MSTConfig(stride=4, **SPARSE), 5, hf_llama)  # grouped-query attention
     assert set(sm.mst.attention_patterns().values()) == {"sparse"}
     sm.eval()
-    with torch.no_grad():
-        want = sm(input_ids=x).logits
     folder = export_hf(model, tmp_path / "hf", sm)
-    s = json.loads((folder / "mst_summary.json").read_text())
-    assert s["attention_at_end"] == "sparse" and "with_trained_attention" in s["attention_note"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attn_implementation"] == "mst_hsa"
+    assert config["mst_attention"] == {"0": {"pattern": "sparse", "stride": 4}, "1": {"pattern": "sparse", "stride": 4}}
+    assert read_summary(folder)["attention_at_end"] == "sparse"
     loaded = _load(folder)
+    assert loaded.config._attn_implementation == "mst_hsa"
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        dense = loaded(input_ids=x).logits
-        assert not torch.allclose(dense, want, atol=1e-4), "the plain model runs dense attention"
-        again = with_trained_attention(loaded, folder)
-        torch.testing.assert_close(again(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+        for T in (16, 37):  # the trained length and a longer one
+            ids = torch.randint(1, 64, (2, T), generator=g)
+            want = sm(input_ids=ids).logits
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dense = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+        assert (dense(input_ids=ids).logits - want).abs().max() > 1e-3, "dense attention would not pass the check above"
+        # generate decodes with the KV cache: each new token attends at its absolute position
+        prompt = torch.randint(1, 64, (2, 5), generator=g)
+        out = loaded.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, _greedy(sm, prompt, 20))
+        # a left-padded batch: the same tokens for the padded row as for its prompt alone
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt[:1, :2]], 1)
+        mask = (padded != 0).long()
+        out = loaded.generate(torch.cat([padded, prompt[1:]]), attention_mask=torch.cat([mask, torch.ones(1, 5, dtype=torch.long)]),
+                              max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[0, 5:], _greedy(sm, prompt[:1, :2], 8)[0, 2:])
+        with pytest.raises(mst_compile.MstCompileError, match="static cache"):
+            loaded.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+
+def test_default_stride_is_the_trained_one(tmp_path):
+    model, sm, _ = _trained(mst_compile.MSTConfig(**SPARSE), 5)  # stride T/8 of the running length
+    with pytest.raises(mst_compile.MstCompileError, match=r"give the length the model trained at \(block_size=...\)"):
+        export_hf(model, tmp_path / "unused", sm)
+    folder = export_hf(model, tmp_path / "hf", sm, block_size=16)  # trained on 16 tokens: stride 2
+    assert {e["stride"] for e in json.loads((folder / "config.json").read_text())["mst_attention"].values()} == {2}
+    loaded = _load(folder)
+    sm.eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = sm(input_ids=ids).logits  # (2, 16, 64): every query as in training
+        for T in (16, 9):  # a prefix sees what it saw in training, whatever follows it
+            torch.testing.assert_close(loaded(input_ids=ids[:, :T]).logits, want[:, :T], rtol=0, atol=1e-4)
+
+
+def test_a_model_that_bypasses_the_attention_interface_is_refused(tmp_path):
+    model, sm, _ = _trained(mst_compile.MSTConfig(stride=4, **SPARSE), 1)
+    model.transformer.h[1].attn.config = copy.deepcopy(model.config)  # layer 1 keeps its own attention
+    with pytest.raises(mst_compile.MstCompileError, match=r"layers \[1\] never called it"):
+        export_hf(model, tmp_path / "hf", sm)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "mst_attention")
 
 
 def test_bad_input():
@@ -108,7 +161,7 @@ def example_inputs():
     return (torch.randint(0, 64, (2, 16)),)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=1, attention_phases=("ultra",), warmup_end=0.25, ultra_end=0.75, stride=4)
+    return mst_compile.MSTConfig(total_steps=8, update_interval=1, warmup_end=0.25, ultra_end=0.75)  # HSA to the end
 
 def data():
     return torch.arange(4000) % 64
@@ -128,12 +181,19 @@ def test_cli_exports_a_run_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # elsewhere: the run folder records the model file by absolute path
     r = CliRunner().invoke(main, ["export", "work/run", "--format", "hf", "out"])
     assert r.exit_code == 0, r.output
-    assert "masks folded in, attention at the end of training dense" in r.output
+    assert "masks folded in, attention at the end of training sparse (config.json selects the mst_hsa" in r.output
     loaded = _load(tmp_path / "out")
     ck = torch.load(work / "run/checkpoints/last.pt", weights_only=True)
     for n, p in loaded.state_dict().items():
         if n in ck["model"]:
             assert torch.equal(p, ck["model"][n]), n
     assert read_summary(tmp_path / "out")["run"]["step"] == 8
+    # blocks of 16 tokens: the default stride 16 / 8 = 2 is kept; the run loaded in PyTorch agrees
+    assert {e["stride"] for e in json.loads((tmp_path / "out/config.json").read_text())["mst_attention"].values()} == {2}
+    trained = mst_compile.load("work/run")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for T in (16, 9):
+            torch.testing.assert_close(loaded(input_ids=ids[:, :T]).logits, trained(ids[:, :T]).logits, rtol=0, atol=1e-4)
     r = CliRunner().invoke(main, ["export", "work/run", "--format", "hf", "--attention", "sparse"])
     assert r.exit_code == 2 and "--attention" in r.output

@@ -240,6 +240,7 @@ def test_the_example_script_trains_and_exports(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [f"checkpoint-{k}" for k in (2, 4, 6, 8)]
     assert all((tmp_path / "out" / f"checkpoint-{k}" / "mst_state.pt").is_file() for k in (2, 4, 6, 8))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert model.config._attn_implementation == "mst_hsa" and model.config.mst_attention["0"] == {"pattern": "sparse", "stride": 16}
     matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n]
     zeros = sum(int((p == 0).sum()) for p in matrices) / sum(p.numel() for p in matrices)
     assert zeros > 0.5  # the masked weights were folded in as exact zeros

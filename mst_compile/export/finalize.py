@@ -9,13 +9,17 @@ keeps the sparse weights. ``sm`` itself is left as it is: training can go on aft
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..vocab import ATTENTION_PATTERNS, ATTENTION_SITES, DENSE_SITES, SPARSE_SITES
+from ..errors import MstCompileError
+from ..vocab import ATTENTION_PATTERNS, ATTENTION_SITES, DENSE_SITES, SPARSE_SITES, default_stride
 from .attention import export_attention
 
 SITES = SPARSE_SITES + "."  # call_module targets of the sparse weight sites
@@ -56,6 +60,42 @@ def resolve_attention(gm: fx.GraphModule, attention: str | dict | None) -> dict[
     return {n: (attention.get(n, m.pattern), m.stride) for n, m in sites.items()}
 
 
+def trained_attention(gm: fx.GraphModule, block_size: int | None) -> dict[str, tuple[str, int | None]]:
+    """Site name -> (pattern, stride) that each site ran at the ``block_size`` tokens the model trained on.
+
+    A stride left at T/8 becomes ``block_size // 8`` and a widened one (``attention_restore="widen"``)
+    its widened value, so every query keeps the keys it attended in training at any length, and a
+    prefix's outputs do not depend on what follows it (what generation needs)."""
+    out = {}
+    for name, m in attention_sites(gm).items():
+        if m.pattern == "dense":
+            out[name] = ("dense", None)
+            continue
+        if m.stride is None and block_size is None:
+            raise MstCompileError(
+                f"attention site {name!r} trained with the default stride, T/8 of the sequence length: give the "
+                "length the model trained at (block_size=...) to fix the stride it trained with")
+        out[name] = (m.pattern, math.ceil((m.stride or default_stride(block_size)) * m.stride_scale))
+    return out
+
+
+@contextlib.contextmanager
+def pinned(gm: fx.GraphModule, chosen: dict[str, tuple[str, int | None]]):
+    """Run ``gm``'s attention sites with ``chosen``'s patterns and strides, unwidened (what ``finalize``
+    writes); restored on exit."""
+    sites = attention_sites(gm) if is_sparsified(gm) else {}
+    saved = {n: (m.pattern, m.stride, m.stride_scale) for n, m in sites.items()}
+    try:
+        for n, (p, s) in chosen.items():
+            sites[n].set_pattern(p, stride=s)
+            sites[n].stride_scale = 1.0
+        yield
+    finally:
+        for n, (p, s, scale) in saved.items():
+            sites[n].set_pattern(p, stride=s)
+            sites[n].stride_scale = scale
+
+
 @torch.no_grad()
 def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.GraphModule:
     """Return a plain-op copy of the sparsified module ``sm`` with the masks folded into the weights.
@@ -71,7 +111,9 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
         )
     chosen = resolve_attention(sm, attention)
     sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
-    graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
+    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated LeafSpec when copied
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue

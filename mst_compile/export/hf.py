@@ -4,11 +4,11 @@ The folder is the model's own ``save_pretrained`` output (safetensors + config.j
 folded into the weights (masked weights are exact zeros), plus ``mst_summary.json``: densities, the
 MST config, step, phase, FLOP counts and the attention patterns the model ended training with.
 
-Attention: a model that ended training with dense causal attention (the default recipe: sparse
-attention only in the ultra phase) loads and generates as it was trained. A model that ended with
-a sparse pattern says so in the summary (``"attention_at_end": "sparse"``); the plain HF model runs
-dense attention, and ``with_trained_attention(model, folder)`` gives back a module that runs the
-loaded model with the recorded patterns (forward only: logits for a batch of token ids).
+Attention: a model that ended training with sparse attention gets, in config.json,
+``"attn_implementation": "mst_hsa"`` and ``"mst_attention"`` (each layer's pattern and the stride it
+trained with; ``integrations/hf_attention.py``). Loaded after ``import
+mst_compile.integrations.transformers``, it runs those patterns in every forward and in ``generate``.
+A model that ended with dense attention runs transformers' own attention and needs nothing.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture import inference
 from ..errors import MstCompileError
-from .finalize import finalize, is_sparsified, resolve_attention
+from .finalize import is_sparsified, trained_attention
 
 SUMMARY = "mst_summary.json"
 
@@ -38,11 +39,11 @@ def example_tokens(model: nn.Module, device: torch.device | str = "cpu", length:
     return {"input_ids": torch.randint(0, vocab, (2, T), generator=g).to(device)}  # (2, T)
 
 
-def summary_of(sm: fx.GraphModule, extra: dict | None = None) -> dict[str, Any]:
-    """What mst_summary.json holds for the sparsified module ``sm``."""
+def summary_of(sm: fx.GraphModule, chosen: dict, extra: dict | None = None) -> dict[str, Any]:
+    """What mst_summary.json holds for the sparsified module ``sm`` exported with ``chosen`` attention."""
     from .onnx import _metadata
 
-    meta = _metadata(sm, resolve_attention(sm, None), extra)
+    meta = _metadata(sm, chosen, extra)
     patterns = set(meta["attention"].values())
     meta.update({
         "format": "mst_compile.hf/1", "masks_folded": True, "step": sm.mst.step_count, "phase": sm.mst.phase,
@@ -50,21 +51,26 @@ def summary_of(sm: fx.GraphModule, extra: dict | None = None) -> dict[str, Any]:
         "attention_at_end": "dense" if patterns <= {"dense"} else ("sparse" if len(patterns) == 1 else "mixed"),
     })
     if meta["attention_at_end"] != "dense":
-        meta["attention_note"] = ("trained to the end with sparse attention; the Hugging Face model runs dense "
-                                  "attention: mst_compile.export.with_trained_attention(model, folder) re-applies it")
+        meta["attention_note"] = ("config.json selects the mst_hsa attention, which runs the trained patterns: load the "
+                                  "folder after import mst_compile.integrations.transformers")
     return meta
 
 
 @torch.no_grad()
-def export_hf(model: nn.Module, folder, sm: fx.GraphModule | None = None, *, metadata: dict | None = None) -> Path:
+def export_hf(model: nn.Module, folder, sm: fx.GraphModule | None = None, *, metadata: dict | None = None,
+              block_size: int | None = None) -> Path:
     """Write ``model`` (trained in place through ``sm = sparsify(model)``) as a Hugging Face folder.
 
-    ``sm`` supplies the masks (folded in) and the summary; without it the model is saved as it is.
-    Returns the folder. ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
+    ``sm`` supplies the masks (folded in), the attention patterns and the summary; without it the
+    model is saved as it is. ``block_size``: the sequence length the model trained at, needed when a
+    site with sparse attention kept the default stride (T/8); the folder keeps ``block_size // 8``.
+    Returns the folder. After ``import mst_compile.integrations.transformers``,
+    ``AutoModelForCausalLM.from_pretrained(folder)`` loads it and runs the attention it trained with.
     """
     if not callable(getattr(model, "save_pretrained", None)):
         raise MstCompileError(f"export_hf: {type(model).__name__} is not a Hugging Face model (no save_pretrained); "
                               "export it with mst_compile.export_onnx instead")
+    entries = None
     if sm is not None:
         if not is_sparsified(sm):
             raise TypeError(f"export_hf: sm must be the module returned by mst_compile.sparsify, got {type(sm).__name__}")
@@ -72,13 +78,52 @@ def export_hf(model: nn.Module, folder, sm: fx.GraphModule | None = None, *, met
         foreign = [n for n, p in sm.mst.parameters().items() if id(p) not in own]
         if foreign:
             raise MstCompileError(f"export_hf: sm was not made from this model (its weights {foreign[:3]} are not the model's)")
+        chosen = trained_attention(sm, block_size)
+        if any(p != "dense" for p, _ in chosen.values()):
+            entries = _hsa_entries(model, chosen)
         sm.mst.apply_masks()  # masked weights are exact zeros in the saved tensors
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    summary = summary_of(sm, metadata) if sm is not None else {"format": "mst_compile.hf/1", **(metadata or {})}
+    if entries is not None:  # transformers does not save attn_implementation itself
+        from ..integrations.hf_attention import CONFIG_KEY, NAME
+
+        config = folder / "config.json"
+        written = json.loads(config.read_text())
+        config.write_text(json.dumps({**written, "attn_implementation": NAME, CONFIG_KEY: entries}, indent=2) + "\n")
+    summary = summary_of(sm, chosen, metadata) if sm is not None else {"format": "mst_compile.hf/1", **(metadata or {})}
     (folder / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return folder
+
+
+def _hsa_entries(model: nn.Module, chosen: dict) -> dict[str, dict]:
+    """config.json's ``mst_attention`` for ``model``, once one forward has shown that every layer it names
+    runs ``mst_hsa`` (a model that does not call transformers' attention interface would load the
+    folder and silently run its own attention)."""
+    from ..integrations import hf_attention as hsa
+
+    entries = hsa.config_entries(model, chosen)
+    config = model.config
+    saved = config._attn_implementation, getattr(config, hsa.CONFIG_KEY, None)
+    hsa.register()
+    try:
+        model.set_attn_implementation(hsa.NAME)
+        setattr(config, hsa.CONFIG_KEY, entries)
+        with hsa.recording() as seen, inference(model):
+            model(**example_tokens(model, next(model.parameters()).device, length=16))
+    finally:
+        model.set_attn_implementation(saved[0])
+        if saved[1] is None:
+            delattr(config, hsa.CONFIG_KEY)
+        else:
+            setattr(config, hsa.CONFIG_KEY, saved[1])
+    missing = sorted(int(k) for k in entries if int(k) not in seen)
+    if missing:
+        raise MstCompileError(
+            f"export_hf: {type(model).__name__} does not run its attention through transformers' attention interface "
+            f"(layers {missing} never called it), so a Hugging Face folder cannot carry its sparse attention; export "
+            "ONNX (mstc export RUN) or load the run with mst_compile.load(RUN)")
+    return entries
 
 
 def export_run_hf(run_dir, folder=None) -> Path:
@@ -86,7 +131,7 @@ def export_run_hf(run_dir, folder=None) -> Path:
     from .run import load_run
 
     _, model, sm, _, meta = load_run(run_dir)
-    return export_hf(model, folder or Path(run_dir) / "hf", sm, metadata=meta)
+    return export_hf(model, folder or Path(run_dir) / "hf", sm, metadata=meta, block_size=meta["train_config"]["block_size"])
 
 
 def read_summary(folder) -> dict[str, Any]:
@@ -94,22 +139,3 @@ def read_summary(folder) -> dict[str, Any]:
     if not path.is_file():
         raise MstCompileError(f"{folder} has no {SUMMARY}: it was not written by mst_compile.export.export_hf")
     return json.loads(path.read_text())
-
-
-def with_trained_attention(model: nn.Module, folder, example_inputs: Any = None) -> fx.GraphModule:
-    """A module running the loaded ``model`` with the attention patterns ``folder``'s summary recorded.
-
-    It shares the model's parameters and takes what the model was captured with (token ids by
-    default: ``module(input_ids=ids)``); it computes the strided and local patterns without a dense mask.
-    """
-    from ..api import sparsify
-    from ..config import MSTConfig
-
-    summary = read_summary(folder)
-    cfg = MSTConfig.from_dict(summary["config"])
-    device = next(model.parameters()).device
-    sm = sparsify(model, cfg, example_inputs=example_inputs or example_tokens(model, device))
-    strides = {n: None if s == "T/8" else s for n, s in summary["stride"].items()}
-    for site, pattern in summary["attention"].items():
-        sm.mst.set_attention({site: pattern}, stride=strides.get(site))
-    return finalize(sm)

@@ -18,7 +18,6 @@ spend seconds of symbolic shape algebra on every attention site.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -35,7 +34,7 @@ from ..capture import inference
 from ..errors import MstCompileError
 from ..modelfile import max_sequence_length as model_limit
 from ..paths import writable_file
-from .finalize import attention_sites, finalize, is_sparsified, resolve_attention
+from .finalize import finalize, is_sparsified, pinned, resolve_attention
 from .validate import check_length_limit, compare
 
 PREFIX = "mst_compile."  # metadata_props keys
@@ -160,28 +159,14 @@ def _traceable(io: _IO, dynamic) -> list[torch.Tensor]:
     return out
 
 
-# -- modes the export and the reference run in ------------------------------------------------
-@contextlib.contextmanager
-def _patterns(sm: nn.Module, chosen: dict[str, tuple[str, int | None]]):
-    """Run ``sm``'s attention sites with the exported patterns (the PyTorch side of validation)."""
-    sites = attention_sites(sm) if is_sparsified(sm) else {}
-    saved = {n: (m.pattern, m.stride) for n, m in sites.items()}
-    try:
-        for n, (p, s) in chosen.items():
-            sites[n].set_pattern(p, stride=s)
-        yield
-    finally:
-        for n, (p, s) in saved.items():
-            sites[n].set_pattern(p, stride=s)
-
-
+# -- the PyTorch side of validation ---------------------------------------------------------
 def reference(model: nn.Module, example_inputs: Any, attention: str | dict | None = None):
     """The PyTorch side of a check: ``fn(*tensors) -> [outputs]`` running ``model`` as exported."""
     io = _io(model, example_inputs)
     chosen = resolve_attention(model, attention) if is_sparsified(model) else {}
 
     def run(*xs):
-        with inference(model), _patterns(model, chosen), torch.no_grad():
+        with inference(model), pinned(model, chosen), torch.no_grad():
             return _tensors(_call(model, io, xs))
 
     return run, io
@@ -247,6 +232,7 @@ def export_onnx(
     ``max_sequence_length`` (default: the model's ``block_size`` / ``n_positions`` /
     ``max_position_embeddings`` where it has one) is recorded as ``max_sequence_length``; the
     validation also runs every sequence length of ``check_lengths``, none of which may exceed it.
+    The file is written to ``path`` only once it validated: a failed validation leaves ``path`` as it was.
     """
     onnx = _import_onnx()
     from .sparse_init import to_sparse_initializers
@@ -278,13 +264,19 @@ def export_onnx(
         proto.metadata_props.add(key=PREFIX + key, value=json.dumps(value, default=str))
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    result = ExportResult(path, path.stat().st_size, json.loads(json.dumps(meta, default=str)), stored,
-                          inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output])
-    if validate:
-        run, ref_io = reference(sm_or_model, example_inputs, attention)
-        result.max_diff = compare(path, run, ref_io.examples, provider=provider, atol=atol, lengths=check_lengths)
-    return result
+    partial = path.with_name(f".{path.name}.partial")  # becomes ``path`` once it validates: a failed file is not left
+    try:
+        onnx.save(proto, str(partial))
+        max_diff = None
+        if validate:
+            run, ref_io = reference(sm_or_model, example_inputs, attention)
+            max_diff = compare(partial, run, ref_io.examples, provider=provider, atol=atol, lengths=check_lengths,
+                               shown=str(path))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return ExportResult(path, path.stat().st_size, json.loads(json.dumps(meta, default=str)), stored, max_diff,
+                        inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output])
 
 
 def _export(module: nn.Module, io: _IO, onnx, label: str):

@@ -1,9 +1,10 @@
-"""Export a training run folder (what ``mstc train`` writes) from its last checkpoint.
+"""A training run folder (what ``mstc train`` writes) from its last checkpoint: ``load`` (the
+trained model in PyTorch) and ``export_run`` (ONNX).
 
 A run folder holds ``config.toml`` (the model file it trained and the resolved [train] / [mst]
 tables) and ``checkpoints/last.pt`` (the model's own state_dict and the MST state: masks, step).
-The model is rebuilt from the model file, the checkpoint loaded, the masks and the attention
-patterns of the last step restored, and the result goes through ``export_onnx``.
+The model is rebuilt from the model file, the checkpoint loaded, and the masks and the attention
+patterns of the last step restored.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .. import checkpoint as ckpt
 from .. import run_folder as rf
 from ..errors import MstCompileError
 from ..paths import writable_file
+from .finalize import finalize, pinned, trained_attention
 from .onnx import ExportResult, export_onnx
 from .validate import check_length_limit
 
@@ -81,6 +83,22 @@ def load_run(run_dir) -> tuple[Any, nn.Module, torch.fx.GraphModule | None, Any,
     return mf, model, sm, example, meta
 
 
+def load(run_dir) -> nn.Module:
+    """The model ``run_dir`` trained, as it trained, in eval mode: ``mst_compile.load(RUN_DIR)``.
+
+    An MST run gives ``finalize`` of its last step: plain ops with the masks folded into the weights,
+    each attention site with the pattern and stride it trained with at the end (a default stride is
+    fixed at the run's block_size / 8, so every query attends the keys it attended in training at any
+    length). It takes the inputs the model file's model takes. A dense baseline run gives the model
+    itself.
+    """
+    _, model, sm, _, meta = load_run(run_dir)
+    if sm is None:
+        return model.eval()
+    with pinned(sm, trained_attention(sm, meta["train_config"]["block_size"])):
+        return finalize(sm).eval()
+
+
 def export_run(run_dir, output=None, *, attention: str | None = None, **export_kw: Any) -> ExportResult:
     """Export ``run_dir``'s last checkpoint to ``output`` (default ``run_dir/model.onnx``)."""
     from ..modelfile import max_sequence_length
@@ -92,7 +110,42 @@ def export_run(run_dir, output=None, *, attention: str | None = None, **export_k
 
         check_provider(export_kw.get("provider", "cpu"))  # no onnxruntime-gpu: one line before any work
     mf, model, sm, example, meta = load_run(run_dir)
+    lengths = export_kw.get("check_lengths", ())
     # the captured module no longer has the model's attributes: take the limit from the model
-    limit = export_kw.setdefault("max_sequence_length", max_sequence_length(model))
-    check_length_limit(export_kw.get("check_lengths", ()), limit, mf.path.name + "'s model")
+    limit = export_kw.get("max_sequence_length") or max_sequence_length(model)
+    if limit is None:  # the model names it otherwise, or has none: find it by running the model
+        limit, meta["max_sequence_length_note"] = _probed_limit(mf, model, example, meta["train_config"]["block_size"], lengths)
+    export_kw["max_sequence_length"] = limit
+    check_length_limit(lengths, limit, mf.path.name + "'s model")
     return export_onnx(sm if sm is not None else model, output, example, attention=attention, metadata=meta, **export_kw)
+
+
+@torch.no_grad()
+def _probed_limit(mf, model: nn.Module, example, block_size: int, lengths) -> tuple[int | None, str]:
+    """The longest sequence the model runs, found by running it (batch 1) at increasing lengths up to
+    8x the training length (or the longest length to check); None when it ran at all of them."""
+    import warnings
+
+    from ..capture import inference
+    from .onnx import _call, _io
+    from .validate import probe_limit, random_like
+
+    io = _io(model, example)
+    gen = torch.Generator().manual_seed(0)
+
+    def runs(T: int) -> bool:
+        xs = [random_like(x, 1, T if x.dim() >= 3 or (x.dim() == 2 and not x.dtype.is_floating_point) else None, gen)
+              for x in io.examples]  # the sequence axes export_onnx makes dynamic
+        try:
+            with inference(model), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _call(model, io, xs)
+        except Exception:  # an index past the position table, a shape guard, ...: not at this length
+            return False
+        return True
+
+    cap = max([8 * block_size, *lengths])
+    found = probe_limit(runs, block_size, cap)
+    if found is None:
+        return None, f"unknown: {mf.path.name}'s model names no maximum and ran at every length probed up to {cap}"
+    return found, f"found by running {mf.path.name}'s model: it runs at {found} tokens, not at {found + 1}"

@@ -10,6 +10,7 @@ in one line before anything runs (onnxruntime would only report a broadcast fail
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -76,6 +77,11 @@ def random_like(example: torch.Tensor, batch: int, seq: int | None, gen: torch.G
     return (torch.randn(shape, generator=gen) * (std or 1.0)).to(example.dtype).to(example.device)
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def validation_shapes(batch: int, seq: int | None, lengths=()) -> list[tuple[int, int | None]]:
     """(batch, seq) pairs to check: the example's own, a shorter (or longer) sequence and batch + 1, ``lengths``."""
     if seq is None:
@@ -93,6 +99,25 @@ def check_length_limit(lengths, limit: int | None, what: str) -> None:
     if over:
         raise MstCompileError(f"sequence length {max(over)} is beyond the maximum sequence length {limit} of {what} "
                               f"(its block size / position embeddings); check lengths up to {limit}")
+
+
+def probe_limit(runs: Callable[[int], bool], start: int, cap: int) -> int | None:
+    """The longest length T <= ``cap`` with ``runs(T)``, for a model that runs at ``start`` but names no
+    limit; None when it ran at every length probed. Tries start + 1 first (positions that end at the
+    training length), then doubles up to ``cap``, then bisects between the last length that ran and
+    the first that did not."""
+    good, bad, T = start, None, start + 1
+    while bad is None and T <= cap:
+        if runs(T):
+            good, T = T, (cap if T < cap < 2 * T else 2 * T)
+        else:
+            bad = T
+    if bad is None:
+        return None
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if runs(mid) else (good, mid)
+    return good
 
 
 def recorded_limit(sess) -> int | None:
@@ -114,42 +139,48 @@ def compare(
     atol: float = 1e-4,
     seed: int = 0,
     lengths: list[int] | tuple[int, ...] = (),
+    shown: str | None = None,
 ) -> dict[str, float]:
     """Max |onnxruntime − PyTorch| per output of ``path`` over the validation shapes; raises past ``atol``.
 
     ``reference(*inputs)`` is the PyTorch side, returning the outputs in the ONNX file's order;
     ``examples`` are the example tensors in the ONNX file's input order; ``lengths`` are extra
-    sequence lengths to check at the example's batch size.
+    sequence lengths to check at the example's batch size. ``shown`` names the file in messages.
     """
+    shown = shown or str(path)
     sess = session(path, provider)
-    check_length_limit(lengths, recorded_limit(sess), str(path))
+    check_length_limit(lengths, recorded_limit(sess), shown)
     ins, outs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
     if len(ins) != len(examples):
-        raise MstCompileError(f"{path} has {len(ins)} inputs ({[i.name for i in ins]}) but {len(examples)} example inputs were given")
+        raise MstCompileError(f"{shown} has {len(ins)} inputs ({[i.name for i in ins]}) but {len(examples)} example inputs were given")
     # an axis is dynamic when the file names it instead of fixing it
     seq_dynamic = [len(i.shape) >= 2 and not isinstance(i.shape[1], int) for i in ins]
     lead = examples[0]
     batch = lead.shape[0] if lead.dim() else 1
     seq = lead.shape[1] if seq_dynamic[0] else None
     if lengths and seq is None:
-        raise MstCompileError(f"{path} has no dynamic sequence axis on its first input: sequence lengths cannot be checked")
+        raise MstCompileError(f"{shown} has no dynamic sequence axis on its first input: sequence lengths cannot be checked")
     diffs = {n: 0.0 for n in outs}
     gen = torch.Generator().manual_seed(seed)
     shapes = validation_shapes(batch, seq, lengths)
     for b, t in shapes:
         inputs = [random_like(x, b, t if dyn else None, gen) for x, dyn in zip(examples, seq_dynamic)]
-        with torch.no_grad():
-            expected = [y.detach().float().cpu().numpy() for y in reference(*inputs)]
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = [y.detach().float().cpu().numpy() for y in reference(*inputs)]
+        except Exception as e:  # the model itself does not run at this shape: one line, not torch's trace
+            raise ExportValidationError(f"PyTorch could not run the model at batch={b}, seq={t}: {_first_line(e)}",
+                                        {n: float("nan") for n in outs}) from None
         try:
             got = sess.run(outs, {i.name: x.cpu().numpy() for i, x in zip(ins, inputs)})
         except Exception as e:  # onnxruntime's own error types; one line is enough
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportValidationError(f"onnxruntime could not run {path} at batch={b}, seq={t}: {first}",
+            raise ExportValidationError(f"onnxruntime could not run {shown} at batch={b}, seq={t}: {_first_line(e)}",
                                         {n: float("nan") for n in outs}) from None
         for name, e, g in zip(outs, expected, got):
             if e.shape != g.shape:
                 raise ExportValidationError(
-                    f"{path}: output {name!r} has shape {g.shape} in onnxruntime but {e.shape} in PyTorch "
+                    f"{shown}: output {name!r} has shape {g.shape} in onnxruntime but {e.shape} in PyTorch "
                     f"at batch={b}, seq={t}",
                     {name: float("inf")},
                 )
@@ -160,7 +191,7 @@ def compare(
     if bad:
         listing = ", ".join(f"{n}: {d:.3g}" for n, d in diffs.items())
         raise ExportValidationError(
-            f"{path}: onnxruntime ({provider}) and PyTorch disagree beyond atol={atol:g} on {bad} "
+            f"{shown}: onnxruntime ({provider}) and PyTorch disagree beyond atol={atol:g} on {bad} "
             f"(max |difference| per output: {listing}; shapes checked (batch, seq): {shapes})",
             diffs,
         )

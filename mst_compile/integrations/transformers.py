@@ -19,6 +19,9 @@ Logs: every ``on_log`` adds ``mst_phase``, ``mst_density``, ``mst_target_sparsit
 ``trainer.state.log_history``. Reporters that ``report_to`` adds run before the callbacks given to
 ``Trainer(callbacks=...)``; to have TensorBoard or W&B record MST's numbers, list the reporter after
 MSTCallback: ``callbacks=[MSTCallback(cfg), TensorBoardCallback()]`` with ``report_to="none"``.
+
+Importing this module also registers the ``mst_hsa`` attention with transformers (``hf_attention``),
+which the folders ``export_hf`` writes for models trained with sparse attention name in config.json.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ from ..api import _as_config, sparsify
 from ..config import MSTConfig
 from ..errors import CaptureError, CheckpointError, MstCompileError
 from ..export.hf import example_tokens
+from . import hf_attention
+
+hf_attention.register()  # attn_implementation="mst_hsa": exported folders run the attention they trained with
 
 STATE_FILE = "mst_state.pt"  # in each checkpoint-N/ folder the Trainer writes
 
@@ -63,7 +69,7 @@ class MSTCallback(TrainerCallback):
     vocabulary). ``filter_fn(module, fqn)``: False keeps that module's weights dense.
     ``resume_from``: the checkpoint folder to restore MST from when the Trainer resumes from a folder
     that is not ``output_dir/checkpoint-N``. After training, ``callback.sm`` is the sparsified
-    module (``mst_compile.export.export_hf(model, folder, callback.sm)`` writes an HF checkpoint).
+    module (``mst_compile.export.export_hf(model, folder, callback.sm, block_size=T)`` writes an HF checkpoint).
     """
 
     def __init__(self, config: MSTConfig | dict | None = None, *, example_inputs: dict | None = None,

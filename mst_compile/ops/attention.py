@@ -8,6 +8,7 @@ Patterns, for query i, key j <= i and stride l:
 - ``sparse``:  local ∪ strided in one head (the default of MST's ultra-sparse phase)
 
 ``hsa_attention`` skips the masked work in forward and backward (see ``attention_kernels``);
+``hsa_attention_cached`` runs a pattern for queries at the end of a longer key sequence (a KV cache);
 ``pattern_mask`` is the dense boolean oracle, for tests only; ``mean_attended_keys`` is the exact
 mean number of keys per query, which the FLOP ledger multiplies into the attention cost.
 """
@@ -45,18 +46,23 @@ def _check_stride(stride, who: str) -> int | None:
     return stride
 
 
+def allowed_positions(q_pos: Tensor, k_pos: Tensor, pattern: str, stride: int) -> Tensor:
+    """Boolean (Tq, Tk): True where the query at position ``q_pos[a]`` may attend the key at ``k_pos[b]``
+    (causal, and within ``pattern`` of stride ``stride``). The one definition of the patterns as masks."""
+    d = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk) distance i - j
+    causal = d >= 0
+    if pattern == "dense":
+        return causal
+    local, strided = d < stride, d % stride == 0
+    return causal & {"local": local, "strided": strided, "sparse": local | strided}[pattern]
+
+
 def pattern_mask(T: int, stride: int | None, pattern: str, device=None) -> Tensor:
     """Boolean (T, T) mask, True where query i may attend key j. The reference oracle: tests only."""
     _check_pattern(pattern, "pattern_mask")
     l = _check_stride(stride, "pattern_mask") or default_stride(T)
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    causal = j <= i
-    if pattern == "dense":
-        return causal
-    local, strided = (i - j) < l, (i - j) % l == 0
-    keep = {"local": local, "strided": strided, "sparse": local | strided}[pattern]
-    return causal & keep
+    pos = torch.arange(T, device=device)
+    return allowed_positions(pos, pos, pattern, l)
 
 
 def mean_attended_keys(pattern: str, T: int, stride: int | None) -> float:
@@ -120,6 +126,36 @@ def allowed_keys(mask: Tensor) -> Tensor:
     return ~blocks(mask)
 
 
+def removes_causal_keys(attn_mask: Tensor, T: int) -> bool:
+    """True when the (…, T, T) ``attn_mask`` blocks a key that causality keeps (padding in the batch)."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
+    return not bool((allowed_keys(attn_mask) | ~causal).all())
+
+
+def hsa_attention_cached(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int, attn_mask: Tensor | None = None,
+                         scale: float | None = None) -> Tensor:
+    """``pattern`` with a fixed ``stride`` for queries that are the last Tq of the Tk keys: a whole
+    sequence (Tq == Tk), or the new tokens of a KV cache, at their absolute positions Tk-Tq, ..., Tk-1.
+
+    q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0; ``attn_mask`` (bool, or additive,
+    broadcastable to (B, Hq, Tq, Tk)) applies on top (padding). A whole sequence whose mask blocks no
+    causal key runs ``hsa_attention`` (the skipping kernels); anything else is masked dense SDPA over
+    the pattern (exact; a decoding step reads Tk keys for its one query).
+    """
+    _check_pattern(pattern, "hsa_attention_cached")
+    _check_stride(stride, "hsa_attention_cached")
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq > Tk:
+        raise ValueError(f"hsa_attention_cached: {Tq} queries but only {Tk} keys; the queries must be the last of the keys")
+    if Tq == Tk and (attn_mask is None or not removes_causal_keys(attn_mask, Tk)):
+        return hsa_attention(q, k, v, pattern=pattern, stride=stride, scale=scale)
+    pos = torch.arange(Tk, device=q.device)
+    keep = allowed_positions(pos[Tk - Tq:], pos, pattern, stride)  # (Tq, Tk)
+    if attn_mask is not None:
+        keep = allowed_keys(attn_mask) & keep
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class HybridSparseAttention(nn.Module):
     """One attention site. ``pattern``/``stride`` switch at run time without re-capturing.
 
@@ -164,10 +200,7 @@ class HybridSparseAttention(nn.Module):
     def runs_masked_dense(self, T: int, attn_mask: Tensor | None) -> bool:
         """True when a call with this ``attn_mask`` falls back to masked dense SDPA: the pattern is
         sparse and the mask removes keys that causality keeps (padding in this batch)."""
-        if self.pattern == "dense" or attn_mask is None:
-            return False
-        causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
-        return not bool((allowed_keys(attn_mask) | ~causal).all())
+        return self.pattern != "dense" and attn_mask is not None and removes_causal_keys(attn_mask, T)
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:

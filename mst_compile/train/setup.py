@@ -135,7 +135,7 @@ def _restore(run: RunState) -> None:
     """Continue from the run folder's last checkpoint: weights, optimizer, MST, RNG, position."""
     if run.d.main:
         ckpt.clean_temp(run.run_dir)  # left by writes a kill interrupted
-    last = rf.last_checkpoint(run.run_dir)
+    last = rf.last_checkpoint(rf.existing(run.run_dir))  # none yet: says how to start the run again
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, run.model, last)
     run.model.load_state_dict(ck["model"])
