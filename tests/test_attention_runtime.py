@@ -200,3 +200,13 @@ def test_mstc_train_attention_sites_flag(tmp_path):
     bad = CliRunner().invoke(main, ["train", str(f), "--steps", "8", "--update-interval", "1", "--out", str(tmp_path / "bad"),
                                     "--attention-sites", "h.0.attn=banded"])
     assert bad.exit_code != 0 and "attention_sites['h.0.attn']='banded'" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_pattern_mask_is_built_once_per_shape_and_reused():
+    from mst_compile.ops.attention import pattern_mask
+
+    a = pattern_mask(48, 6, "sparse")
+    assert pattern_mask(48, 6, "sparse") is a  # the padding fallback does not rebuild it per call
+    assert pattern_mask(48, 6, "local") is not a and pattern_mask(40, 6, "sparse").shape == (40, 40)
+    i, j = torch.arange(48)[:, None], torch.arange(48)[None, :]
+    assert torch.equal(a, (j <= i) & (((i - j) < 6) | ((i - j) % 6 == 0)))  # independent of allowed_positions

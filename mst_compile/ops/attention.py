@@ -14,6 +14,7 @@ mean number of keys per query, which the FLOP ledger multiplies into the attenti
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -58,9 +59,15 @@ def allowed_positions(q_pos: Tensor, k_pos: Tensor, pattern: str, stride: int) -
 
 
 def pattern_mask(T: int, stride: int | None, pattern: str, device=None) -> Tensor:
-    """Boolean (T, T) mask, True where query i may attend key j. The reference oracle: tests only."""
+    """Boolean (T, T) mask, True where query i may attend key j: the reference oracle of the tests, and
+    the mask of a training site's padding fallback. Built once per (T, stride, pattern, device); read only."""
     _check_pattern(pattern, "pattern_mask")
     l = _check_stride(stride, "pattern_mask") or default_stride(T)
+    return _pattern_mask(T, l, pattern, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern_mask(T: int, l: int, pattern: str, device: torch.device) -> Tensor:
     pos = torch.arange(T, device=device)
     return allowed_positions(pos, pos, pattern, l)
 
