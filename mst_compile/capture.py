@@ -89,7 +89,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
             f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
             "torch.export needs example inputs; pass example_inputs=(tensor, ...) or a dict of keyword arguments"
         )
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = _contiguous(*split_inputs(example_inputs))
     cache = _returned_cache(model, args, kwargs)
     if cache:  # torch.export would fail on it only after tracing the whole model
         raise CaptureError(
@@ -122,6 +122,17 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
     gm.eval = types.MethodType(lambda self: nn.Module.train(self, False), gm)
     gm.train(was_training)
     return gm, "export"
+
+
+def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example with every tensor contiguous. torch.export turns the example's strides into guards
+    on the module's inputs: captured from ``x = t[:, :-1]`` (a strided view, the usual way to cut
+    inputs from targets) the module fails on any contiguous batch inside torch's guard code. Exported
+    from a contiguous example it runs on contiguous and strided batches alike."""
+    def f(x):
+        return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+    return tuple(map(f, args)), {n: f(v) for n, v in kwargs.items()}
 
 
 def _widenings(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
