@@ -186,9 +186,9 @@ def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | No
     return fit["a"] * tokens_per_param ** (-fit["b"]), not lo <= tokens_per_param <= hi, info
 
 
-def regime_warning(config: MSTConfig, tokens_per_param: float) -> str | None:
-    """A warning for a run below the tokens/param where the regime map found MST within 5% of
-    dense (None when it is not, or when there is no map)."""
+def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
+    """The note ``mstc train`` prints at start for a run below the tokens/param where the regime map
+    found MST within 5% of dense (None when it is not, or when there is no map)."""
     m = regime_map()
     if m is None:
         return None

@@ -1,6 +1,7 @@
 """mst_compile.plan / mstc plan: the forecast equals the ledger of a real run; hours, gap and bad input."""
 import json
 import math
+import warnings
 
 import pytest
 from _train_models import TINY, write
@@ -79,19 +80,27 @@ def test_expected_gap_reads_the_regime_map(model_file, monkeypatch):
     assert paper.regime["series"] == "paper"
 
 
-def test_regime_warning_names_the_measured_figures(monkeypatch):
+def test_regime_note_names_the_measured_figures(monkeypatch):
     pm = _plan_module()
     monkeypatch.setattr(pm, "regime_map", lambda: FAKE_MAP)
-    msg = pm.regime_warning(MSTConfig(), 12.0)
+    msg = pm.regime_note(MSTConfig(), 12.0)
     assert "12.0 tokens per parameter" in msg and "+12.6% at 10 tokens/param" in msg and "64 tokens/param" in msg
-    assert pm.regime_warning(MSTConfig(), 100.0) is None
+    assert pm.regime_note(MSTConfig(), 100.0) is None
 
 
-def test_train_warns_below_the_regime(model_file, tmp_path, monkeypatch):
+def test_train_notes_the_regime_once_at_start_and_not_when_quiet(model_file, tmp_path, monkeypatch):
     monkeypatch.setattr(_plan_module(), "regime_map", lambda: FAKE_MAP)
-    tc = TrainConfig(steps=4, batch_size=2, block_size=T, eval_iters=1, eval_interval=4, log_interval=1)
-    with pytest.warns(UserWarning, match="tokens per parameter"):
-        train(model_file, tc, MSTConfig(total_steps=4, update_interval=1), out=tmp_path / "run", progress=False)
+    args = [str(model_file), "--steps", "4", "--batch-size", "2", "--block-size", str(T), "--eval-iters", "1", "--update-interval", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note in the output, not a Python warning
+        loud = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "loud")])
+        quiet = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "quiet"), "--quiet"])
+    assert loud.exit_code == 0 and quiet.exit_code == 0, loud.output + quiet.output
+    notes = [line for line in loud.output.splitlines() if "tokens per parameter" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: this run trains ") and "Warning" not in loud.output, loud.output
+    first = loud.output.splitlines()
+    assert first[0].startswith("MST: ") and first[1] == notes[0]  # in the start-up lines, before the first step
+    assert "tokens per parameter" not in quiet.output and len(quiet.output.strip().splitlines()) == 1, quiet.output
 
 
 def test_cli_json_has_the_documented_keys(model_file):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -146,16 +145,16 @@ def _open_folder(run: RunState, resumed: bool, progress: bool) -> None:
         run.bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {run.data.describe()} | "
                      f"{tc.steps} steps x {run.step_tokens:,} tokens" + (f" | resumed at step {run.start}" if run.start else ""))
         if not tc.dense and not resumed:
-            _warn_regime(run.model, run.mst, tc.steps * run.step_tokens)
+            note = _regime_note(run.model, run.mst, tc.steps * run.step_tokens)
+            if note:  # part of the start-up output: once, on rank 0, not under --quiet
+                run.bar.note(f"note: {note}")
 
 
-def _warn_regime(model, mst: MSTConfig, tokens: int) -> None:
-    """Say so when the run's tokens/param lie where the regime map found MST far from dense."""
-    from ..planning import regime_warning
+def _regime_note(model, mst: MSTConfig, tokens: int) -> str | None:
+    """A note when the run's tokens/param lie where the regime map found MST far from dense."""
+    from ..planning import regime_note
 
-    msg = regime_warning(mst, tokens / parameter_count(model))
-    if msg:
-        warnings.warn(msg, stacklevel=4)
+    return regime_note(mst, tokens / parameter_count(model))
 
 
 def _new_run_dir(model_file: Path, dense: bool) -> Path:
