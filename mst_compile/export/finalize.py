@@ -10,6 +10,7 @@ keeps the sparse weights. ``sm`` itself is left as it is: training can go on aft
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,11 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
         )
     chosen = resolve_attention(sm, attention)
     sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
-    graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
+    with warnings.catch_warnings():
+        # copying the pytree spec of a torch.export-captured graph rebuilds torch's own LeafSpec, which
+        # torch 2.13 then warns is deprecated: torch's internals, nothing the user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+        graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
