@@ -19,7 +19,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import run_folder as rf
 from ..config import MSTConfig
-from ..errors import MstCompileError
+from ..errors import CaptureError, MstCompileError
 from ..modelfile import ModelFile, check_unchanged, file_sha256, max_sequence_length, parameter_count
 from ..paths import writable_dir
 from .accounting import Accounting, build
@@ -79,8 +79,11 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
     check_model_runs(model, inputs, x0[:1].to(d.device), data)
 
-    example = mf.example_inputs() if mf.hook("example_inputs") else inputs(x0.to(d.device))
-    acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
+    example = mf.capture_inputs(model, x0.to(d.device))
+    try:
+        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
+    except CaptureError as e:
+        raise mf.capture_error(e) from None
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
