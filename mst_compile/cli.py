@@ -25,9 +25,23 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (MstCompileError, ValueError, TypeError) as e:
-            raise _Failure(str(e)) from None
+            from .train.options import in_flag_terms
+
+            raise _Failure(in_flag_terms(str(e), _given_flags())) from None
 
     return wrapper
+
+
+def _given_flags() -> dict:
+    """The TrainConfig / MSTConfig flags given on this command line, by field name, as click parsed them."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {key.split("__", 1)[1]: value for key, value in ctx.params.items()
+            if key.startswith(("train__", "mst__")) and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
+            and not isinstance(value, tuple)}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -190,9 +204,9 @@ def _train_options(fn):
 
 @main.command()
 @click.argument("model_file", type=click.Path(dir_okay=False))
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), show_default="none", help="TOML file with [train] and [mst] tables.")
 @click.option("--out", type=click.Path(file_okay=False), show_default="runs/<name>-<timestamp>", help="Run folder.")
-@click.option("--resume", type=click.Path(file_okay=False),
+@click.option("--resume", type=click.Path(file_okay=False), show_default="none: a new run",
               help="Continue the run in this folder where it stopped (its own flags may be repeated; --lr, --min-lr and a longer --steps may change).")
 @click.option("--dense", is_flag=True, help="Train the dense baseline: the same run without sparsity.")
 @click.option("--quiet", is_flag=True, help="No progress output; only the final summary.")
@@ -280,7 +294,7 @@ def _count(text: str, flag: str) -> float:
               "them on this CPU; a100, h100, h200: estimate from FLOPs at the GPU's peak.")
 @click.option("--peak-flops", default=None, show_default="the preset's", help="Peak bf16 FLOP/s of a GPU preset, e.g. 989e12.")
 @click.option("--utilization", type=float, default=None, show_default="0.4", help="Fraction of a GPU preset's peak a dense step reaches.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), show_default="none", help="TOML file with [train] and [mst] tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @_plan_options

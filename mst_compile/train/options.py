@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from ..config import MSTConfig
@@ -27,7 +28,8 @@ from ..run_config import (  # re-exported: the trainer, the CLI and tests use th
 )
 
 __all__ = ["MST_KEYS", "PRECISIONS", "TRAIN_KEYS", "TrainConfig", "build_configs", "click_options", "configs_for_model_file",
-           "dumps_config", "parse_mst_flag", "read_config_file", "read_model_record", "split_flags"]
+           "dumps_config", "flag_for", "in_flag_terms", "parse_mst_flag", "read_config_file", "read_model_record",
+           "split_flags"]
 
 
 # -- resolution ------------------------------------------------------------------------------
@@ -149,11 +151,31 @@ def flag_for(name: str) -> str:
     return "--steps" if name in ("steps", "total_steps") else f"--{name.replace('_', '-')}"
 
 
+def in_flag_terms(message: str, given: dict[str, Any]) -> str:
+    """``message`` with each ``TrainConfig.x=v`` / ``MSTConfig.x=v`` of a flag given on the command
+    line written as it was typed there (``TrainConfig.steps=0`` -> ``--steps 0``). ``given``: the flags'
+    values by field name, as click parsed them. The Python API's messages name the fields; values
+    that came from a config file or a model file's hooks keep those names."""
+    for name, raw in given.items():
+        value = raw
+        if isinstance(raw, str) and name in ("schedule", "drop_fractions", "attention_phases", "stride"):
+            try:
+                value = parse_mst_flag(name, raw)  # as the config holds it
+            except ValueError:
+                continue
+        for owner, field in (("TrainConfig", name), ("MSTConfig", "total_steps" if name == "steps" else name)):
+            message = message.replace(f"{owner}.{field}={value!r}", f"{flag_for(name)} {raw if isinstance(raw, str) else _shown(raw)}")
+            message = re.sub(rf"\b{owner}\.{field}\b(?!\[)", flag_for(name), message)  # "MSTConfig.schedule has a point ..."
+    return message
+
+
 def _shown(value) -> str:
     """A default as it would be typed: 0.001, not 0.001000; ultra,restoration for a tuple."""
     if isinstance(value, (tuple, list)):
         return ",".join(map(_shown, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")  # 0.001, 1e-05, 2 (not 2.0)
+    return str(value)
 
 
 def _default(f, **option) -> dict:
@@ -193,7 +215,7 @@ def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None, help:
         if f.name in ("total_steps", "seed"):
             continue  # --steps and --seed set them
         if f.name == "extra":
-            specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE",
+            specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE", show_default="none",
                                       help="Free-form note stored with the run's config (repeatable)."))
             continue
         if f.name == "attention_sites":
