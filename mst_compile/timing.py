@@ -1,8 +1,8 @@
 """Time training steps of a model on this machine: what ``mstc plan --hardware local|cpu`` forecasts from.
 
 A FLOP count divided by an assumed FLOP/s says little about a CPU: a model whose steps took 0.106 s
-dense and 0.105 s MST here was forecast, from a 32-core server's peak, at 23.6 s and 1.50x. So the
-plan times the real thing: one dense training step of the model (forward, next-token loss, backward,
+dense and 0.105 s MST on a 2-core machine was forecast, from a 32-core server's peak and the kernels'
+speed-ups at large sizes, at 23.6 s and 1.50x. So the plan times the real thing: one dense training step of the model (forward, next-token loss, backward,
 AdamW) and one MST step of the sparsified module in each phase's state (its mean density and its
 attention patterns; the step also re-zeroes the masked weights, as MST's optimizer hook does). Each is
 timed a few times after an untimed warm-up step (first-use costs: kernel compilation, allocation).
