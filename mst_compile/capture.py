@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
+import os
 import types
 import warnings
 from typing import Any
@@ -53,6 +56,26 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
+def quiet_torch():
+    """Keep torch's own output out of the terminal while capturing: a failed ``torch.export`` prints
+    its partial graph to stderr and logs warnings, but the failure is reported as one CaptureError
+    line. Warnings raised outside torch (a model's, say) are shown afterwards."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    torch_dir = os.path.dirname(torch.__file__)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logger.setLevel(level)
+        for w in caught:
+            if not str(w.filename).startswith(torch_dir):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+@contextlib.contextmanager
 def inference(model: nn.Module):
     """Eval mode and, for Hugging Face models, ``use_cache=False`` (a cache object is not a tensor):
     how a model is captured, exported and checked. Both are restored on exit."""
@@ -84,22 +107,19 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
             return torch.fx.symbolic_trace(model), "fx"
     except Exception as e:  # any tracing failure means "try export"
         fx_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    name = type(model).__name__
     if example_inputs is None:
-        raise CaptureError(
-            f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
-            "torch.export needs example inputs; pass example_inputs=(tensor, ...) or a dict of keyword arguments"
-        )
-    args, kwargs = split_inputs(example_inputs)
+        what = f"cannot capture {name}: torch.fx.symbolic_trace failed ({fx_reason}) and torch.export needs example inputs"
+        raise CaptureError(f"{what}; pass example_inputs=(tensor, ...) or a dict of keyword arguments", what, "inputs")
+    args, kwargs = _contiguous(*split_inputs(example_inputs))
     cache = _returned_cache(model, args, kwargs)
     if cache:  # torch.export would fail on it only after tracing the whole model
-        raise CaptureError(
-            f"cannot capture {type(model).__name__}: its forward returns a KV cache ({cache}), which is not a "
-            "tensor; pass use_cache=False with the example inputs, e.g. example_inputs={'input_ids': ids, "
-            "'use_cache': False} (plus 'decoder_input_ids' for encoder-decoder models)"
-        )
+        what = f"cannot capture {name}: its forward returns a KV cache ({cache}), which is not a tensor"
+        raise CaptureError(f"{what}; pass use_cache=False with the example inputs, e.g. example_inputs={{'input_ids': ids, "
+                           "'use_cache': False}} (plus 'decoder_input_ids' for encoder-decoder models)", what, "cache")
     _warn_dropout(model)
     was_training = model.training
-    with inference(model):
+    with inference(model), quiet_torch():
         for a, k in _widenings(args, kwargs):
             try:
                 gm = _export(model, a, k, check=None if a is args and k is kwargs else (args, kwargs))
@@ -108,11 +128,10 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
                 error = e
         else:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise CaptureError(
-                f"cannot capture {type(model).__name__}: torch.fx.symbolic_trace failed ({fx_reason}) and "
-                f"torch.export.export failed ({type(error).__name__}: {first}); check that example_inputs match the "
-                "model's forward signature, or pass a filter_fn / wrap the model so its forward takes and returns tensors"
-            ) from None
+            what = (f"cannot capture {name}: torch.fx.symbolic_trace failed ({fx_reason}) and "
+                    f"torch.export.export failed ({type(error).__name__}: {first})")
+            raise CaptureError(f"{what}; check that example_inputs match the model's forward signature, or pass a "
+                               "filter_fn / wrap the model so its forward takes and returns tensors", what, "export") from None
     _share_parameters(model, gm)
     _accept_model_calls(gm, model, a, k)
     gm.meta["example_inputs"] = k or a  # split_inputs' form: a tuple of positional args or a dict
@@ -122,6 +141,17 @@ def capture(model: nn.Module, example_inputs: Any = None, *, fx: bool = True) ->
     gm.eval = types.MethodType(lambda self: nn.Module.train(self, False), gm)
     gm.train(was_training)
     return gm, "export"
+
+
+def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example with every tensor contiguous. torch.export turns the example's strides into guards
+    on the module's inputs: captured from ``x = t[:, :-1]`` (a strided view, the usual way to cut
+    inputs from targets) the module fails on any contiguous batch inside torch's guard code. Exported
+    from a contiguous example it runs on contiguous and strided batches alike."""
+    def f(x):
+        return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+    return tuple(map(f, args)), {n: f(v) for n, v in kwargs.items()}
 
 
 def _widenings(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:

@@ -25,12 +25,26 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (MstCompileError, ValueError, TypeError) as e:
-            raise _Failure(str(e)) from None
+            from .train.options import in_flag_terms
+
+            raise _Failure(in_flag_terms(str(e), _given_flags())) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _given_flags() -> dict:
+    """The TrainConfig / MSTConfig flags given on this command line, by field name, as click parsed them."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {key.split("__", 1)[1]: value for key, value in ctx.params.items()
+            if key.startswith(("train__", "mst__")) and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
+            and not isinstance(value, tuple)}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mst-compile")
 def main() -> None:
     """mst_compile: Mixed Sparsity Training for PyTorch transformers."""
@@ -38,21 +52,36 @@ def main() -> None:
 
 @main.command()
 @click.argument("model_file", type=click.Path(dir_okay=False))
-@click.option("--sparsity", type=float, default=None, help="Ultra-phase sparsity to show densities for (default: the config's).")
+@click.option("--sparsity", type=float, default=None, show_default="the model file's config(), else 0.85",
+              help="Ultra-phase sparsity to show densities for.")
 @_friendly
 def inspect(model_file: str, sparsity: float | None) -> None:
-    """Show which sites of MODEL_FILE's model() MST rewrites, with densities and FLOP shares."""
+    """Show which sites of MODEL_FILE's model() MST rewrites, with densities and FLOP shares.
+
+    The model is captured as mstc train captures it: with the file's example_inputs(), else a batch of
+    token ids at the run's batch and block size, passed as its batch(tokens) or the trainer would.
+    """
     from .modelfile import load_model_file
 
     mf = load_model_file(model_file)
-    if not 0.0 <= (sparsity if sparsity is not None else 0.0) < 1.0:
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise click.BadParameter(f"{sparsity} is not in [0, 1)", param_hint="--sparsity")
-    from .api import sparsify
-    from .config import MSTConfig
-    from .runtime.handle import linear_flop_shares
+    import torch
 
-    cfg = mf.config() or MSTConfig()
-    sm = sparsify(mf.model(), cfg, example_inputs=mf.example_inputs())
+    from .api import sparsify
+    from .errors import CaptureError
+    from .modelfile import max_sequence_length
+    from .runtime.handle import linear_flop_shares
+    from .train.options import configs_for_model_file
+
+    tc, cfg = configs_for_model_file(mf, None, {}, {})  # the hooks, as mstc train reads them
+    model = mf.model()
+    tc = tc.resolved(cfg, max_sequence_length(model))
+    tokens = torch.zeros(tc.batch_size, tc.block_size, dtype=torch.long)  # what train captures with: a batch of ids
+    try:
+        sm = sparsify(model, cfg, example_inputs=mf.capture_inputs(model, tokens))
+    except CaptureError as e:
+        raise mf.capture_error(e) from None
     s = cfg.sparsity if sparsity is None else sparsity
     plan = sm.mst.plan
     alloc = sm.mst.allocation(s)
@@ -81,14 +110,14 @@ def inspect(model_file: str, sparsity: float | None) -> None:
 @click.argument("dest", required=False, type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
               help="onnx: one ONNX file checked in onnxruntime; hf: a Hugging Face folder (safetensors + config).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="ONNX file to write (default: RUN_DIR/model.onnx).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, show_default="RUN_DIR/model.onnx", help="ONNX file to write.")
 @click.option("--attention", type=click.Choice(ATTENTION_PATTERNS), default=None,
-              help="Attention pattern to export (default: the one active at the end of training).")
+              show_default="the pattern active at the end of training", help="Attention pattern to export.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime provider of the validation run.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Largest |onnxruntime - PyTorch| difference allowed.")
 @click.option("--no-validate", is_flag=True, help="Write the file without the onnxruntime check.")
 @click.option("--dense-initializers", is_flag=True, help="Store every weight dense (no COO sparse initializers).")
-@click.option("--check-lengths", default=None, metavar="L1,L2,...",
+@click.option("--check-lengths", default=None, metavar="L1,L2,...", show_default="the example's length only",
               help="Also validate at these sequence lengths (each at most the model's maximum sequence length).")
 @_friendly
 def export(run_dir: str, dest: str | None, fmt: str, output: str | None, attention: str | None, provider: str, atol: float,
@@ -155,7 +184,16 @@ def _patterns(attention) -> str:
 def _plan_options(fn):
     from .train.options import click_options
 
-    return click_options(fn, train_fields=("batch_size", "block_size", "grad_accum", "seed"))
+    return click_options(fn, train_fields=("batch_size", "block_size", "grad_accum", "seed"), help={
+        "batch_size": "Sequences per micro-batch, all devices together: an optimizer step takes --batch-size x --grad-accum."})
+
+
+def _passive_omp() -> None:
+    """OpenMP threads that spin while waiting steal the CPU from working ones whenever anything else
+    runs on the machine (steps measured 4-9x slower on a busy 2-core box); set before torch loads."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _train_options(fn):
@@ -166,21 +204,21 @@ def _train_options(fn):
 
 @main.command(context_settings={"allow_extra_args": True})  # extra arguments: an unquoted glob, answered in train()
 @click.argument("model_file", type=click.Path(dir_okay=False))
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<name>-<timestamp>).")
-@click.option("--resume", type=click.Path(file_okay=False),
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), show_default="none", help="TOML file with [train] and [mst] tables.")
+@click.option("--out", type=click.Path(file_okay=False), show_default="runs/<name>-<timestamp>", help="Run folder.")
+@click.option("--resume", type=click.Path(file_okay=False), show_default="none: a new run",
               help="Continue the run in this folder where it stopped (its own flags may be repeated; --lr, --min-lr and a longer --steps may change).")
 @click.option("--dense", is_flag=True, help="Train the dense baseline: the same run without sparsity.")
 @click.option("--quiet", is_flag=True, help="No progress output; only the final summary.")
 @_train_options
 @_friendly
 def train(model_file: str, config_file: str | None, out: str | None, resume: str | None, dense: bool, quiet: bool, **flags) -> None:
-    """Train MODEL_FILE's model() with MST on the built-in corpus (or --data) and summarise the run."""
-    # OpenMP threads that spin while waiting steal the CPU from working ones whenever anything else
-    # runs on the machine (steps measured 4-9x slower on a busy 2-core box); set before torch loads.
-    import os
+    """Train MODEL_FILE's model() with MST on the built-in corpus (or --data) and summarise the run.
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    The defaults shown are the built-in ones; the model file's config() and train_config(), then
+    --config, then the flags given here override them.
+    """
+    _passive_omp()
     from .train.options import configs_for_model_file, split_flags
 
     train_flags, mst_flags = split_flags(flags)
@@ -268,10 +306,11 @@ def _count(text: str, flag: str) -> float:
 @main.command()
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--tokens", required=True, help="Training tokens of the run: 2.5e9, 2.5B, 300M, ...")
-@click.option("--hardware", default="h100", show_default=True, help="Device preset: a100, h100, h200 or cpu.")
-@click.option("--peak-flops", default=None, help="Peak bf16 FLOP/s of the device (overrides the preset's), e.g. 989e12.")
-@click.option("--utilization", type=float, default=None, help="Fraction of peak a dense step reaches (preset: 0.4 GPU, 0.5 CPU).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [train] and [mst] tables.")
+@click.option("--hardware", default="local", help="local: time steps on this machine (its GPU, else its CPU); cpu: time "
+              "them on this CPU; a100, h100, h200: estimate from FLOPs at the GPU's peak.")
+@click.option("--peak-flops", default=None, show_default="the preset's", help="Peak bf16 FLOP/s of a GPU preset, e.g. 989e12.")
+@click.option("--utilization", type=float, default=None, show_default="0.4", help="Fraction of a GPU preset's peak a dense step reaches.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), show_default="none", help="TOML file with [train] and [mst] tables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @_plan_options
@@ -281,17 +320,23 @@ def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, ut
     """Cost, time and expected quality gap of training MODEL_FILE (a model file or an HF config.json) with MST.
 
     Nothing is trained: the model is built and captured, one forward shows the FLOP ledger its
-    footprint, and the schedule is walked with the ledger's formula. --batch-size (sequences per
-    optimizer step, all devices together, times --grad-accum) and --block-size set the step; the MST
-    flags are mstc train's.
+    footprint, and the schedule is walked with the ledger's formula. --batch-size, --grad-accum and
+    --block-size set the step; the MST flags are mstc train's. On this machine (--hardware local or
+    cpu) the hours are the steps times a dense step and an MST step per phase, timed here.
     """
     import json as _json
 
-    from .planning import HARDWARE
+    from .planning import HARDWARE, MEASURED
 
     n_tokens = _count(tokens, "--tokens")
-    if hardware.lower() not in HARDWARE:
-        raise _Failure(f"--hardware {hardware!r} is unknown: expected one of {', '.join(HARDWARE)}")
+    if hardware.lower() not in (*MEASURED, *HARDWARE):
+        raise _Failure(f"--hardware {hardware!r} is unknown: expected one of {', '.join((*MEASURED, *HARDWARE))}")
+    if hardware.lower() in MEASURED and (peak_flops is not None or utilization is not None):
+        flag = "--peak-flops" if peak_flops is not None else "--utilization"
+        raise _Failure(f"{flag} applies to the GPU presets ({', '.join(HARDWARE)}); --hardware {hardware} is timed on this machine")
+    if utilization is not None and not 0 < utilization <= 1:
+        raise _Failure(f"--utilization {utilization:g} is invalid: expected a fraction of the peak in (0, 1]")
+    _passive_omp()
     peak = None if peak_flops is None else _count(peak_flops, "--peak-flops")
     from .train.options import split_flags
 
@@ -322,7 +367,7 @@ def plan(model_file: str, tokens: str, hardware: str, peak_flops: str | None, ut
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and report.md (default: RUN_DIR/report).")
+@click.option("--out", type=click.Path(file_okay=False), show_default="RUN_DIR/report", help="Folder for the plots and report.md.")
 @_friendly
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Plot RUN_DIRS (loss vs step and FLOPs, sparsity, attention, layer densities) and write report.md."""

@@ -6,7 +6,16 @@ class MstCompileError(Exception):
 
 
 class CaptureError(MstCompileError):
-    """Neither torch.fx nor torch.export could capture the model."""
+    """Neither torch.fx nor torch.export could capture the model.
+
+    ``what`` says what failed and ``kind`` why ("inputs": no example inputs for torch.export,
+    "cache": the forward returns a KV cache, "export": torch.export failed); the message adds the
+    fix in Python API terms, and ``ModelFile.capture_error`` words it for a model file instead.
+    """
+
+    def __init__(self, message: str, what: str = "", kind: str = ""):
+        super().__init__(message)
+        self.what, self.kind = what or message, kind
 
 
 class ModelInputError(MstCompileError):

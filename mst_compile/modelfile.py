@@ -1,6 +1,8 @@
 """Load a user's ``model.py``: it defines ``model()`` and optionally ``example_inputs()``,
 ``config()``, ``data()`` and ``batch(tokens)``. Every failure is one ``MstCompileError`` naming the
-file and the fix."""
+file and the fix. Also what every command expects of the model: how token ids reach it
+(``ModelFile.inputs_for``), what it is captured with (``ModelFile.capture_inputs``), and what its
+output means (``logits_of``, ``lm_loss``)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelInputError, MstCompileError
+from .errors import CaptureError, ModelInputError, MstCompileError
 
 
 @dataclass
@@ -78,6 +80,26 @@ class ModelFile:
                 "must return inputs of the same form)")
         return pack
 
+    def capture_inputs(self, model, tokens):
+        """What every command captures ``model`` with: the file's ``example_inputs()`` when it defines
+        one, else ``tokens`` (a (B, T) batch of token ids) passed as the trainer passes them."""
+        if self.hook("example_inputs") is not None:
+            return self.example_inputs()
+        return self.inputs_for(model)(tokens)
+
+    def capture_error(self, e: CaptureError) -> CaptureError:
+        """``e`` with the fix in this file's terms (its hooks) instead of ``sparsify``'s arguments."""
+        hook = "example_inputs()" if self.hook("example_inputs") else "batch(tokens)" if self.hook("batch") else None
+        given = f"what its {hook} returns" if hook else "token ids as its first argument or input_ids="
+        fix = {
+            "cache": f"have the forward skip its KV cache: define example_inputs() (and batch(tokens)) in {self.path.name} "
+                     "returning e.g. {'input_ids': tokens, 'use_cache': False}",
+            "inputs": f"define example_inputs() in {self.path.name}, returning inputs its forward takes "
+                      "(a tuple of positional args or a dict of keyword args)",
+        }.get(e.kind, f"mstc passed it {given}; make the forward capturable (no Python branching on tensor values), or "
+                      f"define example_inputs() in {self.path.name} returning inputs it takes (a tuple or a dict of keyword args)")
+        return CaptureError(f"{self.path}: {e.what}; {fix}", e.what, e.kind)
+
     def config(self):
         from .config import MSTConfig
 
@@ -112,6 +134,29 @@ def load_model_file(path: str | Path) -> ModelFile:
     if mf.hook("model") is None:
         raise MstCompileError(f"{p} does not define model(): add `def model(): return MyModel(...)`")
     return mf
+
+
+def logits_of(out):
+    """A model may return logits, a tuple starting with them, or an output object with ``.logits``."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise MstCompileError(f"the model returned {type(out).__name__}; expected logits (B, T, vocab) or an output with .logits")
+
+
+def lm_loss(out, y):
+    """Next-token cross entropy of a model's output against the (B, T) targets ``y``."""
+    import torch.nn.functional as F
+
+    logits = logits_of(out)  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
 
 def max_sequence_length(model) -> int | None:

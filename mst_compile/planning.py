@@ -5,11 +5,12 @@ one forward at batch 1 shows the ledger's hooks its footprint (rows per sparse w
 calls, dense work), and ``runtime/forecast.py`` walks the schedule with the ledger's per-step
 formula. So the plan of a run equals the ledger total of that run (tests check it).
 
-Hours are estimates: FLOPs divided by a device's peak bf16 FLOP/s times an assumed utilisation, with
-each part at the speed this library's kernels run on that device (``KERNELS``): on GPUs the sparse
-linears are masked dense GEMMs (no faster than dense) and HSA has no measured speed-up yet; on CPU
-the CSR kernels beat dense below density 0.22 and HSA runs at its measured speed-up. The expected
-quality gap is read off the regime map (``benchmarks/regime.py``, ``regime_map.json``).
+Hours on this machine (``hardware="local"`` or ``"cpu"``) come from measured step times
+(``timing.py``): a dense training step and an MST step in each phase's state, times the steps. Hours
+on a GPU preset are estimates: FLOPs divided by its peak bf16 FLOP/s times an assumed utilisation;
+there the sparse linears are masked dense GEMMs (no faster than dense) and HSA has no measured
+speed-up yet, so the MST run takes as long as the dense one. The expected quality gap is read off
+the regime map (``benchmarks/regime.py``, ``regime_map.json``).
 """
 from __future__ import annotations
 
@@ -27,56 +28,18 @@ from .errors import MstCompileError
 @dataclass(frozen=True)
 class Hardware:
     name: str
-    peak_flops: float  # dense bf16 FLOP/s (vendor figure; CPU: an assumption, see HARDWARE)
+    peak_flops: float  # dense bf16 FLOP/s (vendor figure)
     utilization: float  # the fraction of peak a well-tuned dense training step reaches
-    kind: str  # "gpu" | "cpu": which kernels the speed model uses
 
 
+# GPU presets: FLOP/s estimates. "local" and "cpu" are timed on this machine instead (MEASURED).
 HARDWARE = {
-    "a100": Hardware("A100 (bf16 dense 312 TFLOP/s)", 312e12, 0.40, "gpu"),
-    "h100": Hardware("H100 SXM (bf16 dense 989 TFLOP/s)", 989e12, 0.40, "gpu"),
-    "h200": Hardware("H200 (bf16 dense 989 TFLOP/s)", 989e12, 0.40, "gpu"),
-    "cpu": Hardware("CPU (assumed 2 TFLOP/s: a 32-core AVX-512 server)", 2e12, 0.50, "cpu"),
+    "a100": Hardware("A100 (bf16 dense 312 TFLOP/s)", 312e12, 0.40),
+    "h100": Hardware("H100 SXM (bf16 dense 989 TFLOP/s)", 989e12, 0.40),
+    "h200": Hardware("H200 (bf16 dense 989 TFLOP/s)", 989e12, 0.40),
 }
-
-# Measured kernel speed-ups against dense (README "Performance", CPU, one thread, fwd + bwd):
-# CSR sparse linear 3.45x at density 0.05, 2.1x at 0.1, break-even at the 0.22 crossover (masked
-# dense above it); HSA 3.85x at T = 1024, l = 128, where its FLOP ratio is 4.14x; the MST step
-# costs 1.029x the dense step in runtime overhead. Nothing has been measured on a GPU yet.
-_CSR_POINTS = ((0.05, 3.45), (0.10, 2.1), (0.22, 1.0))
-_HSA_EFFICIENCY = 3.85 / 4.14  # measured speed-up / FLOP ratio at T = 1024
-_CPU_OVERHEAD = 1.029
-KERNELS = {
-    "gpu": "sparse linears run as masked dense GEMMs (no faster than dense); HSA on CUDA not yet measured, "
-           "counted at dense speed",
-    "cpu": "CSR sparse linears below density 0.22 at their measured speed-up (3.45x at 0.05, 2.1x at 0.1), masked "
-           "dense above; HSA at its measured efficiency (93% of its FLOP ratio at T=1024); MST step overhead 1.029x",
-}
-
-
-def _cpu_linear_speed(density: float) -> float:
-    if density >= _CSR_POINTS[-1][0]:
-        return 1.0  # sparse_kernel="auto" keeps the masked dense kernel above the crossover
-    if density <= _CSR_POINTS[0][0]:
-        return _CSR_POINTS[0][1]  # not measured below: no more than at 0.05
-    for (d0, s0), (d1, s1) in zip(_CSR_POINTS, _CSR_POINTS[1:]):
-        if density <= d1:
-            return s0 + (s1 - s0) * (density - d0) / (d1 - d0)
-    return 1.0
-
-
-def _cpu_attention_speed(pattern: str, T: int, stride: int | None) -> float:
-    from .ops.attention import mean_attended_keys
-
-    if pattern == "dense":
-        return 1.0
-    return max(1.0, _HSA_EFFICIENCY * (T + 1) / 2 / mean_attended_keys(pattern, T, stride))
-
-
-def _speed(kind: str):
-    if kind == "cpu":
-        return _cpu_linear_speed, _cpu_attention_speed
-    return (lambda density: 1.0), (lambda pattern, T, stride: 1.0)
+MEASURED = ("local", "cpu")  # local: this machine's GPU when it has one, else its CPU
+GPU_KERNELS = "sparse linears run as masked dense GEMMs (no faster than dense); HSA on CUDA not yet measured, counted at dense speed"
 
 
 @dataclass
@@ -128,11 +91,22 @@ class TrainingPlan:
         for p in self.phases:
             lines.append(f"    {p['phase']:<12s}    {p['mst_flops']:.3e} in {p['steps']:,} steps "
                          f"({p['dense_flops'] / p['mst_flops']:.2f}x)")
-        lines += [f"  hardware          {hw['name']}, {hw['utilization']:.0%} utilisation",
-                  f"  dense time        {_duration(self.dense_hours)} on one device",
-                  f"  MST time          {_duration(self.mst_hours)} on one device ({self.dense_hours / self.mst_hours:.2f}x "
-                  "realised with this library's kernels)",
-                  f"  kernels           {hw['kernels']}"]
+        speedup = f"{self.dense_hours / self.mst_hours:.2f}x"
+        if "measured" in hw:  # timed here
+            m, B = hw["measured"], self.tokens_per_step // self.block_size
+            per = ", ".join(f"{p['phase']} {m['step_s'][p['phase']]:.3g} s" for p in self.phases)
+            proxy = "" if m["batch_size"] == B else (f", timed at batch {m['batch_size']} of {B}: forward and backward "
+                                                     "scaled by the sequences, the optimizer step once")
+            lines += [f"  hardware          this machine ({m['device']}): timed, not estimated",
+                      f"  step time         dense {m['step_s']['dense']:.3g} s; MST {per} (median of {min(m['repeats'].values())}+ "
+                      f"steps after a warm-up step, fp32{proxy}; the {m['updates']:,} topology updates not timed)",
+                      f"  dense time        {_duration(self.dense_hours)} here ({self.steps:,} steps x the measured dense step)",
+                      f"  MST time          {_duration(self.mst_hours)} here (each phase's steps x its measured step: {speedup})"]
+        else:
+            lines += [f"  hardware          {hw['name']}, {hw['utilization']:.0%} utilisation (estimated from FLOPs)",
+                      f"  dense time        {_duration(self.dense_hours)} on one device",
+                      f"  MST time          {_duration(self.mst_hours)} on one device ({speedup} realised with this library's kernels)",
+                      f"  kernels           {hw['kernels']}"]
         r = self.regime
         if self.expected_gap is None:
             lines.append(f"  expected gap      unknown ({r.get('note', 'no regime map')})")
@@ -186,9 +160,9 @@ def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | No
     return fit["a"] * tokens_per_param ** (-fit["b"]), not lo <= tokens_per_param <= hi, info
 
 
-def regime_warning(config: MSTConfig, tokens_per_param: float) -> str | None:
-    """A warning for a run below the tokens/param where the regime map found MST within 5% of
-    dense (None when it is not, or when there is no map)."""
+def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
+    """The note ``mstc train`` prints at start for a run below the tokens/param where the regime map
+    found MST within 5% of dense (None when it is not, or when there is no map)."""
     m = regime_map()
     if m is None:
         return None
@@ -212,12 +186,12 @@ def regime_warning(config: MSTConfig, tokens_per_param: float) -> str | None:
 
 
 # -- building the model -----------------------------------------------------------------------
-def _load(model, block_size: int | None):
-    """(module, name, inputs(tokens)) from a module, a model file (.py) or an HF config (.json)."""
+def _load(model):
+    """(module, name, inputs(tokens), its model file or None) from a module, a model file (.py) or an HF config (.json)."""
     from torch import nn
 
     if isinstance(model, nn.Module):
-        return model, type(model).__name__, lambda tokens: (tokens,)
+        return model, type(model).__name__, lambda tokens: (tokens,), None
     path = Path(getattr(model, "path", model))
     if path.suffix == ".json":
         if not path.is_file():
@@ -228,29 +202,32 @@ def _load(model, block_size: int | None):
             hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
         except Exception as e:  # noqa: BLE001 - any failure to build is the user's config: one line
             raise MstCompileError(f"cannot build a causal LM from {path}: {type(e).__name__}: {e}") from e
-        return hf, str(path), lambda tokens: {"input_ids": tokens}
+        return hf, str(path), lambda tokens: {"input_ids": tokens}, None
     from .modelfile import ModelFile, load_model_file
 
     mf = model if isinstance(model, ModelFile) else load_model_file(path)
     m = mf.model()
-    path = mf.path
-    return m, str(path), mf.inputs_for(m)
+    return m, str(mf.path), mf.inputs_for(m), mf
 
 
 def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_size: int | None = None,
-         batch_size: int = 16, hardware: str | Hardware = "h100", peak_flops: float | None = None,
+         batch_size: int = 16, hardware: str = "local", peak_flops: float | None = None,
          utilization: float | None = None, progress=None) -> TrainingPlan:
     """The FLOPs, time and expected quality gap of MST-training ``model`` on ``tokens`` tokens.
 
     ``model``: an ``nn.Module``, a model file (``model()``, as ``mstc train`` takes) or a Hugging Face
     ``config.json``. ``batch_size`` sequences of ``block_size`` tokens (default: the model's maximum
     length, else 128) make one optimizer step; ``config.total_steps`` becomes tokens / that.
+    ``hardware``: ``"local"`` (this machine's GPU, else its CPU) or ``"cpu"`` time a dense step and
+    an MST step per phase here and forecast from those; a GPU preset (``"a100"``, ``"h100"``,
+    ``"h200"``, with ``peak_flops`` / ``utilization`` to override it) estimates from FLOPs.
     ``progress(message)`` hears about each stage (a large model takes minutes to capture and measure).
     """
     import torch
 
     from .api import _as_config, sparsify
     from .capture import split_inputs
+    from .errors import CaptureError
     from .modelfile import max_sequence_length, parameter_count
     from .runtime import schedule
     from .runtime.forecast import forecast
@@ -260,7 +237,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"plan: batch_size={batch_size!r} is invalid: expected an integer >= 1")
     hw = _hardware(hardware, peak_flops, utilization)
-    net, name, inputs = _load(model, block_size)
+    net, name, inputs, mf = _load(model)
     T = block_size or max_sequence_length(net) or 128
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"plan: block_size={T!r} is invalid: expected an integer >= 1")
@@ -268,43 +245,73 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     steps = max(1, round(tokens / per_step))
     cfg = _as_config(config).replace(total_steps=steps)
     schedule.check(cfg)
-    example = inputs(torch.zeros(1, T, dtype=torch.long))
-    args, kwargs = split_inputs(example)
+    ids = torch.zeros(1, T, dtype=torch.long)
+    args, kwargs = split_inputs(inputs(ids))
     params = parameter_count(net)
     say = progress or (lambda message: None)
     say(f"capturing {name} ({params:,} parameters) ...")
-    sm = sparsify(net, cfg, example_inputs=example)
+    try:  # a model file is captured as mstc train captures it (its example_inputs(), if any)
+        sm = sparsify(net, cfg, example_inputs=mf.capture_inputs(net, ids) if mf else inputs(ids))
+    except CaptureError as e:
+        raise (mf.capture_error(e) if mf else e) from None
     say(f"one forward at batch 1, T={T}, through the FLOP ledger's hooks ...")
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, cfg, sm.mst.allocation, numel, per_step, stride=cfg.stride, speed=_speed(hw.kind))
-    rate = hw.peak_flops * hw.utilization * 3600.0
-    overhead = _CPU_OVERHEAD if hw.kind == "cpu" else 1.0
+    fc = forecast(fp, cfg, sm.mst.allocation, numel, per_step, stride=cfg.stride)
+    if hw is None:  # timed on this machine
+        from . import timing
+
+        device = torch.device("cuda" if hardware.lower() == "local" and torch.cuda.is_available() else "cpu")
+        b = timing.timed_batch(batch_size, T)
+        say(f"timing a dense step and an MST step per phase on this machine ({timing.describe(device)}) at batch {b}, T={T} ...")
+        states = {ph.phase: (1.0 - ph.density, _patterns_at(cfg, list(sm.mst.attention_sites()), ph.first_step - 1 + ph.steps // 2, T))
+                  for ph in fc.phases}
+        times = timing.time_steps(net, sm, inputs, states, batch_size=batch_size, block_size=T, device=device)
+        step_s = {state: times.step(state, batch_size) for state in ("dense", *states)}
+        hardware_info = {"name": f"this machine ({times.device}), timed", "kind": device.type,
+                         "measured": {**times.as_dict(), "step_s": step_s, "updates": len(schedule.update_steps(cfg))}}
+        dense_hours = steps * step_s["dense"] / 3600.0
+        mst_hours = sum(ph.steps * step_s[ph.phase] for ph in fc.phases) / 3600.0
+    else:  # a GPU preset: masked dense GEMMs and HSA save no time there (yet)
+        rate = hw.peak_flops * hw.utilization * 3600.0
+        hardware_info = {"name": hw.name, "peak_flops": hw.peak_flops, "utilization": hw.utilization, "kind": "gpu",
+                         "kernels": GPU_KERNELS}
+        dense_hours = mst_hours = fc.dense_flops / rate
     gap, extrapolated, regime = expected_gap(cfg, steps * per_step / params)
     return TrainingPlan(
         model=name, params=params, tokens=steps * per_step, steps=steps, tokens_per_step=per_step, block_size=T,
-        dense_flops=fc.dense_flops, mst_flops=fc.mst_flops, phases=[p.as_dict() for p in fc.phases],
-        hardware={"name": hw.name, "peak_flops": hw.peak_flops, "utilization": hw.utilization, "kind": hw.kind,
-                  "kernels": KERNELS[hw.kind]},
-        dense_hours=fc.dense_flops / rate, mst_hours=sum(p.realised for p in fc.phases) * overhead / rate,
-        expected_gap=gap, extrapolated=extrapolated, regime=regime, config=cfg.to_dict())
+        dense_flops=fc.dense_flops, mst_flops=fc.mst_flops, phases=[p.as_dict() for p in fc.phases], hardware=hardware_info,
+        dense_hours=dense_hours, mst_hours=mst_hours, expected_gap=gap, extrapolated=extrapolated, regime=regime,
+        config=cfg.to_dict())
 
 
-def _hardware(hardware: str | Hardware, peak_flops: float | None, utilization: float | None) -> Hardware:
-    if isinstance(hardware, Hardware):
-        hw = hardware
-    elif isinstance(hardware, str) and hardware.lower() in HARDWARE:
-        hw = HARDWARE[hardware.lower()]
-    else:
-        raise ValueError(f"plan: hardware={hardware!r} is unknown: expected one of {', '.join(HARDWARE)} "
-                         "(or give peak_flops and utilization)")
+def _patterns_at(cfg: MSTConfig, sites: list[str], step: int, T: int) -> dict[str, tuple[str, int]]:
+    """{site: (pattern, stride)} the schedule runs at ``step`` for sequences of length T."""
+    from .ops.attention import effective_pattern
+    from .runtime import schedule
+
+    return {site: effective_pattern(pattern, cfg.stride, scale, T)
+            for site, (pattern, scale) in ((site, schedule.site_pattern(site, step, cfg)) for site in sites)}
+
+
+def _hardware(hardware: str, peak_flops: float | None, utilization: float | None) -> Hardware | None:
+    """The GPU preset (with overrides), or None for hardware timed on this machine."""
+    key = hardware.lower() if isinstance(hardware, str) else hardware
+    if key in MEASURED:
+        if peak_flops is not None or utilization is not None:
+            raise ValueError(f"plan: hardware={hardware!r} is timed on this machine; peak_flops and utilization apply "
+                             f"to the GPU presets ({', '.join(HARDWARE)})")
+        return None
+    if key not in HARDWARE:
+        raise ValueError(f"plan: hardware={hardware!r} is unknown: expected one of {', '.join((*MEASURED, *HARDWARE))}")
+    hw = HARDWARE[key]
     if peak_flops is not None:
         if not isinstance(peak_flops, (int, float)) or not peak_flops > 0:
             raise ValueError(f"plan: peak_flops={peak_flops!r} is invalid: expected FLOP/s > 0")
-        hw = Hardware(f"{hw.name}, peak set to {peak_flops:.3g} FLOP/s", float(peak_flops), hw.utilization, hw.kind)
+        hw = Hardware(f"{hw.name}, peak set to {peak_flops:.3g} FLOP/s", float(peak_flops), hw.utilization)
     if utilization is not None:
         if not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise ValueError(f"plan: utilization={utilization!r} is invalid: expected a fraction in (0, 1]")
-        hw = Hardware(hw.name, hw.peak_flops, float(utilization), hw.kind)
+        hw = Hardware(hw.name, hw.peak_flops, float(utilization))
     return hw

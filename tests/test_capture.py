@@ -80,3 +80,19 @@ def test_a_dim_that_must_stay_one_stays_one_and_batch_still_varies():
     for b in range(1, 9):
         x = torch.randn(b, 1)
         torch.testing.assert_close(sm(x), model(x))
+
+
+@pytest.mark.parametrize("case", ["tiny_gpt", "tiny_gpt_manual"])  # the fx path and the torch.export path
+def test_a_strided_example_captures_a_module_that_takes_any_layout(case):
+    """x = t[:, :-1] is a strided view: torch.export used to turn its strides into a guard, and the
+    module then failed on every contiguous batch inside torch's guard code."""
+    make, how = MODELS[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = _ids(4, 17)[:, :-1]  # (4, 16), strides (17, 1)
+    assert not x.is_contiguous()
+    sm = mst_compile.sparsify(model, example_inputs={"input_ids": x} if case.startswith("hf") else (x,)).eval()
+    assert sm.mst.capture == how
+    batches = [x, x.contiguous(), _ids(3, 9), _ids(6, 25)[:, 1:], _ids(1, 5), _ids(9, 2).t()]  # strided, contiguous, transposed
+    for ids in batches:
+        torch.testing.assert_close(_logits(sm(ids)), _logits(model(ids)), msg=f"shape {tuple(ids.shape)}, strides {ids.stride()}")

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _train_models import UNCAPTURABLE
 from click.testing import CliRunner
 
 from mst_compile.cli import main
@@ -70,3 +71,37 @@ def test_inspect_lists_what_the_linear_pass_could_not_rewrite(tmp_path):
     assert "skipped: 4" in r.output
     assert "skipped summed: einsum 'btd,de->bt' does not contract the parameter like a linear layer" in r.output
     assert "skipped scaled: the operand is computed from the parameter" in r.output
+
+
+# fx cannot trace the hand-written masked attention: only torch.export captures it, from inputs
+NEEDS_EXPORT = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "examples")!r})
+from tiny_gpt import GPT
+
+def model():
+    return GPT(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32, flash=False)
+"""
+
+
+@pytest.mark.parametrize("hook", ["", "\ndef batch(tokens):\n    return {'idx': tokens}\n"], ids=["token-batch", "batch-hook"])
+def test_inspect_captures_a_file_as_train_does(tmp_path, hook):
+    """Without example_inputs() train captures with a batch of token ids (through batch(tokens) when
+    the file has it, ModelFile.capture_inputs); inspect used to pass nothing and failed on every model
+    fx cannot trace."""
+    f = tmp_path / "m.py"
+    f.write_text(NEEDS_EXPORT + hook)
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "captured with export; skipped: 0" in r.output
+    rows = [line.split() for line in r.output.splitlines()]
+    assert sum(row[1:2] == ["linear"] for row in rows) == 9 and sum(row[1:2] == ["attention"] for row in rows) == 2
+
+
+def test_inspect_advice_names_the_model_file_hooks(tmp_path):
+    f = tmp_path / "unc.py"
+    f.write_text(UNCAPTURABLE)
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{f}: cannot capture M" in r.output and "define example_inputs() in unc.py" in r.output
+    assert "example_inputs=" not in r.output and "filter_fn" not in r.output  # the Python API's advice

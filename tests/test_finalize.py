@@ -124,3 +124,18 @@ def test_finalize_bad_input():
         mst_compile.finalize(sm, attention={"nope": "sparse"})
     with pytest.raises(TypeError, match="attention must be"):
         mst_compile.finalize(sm, attention=3)
+
+
+def test_finalize_of_an_exported_module_warns_nothing():
+    """Copying a torch.export graph made torch 2.13 warn about its own LeafSpec, and `mstc export` showed it."""
+    import warnings
+
+    from mst_compile.export import finalize
+
+    torch.manual_seed(0)
+    sm = mst_compile.sparsify(tiny_gpt(flash=False), example_inputs=(_ids(),))
+    assert sm.mst.capture == "export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = finalize(sm)
+    torch.testing.assert_close(plain(_ids(3, 9)), sm(_ids(3, 9)))

@@ -111,8 +111,10 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
         )
     chosen = resolve_attention(sm, attention)
     sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
-    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated LeafSpec when copied
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():
+        # copying the pytree spec of a torch.export-captured graph rebuilds torch's own LeafSpec, which
+        # torch 2.13 then warns is deprecated: torch's internals, nothing the user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
         graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
     for node in list(graph.nodes):
         if node.op != "call_module":

@@ -132,7 +132,7 @@ class MSTCallback(TrainerCallback):
                                       f"passed {extra}, which the captured model cannot take")
             inputs.update({k: v for k, v in kw.items() if k in names})
             sm.train(model.training)
-            from ..train.loop import logits_of
+            from ..modelfile import logits_of
 
             logits = logits_of(sm(**inputs))  # (B, T, vocab)
             loss = None

@@ -28,11 +28,17 @@ class PhaseCost:
     linear_mst: float = 0.0
     attention_mst: float = 0.0
     first_step: int | None = None  # the first optimizer step (1-based) charged to this phase
-    realised: float = 0.0  # dense-equivalent FLOPs at the kernels' speed (``speed`` given), else 0
+    density_steps: float = 0.0  # the sparse weights' overall density, summed over the phase's steps
+
+    @property
+    def density(self) -> float:
+        """The overall density of the sparse weights averaged over the phase's steps."""
+        return self.density_steps / self.steps if self.steps else 1.0
 
     def as_dict(self) -> dict:
         return {"phase": self.phase, "steps": self.steps, "first_step": self.first_step, "mst_flops": self.mst_flops,
-                "dense_flops": self.dense_flops, "linear_mst": self.linear_mst, "attention_mst": self.attention_mst, "realised": self.realised}
+                "dense_flops": self.dense_flops, "linear_mst": self.linear_mst, "attention_mst": self.attention_mst,
+                "density": self.density}
 
 
 @dataclass
@@ -54,12 +60,10 @@ class Forecast:
 
 
 def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Mapping[str, int]],
-             numel: Mapping[str, int], tokens_per_step: int, stride: int | None = None,
-             speed: tuple[Callable, Callable] | None = None, keep_steps: bool = False) -> Forecast:
+             numel: Mapping[str, int], tokens_per_step: int, stride: int | None = None, keep_steps: bool = False) -> Forecast:
     """The ledger's MST and dense totals, per phase, of ``config.total_steps`` optimizer steps of
     ``tokens_per_step`` tokens each. ``allocation(s)`` gives the active count per sparse weight at
-    sparsity s (``sm.mst.allocation``), ``numel`` their sizes, ``stride`` the sites' stride (None: T/8).
-    ``speed = (linear_speed, attention_speed)`` also estimates each phase's time (``Footprint.step_time``)."""
+    sparsity s (``sm.mst.allocation``), ``numel`` their sizes, ``stride`` the sites' stride (None: T/8)."""
     T = config.total_steps
     scale = tokens_per_step / fp.tokens
     sites = sorted({site for site, *_ in fp.attention})
@@ -74,6 +78,7 @@ def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Map
 
     phases = {p: PhaseCost(p) for p in PHASES}
     cost_cache: dict[tuple, tuple[float, float, float, float, float]] = {}
+    total = sum(numel.values())
     sched_cache: dict[tuple, tuple] = {}
     counts, version = counts_at(0), 0  # the initial masks follow s(0)
     per_step = [] if keep_steps else None
@@ -93,9 +98,9 @@ def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Map
             density = {n: counts[n] / numel[n] for n in fp.linear}
             patterns = {(site, t): effective_pattern(pattern, stride, stride_scale, t)
                         for site, (pattern, stride_scale) in zip(sites, scheduled) for t in lengths}
-            realised = fp.step_time(density, patterns, *speed, scale) if speed else 0.0
-            cost_cache[key] = (*fp.step_flops(density, probes, patterns, scale), realised)
-        mst, dense, lin, att, realised = cost_cache[key]
+            overall = sum(counts[n] for n in numel) / total if total else 1.0  # sm.mst.density() then
+            cost_cache[key] = (*fp.step_flops(density, probes, patterns, scale), overall)
+        mst, dense, lin, att, overall = cost_cache[key]
         ph = phases[schedule.phase_at(i, config)]
         if ph.first_step is None:
             ph.first_step = i + 1
@@ -104,7 +109,7 @@ def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Map
         ph.dense_flops += dense
         ph.linear_mst += lin
         ph.attention_mst += att
-        ph.realised += realised
+        ph.density_steps += overall
         if per_step is not None:
             per_step.append((mst, dense))
     return Forecast([phases[p] for p in PHASES if phases[p].steps], per_step)

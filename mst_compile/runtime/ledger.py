@@ -123,17 +123,6 @@ class Footprint:
         dense = lin_dense + att_dense + self.dense_ops
         return mst * scale, dense * scale, lin * scale, att * scale
 
-    def step_time(self, density, patterns, linear_speed, attention_speed, scale: float = 1.0) -> float:
-        """The step's dense-equivalent FLOPs at the speed its kernels run: each part's dense FLOPs
-        divided by the speed-up ``linear_speed(density)`` / ``attention_speed(pattern, T, stride)``
-        (1: no faster than dense). Divided by a device's FLOP/s this is the step's time."""
-        lin = sum(linear_flops(rows, work, 1.0, False) / linear_speed(density[n]) for n, (rows, work) in self.linear.items())
-        att = 0.0
-        for site, per_key, T, masked in self.attention:
-            pattern, stride = ("dense", T) if masked else patterns[(site, T)]
-            att += attention_flops(per_key, T, "dense", None) / attention_speed(pattern, T, stride)
-        return (lin + att + self.dense_ops) * scale
-
 
 def count_tokens(args: tuple, kwargs: dict) -> int:
     """B·T of a model call: the first integer tensor input (token ids), else the leading dims of the first tensor."""

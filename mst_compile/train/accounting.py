@@ -7,36 +7,12 @@ attention, so "dense FLOPs" means the same thing in both runs.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import logging
-import os
-import warnings
 
 import torch
 
+from ..capture import quiet_torch
 from ..errors import CheckpointError
-
-
-@contextlib.contextmanager
-def quiet_torch():
-    """Keep torch's own output out of the terminal while capturing: a failed ``torch.export`` prints
-    its partial graph to stderr and logs warnings, but the failure is reported as one CaptureError
-    line. Warnings raised outside torch (a model's dropout under export, say) are shown afterwards."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    torch_dir = os.path.dirname(torch.__file__)
-    try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("default")
-            yield
-    finally:
-        logger.setLevel(level)
-        for w in caught:
-            if not str(w.filename).startswith(torch_dir):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:

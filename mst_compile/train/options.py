@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from ..config import MSTConfig
@@ -27,8 +28,9 @@ from ..run_config import (  # re-exported: the trainer, the CLI and tests use th
     read_model_record,
 )
 
-__all__ = ["DATA_DTYPES", "MST_KEYS", "PRECISIONS", "TRAIN_KEYS", "TrainConfig", "build_configs", "click_options", "configs_for_model_file",
-           "dumps_config", "parse_mst_flag", "read_config_file", "read_model_record", "split_flags"]
+__all__ = ["DATA_DTYPES", "MST_KEYS", "PRECISIONS", "TRAIN_KEYS", "TrainConfig", "build_configs", "click_options",
+           "configs_for_model_file", "dumps_config", "flag_for", "in_flag_terms", "parse_mst_flag", "read_config_file",
+           "read_model_record", "split_flags"]
 
 
 # -- resolution ------------------------------------------------------------------------------
@@ -80,25 +82,25 @@ def parse_mst_flag(name: str, text: str) -> Any:
 
 _HELP = {
     "steps": "Optimizer steps (= MST total_steps).", "batch_size": "Sequences per micro-batch per process.",
-    "block_size": "Tokens per sequence (default: the model's block_size, else 128).", "lr": "Peak learning rate.",
-    "min_lr": "Learning rate at the end of the decay (default lr/10).",
+    "block_size": "Tokens per sequence.", "lr": "Peak learning rate.",
+    "min_lr": "Learning rate at the end of the decay.",
     "lr_schedule": "Learning-rate curve of every run, dense or MST: wsd (flat, then a cosine decay over the last --lr-decay "
                    "of the run) or cosine (over the whole run).",
-    "lr_decay": "WSD: fraction of the run the learning rate decays over (default: the restoration phase, 1 - ultra_end; 0.2 without one).",
-    "warmup_steps": "Linear learning-rate warm-up steps (default 5% of steps).",
+    "lr_decay": "WSD: fraction of the run the learning rate decays over.",
+    "warmup_steps": "Linear learning-rate warm-up steps.",
     "weight_decay": "AdamW weight decay on matrices.", "beta1": "AdamW beta1.", "beta2": "AdamW beta2.",
     "grad_clip": "Clip the global gradient norm (0: off).", "grad_accum": "Micro-batches per optimizer step.",
-    "eval_interval": "Steps between evaluations (default steps/5).", "eval_iters": "Batches per split per evaluation.",
-    "log_interval": "Steps between metrics.jsonl lines.", "checkpoint_interval": "Steps between checkpoints (default: eval interval).",
+    "eval_interval": "Steps between evaluations.", "eval_iters": "Batches per split per evaluation.",
+    "log_interval": "Steps between metrics.jsonl lines.", "checkpoint_interval": "Steps between checkpoints.",
     "keep_checkpoints": "Newest checkpoints kept in the run folder (at least 2).",
-    "schedule_steps": "Steps the MST and learning-rate schedules span (default: --steps); later steps train in the final phase.",
+    "schedule_steps": "Steps the MST and learning-rate schedules span; later steps train in the final phase.",
     "seed": "Seed of model init, batch order and random growth.", "device": "auto, cpu, cuda or cuda:N.",
     "precision": "fp32, bf16 (autocast) or fp16 (autocast and a grad scaler); weights stay fp32.",
     "data": ("Text file, folder or quoted glob; token ids (.bin, .npy, a folder with train.bin and val.bin); records "
-             "(.jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder) (default: the Python standard library)."),
-    "tokenizer": "Local Hugging Face tokenizer folder for text and records (default: bytes).",
-    "data_dtype": "Type of the ids in .bin token files (default uint16, as nanoGPT writes them).",
-    "text_field": "Column of the records that holds the text (default: text).",
+             "(.jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder)."),
+    "tokenizer": "Local Hugging Face tokenizer folder for text and records.",
+    "data_dtype": "Type of the ids in .bin token files.",
+    "text_field": "Column of the records that holds the text.",
     "val_fraction": "Share of the data held out for validation.",
     "sparsity": "Sparsity of the ultra-sparsification phase.", "final_sparsity": "Sparsity at the end of restoration.",
     "warmup_end": "End of the MST warm-up phase as a fraction of steps.", "ultra_end": "End of the ultra phase as a fraction of steps.",
@@ -106,12 +108,22 @@ _HELP = {
     "distribution": "Layer-wise density distribution.", "update_interval": "Steps between topology updates.",
     "drop_fraction": "Drop fraction of every phase.", "drop_fractions": "Drop fraction per phase: WARMUP,ULTRA,RESTORATION.",
     "grow_gradient_fraction": "Share of regrown weights picked by gradient (rest random).",
-    "attention": "Sparse attention pattern.", "stride": "Sparse attention stride (default T/8).",
+    "attention": "Sparse attention pattern.", "stride": "Sparse attention stride.",
     "attention_phases": "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.",
     "sparse_kernel": "CPU sparse linear kernel.",
     "grow_init_scale": "Grown weights start at N(0, (scale x rms of active weights)^2); 0: at zero.",
     "attention_restore": "Leaving the sparse-attention phases: switch (dense at once) or widen (gradually).",
     "restoration_shape": "When restored weights return: late (1-u^3), linear, or early ((1-u)^3).",
+}
+# what a flag whose field defaults to None stands for (the rest show the dataclass default)
+_DEFAULT_RULES = {
+    "block_size": "the model's block_size, else 128", "min_lr": "lr/10",
+    "lr_decay": "the restoration phase, 1 - ultra_end; 0.2 without one", "data_dtype": "uint16 for .bin, the file's own for .npy",
+    "text_field": "text",
+    "warmup_steps": "5% of steps", "eval_interval": "steps/5", "checkpoint_interval": "the eval interval",
+    "schedule_steps": "--steps", "data": "the Python standard library", "tokenizer": "bytes, vocabulary 256",
+    "schedule": "the three phases", "update_interval": "from the run length", "stride": "T/8",
+    "drop_fractions": "--drop-fraction, --drop-fraction, 0", "attention_sites": "none",
 }
 _HELP_SITES = ("Per-site attention rule SITE=PATTERN or SITE=PHASE:PATTERN,... (SITE: name or glob; repeatable, "
                "later rules win), e.g. 'h.*.attn=local' 'h.0.attn=ultra:dense'.")
@@ -143,36 +155,82 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
-def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None):
+def flag_for(name: str) -> str:
+    """The command-line flag of a TrainConfig or MSTConfig field (``total_steps`` is ``--steps``)."""
+    return "--steps" if name in ("steps", "total_steps") else f"--{name.replace('_', '-')}"
+
+
+def in_flag_terms(message: str, given: dict[str, Any]) -> str:
+    """``message`` with each ``TrainConfig.x=v`` / ``MSTConfig.x=v`` of a flag given on the command
+    line written as it was typed there (``TrainConfig.steps=0`` -> ``--steps 0``). ``given``: the flags'
+    values by field name, as click parsed them. The Python API's messages name the fields; values
+    that came from a config file or a model file's hooks keep those names."""
+    for name, raw in given.items():
+        value = raw
+        if isinstance(raw, str) and name in ("schedule", "drop_fractions", "attention_phases", "stride"):
+            try:
+                value = parse_mst_flag(name, raw)  # as the config holds it
+            except ValueError:
+                continue
+        for owner, field in (("TrainConfig", name), ("MSTConfig", "total_steps" if name == "steps" else name)):
+            message = message.replace(f"{owner}.{field}={value!r}", f"{flag_for(name)} {raw if isinstance(raw, str) else _shown(raw)}")
+            message = re.sub(rf"\b{owner}\.{field}\b(?!\[)", flag_for(name), message)  # "MSTConfig.schedule has a point ..."
+    return message
+
+
+def _shown(value) -> str:
+    """A default as it would be typed: 0.001, not 0.001000; ultra,restoration for a tuple."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(_shown, value))
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")  # 0.001, 1e-05, 2 (not 2.0)
+    return str(value)
+
+
+def _default(f, **option) -> dict:
+    """click keywords for field ``f``'s default: the dataclass default, shown in the help, or for a
+    field that defaults to None the rule it stands for. Either way ``split_flags`` passes on only the
+    flags given on the command line, so the model file's hooks and --config can still set the rest."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if f.name == "steps":
+        default = MSTConfig.total_steps  # one knob: the MST schedule's length
+    if default is None or option.get("multiple"):
+        return {**option, "default": None, "show_default": _DEFAULT_RULES.get(f.name, False)}
+    return {**option, "default": _shown(default) if isinstance(default, tuple) else default, "show_default": True}
+
+
+def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None, help: dict[str, str] | None = None):
     """Decorate ``mstc train`` with one flag per TrainConfig and MSTConfig field (``train_fields``:
-    only those TrainConfig fields, for a command such as ``mstc plan`` that uses a few)."""
+    only those TrainConfig fields, for a command such as ``mstc plan`` that uses a few; ``help``: a
+    command's own wording of some flags). The help shows each flag's built-in default."""
     if fn is None:
-        return lambda f: click_options(f, train_fields=train_fields)
+        return lambda f: click_options(f, train_fields=train_fields, help=help)
     import click
 
     from ..vocab import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
 
+    texts = {**_HELP, **(help or {})}
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,
                "attention_restore": ATTENTION_RESTORES, "restoration_shape": RESTORATION_SHAPES}
     specs = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "dense" or (train_fields is not None and f.name not in train_fields):
             continue  # dense: a plain switch, declared by the command
-        flags = ["--steps", "--total-steps"] if f.name == "steps" else [f"--{f.name.replace('_', '-')}"]
+        flags = ["--steps", "--total-steps"] if f.name == "steps" else [flag_for(f.name)]
         typ = str if f.name in ("device", "data", "tokenizer", "text_field") else (float if f.type.startswith("float") else int)
         enum = {"precision": PRECISIONS, "lr_schedule": LR_SCHEDULES, "data_dtype": DATA_DTYPES}.get(f.name)
         typ = click.Choice(enum) if enum else typ
-        specs.append(click.option(*flags, f"train__{f.name}", type=typ, default=None, help=_HELP.get(f.name)))
+        specs.append(click.option(*flags, f"train__{f.name}", **_default(f, type=typ, help=texts.get(f.name))))
     for f in dataclasses.fields(MSTConfig):
         if f.name in ("total_steps", "seed"):
             continue  # --steps and --seed set them
         if f.name == "extra":
-            specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE",
+            specs.append(click.option("--extra", "mst__extra", multiple=True, metavar="KEY=VALUE", show_default="none",
                                       help="Free-form note stored with the run's config (repeatable)."))
             continue
         if f.name == "attention_sites":
-            specs.append(click.option("--attention-sites", "mst__attention_sites", multiple=True, metavar="SITE=PATTERN",
-                                      help=_HELP_SITES))
+            specs.append(click.option("--attention-sites", "mst__attention_sites",
+                                      **_default(f, multiple=True, metavar="SITE=PATTERN", help=_HELP_SITES)))
             continue
         if f.name in choices:
             typ = click.Choice(choices[f.name])
@@ -180,19 +238,24 @@ def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None):
             typ = str
         else:
             typ = int if f.type.startswith("int") else float
-        specs.append(click.option(f"--{f.name.replace('_', '-')}", f"mst__{f.name}", type=typ, default=None,
-                                  help=_HELP.get(f.name)))
+        specs.append(click.option(flag_for(f.name), f"mst__{f.name}", **_default(f, type=typ, help=texts.get(f.name))))
     for spec in reversed(specs):
         fn = spec(fn)
     return fn
 
 
 def split_flags(kwargs: dict) -> tuple[dict, dict]:
-    """Pull the given (non-None) ``train__*`` and ``mst__*`` flags out of a command's kwargs."""
+    """Pull the ``train__*`` and ``mst__*`` flags given on the command line out of a command's kwargs
+    (a flag left at its default is not given: the hooks and --config below it decide)."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    defaults = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     train, mst = {}, {}
     for key in [k for k in kwargs if k.startswith(("train__", "mst__"))]:
         value = kwargs.pop(key)
-        if value is None or value == ():
+        if value is None or value == () or (ctx is not None and ctx.get_parameter_source(key) in defaults):
             continue
         table, name = key.split("__", 1)
         if name == "extra":

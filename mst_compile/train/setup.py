@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import run_folder as rf
 from ..config import MSTConfig
-from ..errors import MstCompileError
+from ..errors import CaptureError, MstCompileError
 from ..modelfile import ModelFile, check_unchanged, file_sha256, input_embedding, max_sequence_length, parameter_count
 from ..paths import writable_dir
 from .accounting import Accounting, build
@@ -82,8 +81,11 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
     x0, _ = data.batch("train", (0, 0, d.rank), B, T, tc.seed)
     check_model_runs(model, inputs, x0[:1].to(d.device), data)
 
-    example = mf.example_inputs() if mf.hook("example_inputs") else inputs(x0.to(d.device))
-    acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
+    example = mf.capture_inputs(model, x0.to(d.device))
+    try:
+        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
+    except CaptureError as e:
+        raise mf.capture_error(e) from None
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -164,16 +166,16 @@ def _open_folder(run: RunState, resumed: bool, progress: bool) -> None:
         run.bar.note(f"{'dense baseline' if tc.dense else 'MST'}: {mf.path} -> {run_dir} | data {run.data.describe()} | "
                      f"{tc.steps} steps x {run.step_tokens:,} tokens" + (f" | resumed at step {run.start}" if run.start else ""))
         if not tc.dense and not resumed:
-            _warn_regime(run.model, run.mst, tc.steps * run.step_tokens)
+            note = _regime_note(run.model, run.mst, tc.steps * run.step_tokens)
+            if note:  # part of the start-up output: once, on rank 0, not under --quiet
+                run.bar.note(f"note: {note}")
 
 
-def _warn_regime(model, mst: MSTConfig, tokens: int) -> None:
-    """Say so when the run's tokens/param lie where the regime map found MST far from dense."""
-    from ..planning import regime_warning
+def _regime_note(model, mst: MSTConfig, tokens: int) -> str | None:
+    """A note when the run's tokens/param lie where the regime map found MST far from dense."""
+    from ..planning import regime_note
 
-    msg = regime_warning(mst, tokens / parameter_count(model))
-    if msg:
-        warnings.warn(msg, stacklevel=4)
+    return regime_note(mst, tokens / parameter_count(model))
 
 
 def _new_run_dir(model_file: Path, dense: bool) -> Path:

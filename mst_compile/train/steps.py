@@ -1,39 +1,22 @@
 """What one batch goes through, shared by the training step, evaluation and the benchmarks: how the
-model is called on token ids, what its output means, the loss; and the stop request of Ctrl-C."""
+model is called on token ids (what its output means and the loss live in ``modelfile``, which
+``mstc plan`` shares); and the stop request of Ctrl-C."""
 from __future__ import annotations
 
 import signal
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from ..capture import split_inputs
 from ..errors import MstCompileError
-
-
-def logits_of(out) -> torch.Tensor:
-    """A model may return logits, a tuple starting with them, or an output object with ``.logits``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise MstCompileError(f"the model returned {type(out).__name__}; expected logits (B, T, vocab) or an output with .logits")
+from ..modelfile import lm_loss, logits_of  # noqa: F401 - the loop and the benchmarks take them from here
 
 
 def run_model(net, inputs, x: torch.Tensor):
     """``net`` on a (B, T) batch of token ids, passed as ``inputs`` (``ModelFile.inputs_for``) says."""
     args, kwargs = split_inputs(inputs(x))
     return net(*args, **kwargs)
-
-
-def lm_loss(out, y: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(out)  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
 
 class StopRequest:
