@@ -62,6 +62,9 @@ class TrainingPlan:
     extrapolated: bool  # tokens/param outside the map's measured range (or no map)
     regime: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    # MST's active parameters averaged over the run's steps: the size of the dense model that sparse
+    # pre-training ends near (Jin et al. 2025, arXiv 2501.12486), the baseline to beat at these FLOPs
+    avg_active_params: float = 0.0
 
     @property
     def tokens_per_param(self) -> float:
@@ -78,7 +81,7 @@ class TrainingPlan:
                 "flops_are": "algorithmic training FLOPs of the whole model (the runtime ledger's count)",
                 "phases": self.phases, "hardware": self.hardware, "dense_hours": self.dense_hours,
                 "mst_hours": self.mst_hours, "expected_gap": self.expected_gap, "extrapolated": self.extrapolated,
-                "regime": self.regime, "config": self.config}
+                "regime": self.regime, "config": self.config, "avg_active_params": self.avg_active_params}
 
     def render(self) -> str:
         hw = self.hardware
@@ -107,6 +110,8 @@ class TrainingPlan:
                       f"  dense time        {_duration(self.dense_hours)} on one device",
                       f"  MST time          {_duration(self.mst_hours)} on one device ({speedup} realised with this library's kernels)",
                       f"  kernels           {hw['kernels']}"]
+        lines.append(f"  dense to beat     a dense model of about {self.avg_active_params:,.0f} parameters trained on the same tokens "
+                     "(MST's active parameters averaged over the run; sparse pre-training ends near it, Jin et al. 2025)")
         r = self.regime
         if self.expected_gap is None:
             lines.append(f"  expected gap      unknown ({r.get('note', 'no regime map')})")
@@ -279,11 +284,13 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
                          "kernels": GPU_KERNELS}
         dense_hours = mst_hours = fc.dense_flops / rate
     gap, extrapolated, regime = expected_gap(cfg, steps * per_step / params)
+    sparse = sum(numel.values())
+    avg_density = sum(ph.density_steps for ph in fc.phases) / steps
     return TrainingPlan(
         model=name, params=params, tokens=steps * per_step, steps=steps, tokens_per_step=per_step, block_size=T,
         dense_flops=fc.dense_flops, mst_flops=fc.mst_flops, phases=[p.as_dict() for p in fc.phases], hardware=hardware_info,
         dense_hours=dense_hours, mst_hours=mst_hours, expected_gap=gap, extrapolated=extrapolated, regime=regime,
-        config=cfg.to_dict())
+        config=cfg.to_dict(), avg_active_params=params - sparse + sparse * avg_density)
 
 
 def _patterns_at(cfg: MSTConfig, sites: list[str], step: int, T: int) -> dict[str, tuple[str, int]]:

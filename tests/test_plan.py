@@ -56,6 +56,19 @@ def test_plan_equals_the_ledger_of_the_real_run(model_file, tmp_path, cfg):
         before = cum.get(ph["first_step"] - 1, 0.0)
         after = cum[ph["first_step"] + ph["steps"] - 1]
         assert ph["mst_flops"] == pytest.approx(after - before, rel=0.01), ph["phase"]
+    # the dense model to beat: the run's own per-step densities (logged every step) over its sparse weights
+    dens = [r["density"] for r in rows if r.get("kind") == "train"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_model", model_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.model()
+    sparse = sum(net.get_parameter(n).numel() for n in summary["final_densities"])
+    total = sum(q.numel() for q in net.parameters())  # tied: counted once
+    assert len(dens) == STEPS
+    assert p.avg_active_params == pytest.approx(total - sparse + sparse * sum(dens) / STEPS, rel=1e-6)
+    assert total - sparse < p.avg_active_params < total
 
 
 def test_gpu_hours_save_nothing_with_masked_dense_kernels(model_file):
