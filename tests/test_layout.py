@@ -12,6 +12,7 @@ FORBIDDEN = {
     "runtime": ("train", "export", "passes", "api", "cli"),
     "passes": ("runtime", "train", "export", "api", "cli"),
     "export": ("train", "cli"),
+    "integrations": ("train", "cli"),  # integrations use the library, never the trainer
 }
 
 
