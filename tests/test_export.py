@@ -293,3 +293,14 @@ def test_cli_export_bad_input(runs, tmp_path, monkeypatch):
     r = runner.invoke(main, ["export", str(runs / "done"), "-o", str(tmp_path / "m.onnx")])
     assert r.exit_code == 2 and "pip install 'mst-compile[onnx]'" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_export_leaks_no_warnings_of_torch_or_onnx(tmp_path):
+    import warnings
+
+    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(total_steps=10))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mst_compile.export_onnx(sm, tmp_path / "m.onnx", example_inputs=(torch.zeros(1, 16, dtype=torch.long),))
+    assert [str(w.message)[:120] for w in seen] == []

@@ -294,7 +294,10 @@ def _export(module: nn.Module, io: _IO, onnx, label: str):
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices
     try:
         with inference(module), as_op(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            # the exporter's own notices (torch, onnxscript, onnx_ir internals), not the user's code's warnings
+            warnings.filterwarnings("ignore", module=r"(torch|onnxscript|onnx_ir|onnx)(\.|$)")
+            warnings.filterwarnings("ignore", message=r"Exporting a model while it is in training mode")  # export runs in eval
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             outputs = _output_names(module, io)
             program = torch.onnx.export(
                 wrapper, tuple(_traceable(io, dynamic)), dynamo=True, optimize=False, verbose=False,
