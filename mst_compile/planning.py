@@ -6,9 +6,10 @@ calls, dense work), and ``runtime/forecast.py`` walks the schedule with the ledg
 formula. So the plan of a run equals the ledger total of that run (tests check it).
 
 Hours are estimates: FLOPs divided by a device's peak bf16 FLOP/s times an assumed utilisation, with
-each part at the speed this library's kernels run on that device (``KERNELS``): on GPUs the sparse
-linears are masked dense GEMMs (no faster than dense) and HSA has no measured speed-up yet; on CPU
-the CSR kernels beat dense below density 0.22 and HSA runs at its measured speed-up. The expected
+each part at the speed this library's kernels run on that device (``kernels_note``): on GPUs the sparse
+linears are masked dense GEMMs, and neither the tile kernels nor HSA have a measured speed-up there
+yet, so they count at dense speed; on CPU the CSR kernels beat dense below density 0.22, the blocked
+tile kernel below its measured crossover (``TILE_POINTS``), and HSA runs at its measured speed-up. The expected
 quality gap is read off the regime map (``benchmarks/regime.py``, ``regime_map.json``).
 """
 from __future__ import annotations
@@ -44,22 +45,44 @@ HARDWARE = {
 # dense above it); HSA 3.85x at T = 1024, l = 128, where its FLOP ratio is 4.14x; the MST step
 # costs 1.029x the dense step in runtime overhead. Nothing has been measured on a GPU yet.
 _CSR_POINTS = ((0.05, 3.45), (0.10, 2.1), (0.22, 1.0))
+# The blocked CPU tile kernel (tile-structured masks, MSTConfig.tile), per tile edge: (tile density,
+# speed-up), the mean of the four GPT-2-small shapes of `benchmarks/kernels.py --only tiles` (one thread,
+# 1024 tokens, fwd + bwd), ending at ops/tile_linear.py's crossover, above which "auto" runs masked dense.
+TILE_POINTS = {
+    8: ((0.0, 1.0),),
+    16: ((0.05, 1.0), (0.2, 1.0)),
+    32: ((0.05, 1.0), (0.3, 1.0)),
+    64: ((0.05, 1.0), (0.4, 1.0)),
+    128: ((0.05, 1.0), (0.4, 1.0)),
+}
 _HSA_EFFICIENCY = 3.85 / 4.14  # measured speed-up / FLOP ratio at T = 1024
 _CPU_OVERHEAD = 1.029
-KERNELS = {
-    "gpu": "sparse linears run as masked dense GEMMs (no faster than dense); HSA on CUDA not yet measured, "
-           "counted at dense speed",
-    "cpu": "CSR sparse linears below density 0.22 at their measured speed-up (3.45x at 0.05, 2.1x at 0.1), masked "
-           "dense above; HSA at its measured efficiency (93% of its FLOP ratio at T=1024); MST step overhead 1.029x",
-}
 
 
-def _cpu_linear_speed(density: float) -> float:
-    if density >= _CSR_POINTS[-1][0]:
-        return 1.0  # sparse_kernel="auto" keeps the masked dense kernel above the crossover
-    if density <= _CSR_POINTS[0][0]:
-        return _CSR_POINTS[0][1]  # not measured below: no more than at 0.05
-    for (d0, s0), (d1, s1) in zip(_CSR_POINTS, _CSR_POINTS[1:]):
+def kernels_note(kind: str, tile: int | None) -> str:
+    """How ``plan`` times each part on a device kind, in words (the ``kernels`` line of the plan)."""
+    if kind == "gpu":
+        linear = ("tile-sparse linears (Triton) not yet measured on a GPU: counted at dense speed" if tile else
+                  "sparse linears run as masked dense GEMMs (no faster than dense)")
+        return f"{linear}; HSA on CUDA not yet measured, counted at dense speed"
+    if tile:
+        pts = TILE_POINTS[tile]
+        measured = ", ".join(f"{s:.2f}x at {d:g}" for d, s in pts[:-1]) or "never faster than dense"
+        linear = (f"{tile}x{tile}-tile sparse linears on the blocked kernel below tile density {pts[-1][0]:g} at their measured "
+                  f"speed-up ({measured}), masked dense above")
+    else:
+        linear = "CSR sparse linears below density 0.22 at their measured speed-up (3.45x at 0.05, 2.1x at 0.1), masked dense above"
+    return f"{linear}; HSA at its measured efficiency (93% of its FLOP ratio at T=1024); MST step overhead 1.029x"
+
+
+def _interpolate(points, density: float) -> float:
+    """Speed-up at ``density`` between measured (density, speed-up) points; 1 at and above the last
+    (the crossover: "auto" keeps the masked dense kernel there); no more than the first below it."""
+    if density >= points[-1][0]:
+        return 1.0
+    if density <= points[0][0]:
+        return points[0][1]
+    for (d0, s0), (d1, s1) in zip(points, points[1:]):
         if density <= d1:
             return s0 + (s1 - s0) * (density - d0) / (d1 - d0)
     return 1.0
@@ -73,9 +96,10 @@ def _cpu_attention_speed(pattern: str, T: int, stride: int | None) -> float:
     return max(1.0, _HSA_EFFICIENCY * (T + 1) / 2 / mean_attended_keys(pattern, T, stride))
 
 
-def _speed(kind: str):
+def _speed(kind: str, tile: int | None = None):
     if kind == "cpu":
-        return _cpu_linear_speed, _cpu_attention_speed
+        points = _CSR_POINTS if tile is None else TILE_POINTS[tile]
+        return (lambda density: _interpolate(points, density)), _cpu_attention_speed
     return (lambda density: 1.0), (lambda pattern, T, stride: 1.0)
 
 
@@ -277,8 +301,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     say(f"one forward at batch 1, T={T}, through the FLOP ledger's hooks ...")
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
-    numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, cfg, sm.mst.allocation, numel, per_step, stride=cfg.stride, speed=_speed(hw.kind))
+    fc = forecast(fp, cfg, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride, speed=_speed(hw.kind, cfg.tile))
     rate = hw.peak_flops * hw.utilization * 3600.0
     overhead = _CPU_OVERHEAD if hw.kind == "cpu" else 1.0
     gap, extrapolated, regime = expected_gap(cfg, steps * per_step / params)
@@ -286,7 +309,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
         model=name, params=params, tokens=steps * per_step, steps=steps, tokens_per_step=per_step, block_size=T,
         dense_flops=fc.dense_flops, mst_flops=fc.mst_flops, phases=[p.as_dict() for p in fc.phases],
         hardware={"name": hw.name, "peak_flops": hw.peak_flops, "utilization": hw.utilization, "kind": hw.kind,
-                  "kernels": KERNELS[hw.kind]},
+                  "kernels": kernels_note(hw.kind, cfg.tile)},
         dense_hours=fc.dense_flops / rate, mst_hours=sum(p.realised for p in fc.phases) * overhead / rate,
         expected_gap=gap, extrapolated=extrapolated, regime=regime, config=cfg.to_dict())
 
