@@ -49,11 +49,11 @@ _CSR_POINTS = ((0.05, 3.45), (0.10, 2.1), (0.22, 1.0))
 # speed-up), the mean of the four GPT-2-small shapes of `benchmarks/kernels.py --only tiles` (one thread,
 # 1024 tokens, fwd + bwd), ending at ops/tile_linear.py's crossover, above which "auto" runs masked dense.
 TILE_POINTS = {
-    8: ((0.0, 1.0),),
-    16: ((0.05, 1.0), (0.2, 1.0)),
-    32: ((0.05, 1.0), (0.3, 1.0)),
-    64: ((0.05, 1.0), (0.4, 1.0)),
-    128: ((0.05, 1.0), (0.4, 1.0)),
+    8: ((0.0, 1.0),),  # never faster than dense: "auto" keeps 8x8 tiles on the masked dense kernel
+    16: ((0.05, 4.28), (0.1, 2.57), (0.2, 1.35), (0.23, 1.0)),
+    32: ((0.05, 6.48), (0.1, 3.28), (0.2, 1.87), (0.3, 1.33), (0.39, 1.0)),
+    64: ((0.05, 8.95), (0.1, 5.53), (0.2, 3.07), (0.3, 2.09), (0.5, 1.32), (0.61, 1.0)),
+    128: ((0.05, 10.02), (0.1, 6.42), (0.2, 3.54), (0.3, 2.45), (0.5, 1.60), (0.69, 1.0)),
 }
 _HSA_EFFICIENCY = 3.85 / 4.14  # measured speed-up / FLOP ratio at T = 1024
 _CPU_OVERHEAD = 1.029
@@ -65,9 +65,11 @@ def kernels_note(kind: str, tile: int | None) -> str:
         linear = ("tile-sparse linears (Triton) not yet measured on a GPU: counted at dense speed" if tile else
                   "sparse linears run as masked dense GEMMs (no faster than dense)")
         return f"{linear}; HSA on CUDA not yet measured, counted at dense speed"
-    if tile:
+    if tile and len(TILE_POINTS[tile]) == 1:
+        linear = f"{tile}x{tile}-tile sparse linears as masked dense GEMMs (the blocked kernel was never faster at this tile)"
+    elif tile:
         pts = TILE_POINTS[tile]
-        measured = ", ".join(f"{s:.2f}x at {d:g}" for d, s in pts[:-1]) or "never faster than dense"
+        measured = ", ".join(f"{s:.2f}x at {d:g}" for d, s in pts[:-1])
         linear = (f"{tile}x{tile}-tile sparse linears on the blocked kernel below tile density {pts[-1][0]:g} at their measured "
                   f"speed-up ({measured}), masked dense above")
     else:

@@ -27,10 +27,17 @@ from ..errors import MstCompileError
 from . import tile_cpu, tile_triton
 
 # Tile density below which the blocked CPU kernel beats the masked-dense op (forward + backward), per
-# tile edge. Measured with `benchmarks/kernels.py --only tiles` (one thread, process CPU clock, fp32,
-# 1024 tokens, GPT-2-small shapes 768x2304, 768x768, 768x3072, 3072x768); the lowest break-even of the
-# four shapes, so the kernel is only taken where it was never measured slower.
-TILE_CROSSOVER_DENSITY = {8: 0.0, 16: 0.2, 32: 0.3, 64: 0.4, 128: 0.4}
+# tile edge. Measured with `benchmarks/tiles.py --only layer` (one thread, process CPU clock, fp32,
+# 1024 tokens, GPT-2-small shapes 768x2304, 768x768, 768x3072, 3072x768; benchmarks/results/tiles/):
+#   tile     8      16     32     64     128
+#   speed-up at tile density 0.05 / 0.1 / 0.2 (mean of the shapes):
+#            0.51x  4.28x  6.48x  8.95x  10.0x
+#            -      2.57x  3.28x  5.53x  6.42x
+#            -      1.35x  1.87x  3.07x  3.54x
+#   break-even per shape: 8: never (one BLAS call per 8x8 tile costs more than it saves);
+#   16: 0.23-0.41; 32: 0.39-0.42; 64: 0.61-0.69; 128: at or above 0.69.
+# The lowest break-even of the four shapes, so the kernel is only taken where it was never measured slower.
+TILE_CROSSOVER_DENSITY = {8: 0.0, 16: 0.23, 32: 0.39, 64: 0.61, 128: 0.69}
 _MIN_EDGE = 64  # weights with a side below this stay masked dense under "auto": the call overhead outweighs any saving
 
 

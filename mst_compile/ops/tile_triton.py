@@ -39,60 +39,65 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+tl = None  # triton.language, bound by _kernels(): the kernels below read it as a module global (the interpreter patches globals)
+
+
+def _mm(x, w, y, ptr, idx, M, N_OUT, K_IN, sxm, sxk, swn, swk, sym, syn,
+        TILE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSUB: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = pid_n // NSUB  # row of the tile grid
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_t = (pid_n % NSUB) * BN + tl.arange(0, BN)  # output columns inside the tile
+    n_idx = r * TILE + offs_t
+    n_ok = (offs_t < TILE) & (n_idx < N_OUT)
+    m_ok = offs_m < M
+    acc = tl.full((BM, BN), 0.0, tl.float32)  # (not tl.zeros: a @jit helper the interpreter cannot patch once triton is imported)
+    start = tl.load(ptr + r)
+    end = tl.load(ptr + r + 1)
+    for p in range(start, end):
+        c = tl.load(idx + p)
+        for kk in range(0, TILE, BK):
+            offs_k = kk + tl.arange(0, BK)
+            k_idx = c * TILE + offs_k
+            k_ok = (offs_k < TILE) & (k_idx < K_IN)
+            a = tl.load(x + offs_m[:, None] * sxm + k_idx[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w + n_idx[None, :] * swn + k_idx[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, b)  # (BM, BK) @ (BK, BN): the tile's transpose
+    tl.store(y + offs_m[:, None] * sym + n_idx[None, :] * syn, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _sddmm(gy, x, g, rows, cols, M, N_OUT, K_IN, sgm, sgn, sxm, sxk, son, sok,
+           TILE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr):
+    p = tl.program_id(0)
+    sub = tl.program_id(1)
+    r = tl.load(rows + p)
+    c = tl.load(cols + p)
+    offs_r = (sub // NC) * BR + tl.arange(0, BR)
+    offs_c = (sub % NC) * BC + tl.arange(0, BC)
+    n_idx = r * TILE + offs_r
+    k_idx = c * TILE + offs_c
+    r_ok = (offs_r < TILE) & (n_idx < N_OUT)
+    c_ok = (offs_c < TILE) & (k_idx < K_IN)
+    acc = tl.full((BR, BC), 0.0, tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        m_ok = offs_m < M
+        a = tl.load(gy + offs_m[None, :] * sgm + n_idx[:, None] * sgn, mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        b = tl.load(x + offs_m[:, None] * sxm + k_idx[None, :] * sxk, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.dot(a, b)  # (BR, BM) @ (BM, BC)
+    tl.store(g + n_idx[:, None] * son + k_idx[None, :] * sok, acc.to(g.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
 @functools.cache
 def _kernels(interpret: bool):
     """(mm, sddmm) jitted under the current ``TRITON_INTERPRET`` (``triton.jit`` reads it when it decorates)."""
+    global tl
     import triton
-    import triton.language as tl
+    import triton.language
 
-    @triton.jit
-    def _mm(x, w, y, ptr, idx, M, N_OUT, K_IN, sxm, sxk, swn, swk, sym, syn,
-            TILE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSUB: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        r = pid_n // NSUB  # row of the tile grid
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_t = (pid_n % NSUB) * BN + tl.arange(0, BN)  # output columns inside the tile
-        n_idx = r * TILE + offs_t
-        n_ok = (offs_t < TILE) & (n_idx < N_OUT)
-        m_ok = offs_m < M
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        start = tl.load(ptr + r)
-        end = tl.load(ptr + r + 1)
-        for p in range(start, end):
-            c = tl.load(idx + p)
-            for kk in range(0, TILE, BK):
-                offs_k = kk + tl.arange(0, BK)
-                k_idx = c * TILE + offs_k
-                k_ok = (offs_k < TILE) & (k_idx < K_IN)
-                a = tl.load(x + offs_m[:, None] * sxm + k_idx[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w + n_idx[None, :] * swn + k_idx[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(a, b)  # (BM, BK) @ (BK, BN): the tile's transpose
-        tl.store(y + offs_m[:, None] * sym + n_idx[None, :] * syn, acc.to(y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _sddmm(gy, x, g, rows, cols, M, N_OUT, K_IN, sgm, sgn, sxm, sxk, son, sok,
-               TILE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr):
-        p = tl.program_id(0)
-        sub = tl.program_id(1)
-        r = tl.load(rows + p)
-        c = tl.load(cols + p)
-        offs_r = (sub // NC) * BR + tl.arange(0, BR)
-        offs_c = (sub % NC) * BC + tl.arange(0, BC)
-        n_idx = r * TILE + offs_r
-        k_idx = c * TILE + offs_c
-        r_ok = (offs_r < TILE) & (n_idx < N_OUT)
-        c_ok = (offs_c < TILE) & (k_idx < K_IN)
-        acc = tl.zeros((BR, BC), dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            m_ok = offs_m < M
-            a = tl.load(gy + offs_m[None, :] * sgm + n_idx[:, None] * sgn, mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-            b = tl.load(x + offs_m[:, None] * sxm + k_idx[None, :] * sxk, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            acc += tl.dot(a, b)  # (BR, BM) @ (BM, BC)
-        tl.store(g + n_idx[:, None] * son + k_idx[None, :] * sok, acc.to(g.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
-
-    return _mm, _sddmm
+    tl = triton.language
+    return triton.jit(_mm), triton.jit(_sddmm)
 
 
 def _block(tile: int, cap: int) -> int:
