@@ -84,22 +84,24 @@ def inspect(model_file: str, sparsity: float | None) -> None:
         raise mf.capture_error(e) from None
     s = cfg.sparsity if sparsity is None else sparsity
     plan = sm.mst.plan
-    alloc = sm.mst.allocation(s)
+    alloc, units = sm.mst.allocation(s), sm.mst.units()  # tile counts under MSTConfig.tile
     shares = linear_flop_shares(plan)
     rows = [("site", "kind", "shape", "params", f"density@{s:g}", "linear FLOPs")]
     for e in plan:
         if e.kind == "linear":
-            rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / e.params:.3f}", f"{shares[e.name]:.1%}"))
+            rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / units[e.name]:.3f}", f"{shares[e.name]:.1%}"))
         else:
             rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra"), "-"))
     total = sum(e.params for e in plan if e.kind == "linear")
-    active = sum(alloc.values())
+    active = sum(alloc[e.name] / units[e.name] * e.params for e in plan if e.kind == "linear")
     rows.append(("total", f"{len(plan)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0 or i == len(rows) - 2:
             click.echo("  ".join("-" * w for w in widths))
+    if cfg.tile:
+        click.echo(f"masks: constant on {cfg.tile}x{cfg.tile} tiles (densities are tile densities)")
     click.echo(f"captured with {sm.mst.capture}; skipped: {len(sm.mst.skipped)}")
     for site, why in sm.mst.skipped:
         click.echo(f"  skipped {site}: {why}")

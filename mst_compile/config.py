@@ -16,6 +16,8 @@ from .vocab import (
     PHASES,
     RESTORATION_SHAPES,
     SPARSE_KERNELS,
+    TILE_KERNELS,
+    TILES,
 )
 
 __all__ = ["MSTConfig", "PRESETS", "ATTENTION_PATTERNS", "ATTENTION_RESTORES", "DISTRIBUTIONS", "PHASES",
@@ -64,7 +66,8 @@ class MSTConfig:
     attention: str = "sparse"  # pattern used in attention_phases; dense causal elsewhere
     stride: int | None = None  # HSA stride l; None means T/8 of the running sequence length
     attention_phases: tuple[str, ...] = ("warmup", "ultra", "restoration")
-    sparse_kernel: str = "auto"  # CPU linear kernel: auto picks CSR below the measured crossover
+    sparse_kernel: str = "auto"  # linear kernel: auto picks CSR (or, with tiles, the tile kernel) below the measured crossover
+    tile: int | None = None  # masks constant on tile x tile blocks of each weight (docs/design.md §9); None: unstructured
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
     # how the phases end (see the class docstring); the paper's recipe is preset("paper")
@@ -120,6 +123,14 @@ class MSTConfig:
         _set(self, "attention_phases", phases)
         if self.sparse_kernel not in SPARSE_KERNELS:
             _fail("sparse_kernel", self.sparse_kernel, f"one of {', '.join(SPARSE_KERNELS)}")
+        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile not in TILES):
+            _fail("tile", self.tile, f"None (unstructured masks) or one of {', '.join(map(str, TILES))}")
+        if self.tile is not None and self.sparse_kernel == "csr":
+            _fail("sparse_kernel", self.sparse_kernel, f"a kernel for tile-structured masks with tile={self.tile} (auto, dense, "
+                  "tile or triton): the CSR kernels are for unstructured masks; use sparse_kernel='tile' or drop tile")
+        if self.tile is None and self.sparse_kernel in TILE_KERNELS:
+            _fail("sparse_kernel", self.sparse_kernel, "auto, dense or csr for unstructured masks: the tile kernels need "
+                  "tile-structured masks; set tile (e.g. tile=32, --tile 32) or use sparse_kernel='auto'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
         if isinstance(self.grow_init_scale, bool) or not isinstance(self.grow_init_scale, (int, float)) \

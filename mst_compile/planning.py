@@ -39,7 +39,13 @@ HARDWARE = {
     "h200": Hardware("H200 (bf16 dense 989 TFLOP/s)", 989e12, 0.40),
 }
 MEASURED = ("local", "cpu")  # local: this machine's GPU when it has one, else its CPU
-GPU_KERNELS = "sparse linears run as masked dense GEMMs (no faster than dense); HSA on CUDA not yet measured, counted at dense speed"
+
+
+def gpu_kernels(tile: int | None) -> str:
+    """What a GPU preset assumes of this library's kernels, in words (the plan's ``kernels`` line)."""
+    linear = ("tile-sparse linears (Triton) not yet measured on a GPU: counted at dense speed" if tile else
+              "sparse linears run as masked dense GEMMs (no faster than dense)")
+    return f"{linear}; HSA on CUDA not yet measured, counted at dense speed"
 
 
 @dataclass
@@ -263,7 +269,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, cfg, sm.mst.allocation, numel, per_step, stride=cfg.stride)
+    fc = forecast(fp, cfg, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride)
     if hw is None:  # timed on this machine
         from . import timing
 
@@ -281,7 +287,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     else:  # a GPU preset: masked dense GEMMs and HSA save no time there (yet)
         rate = hw.peak_flops * hw.utilization * 3600.0
         hardware_info = {"name": hw.name, "peak_flops": hw.peak_flops, "utilization": hw.utilization, "kind": "gpu",
-                         "kernels": GPU_KERNELS}
+                         "kernels": gpu_kernels(cfg.tile)}
         dense_hours = mst_hours = fc.dense_flops / rate
     gap, extrapolated, regime = expected_gap(cfg, steps * per_step / params)
     sparse = sum(numel.values())

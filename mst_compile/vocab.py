@@ -10,8 +10,12 @@ from __future__ import annotations
 PHASES = ("warmup", "ultra", "restoration")
 ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")  # docs/design.md §5
 DISTRIBUTIONS = ("uniform", "er", "erk")  # docs/design.md §2
-SPARSE_KERNELS = ("auto", "dense", "csr")  # MSTConfig.sparse_kernel: "auto" picks one of LINEAR_KERNELS
-LINEAR_KERNELS = ("dense", "csr")  # what a sparse weight site runs: the masked-dense op or CSR kernels
+SPARSE_KERNELS = ("auto", "dense", "csr", "tile", "triton")  # MSTConfig.sparse_kernel: "auto" picks one of LINEAR_KERNELS
+# what a sparse weight site runs: the masked-dense op, CSR kernels (unstructured masks, CPU), or the kernels
+# that skip inactive tiles (tile-structured masks): the blocked CPU kernel ("tile") or Triton ("triton")
+LINEAR_KERNELS = ("dense", "csr", "tile", "triton")
+TILE_KERNELS = ("tile", "triton")  # the settings that need tile-structured masks (MSTConfig.tile)
+TILES = (8, 16, 32, 64, 128)  # MSTConfig.tile: the tile edges masks can be structured by
 LR_SCHEDULES = ("cosine", "wsd")
 DEFAULT_LR_DECAY = 0.2  # the WSD decay tail of a run without a restoration phase (ultra_end = 1)
 ATTENTION_RESTORES = ("switch", "widen")

@@ -3,7 +3,8 @@
 Each rank initialises its model differently and reads different data; DDP broadcasts rank 0's
 weights and masks, MST averages the dense gradients before every update. At the end rank 0 gathers
 every rank's masks, weights, generator state and the gradients each update scored, checks them and
-writes a JSON verdict to the path given as the only argument.
+writes a JSON verdict to the path given as the first argument; a second argument is MSTConfig.tile
+(tile-structured masks on the blocked CPU kernel).
 """
 import json
 import sys
@@ -15,6 +16,7 @@ from _models import tiny_gpt
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mst_compile
+from mst_compile.ops.tile_layout import is_tile_constant
 
 STEPS, DT = 13, 3  # updates after steps 3, 6, 9, 12 (none after the last step)
 
@@ -25,12 +27,15 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, tile: int | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(100 + rank)  # different on purpose: DDP must hand every rank rank 0's state
     cfg = mst_compile.MSTConfig(total_steps=STEPS, update_interval=DT, sparsity=0.8, final_sparsity=0.6,
-                                warmup_end=0.0, ultra_end=0.75, grow_gradient_fraction=0.75, seed=7)
+                                warmup_end=0.0, ultra_end=0.75, grow_gradient_fraction=0.75, seed=7,
+                                # tiles: few per weight, so a falling sparsity makes every update grow some by gradient
+                                schedule=None if tile is None else [(0, 0.8), (STEPS, 0.3)],
+                                tile=tile, sparse_kernel="auto" if tile is None else "tile")
     sm = mst_compile.sparsify(tiny_gpt(), cfg)
     ddp = DDP(sm)  # broadcast_buffers=True (the default): the bool masks travel too
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
@@ -61,6 +66,8 @@ def main(out_path: str) -> None:
 
     errors = []
     for n, m in sm.mst.masks().items():
+        if tile is not None and not is_tile_constant(m, tile):
+            errors.append(f"mask {n} is not constant on its {tile}x{tile} tiles")
         if len({bytes(x.to(torch.uint8).numpy()) for x in _gather(m.to(torch.uint8))}) != 1:
             errors.append(f"mask {n} differs across ranks")
     for n, p in sm.named_parameters():
@@ -89,4 +96,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -13,12 +13,13 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_ranks_end_every_update_with_identical_masks(tmp_path):
+@pytest.mark.parametrize("tile", [None, 8], ids=["unstructured", "tiles"])
+def test_ddp_ranks_end_every_update_with_identical_masks(tmp_path, tile):
     out = tmp_path / "verdict.json"
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_ddp_worker.py"), str(out)]
+           str(HERE / "_ddp_worker.py"), str(out), *([] if tile is None else [str(tile)])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     verdict = json.loads(out.read_text())

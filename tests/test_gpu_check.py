@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.sh --dry-run: the GPU check script runs end to end on CPU at tiny sizes."""
+"""benchmarks/gpu_check.sh --dry-run: both parts of the GPU check run end to end on CPU at tiny sizes,
+and every row lands in the table file as it is measured."""
 import os
 import subprocess
 import sys
@@ -9,14 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dry_run(tmp_path, *args: str, timeout: int) -> list[str]:
-    """Run the script; return the rows of its table (after the header lines)."""
+def _dry_run(tmp_path, only: str, timeout: int) -> tuple[list[str], list[str]]:
+    """Run one part; return the rows of its printed table and of its table file."""
     env = {**os.environ, "PYTHON": sys.executable, "MST_COMPILE_CACHE": str(tmp_path / "cache")}
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", *args], cwd=tmp_path, env=env,
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", only], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "FAILED" not in p.stdout
-    return p.stdout[p.stdout.index("| section |"):].strip().splitlines()[2:]
+    printed = p.stdout[p.stdout.index("| section "):].strip().splitlines()[2:]
+    written = [ln for ln in (tmp_path / "gpu_check.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    return printed, written[1:]  # without the header row
 
 
 def _section(row: str) -> str:
@@ -24,17 +27,21 @@ def _section(row: str) -> str:
 
 
 @pytest.mark.slow
-def test_dry_run_cuda_tests_and_attention(tmp_path):
-    rows = _dry_run(tmp_path, "--only", "hsa", timeout=300)
-    assert _section(rows[0]) == "tests" and "skipped" in rows[0]  # no GPU: the CUDA tests skip
-    hsa = [r for r in rows if _section(r) == "hsa"]
-    assert len(hsa) == 4 and all("speedup" in r and "flop ratio" in r for r in hsa)
+def test_dry_run_part_one_kernels_and_attention(tmp_path):
+    rows, written = _dry_run(tmp_path, "kernels,attention", timeout=300)
+    kernels = [r for r in rows if _section(r) == "kernels"]
+    assert len(kernels) == 8 and all("cuBLAS" in r and "speedup" in r for r in kernels)
+    assert sum("max abs difference to masked dense" in r for r in kernels) == 4  # the first density of each tile is checked against masked dense
+    attention = [r for r in rows if _section(r) == "attention"]
+    assert len(attention) == 4 and all("speedup" in r and "flop ratio" in r for r in attention)
+    assert len(written) == len(rows) and [_section(r) for r in written] == [_section(r) for r in rows]
 
 
 @pytest.mark.slow
-def test_dry_run_every_section(tmp_path):
-    rows = _dry_run(tmp_path, timeout=1500)
-    sections = [_section(r) for r in rows]
-    assert sections.count("hsa") == 4 and sections.count("train") == 2 and sections.count("onnx") == 2
-    assert all("tokens/s" in r for r in rows if _section(r) == "train")
-    assert all("max difference to PyTorch" in r for r in rows if _section(r) == "onnx")
+def test_dry_run_part_two_train_and_tests(tmp_path):
+    rows, _ = _dry_run(tmp_path, "train,tests", timeout=600)
+    train = [r for r in rows if _section(r) == "train"]
+    assert len(train) == 3 and all("tokens/s" in r for r in train)
+    assert "kernels tile" in train[1] and "8x8 tiles" in train[1]  # the tiled MST step runs the tile kernel
+    tests = [r for r in rows if _section(r) == "tests"]
+    assert len(tests) == 1 and "skipped" in tests[0]  # no GPU: the CUDA tests skip

@@ -38,7 +38,8 @@ def model_file(tmp_path, monkeypatch):
     MSTConfig.preset("paper", total_steps=STEPS, update_interval=2, warmup_end=0.25, stride=4),
     MSTConfig(total_steps=STEPS, update_interval=2, warmup_end=0.25, stride=4, attention_phases=("ultra",), attention_restore="widen",
               restoration_shape="linear", final_sparsity=0.0),
-], ids=["defaults", "paper", "widen"])
+    MSTConfig(total_steps=STEPS, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4, tile=8),
+], ids=["defaults", "paper", "widen", "tiles"])
 def test_plan_equals_the_ledger_of_the_real_run(model_file, tmp_path, cfg):
     tc = TrainConfig(steps=STEPS, batch_size=B, block_size=T, eval_iters=1, eval_interval=STEPS, log_interval=1)
     summary = train(model_file, tc, cfg, out=tmp_path / "run", progress=False)
@@ -145,6 +146,19 @@ def test_a_large_batch_is_timed_at_fewer_sequences_and_scaled():
     assert timed_batch(16, 128) == 16 and timed_batch(480, 1024) == TOKENS_PER_TIMED_STEP // 1024 and timed_batch(2, 10**6) == 1
     t = StepTimes("cpu", 8, 1024, {"dense": 2.0}, {"dense": 0.5}, {"dense": 3})
     assert t.step("dense", 480) == pytest.approx(2.0 * 480 / 8 + 0.5)  # forward/backward per sequence, one optimizer step
+
+
+def test_tiles_save_cpu_hours_where_the_blocked_kernel_pays_and_none_on_gpus(model_file):
+    plans = {(hw, tile): mst_compile.plan(model_file, 1e6, config=MSTConfig(tile=tile), block_size=T, batch_size=B, hardware=hw)
+             for hw in ("cpu", "h100") for tile in (8, 16)}
+    for tile in (8, 16):
+        gpu = plans[("h100", tile)]
+        assert gpu.mst_hours == pytest.approx(gpu.dense_hours)  # the Triton kernels are not yet measured on a GPU
+        assert "not yet measured on a GPU" in gpu.hardware["kernels"]
+    cpu8, cpu16 = plans[("cpu", 8)], plans[("cpu", 16)]
+    assert cpu16.mst_hours < cpu8.mst_hours < cpu8.dense_hours  # 8x8 tiles stay masked dense; only HSA saves there
+    assert "16x16-tile sparse linears on the blocked kernel" in cpu16.hardware["kernels"]
+    assert cpu16.config["tile"] == 16 and cpu16.reduction > 1.2
 
 
 def test_expected_gap_reads_the_regime_map(model_file, monkeypatch):

@@ -32,23 +32,7 @@ from . import kernel_build
 
 _SOURCE_FILE = Path(__file__).parent / "csrc" / "hsa_cpu.cpp"  # shipped as package data (pyproject.toml)
 
-_ARCH = {  # the instruction sets ATen itself dispatched to on this CPU (not -march=native: caches get shared)
-    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
-    "AVX2": ["-mavx2", "-mfma"],
-}
 _state: dict = {}
-
-
-def _flags() -> list[str]:
-    return ["-O3", "-fopenmp", *_ARCH.get(torch.backends.cpu.get_cpu_capability(), [])]
-
-
-def _timeout() -> float:
-    raw = os.environ.get("MST_HSA_BUILD_TIMEOUT", "300")
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"MST_HSA_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
 
 
 def available() -> bool:
@@ -59,21 +43,7 @@ def available() -> bool:
     if os.environ.get("MST_HSA_CPP", "1") == "0":
         return False
     try:
-        source = _SOURCE_FILE.read_text()
-        flags, ldflags = _flags(), ["-fopenmp"]
-        name = f"mst_hsa_{kernel_build.build_key(source, flags, ldflags)}"
-
-        def compile_into(folder: Path) -> None:  # builds folder/name.so and loads it
-            from torch.utils import cpp_extension
-
-            src = folder / "hsa_cpu.cpp"
-            src.write_text(source)
-            cpp_extension.load(name, [str(src)], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False,
-                               build_directory=str(folder), verbose=False)
-
-        lib, loaded = kernel_build.build_once(name, kernel_build.build_root(), compile_into, _timeout())
-        if not loaded:
-            torch.ops.load_library(str(lib))
+        kernel_build.load_extension("mst_hsa", _SOURCE_FILE)
         _register_fakes()
         _state["ok"] = True
     except Exception as e:  # no compiler, no ninja, a build lock held too long: the stock path works

@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..vocab import SPARSE_KERNELS
+from ..vocab import SPARSE_KERNELS, TILE_KERNELS
 
 # Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
 # Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens,
@@ -51,8 +51,10 @@ def choose_linear_kernel(density: float, device: torch.device | str, shape: tupl
     path (no crossover was measured on a GPU); "csr" still forces the CSR path, which runs on any
     device torch's sparse CSR ops support (only the CPU path is tested).
     """
-    if setting not in SPARSE_KERNELS:
-        raise ValueError(f"sparse_kernel={setting!r} is invalid: expected one of {', '.join(SPARSE_KERNELS)}")
+    if setting not in SPARSE_KERNELS or setting in TILE_KERNELS:
+        unstructured = ", ".join(k for k in SPARSE_KERNELS if k not in TILE_KERNELS)
+        raise ValueError(f"sparse_kernel={setting!r} is invalid for an unstructured mask: expected one of {unstructured} "
+                         "(the tile kernels need MSTConfig.tile)")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density={density!r} is invalid: expected a number in [0, 1]")
     if setting != "auto":

@@ -29,6 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+_ARCH = {  # the instruction sets ATen itself dispatched to on this CPU (not -march=native: caches get shared)
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
 
 class BuildTimeout(RuntimeError):
     """Another process held the build lock for longer than the timeout."""
@@ -43,6 +48,45 @@ def build_key(source: str, cflags: list[str], ldflags: list[str]) -> str:
              str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, sys.implementation.cache_tag, sys.prefix,
              *cpp_extension.include_paths(), os.environ.get("CXX", "c++")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def cpu_flags() -> list[str]:
+    """Compiler flags of the CPU kernels: -O3, OpenMP, and the vector ISA ATen uses on this CPU."""
+    import torch
+
+    return ["-O3", "-fopenmp", *_ARCH.get(torch.backends.cpu.get_cpu_capability(), [])]
+
+
+def build_timeout() -> float:
+    """Seconds a process waits for another's build of a CPU kernel (``MST_HSA_BUILD_TIMEOUT``, default 300)."""
+    raw = os.environ.get("MST_HSA_BUILD_TIMEOUT", "300")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"MST_HSA_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
+def load_extension(prefix: str, source_file: Path) -> None:
+    """Build ``source_file`` (a ``TORCH_LIBRARY`` of custom ops) once per environment and load it.
+
+    Raises whatever stops the build (no compiler, ``BuildTimeout``); the caller falls back."""
+    import torch
+
+    source = source_file.read_text()
+    flags, ldflags = cpu_flags(), ["-fopenmp"]
+    name = f"{prefix}_{build_key(source, flags, ldflags)}"
+
+    def compile_into(folder: Path) -> None:  # builds folder/name.so and loads it
+        from torch.utils import cpp_extension
+
+        src = folder / source_file.name
+        src.write_text(source)
+        cpp_extension.load(name, [str(src)], extra_cflags=flags, extra_ldflags=ldflags, is_python_module=False,
+                           build_directory=str(folder), verbose=False)
+
+    lib, loaded = build_once(name, build_root(), compile_into, build_timeout())
+    if not loaded:
+        torch.ops.load_library(str(lib))
 
 
 def build_root() -> Path:

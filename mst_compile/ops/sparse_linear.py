@@ -15,7 +15,8 @@ autograd delivers the dense gradient into ``probe.grad`` (gradient accumulation,
 dense gradient is never formed beyond what the masked gradient needs.
 
 Being a ``torch.library`` custom op, the node survives ``torch.fx``, ``torch.export`` and
-``torch.compile`` unchanged.
+``torch.compile`` unchanged. ``SparseWeight`` picks, per weight, the masked-dense op, the CSR kernels
+(``csr.py``) or, for tile-structured masks, the tile op (``tile_linear.py``); all have these gradients.
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..vocab import TILE_KERNELS
 from .csr import CsrStructure, choose_linear_kernel, csr_linear, csr_usable
+from .tile_layout import TileLayout, is_tile_constant, n_tiles, not_tiled_message
+from .tile_linear import backend_of, choose_tile_kernel, tile_linear, usable
 
 
 @torch.library.custom_op("mst::sparse_linear", mutates_args=())
@@ -70,6 +74,10 @@ class SparseWeight(nn.Module):
     graph nodes use it, so all uses share one mask. The mask is a non-persistent buffer: it moves
     with ``.to()`` but ``sm.state_dict()`` keeps the model's own keys; masks are saved through
     ``sm.mst.state_dict()``.
+
+    With ``use_tiles(b)`` the mask is constant on b×b tiles (docs/design.md §9): ``units`` and
+    ``active_units()`` count tiles instead of weights, and ``layout`` lists the active tiles for the
+    tile kernels (rebuilt whenever the mask changes).
     """
 
     def __init__(self, name: str, weight: nn.Parameter):
@@ -79,27 +87,59 @@ class SparseWeight(nn.Module):
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
         self.probe = torch.empty(0, device=weight.device)  # no dense gradient asked for (on the weight's device)
         self._outside: Tensor | None = None  # on probe steps: the raw gradient of a weight with other uses
-        self.kernel = "dense"  # "dense" (masked-dense op) | "csr" (compressed kernels, CPU)
+        self.kernel = "dense"  # "dense" (masked-dense op) | "csr" (CPU) | "tile" (blocked CPU) | "triton"
         self._csr: dict[bool, CsrStructure] = {}  # transposed -> structure of the current mask
+        self.tile: int | None = None  # tile edge of a tile-structured mask (None: unstructured)
+        self.layout: TileLayout | None = None  # the active tiles of the current mask (tile-structured only)
 
     @property
     def numel(self) -> int:
         return self.mask.numel()
 
+    @property
+    def units(self) -> int:
+        """What densities are allocated in: tiles of a tile-structured weight, else weights."""
+        return self.numel if self.tile is None else n_tiles(self.weight_shape, self.tile)
+
     def active(self) -> int:
         return int(self.mask.sum())
+
+    def active_units(self) -> int:
+        """Active tiles of a tile-structured weight, else active weights."""
+        return self.active() if self.layout is None else self.layout.n
+
+    def use_tiles(self, tile: int | None) -> None:
+        """Structure the mask by ``tile`` x ``tile`` tiles (None: unstructured); the current mask must fit."""
+        if tile is not None and not is_tile_constant(self.mask, tile):
+            raise ValueError(not_tiled_message(self.name, self.mask, tile))
+        self.tile = tile
+        self.layout = None if tile is None else TileLayout(self.mask, tile)
 
     def set_mask(self, mask: Tensor) -> None:
         """Replace the mask (the only way masks change, so caches keyed on it stay valid)."""
         if mask.shape != self.mask.shape:
             raise ValueError(f"mask for {self.name} has shape {tuple(mask.shape)}, expected {self.weight_shape}")
+        if self.tile is not None and not is_tile_constant(mask, self.tile):
+            raise ValueError(not_tiled_message(self.name, mask, self.tile))
         self.mask.copy_(mask)
         self._csr.clear()  # the compressed structure follows the mask; values are re-read every forward
+        if self.tile is not None:
+            self.layout = TileLayout(self.mask, self.tile)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``/``.cuda()``: the tile layout follows the mask to its device."""
+        out = super()._apply(fn, recurse)
+        if self.layout is not None and self.layout.device != self.mask.device:
+            self.layout.to(self.mask.device)
+        return out
 
     def select_kernel(self, setting: str = "auto") -> str:
         """Pick the linear kernel from the current mask density and device (call after masks change)."""
         density = self.active() / self.numel if self.numel else 1.0
-        self.kernel = choose_linear_kernel(density, self.mask.device, self.weight_shape, setting)
+        if self.tile is None:
+            self.kernel = choose_linear_kernel(density, self.mask.device, self.weight_shape, setting)
+        else:
+            self.kernel = choose_tile_kernel(self.name, density, self.mask.device, self.weight_shape, self.tile, setting)
         return self.kernel
 
     def _structure(self, transposed: bool) -> CsrStructure:
@@ -145,6 +185,8 @@ class SparseWeight(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         if self.kernel == "csr" and csr_usable(x, weight):
             return csr_linear(x, weight, bias, probe, self._structure(transposed))
+        if self.kernel in TILE_KERNELS and usable(x, weight, backend_of(self.kernel)):
+            return self._tile_forward(x, weight, bias, probe, transposed)
         if transposed:  # weight stored (in, out), as in HF Conv1D / x @ W
             weight, mask = weight.t(), mask.t()
             if probe.dim() == 2:
@@ -152,6 +194,18 @@ class SparseWeight(nn.Module):
         if probe.dim() == 2 and probe.dtype != weight.dtype:
             probe = probe.to(weight.dtype)
         return sparse_linear(x, weight, mask, bias, probe)
+
+
+    def _tile_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, probe: Tensor, transposed: bool) -> Tensor:
+        """The tile op on W (as used: Wᵀ of a weight stored (in, out)); the layout's orders follow the use."""
+        mask = self.mask
+        if transposed:
+            weight, mask = weight.t(), mask.t()
+            if probe.dim() == 2:
+                probe = probe.t()
+        if probe.dim() == 2 and probe.dtype != weight.dtype:
+            probe = probe.to(weight.dtype)
+        return tile_linear(x, weight, mask, bias, probe, *self.layout.for_use(transposed), self.tile, backend_of(self.kernel))
 
 
 def swap_last(t: Tensor) -> Tensor:

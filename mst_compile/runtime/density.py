@@ -2,12 +2,15 @@
 
 ``allocate`` returns exact active counts per tensor whose sum is ``round((1 - s) · Σ N_l)``, so the
 realised global density matches the target to one weight, whatever the rounding of each layer.
+With ``tile=b`` the counts are of b×b tiles (N_l = ⌈rows/b⌉·⌈cols/b⌉, edge tiles counted whole) and
+the budget is exact in tiles; the ER scores still come from the weights' shapes (docs/design.md §9).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 
+from ..ops.tile_layout import n_tiles
 from ..vocab import DISTRIBUTIONS
 
 
@@ -22,8 +25,9 @@ def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[
     return out
 
 
-def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er") -> dict[str, int]:
-    """Active weight count per tensor for a global ``sparsity`` under ``distribution``.
+def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er",
+             tile: int | None = None) -> dict[str, int]:
+    """Active weight count (``tile=b``: active tile count) per tensor for a global ``sparsity`` under ``distribution``.
 
     ER: density_l = ε·(n_in + n_out)/(n_in·n_out) with ε chosen so Σ density_l·N_l equals the
     target; a tensor whose density would exceed 1 is made dense and ε is solved again over the rest.
@@ -32,7 +36,7 @@ def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution:
         raise ValueError(f"distribution={distribution!r} is unknown: expected one of {', '.join(DISTRIBUTIONS)}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity!r} is invalid: expected a number in [0, 1)")
-    numel = {n: math.prod(s) for n, s in shapes.items()}
+    numel = {n: math.prod(s) if tile is None else n_tiles(s, tile) for n, s in shapes.items()}
     total = sum(numel.values())
     target = round((1.0 - sparsity) * total)
     raw = _raw_scores(shapes, distribution)

@@ -24,7 +24,7 @@ from ..ops.sparse_linear import SparseWeight
 from . import schedule as _schedule
 from .ledger import FlopReport
 from .scheduler import MSTScheduler
-from .sites import Sites, WeightSite, allocation, apply_masks, keep_largest, overall_density
+from .sites import Sites, WeightSite, allocation, apply_masks, keep_largest, overall_density, units
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class MSTHandle:
         self.skipped = list(skipped or [])
         self.capture = capture
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
+        for site in self.sites.values():
+            site.sparse.use_tiles(config.tile)
         self._scheduler = MSTScheduler(config, self.sites, self._attention, module, self.skipped)
 
     # -- training: the scheduler --------------------------------------------------------------
@@ -178,8 +180,13 @@ class MSTHandle:
         return overall_density(self.sites)
 
     def allocation(self, sparsity: float) -> dict[str, int]:
-        """Active count per weight for a global sparsity under the configured distribution."""
+        """Active count per weight for a global sparsity under the configured distribution (in tiles
+        when ``config.tile`` is set; :meth:`units` are the totals they count against)."""
         return allocation(self.sites, sparsity, self.config.distribution)
+
+    def units(self) -> dict[str, int]:
+        """Per weight, what :meth:`allocation` counts: its tiles (``config.tile``), else its weights."""
+        return units(self.sites)
 
     @torch.no_grad()
     def set_sparsity(self, sparsity: float) -> dict[str, float]:

@@ -106,6 +106,7 @@ class MSTScheduler:
                 f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
                 "of another kind attach None and call sm.mst.step() after each of its steps")
         schedule.check(self.config)
+        refresh(self.sites, self.config.sparse_kernel)  # each weight's kernel for its device now (a kernel that cannot run fails here)
         held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, s in self.sites.items() if id(s.param) not in held]
         if optimizer is not None and missing:
@@ -141,7 +142,7 @@ class MSTScheduler:
     def _initial_masks(self) -> None:
         """At step 0 the masks follow s(0): dense for the default schedule, sparse for one that starts sparse."""
         counts = self._allocation(schedule.target_sparsity(0, self.config))
-        if any(s.active() != counts[n] for n, s in self.sites.items()):
+        if any(s.active_units() != counts[n] for n, s in self.sites.items()):
             keep_largest(self.sites, counts, self.config.sparse_kernel)
 
     # -- the hook -----------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class MSTScheduler:
         k, cfg = self.step + 1, self.config
         if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
             return set()
-        active = {name: site.active() for name, site in self.sites.items()}
+        active = {name: site.active_units() for name, site in self.sites.items()}
         return probed(active, self._allocation(schedule.target_sparsity(k, cfg)), schedule.drop_fraction(k, cfg),
                       cfg.grow_gradient_fraction)
 
@@ -246,7 +247,7 @@ class MSTScheduler:
         changes = {}
         for name, site in self.sites.items():
             changes[name] = mixed_growing(site.param, site.mask, grads[name], counts[name], zeta,
-                                          cfg.grow_gradient_fraction, self._generator)
+                                          cfg.grow_gradient_fraction, self._generator, site.sparse.tile)
         if self._group is not None:
             self._agree_on_masks(changes)
         totals = dict(pruned=0, grown_gradient=0, grown_random=0, regrown=0)

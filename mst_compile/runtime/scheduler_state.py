@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckpointError
+from ..ops.tile_layout import is_tile_constant, not_tiled_message
 from .sites import apply_masks, refresh
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ def _check_masks(sch: MSTScheduler, masks: Any) -> None:
             shape = tuple(masks[n].shape) if isinstance(masks[n], torch.Tensor) else type(masks[n]).__name__
             bad.append(f"the mask of weight '{n}' has shape {shape} in the checkpoint, but the model's weight "
                        f"has shape {tuple(p.shape)}")
+        elif sch.sites[n].sparse.tile is not None and not is_tile_constant(masks[n].bool(), sch.sites[n].sparse.tile):
+            bad.append(not_tiled_message(n, masks[n], sch.sites[n].sparse.tile))
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise CheckpointError("sm.mst.load_state_dict: " + "; ".join(bad[:3]) + more)

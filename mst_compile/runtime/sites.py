@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_linear import SparseWeight
+from ..ops.tile_layout import expand, tile_norms
 from .density import allocate
 
 
@@ -43,13 +44,28 @@ class WeightSite:
     def active(self) -> int:
         return self.sparse.active()
 
+    def active_units(self) -> int:
+        """Active tiles of a tile-structured weight, else active weights: what allocation counts."""
+        return self.sparse.active_units()
+
 
 Sites = dict[str, WeightSite]
 
 
+def tile_of(sites: Sites) -> int | None:
+    """The tile edge every site's mask is structured by (None: unstructured)."""
+    return next(iter(sites.values())).sparse.tile if sites else None
+
+
 def allocation(sites: Sites, sparsity: float, distribution: str) -> dict[str, int]:
-    """Active count per weight for a global ``sparsity`` under ``distribution`` (docs/design.md §2)."""
-    return allocate({n: s.shape for n, s in sites.items()}, sparsity, distribution)
+    """Active count per weight (tiles, for tile-structured masks) for a global ``sparsity`` under
+    ``distribution`` (docs/design.md §2, §9)."""
+    return allocate({n: s.shape for n, s in sites.items()}, sparsity, distribution, tile_of(sites))
+
+
+def units(sites: Sites) -> dict[str, int]:
+    """What each weight's allocation counts: its tiles, or its weights."""
+    return {n: s.sparse.units for n, s in sites.items()}
 
 
 def overall_density(sites: Sites) -> float:
@@ -74,14 +90,16 @@ def apply_masks(sites: Sites) -> None:
 
 @torch.no_grad()
 def keep_largest(sites: Sites, counts: dict[str, int], kernel_setting: str) -> None:
-    """Mask each weight to its ``counts[name]`` largest-magnitude entries and zero the rest."""
+    """Mask each weight to its ``counts[name]`` largest-magnitude entries (tiles of largest L2 norm,
+    for tile-structured masks) and zero the rest."""
     for name, count in counts.items():
         s = sites[name]
-        param = s.param
-        mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        param, tile = s.param, s.sparse.tile
+        scores = param.detach().abs() if tile is None else tile_norms(param, tile)
+        mask = torch.zeros(scores.numel(), dtype=torch.bool, device=param.device)
         if count:
-            mask[torch.topk(param.detach().abs().flatten(), count, sorted=False).indices] = True
-        mask = mask.view_as(param)
+            mask[torch.topk(scores.flatten(), count, sorted=False).indices] = True
+        mask = mask.view_as(scores) if tile is None else expand(mask.view_as(scores), s.shape, tile)
         s.sparse.set_mask(mask)
         param.mul_(mask)
     refresh(sites, kernel_setting)

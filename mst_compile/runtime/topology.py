@@ -12,6 +12,10 @@ keeps its value and optimizer state; truly dropped and truly grown weights are z
 Ranking is deterministic (same weights and gradient give the same mask) and the random part draws
 from a CPU generator the caller owns, so every DDP rank seeded alike picks the same positions and
 the mask does not depend on the device the weights live on.
+
+Tile-structured masks (``tile=b``, docs/design.md §9) run the same update on the tile grid: a tile's
+magnitude is the L2 norm of its weights, its gradient score the L2 norm of its dense gradient, the
+counts are tiles, and the random share draws one number per tile; the result is expanded to the weights.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..ops.tile_layout import expand, tile_norms, to_tiles
 
 
 def prune_grow_counts(n_act: int, n_tgt: int, zeta: float) -> tuple[int, int]:
@@ -71,8 +77,19 @@ def mixed_growing(
     zeta: float,
     grad_fraction: float,
     generator: torch.Generator,
+    tile: int | None = None,
 ) -> TopologyChange:
-    """Compute the new mask of one tensor. Reads ``weight``/``dense_grad``, changes nothing."""
+    """Compute the new mask of one tensor. Reads ``weight``/``dense_grad``, changes nothing.
+
+    With ``tile`` the mask is tile-structured and ``n_target`` counts tiles; the counts of the
+    returned change are tiles, its masks are per weight."""
+    if tile is not None:
+        tiles = to_tiles(mask, tile)  # (⌈R/b⌉, ⌈C/b⌉)
+        grads = None if dense_grad is None else tile_norms(dense_grad, tile)
+        ch = mixed_growing(tile_norms(weight, tile), tiles, grads, n_target, zeta, grad_fraction, generator)
+        for f in ("mask", "dropped", "grown", "by_gradient"):  # per tile -> per weight
+            setattr(ch, f, expand(getattr(ch, f).view(tiles.shape), mask.shape, tile).reshape(-1))
+        return ch
     old = mask.reshape(-1)  # (N,)
     N = old.numel()
     if not 0 <= n_target <= N:
