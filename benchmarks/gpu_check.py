@@ -241,6 +241,9 @@ def train(device, dry: bool, reps: int) -> None:
 
 # -- tests: pytest -m cuda ---------------------------------------------------------------------
 def tests(device, dry: bool, reps: int) -> None:
+    if importlib.util.find_spec("pytest") is None:
+        _row("tests", "pytest -m cuda", "skipped: pytest is not installed in this interpreter")
+        return
     limit = max(30.0, min(240.0, RUN["deadline"] - time.monotonic()))
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TESTS]
     try:

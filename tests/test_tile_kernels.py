@@ -80,6 +80,10 @@ def test_all_tiles_off_and_no_tokens():
     y.sum().backward()
     assert torch.equal(y, torch.zeros(3, 64)) and torch.equal(x.grad, torch.zeros(3, 32)) and torch.equal(weight.grad, torch.zeros(64, 32))
     assert sw(torch.randn(0, 32), weight).shape == (0, 64)
+    half = torch.zeros(64, 32, dtype=torch.bool)
+    half[:8] = True  # half of the first row of 16x16 tiles
+    with pytest.raises(ValueError, match=r"the mask of weight 'w' \(shape \(64, 32\)\) is not constant on 16x16 tiles"):
+        sw.set_mask(half)
 
 
 def test_custom_ops_pass_opcheck():

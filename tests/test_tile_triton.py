@@ -136,3 +136,28 @@ def test_compiled_mst_step_on_cuda_with_tiles(monkeypatch):
         for s in sm.mst.sites.values():
             assert torch.all(s.param[~s.mask] == 0)
     assert sm.mst.last_update["step"] == 6 and not sm.mst.last_update["gradient_fallback"]
+
+
+def test_kernels_compile_for_a_hopper_gpu(monkeypatch, tmp_path):
+    """Lowered to PTX for sm_90 (H100/H200) without a GPU: what the interpreter cannot check (tl.dot
+    shapes and dtypes, shared memory) fails here rather than on the GPU machine."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mm, sddmm = tile_triton._kernels(False)
+    ints = ("M", "N_OUT", "K_IN")
+    for tile in (16, 128):
+        b = tile_triton._block(tile, 64)
+        n = -(-tile // b)
+        for fn, tensors, strides, consts in [
+            (mm, ("x", "w", "y"), ("sxm", "sxk", "swn", "swk", "sym", "syn"), {"TILE": tile, "BM": 64, "BN": b, "BK": b, "NSUB": n}),
+            (sddmm, ("gy", "x", "g"), ("sgm", "sgn", "sxm", "sxk", "son", "sok"), {"TILE": tile, "BR": b, "BC": b, "BM": 64, "NC": n}),
+        ]:
+            index = ("ptr", "idx") if fn is mm else ("rows", "cols")
+            sig = {**dict.fromkeys(tensors, "*bf16"), **dict.fromkeys(index, "*i32"), **dict.fromkeys(ints + strides, "i32"),
+                   **dict.fromkeys(consts, "constexpr")}
+            compiled = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+            assert ".entry" in compiled.asm["ptx"] and compiled.metadata.shared <= 228 * 1024

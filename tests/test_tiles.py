@@ -276,3 +276,51 @@ def test_inspect_shows_tile_densities(tmp_path):
     assert "constant on 16x16 tiles" in r.output
     row = [ln for ln in r.output.splitlines() if ln.startswith("h.0.mlp.0.weight")][0]  # 128x32: 16 tiles
     assert float(row.split()[4]) * 16 == pytest.approx(round(float(row.split()[4]) * 16))  # a whole number of tiles
+
+
+def test_the_tile_flag_reaches_the_config_and_the_plan(tmp_path):
+    import json
+
+    from _train_models import TINY, write
+    from click.testing import CliRunner
+
+    from mst_compile.cli import main
+    from mst_compile.train.options import build_configs
+
+    assert build_configs(None, {}, None, {}, {"tile": 16})[1].tile == 16
+    f = write(tmp_path, "tiny.py", TINY)
+    r = CliRunner().invoke(main, ["plan", str(f), "--tokens", "100000", "--tile", "16", "--hardware", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output[r.output.index("{"):])
+    assert plan["config"]["tile"] == 16 and "16x16-tile sparse linears" in plan["hardware"]["kernels"]
+    r = CliRunner().invoke(main, ["plan", str(f), "--tokens", "100000", "--tile", "12"])
+    assert r.exit_code == 2 and "MSTConfig.tile=12 is invalid" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not tile_cpu.available(), reason="the blocked CPU tile kernel could not be built here")
+def test_compiled_tiled_step_does_not_recompile_at_updates_of_the_same_size():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    # ultra only (tile counts stay); ζ = 1 and RigL growth so every weight grows by gradient at every update up to
+    # step 14: each distinct set of probed weights is a graph variant of its own (docs/design.md §9)
+    cfg = CFG.replace(total_steps=20, warmup_end=0.0, ultra_end=1.0, sparse_kernel="tile", drop_fraction=1.0,
+                      grow_gradient_fraction=1.0)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+    sm.mst.attach(opt)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(sm, backend="aot_eager")
+    x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    graphs, masks = {}, {}
+    for _ in range(16):
+        F.cross_entropy(compiled(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        graphs[sm.mst.step_count] = counters["stats"]["unique_graphs"]
+        masks[sm.mst.step_count] = torch.cat([m.flatten() for m in sm.mst.masks().values()])
+    assert not torch.equal(masks[6], masks[14]), "the masks should change between steps 6 and 14"
+    assert graphs[14] == graphs[6], f"recompiled between steps 6 and 14: {graphs}"
+    torch.testing.assert_close(compiled(x[:, :-1]), sm(x[:, :-1]))

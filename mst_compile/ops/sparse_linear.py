@@ -195,7 +195,6 @@ class SparseWeight(nn.Module):
             probe = probe.to(weight.dtype)
         return sparse_linear(x, weight, mask, bias, probe)
 
-
     def _tile_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, probe: Tensor, transposed: bool) -> Tensor:
         """The tile op on W (as used: Wᵀ of a weight stored (in, out)); the layout's orders follow the use."""
         mask = self.mask
