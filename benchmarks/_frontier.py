@@ -46,29 +46,28 @@ def params(L: int, d: int, T: int, V: int = VOCAB) -> int:
     return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
 
 
-def width_for_params(target: float, L: int, n_head: int, T: int) -> tuple[int, int]:
-    """(width, heads): the depth-L model whose parameter count is nearest ``target``, with the most heads
-    (≤ n_head) that land within TOLERANCE (else the nearest over all head counts)."""
+def nearest_width(size, target: float, n_head: int) -> tuple[int, int]:
+    """(width, heads): the width whose ``size(width)`` is nearest ``target``, with the most heads
+    (≤ n_head, the width a multiple of them) that land within TOLERANCE (else the nearest over all)."""
     best = []
     for heads in range(n_head, 0, -1):
-        d = min(range(heads, 4096, heads), key=lambda w: abs(params(L, w, T) - target))
-        best.append((abs(params(L, d, T) / target - 1), d, heads))
+        d = min(range(heads, 4096, heads), key=lambda w: abs(size(w) - target))
+        best.append((abs(size(d) / target - 1), d, heads))
     within = [b for b in best if b[0] <= TOLERANCE]
     _, d, heads = within[0] if within else min(best)
     return d, heads
 
 
+def width_for_params(target: float, L: int, n_head: int, T: int) -> tuple[int, int]:
+    """The depth-L model whose parameter count is nearest ``target`` (``nearest_width``)."""
+    return nearest_width(lambda w: params(L, w, T), target, n_head)
+
+
 def frontier(budget_per_token: float, L: int, n_head: int, T: int) -> list[tuple[str, int, int, int]]:
     """[(method, n_layer, width, heads)]: the narrower dense model at depth L and one at depth L/2,
-    each the width whose dense cost is nearest the budget, with the most heads (≤ n_head) that put
-    it within TOLERANCE (or, if none does, the nearest over all head counts)."""
+    each the width whose dense cost is nearest the budget (``nearest_width``)."""
     out = []
     for method, depth in (("dense_narrow", L), ("dense_shallow", max(1, L // 2))):
-        best = []
-        for heads in range(n_head, 0, -1):
-            d = min(range(heads, 4096, heads), key=lambda w: abs(dense_per_token(depth, w, T) - budget_per_token))
-            best.append((abs(dense_per_token(depth, d, T) / budget_per_token - 1), d, heads))
-        within = [b for b in best if b[0] <= TOLERANCE]
-        _, d, heads = within[0] if within else min(best)
+        d, heads = nearest_width(lambda w, depth=depth: dense_per_token(depth, w, T), budget_per_token, n_head)
         out.append((method, depth, d, heads))
     return out
