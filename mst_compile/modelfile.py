@@ -181,7 +181,7 @@ def input_embedding(model) -> tuple[str, int] | None:
     get = getattr(model, "get_input_embeddings", None)
     try:
         emb = get() if callable(get) else None
-    except Exception:  # e.g. NotImplementedError of a model without one
+    except (NotImplementedError, AttributeError):  # a model without one (HF raises the first; a missing base model the second)
         emb = None
     if isinstance(emb, nn.Embedding):
         return names.get(id(emb), "input embedding"), emb.num_embeddings
