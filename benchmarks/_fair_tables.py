@@ -42,7 +42,8 @@ def pick(doc: dict) -> tuple[str, dict[str, float]]:
 
 def tune_markdown(doc: dict) -> str:
     s, runs = doc["setup"], doc["runs"]
-    lrs, schedules = s["lrs"], s["schedules"]
+    lrs = sorted({r["lr"] for r in runs} | set(s["lrs"]))  # the grid and any octave added beyond its edge
+    schedules = s["schedules"] + sorted({r["lr_schedule"] for r in runs} - set(s["schedules"]))
     cell = {(r["method"], r["lr_schedule"], r["lr"]): r for r in runs}
     lines = [f"### Peak-LR x schedule screening, {s['steps']} steps (built-in corpus, seed 0)", "",
              f"Byte-level GPT (d={s['d']}, {s['n_layer']} layers, T={s['block_size']}, batch {s['batch_size']}); "
@@ -63,7 +64,8 @@ def tune_markdown(doc: dict) -> str:
         lines.append(f"| {METHODS[m].label} | " + " | ".join(row) + " |")
     if runs:
         schedule, chosen = pick(doc)
-        edge = [m for m, lr in chosen.items() if lr in (min(lrs), max(lrs))]
+        tried = _by([r for r in runs if r["lr_schedule"] == schedule], lambda r: r["method"])
+        edge = [m for m, lr in chosen.items() if lr in (min(r["lr"] for r in tried[m]), max(r["lr"] for r in tried[m]))]
         lines += ["", f"Schedule for every method: **{schedule}** (the one under which most methods reach their lowest "
                   "loss). Peak LR per method under it: " + ", ".join(f"{METHODS[m].label} {lr:g}" for m, lr in chosen.items()) + "."]
         if edge:

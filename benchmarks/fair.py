@@ -7,7 +7,9 @@
 ``tune`` trains every method (dense, MST defaults, the paper preset, static sparse at MST's FLOPs, RigL,
 dense at MST's FLOPs and the smaller dense models, including the one of MST's average parameter count)
 at each peak LR of ``--lrs`` under each schedule of ``--schedules`` on the built-in corpus, seed 0, and
-picks, per schedule, each method's best LR (lowest final val loss). The schedule of the headline is
+picks, per schedule, each method's best LR (lowest final val loss). A method whose best is the
+largest (smallest) LR it has tried gets one more run at twice (half) that LR, until every best is inside
+its grid: one rule for every method. The schedule of the headline is
 the one under which most methods reach their lowest loss (WSD on a tie); every method then trains on it.
 
 ``confirm`` trains the headline methods at their tuned LR on that one schedule, at ``--seeds``, on the
@@ -50,6 +52,8 @@ def _args(argv):
     p.add_argument("--seeds", default="0,1,2", help="confirm: the training seeds")
     p.add_argument("--data", default=None, help=f"confirm: the held-out text (default {HELD_OUT}); tune: the built-in corpus")
     p.add_argument("--tuned", default=str(RESULTS / "tune500" / "tune.json"), help="confirm: the tune results to read LRs from")
+    p.add_argument("--no-widen", dest="widen", action="store_false",
+                   help="tune: do not add an octave beyond the grid for methods whose best LR is at its edge")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for the JSON and the table (default benchmarks/results/fair/<what><steps>)")
     p.add_argument("--work", default=None, help="run folders (default runs/fair-<what><steps>)")
@@ -104,6 +108,39 @@ def _pool(a, specs: list[dict], doc: dict, render) -> dict:
     return doc
 
 
+def _group(a, predicted: dict, schedule: str, lr: float, methods) -> list[dict]:
+    base = a.base
+    base.lr, base.lr_schedule, base.lr_of = lr, schedule, {}
+    group = [reproduce._spec(base, m, base.d) for m in a.methods if m not in reproduce.AFTER_MST]
+    group += reproduce.sized_by_mst(base, predicted)
+    group = [s for s in group if s["method"] in methods]
+    for s in group:
+        s["name"] = f"{s['method']}|{schedule}|{lr:g}"
+        s["out"] = str(Path(base.work) / s["name"].replace("|", "_"))
+    return sorted(group, key=lambda s: -s["d"] * s["n_layer"] * s["steps"])  # long runs first
+
+
+def _edges(doc: dict, schedules: list[str], methods: list[str]) -> dict[tuple[str, float], list[str]]:
+    """{(schedule, lr): methods} one octave beyond the grid, for each method whose best LR is the largest
+    (or smallest) it has tried: the same rule for every method, so the grid widens until each best is inside."""
+    tried: dict = {}
+    for r in doc["runs"]:
+        tried.setdefault((r["method"], r["lr_schedule"]), []).append(r)
+    out: dict = {}
+    for (m, sch), rs in tried.items():
+        if sch not in schedules or m not in methods:
+            continue
+        best = min(rs, key=lambda r: r["val_loss"])
+        if not math.isfinite(best["val_loss"]):
+            continue
+        lrs = sorted(r["lr"] for r in rs)
+        if best["lr"] == lrs[-1]:
+            out.setdefault((sch, best["lr"] * 2), []).append(m)
+        elif best["lr"] == lrs[0]:
+            out.setdefault((sch, best["lr"] / 2), []).append(m)
+    return out
+
+
 def tune(a) -> dict:
     lrs = [float(x) for x in a.lrs.split(",")]
     schedules = [s.strip() for s in a.schedules.split(",")]
@@ -114,23 +151,19 @@ def tune(a) -> dict:
     Path(base.work).mkdir(parents=True, exist_ok=True)
     base.lr_schedule = schedules[0]
     predicted = reproduce.predict_mst_flops(base)  # MST's FLOPs and average size follow the schedule, not the LR
-    specs = []
-    for schedule in schedules:
-        for lr in lrs:
-            base.lr, base.lr_schedule, base.lr_of = lr, schedule, {}
-            group = [reproduce._spec(base, m, base.d) for m in a.methods if m not in reproduce.AFTER_MST]
-            group += reproduce.sized_by_mst(base, predicted)
-            for s in group:
-                s["name"] = f"{s['method']}|{schedule}|{lr:g}"
-                s["out"] = str(Path(base.work) / s["name"].replace("|", "_"))
-            specs += sorted(group, key=lambda s: -s["d"] * s["n_layer"] * s["steps"])  # long runs first
+    specs = [s for schedule in schedules for lr in lrs for s in _group(a, predicted, schedule, lr, a.methods)]
     doc = _load(a.out / "results.json")
+    known = doc.get("setup", {}).get("schedules", [])
     doc.update(command=f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip(),
-               setup={"steps": a.steps, "lrs": lrs, "schedules": schedules, "methods": a.methods, "d": base.d,
+               setup={"steps": a.steps, "lrs": lrs, "schedules": known + [s for s in schedules if s not in known],
+                      "methods": a.methods, "d": base.d,
                       "n_layer": base.n_layer, "n_head": base.n_head, "block_size": base.block_size,
                       "batch_size": base.batch_size, "lr_decay": base.lr_decay, "final_eval_iters": base.final_eval_iters,
                       "predicted_mst_flops": predicted["mst_flops"], "avg_active_params": predicted["avg_active_params"]})
-    return _pool(a, specs, doc, tune_markdown)
+    doc = _pool(a, specs, doc, tune_markdown)
+    while a.widen and (edges := _edges(doc, schedules, a.methods)):
+        doc = _pool(a, [s for (sch, lr), ms in edges.items() for s in _group(a, predicted, sch, lr, ms)], doc, tune_markdown)
+    return doc
 
 
 def confirm(a) -> dict:
