@@ -25,7 +25,7 @@ def test_tune_then_confirm_on_one_schedule_at_every_seed(tmp_path, module_env):
     module_env.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))
     fair = _load("fair")
     tune_out = tmp_path / "tune"
-    tuned = fair.main(["tune", "--steps", "16", "--lrs", "1e-3,8e-3", "--schedules", "wsd,cosine", *TINY,
+    tuned = fair.main(["tune", "--steps", "16", "--lrs", "1e-3,8e-3", "--schedules", "wsd,cosine", *TINY, "--no-widen",
                        "--out", str(tune_out), "--work", str(tmp_path / "w1")])
     assert len(tuned["runs"]) == 3 * 2 * 2  # methods x LRs x schedules
     from _fair_tables import best_lrs, pick
@@ -51,3 +51,21 @@ def test_tune_then_confirm_on_one_schedule_at_every_seed(tmp_path, module_env):
     again = fair.main(["confirm", "--steps", "16", "--seeds", "0,1", "--data", str(ROOT / "examples"), *TINY,
                        "--tuned", str(tune_out / "results.json"), "--out", str(tmp_path / "conf"), "--work", str(tmp_path / "w2")])
     assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in runs]
+
+
+def test_the_grid_widens_an_octave_past_each_edge_best():
+    """Independent of training: a method whose best is the largest (smallest) LR it tried gets twice (half) that LR;
+    a method with an interior best or on another schedule gets nothing; a diverged run never counts as a best."""
+    fair = _load("fair")
+
+    def run(m, sch, lr, loss):
+        return {"method": m, "lr_schedule": sch, "lr": lr, "val_loss": loss}
+
+    doc = {"runs": [run("dense", "wsd", 1e-3, 2.0), run("dense", "wsd", 8e-3, 1.5),      # best at the top edge
+                    run("mst", "wsd", 1e-3, 1.4), run("mst", "wsd", 8e-3, 1.9),          # best at the bottom edge
+                    run("rigl", "wsd", 1e-3, 2.0), run("rigl", "wsd", 4e-3, 1.2), run("rigl", "wsd", 8e-3, 1.9),
+                    run("static", "wsd", 1e-3, 2.0), run("static", "wsd", 8e-3, float("inf")),
+                    run("dense", "cosine", 1e-3, 2.5), run("dense", "cosine", 8e-3, 2.0)]}
+    assert fair._edges(doc, ["wsd"], ["dense", "mst", "rigl", "static"]) == {("wsd", 1.6e-2): ["dense"],
+                                                                              ("wsd", 5e-4): ["mst", "static"]}
+    assert fair._edges(doc, ["wsd"], ["rigl"]) == {}
