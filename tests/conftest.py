@@ -1,3 +1,4 @@
+import fcntl
 import os
 
 # Tiny test models run faster and steadier on one thread, and subprocesses inherit the same setting
@@ -25,3 +26,17 @@ def module_env():
     """``monkeypatch`` for module-scoped fixtures: what they set is undone when the module's tests end."""
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@pytest.fixture(autouse=True)
+def _one_torchrun_at_a_time(request, tmp_path_factory):
+    """Tests marked ``torchrun`` take a lock shared by every pytest-xdist worker: two gloo jobs of two ranks
+    each on a 2-core machine starve each other, and a starved gloo rank can abort at exit."""
+    if request.node.get_closest_marker("torchrun") is None:
+        yield
+        return
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the folder all workers share
+    with open(root / "torchrun.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

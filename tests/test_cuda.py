@@ -90,6 +90,7 @@ def test_compiled_step_on_cuda_does_not_recompile_at_updates():
     assert graphs[-1] == graphs[3], f"graphs compiled per step: {graphs}"  # 4 updates after step 4, none recompiled
 
 
+@pytest.mark.torchrun
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over nccl needs two GPUs")
 def test_torchrun_two_gpus_nccl_identical_masks(tmp_path):
     f = write(tmp_path, "tiny.py", TINY)

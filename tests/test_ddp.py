@@ -11,6 +11,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.torchrun
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("tile", [None, 8], ids=["unstructured", "tiles"])

@@ -208,6 +208,7 @@ def test_bad_input_fails_at_train_begin(tmp_path):
     assert trainer.state.global_step == 0
 
 
+@pytest.mark.torchrun
 @pytest.mark.slow
 def test_trainer_under_ddp_keeps_ranks_identical(tmp_path):
     out = tmp_path / "verdict.json"

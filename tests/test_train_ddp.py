@@ -13,6 +13,7 @@ from mst_compile.train.metrics import read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.torchrun
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     f = write(tmp_path, "tiny.py", TINY)
