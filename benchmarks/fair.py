@@ -51,7 +51,7 @@ def _args(argv):
     p.add_argument("--schedules", default="wsd,cosine", help="tune: the learning-rate curves")
     p.add_argument("--seeds", default="0,1,2", help="confirm: the training seeds")
     p.add_argument("--data", default=None, help=f"confirm: the held-out text (default {HELD_OUT}); tune: the built-in corpus")
-    p.add_argument("--tuned", default=str(RESULTS / "tune500" / "tune.json"), help="confirm: the tune results to read LRs from")
+    p.add_argument("--tuned", default=str(RESULTS / "tune500" / "results.json"), help="confirm: the tune results to read LRs from")
     p.add_argument("--no-widen", dest="widen", action="store_false",
                    help="tune: do not add an octave beyond the grid for methods whose best LR is at its edge")
     p.add_argument("--jobs", type=int, default=2)
@@ -167,6 +167,8 @@ def tune(a) -> dict:
 
 
 def confirm(a) -> dict:
+    if not Path(a.tuned).is_file():
+        sys.exit(f"fair.py confirm: --tuned {a.tuned} does not exist; run `fair.py tune` first or pass its results.json")
     tuned = json.loads(Path(a.tuned).read_text())
     schedule, best = pick(tuned)
     base = a.base

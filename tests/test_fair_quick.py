@@ -69,3 +69,10 @@ def test_the_grid_widens_an_octave_past_each_edge_best():
     assert fair._edges(doc, ["wsd"], ["dense", "mst", "rigl", "static"]) == {("wsd", 1.6e-2): ["dense"],
                                                                               ("wsd", 5e-4): ["mst", "static"]}
     assert fair._edges(doc, ["wsd"], ["rigl"]) == {}
+
+
+def test_confirm_without_tune_results_says_what_to_run(tmp_path):
+    fair = _load("fair")
+    with pytest.raises(SystemExit, match="run `fair.py tune` first"):
+        fair.main(["confirm", "--tuned", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+    assert fair._args(["confirm"]).tuned.endswith("tune500/results.json")  # the file tune writes by default
