@@ -1,7 +1,7 @@
 """Training policy: what drives the ops of ``mst_compile.ops`` from an ordinary training loop.
 
 ``handle`` (``sm.mst``) owns the site table (``sites``) and the scheduler; the scheduler
-(``scheduler``, its checkpoint state in ``scheduler_state``) calls the pure functions of
+(``scheduler``, which also checkpoints itself) calls the pure functions of
 ``schedule`` (step -> phase, target sparsity, drop fraction), ``topology`` (one Mixed-Growing
 update) and ``density`` (how many weights each tensor keeps), and charges each step in
 ``ledger``. Dependency rule: imports ``ops``, never ``train``, ``export`` or ``passes``.

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -124,6 +124,17 @@ class Footprint:
         return mst * scale, dense * scale, lin * scale, att * scale
 
 
+@dataclass(frozen=True)
+class Pending:
+    """What the hooks counted since the last optimizer step, charged by the next ``close_step``."""
+
+    mst: float = 0.0
+    dense: float = 0.0
+    tokens: int = 0
+    linear: float = 0.0  # the linear part of mst
+    attention: float = 0.0  # the attention part of mst
+
+
 def count_tokens(args: tuple, kwargs: dict) -> int:
     """B·T of a model call: the first integer tensor input (token ids), else the leading dims of the first tensor."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -147,7 +158,7 @@ class FlopLedger:
         self._attention = attention
         self._density = density
         self.report = FlopReport(excluded=list(excluded))
-        self._pending = [0.0, 0.0, 0, 0.0, 0.0]  # mst, dense, tokens, linear mst, attention mst
+        self._pending = Pending()
         self._rows = dict.fromkeys(linear, 0)  # rows (tokens) each sparse weight saw since the last step
         self._hooks: list = []
         self._record: dict | None = None  # set by footprint(): what the hooks saw, raw
@@ -170,7 +181,7 @@ class FlopLedger:
 
     def _on_model(self, module, args, kwargs):
         if torch.is_grad_enabled():
-            self._pending[2] += count_tokens(args, kwargs)
+            self._pending = replace(self._pending, tokens=self._pending.tokens + count_tokens(args, kwargs))
 
     def _linear_hook(self, name: str, work: int, sw):
         def hook(module, args):
@@ -215,10 +226,8 @@ class FlopLedger:
 
     def _add(self, mst: float, dense: float, linear: float = 0.0, attention: float = 0.0) -> None:
         p = self._pending
-        p[0] += mst
-        p[1] += dense
-        p[3] += linear
-        p[4] += attention
+        self._pending = replace(p, mst=p.mst + mst, dense=p.dense + dense, linear=p.linear + linear,
+                                attention=p.attention + attention)
 
     @contextlib.contextmanager
     def _isolated(self, root: nn.Module):
@@ -226,7 +235,7 @@ class FlopLedger:
         installed = bool(self._hooks)
         if not installed:
             self.install(root)
-        saved, self._pending = self._pending, [0.0, 0.0, 0, 0.0, 0.0]
+        saved, self._pending = self._pending, Pending()
         saved_rows, self._rows = self._rows, dict.fromkeys(self._rows, 0)
         try:
             with torch.enable_grad():
@@ -241,7 +250,7 @@ class FlopLedger:
         with self._isolated(root):
             call()
             self._charge_linear()
-            return self._pending[0], self._pending[1], int(self._pending[2])
+            return self._pending.mst, self._pending.dense, int(self._pending.tokens)
 
     def footprint(self, root: nn.Module, call: Callable[[], Any]) -> Footprint:
         """The raw observations of one training forward ``call()`` (nothing is charged)."""
@@ -249,7 +258,7 @@ class FlopLedger:
         try:
             with self._isolated(root):
                 call()
-                rows, tokens, record = dict(self._rows), int(self._pending[2]), self._record
+                rows, tokens, record = dict(self._rows), int(self._pending.tokens), self._record
         finally:
             self._record = None
         linear = {n: (r, self._linear[n][0]) for n, r in rows.items() if r}
@@ -259,16 +268,15 @@ class FlopLedger:
     def close_step(self) -> None:
         """Charge everything counted since the previous optimizer step to this one."""
         self._charge_linear()
-        mst, dense, tokens, lin, att = self._pending
-        r = self.report
+        p, r = self._pending, self.report
         r.steps += 1
-        r.last_step_mst, r.last_step_dense, r.last_step_tokens = mst, dense, int(tokens)
-        r.mst_total += mst
-        r.dense_total += dense
-        r.tokens += int(tokens)
-        r.linear_mst += lin
-        r.attention_mst += att
-        self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+        r.last_step_mst, r.last_step_dense, r.last_step_tokens = p.mst, p.dense, int(p.tokens)
+        r.mst_total += p.mst
+        r.dense_total += p.dense
+        r.tokens += int(p.tokens)
+        r.linear_mst += p.linear
+        r.attention_mst += p.attention
+        self._pending = Pending()
 
     def state_dict(self) -> dict[str, Any]:
         r = self.report
@@ -279,7 +287,7 @@ class FlopLedger:
         for k, v in state.items():
             if hasattr(self.report, k) and k != "excluded":
                 setattr(self.report, k, v)
-        self._pending = [0.0, 0.0, 0, 0.0, 0.0]
+        self._pending = Pending()
         self._rows = dict.fromkeys(self._rows, 0)
 
 

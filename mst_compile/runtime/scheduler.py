@@ -38,11 +38,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import MSTConfig
-from ..errors import MstCompileError
-from . import schedule, scheduler_state
+from ..errors import CheckpointError, MstCompileError
+from . import schedule
 from .ledger import FlopLedger, excluded_ops
-from .sites import Sites, allocation, apply_masks, keep_largest, overall_density, refresh
+from .sites import Sites, allocation, apply_masks, check_masks, keep_largest, overall_density, refresh
 from .topology import apply_change, mixed_growing, probed, zero_state
+
+STATE_FORMAT = "mst_compile.scheduler/1"  # the format of state_dict(); a checkpoint of another is refused
 
 
 class MSTScheduler:
@@ -323,9 +325,58 @@ class MSTScheduler:
         for site in self.sites.values():
             zero_state(self.optimizer, site.param, ~site.mask)
 
-    # -- checkpointing (scheduler_state.py) ------------------------------------------------------
+    # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return scheduler_state.state_dict(self)
+        """Everything needed to resume exactly: the masks, the step, the random generator of growth, the
+        exploration record, the ledger, the attention sites pinned by hand and the config it ran under.
+        All on CPU and ``torch.save``-able with ``weights_only=True``."""
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "masks": {n: s.mask.detach().cpu().clone() for n, s in self.sites.items()},
+            "ever_active": None if self._ever is None else {n: m.cpu().clone() for n, m in self._ever.items()},
+            "generator": self._generator.get_state(),
+            "ledger": self.ledger.state_dict(),
+            "last_update": None if self.last_update is None else dict(self.last_update),
+            "warned_past_end": self._warned_past_end,
+            "pinned_attention": dict(self.pinned_attention),
+            "config": self.config.to_dict(),
+        }
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        scheduler_state.load_state_dict(self, state)
+        """Restore :meth:`state_dict`, checking first that its masks fit this model. A different config is
+        a warning, not an error: a resume may lengthen the run."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(
+                f"sm.mst.load_state_dict: expected a dict from sm.mst.state_dict() (format {STATE_FORMAT!r}), got {got!r}")
+        check_masks(self.sites, state["masks"])
+        self._warn_config(state.get("config") or {})
+        for name, site in self.sites.items():
+            site.sparse.set_mask(state["masks"][name].to(device=site.mask.device, dtype=torch.bool))
+        refresh(self.sites, self.config.sparse_kernel)
+        apply_masks(self.sites)
+        self.step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        ever = state.get("ever_active")
+        self._ever = None if ever is None else {n: ever[n].to(s.mask.device).bool() for n, s in self.sites.items()}
+        self.ledger.load_state_dict(state.get("ledger") or {})
+        self.last_update = state.get("last_update")
+        self._warned_past_end = bool(state.get("warned_past_end", False))
+        pinned = state.get("pinned_attention") or {}
+        self.pinned_attention = {n: p for n, p in pinned.items() if n in self.attention}
+        if self.attached:
+            self._reset_masked_state()
+            self._set_probes(self._probes_for_next_step())
+        self._sync_attention(force=True)
+
+    def _warn_config(self, saved: dict[str, Any]) -> None:
+        ours = self.config.to_dict()
+        diff = sorted(k for k in saved if k != "extra" and k in ours and saved[k] != ours[k])
+        if diff:
+            warnings.warn(
+                "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("
+                + ", ".join(f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in diff)
+                + "); the schedule continues under the current config",
+                stacklevel=5)  # the caller of sm.mst.load_state_dict (handle, no_grad wrapper, load_state_dict, here)

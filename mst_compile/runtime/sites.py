@@ -9,12 +9,14 @@ the kernel choice of each site always follow the current mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..ops.sparse_linear import SparseWeight
-from ..ops.tile_layout import expand, tile_norms
+from ..ops.tile_layout import expand, is_tile_constant, not_tiled_message, tile_norms
 from .density import allocate
 
 
@@ -103,3 +105,28 @@ def keep_largest(sites: Sites, counts: dict[str, int], kernel_setting: str) -> N
         s.sparse.set_mask(mask)
         param.mul_(mask)
     refresh(sites, kernel_setting)
+
+
+def check_masks(sites: Sites, masks: Any) -> None:
+    """Raise ``CheckpointError`` unless a checkpoint's ``masks`` fit the site table: one bool tensor per
+    weight, of the weight's shape, constant on its tiles for tile-structured masks."""
+    if not isinstance(masks, dict):
+        raise CheckpointError(f"sm.mst.load_state_dict: 'masks' must be a dict of name -> bool tensor, got {type(masks).__name__}")
+    missing = [n for n in sites if n not in masks]
+    extra = [n for n in masks if n not in sites]
+    if missing or extra:
+        raise CheckpointError(
+            f"sm.mst.load_state_dict: the checkpoint's masks do not fit this model: missing masks for {missing}, "
+            f"masks for weights the model does not have: {extra}"
+        )
+    bad = []
+    for n, s in sites.items():
+        if not isinstance(masks[n], torch.Tensor) or tuple(masks[n].shape) != s.shape:
+            shape = tuple(masks[n].shape) if isinstance(masks[n], torch.Tensor) else type(masks[n]).__name__
+            bad.append(f"the mask of weight '{n}' has shape {shape} in the checkpoint, but the model's weight "
+                       f"has shape {s.shape}")
+        elif s.sparse.tile is not None and not is_tile_constant(masks[n].bool(), s.sparse.tile):
+            bad.append(not_tiled_message(n, masks[n], s.sparse.tile))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError("sm.mst.load_state_dict: " + "; ".join(bad[:3]) + more)
