@@ -7,7 +7,7 @@ measured side by side in one run.
 Per layer: forward + backward (input and weight gradients) of one tile-structured sparse linear at
 GPT-2-small shapes with 1024 tokens: the masked-dense op against the blocked kernel at tiles 8..128
 and tile densities 0.05..0.5; the crossover is the tile density where both cost the same (the
-constants of ``ops/tile_linear.py`` and ``planning.TILE_POINTS`` come from this table).
+constants of ``ops/tile_linear.py`` come from this table).
 Per step: forward + backward + AdamW step of a GPT-2-small-shaped model (d=768, 12 layers, 1024
 tokens) with MST attached in the ultra phase (90% sparse, ER over tiles, sparse attention, no
 topology update in the timed steps) against the same model dense, and against unstructured MST.

@@ -2,7 +2,8 @@
 ``config()``, ``data()`` and ``batch(tokens)``. Every failure is one ``MstCompileError`` naming the
 file and the fix. Also what every command expects of the model: how token ids reach it
 (``ModelFile.inputs_for``), what it is captured with (``ModelFile.capture_inputs``), and what its
-output means (``logits_of``, ``lm_loss``)."""
+output means (``logits_of``, ``lm_loss``). ``build_model`` builds what ``mstc plan`` takes: a module,
+a model file or a Hugging Face config.json."""
 from __future__ import annotations
 
 import hashlib
@@ -134,6 +135,28 @@ def load_model_file(path: str | Path) -> ModelFile:
     if mf.hook("model") is None:
         raise MstCompileError(f"{p} does not define model(): add `def model(): return MyModel(...)`")
     return mf
+
+
+def build_model(model):
+    """(module, name, inputs(tokens), its model file or None) from a module, a model file (.py) or an HF config (.json)."""
+    from torch import nn
+
+    if isinstance(model, nn.Module):
+        return model, type(model).__name__, lambda tokens: (tokens,), None
+    path = Path(getattr(model, "path", model))
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise MstCompileError(f"HF config {path} does not exist: pass the path of a config.json")
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        except Exception as e:  # noqa: BLE001 - any failure to build is the user's config: one line
+            raise MstCompileError(f"cannot build a causal LM from {path}: {type(e).__name__}: {e}") from e
+        return hf, str(path), lambda tokens: {"input_ids": tokens}, None
+    mf = model if isinstance(model, ModelFile) else load_model_file(path)
+    m = mf.model()
+    return m, str(mf.path), mf.inputs_for(m), mf
 
 
 def logits_of(out):

@@ -10,19 +10,16 @@ Hours on this machine (``hardware="local"`` or ``"cpu"``) come from measured ste
 on a GPU preset are estimates: FLOPs divided by its peak bf16 FLOP/s times an assumed utilisation;
 there the sparse linears are masked dense GEMMs (no faster than dense) and HSA has no measured
 speed-up yet, so the MST run takes as long as the dense one. The expected quality gap is read off
-the regime map (``benchmarks/regime.py``, ``regime_map.json``).
+the regime map (``regime.py``); ``plan_report.py`` prints the result.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from .config import PRESETS, MSTConfig
-from .errors import MstCompileError
+from .config import MSTConfig
+from .plan_report import TrainingPlan
+from .regime import expected_gap
 
 
 @dataclass(frozen=True)
@@ -48,179 +45,6 @@ def gpu_kernels(tile: int | None) -> str:
     return f"{linear}; HSA on CUDA not yet measured, counted at dense speed"
 
 
-@dataclass
-class TrainingPlan:
-    """The figures ``mstc plan`` prints (``as_dict()`` is its ``--json``)."""
-
-    model: str
-    params: int
-    tokens: int
-    steps: int
-    tokens_per_step: int
-    block_size: int
-    dense_flops: float
-    mst_flops: float
-    phases: list[dict]
-    hardware: dict
-    dense_hours: float
-    mst_hours: float
-    expected_gap: float | None  # % above dense in final loss, from the regime map's fit
-    extrapolated: bool  # tokens/param outside the map's measured range (or no map)
-    regime: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    # MST's active parameters averaged over the run's steps: the size of the dense model that sparse
-    # pre-training ends near (Jin et al. 2025, arXiv 2501.12486), the baseline to beat at these FLOPs
-    avg_active_params: float = 0.0
-
-    @property
-    def tokens_per_param(self) -> float:
-        return self.tokens / self.params
-
-    @property
-    def reduction(self) -> float:
-        return self.dense_flops / self.mst_flops
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "params": self.params, "tokens": self.tokens, "tokens_per_param": self.tokens_per_param,
-                "steps": self.steps, "tokens_per_step": self.tokens_per_step, "block_size": self.block_size,
-                "dense_flops": self.dense_flops, "mst_flops": self.mst_flops, "reduction": self.reduction,
-                "flops_are": "algorithmic training FLOPs of the whole model (the runtime ledger's count)",
-                "phases": self.phases, "hardware": self.hardware, "dense_hours": self.dense_hours,
-                "mst_hours": self.mst_hours, "expected_gap": self.expected_gap, "extrapolated": self.extrapolated,
-                "regime": self.regime, "config": self.config, "avg_active_params": self.avg_active_params}
-
-    def render(self) -> str:
-        hw = self.hardware
-        lines = [f"plan for {self.model}",
-                 f"  parameters        {self.params:,}",
-                 f"  tokens            {self.tokens:,} ({self.steps:,} steps x {self.tokens_per_step:,} tokens, T={self.block_size})",
-                 f"  tokens/param      {self.tokens_per_param:,.1f}",
-                 f"  dense FLOPs       {self.dense_flops:.3e}",
-                 f"  MST FLOPs         {self.mst_flops:.3e}  ({self.reduction:.2f}x fewer, algorithmic)"]
-        for p in self.phases:
-            lines.append(f"    {p['phase']:<12s}    {p['mst_flops']:.3e} in {p['steps']:,} steps "
-                         f"({p['dense_flops'] / p['mst_flops']:.2f}x)")
-        speedup = f"{self.dense_hours / self.mst_hours:.2f}x"
-        if "measured" in hw:  # timed here
-            m, B = hw["measured"], self.tokens_per_step // self.block_size
-            per = ", ".join(f"{p['phase']} {m['step_s'][p['phase']]:.3g} s" for p in self.phases)
-            proxy = "" if m["batch_size"] == B else (f", timed at batch {m['batch_size']} of {B}: forward and backward "
-                                                     "scaled by the sequences, the optimizer step once")
-            lines += [f"  hardware          this machine ({m['device']}): timed, not estimated",
-                      f"  step time         dense {m['step_s']['dense']:.3g} s; MST {per} (median of {min(m['repeats'].values())}+ "
-                      f"steps after a warm-up step, fp32{proxy}; the {m['updates']:,} topology updates not timed)",
-                      f"  dense time        {_duration(self.dense_hours)} here ({self.steps:,} steps x the measured dense step)",
-                      f"  MST time          {_duration(self.mst_hours)} here (each phase's steps x its measured step: {speedup})"]
-        else:
-            lines += [f"  hardware          {hw['name']}, {hw['utilization']:.0%} utilisation (estimated from FLOPs)",
-                      f"  dense time        {_duration(self.dense_hours)} on one device",
-                      f"  MST time          {_duration(self.mst_hours)} on one device ({speedup} realised with this library's kernels)",
-                      f"  kernels           {hw['kernels']}"]
-        lines.append(f"  dense to beat     a dense model of about {self.avg_active_params:,.0f} parameters trained on the same tokens "
-                     "(MST's active parameters averaged over the run; sparse pre-training ends near it, Jin et al. 2025)")
-        r = self.regime
-        if self.expected_gap is None:
-            lines.append(f"  expected gap      unknown ({r.get('note', 'no regime map')})")
-        else:
-            mark = " EXTRAPOLATED" if self.extrapolated else ""
-            lo, hi = r["measured_range"]
-            lines.append(f"  expected gap      {self.expected_gap:+.1f}% final loss vs dense{mark} (regime map of {r['series']}: "
-                         f"measured {lo:,.0f}-{hi:,.0f} tokens/param; {r['note']})")
-        return "\n".join(lines)
-
-
-def _duration(hours: float) -> str:
-    if hours < 1 / 60:
-        return f"{hours * 3600:.1f} s"
-    if hours < 1:
-        return f"{hours * 60:.1f} min"
-    return f"{hours:,.1f} h ({hours / 24:,.1f} days)" if hours >= 48 else f"{hours:,.1f} h"
-
-
-# -- the regime map ----------------------------------------------------------------------------
-def regime_map() -> dict | None:
-    """The fit ``benchmarks/regime.py --package`` wrote, or None when the package has none."""
-    try:
-        text = resources.files("mst_compile").joinpath("regime_map.json").read_text()
-    except (FileNotFoundError, OSError):
-        return None
-    return json.loads(text)
-
-
-def _series_for(config: MSTConfig) -> tuple[str, str]:
-    """Which measured config of the map this one is (ignoring length, seed and ΔT), and a note."""
-    neutral = dict(total_steps=1000, seed=0, update_interval=None)
-    for name in ("default", "paper"):
-        if config.replace(**neutral) == MSTConfig(**{**PRESETS[name], **neutral}):
-            return name, f"this config is the {name} one"
-    return "default", "this config differs from both measured ones; read off the defaults' curve"
-
-
-def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | None, bool, dict]:
-    """(gap %, extrapolated?, what it was read from) for a run at ``tokens_per_param``."""
-    m = regime_map()
-    if m is None:
-        return None, True, {"note": "no regime map in this installation (run benchmarks/regime.py --package)"}
-    series, note = _series_for(config)
-    fit = m["configs"][series]["fit"]
-    lo, hi = m["measured_range"]
-    info = {"series": series, "measured_range": [lo, hi], "fit": fit, "note": note,
-            "within_5pct_at": m["configs"][series]["within_5pct_at"], "source": m["source"]}
-    if fit is None:
-        return None, True, {**info, "note": "the map has no fit for this config"}
-    return fit["a"] * tokens_per_param ** (-fit["b"]), not lo <= tokens_per_param <= hi, info
-
-
-def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
-    """The note ``mstc train`` prints at start for a run below the tokens/param where the regime map
-    found MST within 5% of dense (None when it is not, or when there is no map)."""
-    m = regime_map()
-    if m is None:
-        return None
-    series, _ = _series_for(config)
-    c = m["configs"][series]
-    x5, pts = c["within_5pct_at"], c["points"]
-    if x5 is not None and tokens_per_param >= x5:
-        return None
-    near = min(pts, key=lambda p: abs(math.log(p["tokens_per_param"] / tokens_per_param))) if pts else None
-    seen = "" if near is None else (f" (measured: {near['gap_pct']:+.1f}% at {near['tokens_per_param']:,.0f} tokens/param, "
-                                    f"{near['reduction']:.1f}x fewer FLOPs)")
-    lo, hi = m["measured_range"]
-    where = ("it stays above 5% across the measured range "
-             f"{lo:,.0f}-{hi:,.0f} tokens/param" if x5 is None else
-             f"it comes within 5% of dense from about {x5:,.0f} tokens/param"
-             + ("" if lo <= x5 <= hi else f" (extrapolated beyond the measured {lo:,.0f}-{hi:,.0f})"))
-    ratio = f"{tokens_per_param:,.1f}" if tokens_per_param >= 1 else f"{tokens_per_param:.2g}"
-    return (f"this run trains {ratio} tokens per parameter; on the regime map (benchmarks/regime.py) MST "
-            f"with the {series} config ends further from dense at this ratio{seen}: {where}. "
-            "`mstc plan` shows the expected gap for a budget")
-
-
-# -- building the model -----------------------------------------------------------------------
-def _load(model):
-    """(module, name, inputs(tokens), its model file or None) from a module, a model file (.py) or an HF config (.json)."""
-    from torch import nn
-
-    if isinstance(model, nn.Module):
-        return model, type(model).__name__, lambda tokens: (tokens,), None
-    path = Path(getattr(model, "path", model))
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise MstCompileError(f"HF config {path} does not exist: pass the path of a config.json")
-        try:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-        except Exception as e:  # noqa: BLE001 - any failure to build is the user's config: one line
-            raise MstCompileError(f"cannot build a causal LM from {path}: {type(e).__name__}: {e}") from e
-        return hf, str(path), lambda tokens: {"input_ids": tokens}, None
-    from .modelfile import ModelFile, load_model_file
-
-    mf = model if isinstance(model, ModelFile) else load_model_file(path)
-    m = mf.model()
-    return m, str(mf.path), mf.inputs_for(m), mf
-
-
 def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_size: int | None = None,
          batch_size: int = 16, hardware: str = "local", peak_flops: float | None = None,
          utilization: float | None = None, progress=None) -> TrainingPlan:
@@ -239,7 +63,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     from .api import _as_config, sparsify
     from .capture import split_inputs
     from .errors import CaptureError
-    from .modelfile import max_sequence_length, parameter_count
+    from .modelfile import build_model, max_sequence_length, parameter_count
     from .runtime import schedule
     from .runtime.forecast import forecast
 
@@ -248,7 +72,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"plan: batch_size={batch_size!r} is invalid: expected an integer >= 1")
     hw = _hardware(hardware, peak_flops, utilization)
-    net, name, inputs, mf = _load(model)
+    net, name, inputs, mf = build_model(model)
     T = block_size or max_sequence_length(net) or 128
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"plan: block_size={T!r} is invalid: expected an integer >= 1")

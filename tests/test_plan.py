@@ -21,10 +21,10 @@ FAKE_MAP = {"source": "test", "corpus": "test", "measured_range": [10.0, 1000.0]
                                "within_5pct_at": 64.0, "within_1pct_at": 1600.0} for name in ("default", "paper")}}
 
 
-def _plan_module():
-    import mst_compile.planning
+def _regime_module():
+    import mst_compile.regime
 
-    return mst_compile.planning
+    return mst_compile.regime
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_tiles_save_cpu_hours_where_the_blocked_kernel_pays_and_none_on_gpus(mod
 
 
 def test_expected_gap_reads_the_regime_map(model_file, monkeypatch):
-    monkeypatch.setattr(_plan_module(), "regime_map", lambda: FAKE_MAP)
+    monkeypatch.setattr(_regime_module(), "regime_map", lambda: FAKE_MAP)
     inside = mst_compile.plan(model_file, 30 * 34_000, block_size=T, batch_size=B, hardware="h100")  # TINY has ~34k params
     r = inside.tokens_per_param
     assert inside.expected_gap == pytest.approx(40.0 * r ** -0.5)
@@ -173,15 +173,15 @@ def test_expected_gap_reads_the_regime_map(model_file, monkeypatch):
 
 
 def test_regime_note_names_the_measured_figures(monkeypatch):
-    pm = _plan_module()
-    monkeypatch.setattr(pm, "regime_map", lambda: FAKE_MAP)
-    msg = pm.regime_note(MSTConfig(), 12.0)
+    regime = _regime_module()
+    monkeypatch.setattr(regime, "regime_map", lambda: FAKE_MAP)
+    msg = regime.regime_note(MSTConfig(), 12.0)
     assert "12.0 tokens per parameter" in msg and "+12.6% at 10 tokens/param" in msg and "64 tokens/param" in msg
-    assert pm.regime_note(MSTConfig(), 100.0) is None
+    assert regime.regime_note(MSTConfig(), 100.0) is None
 
 
 def test_train_notes_the_regime_once_at_start_and_not_when_quiet(model_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(_plan_module(), "regime_map", lambda: FAKE_MAP)
+    monkeypatch.setattr(_regime_module(), "regime_map", lambda: FAKE_MAP)
     args = [str(model_file), "--steps", "4", "--batch-size", "2", "--block-size", str(T), "--eval-iters", "1", "--update-interval", "1"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a note in the output, not a Python warning

@@ -173,7 +173,7 @@ def _open_folder(run: RunState, resumed: bool, progress: bool) -> None:
 
 def _regime_note(model, mst: MSTConfig, tokens: int) -> str | None:
     """A note when the run's tokens/param lie where the regime map found MST far from dense."""
-    from ..planning import regime_note
+    from ..regime import regime_note
 
     return regime_note(mst, tokens / parameter_count(model))
 
