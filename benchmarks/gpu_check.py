@@ -231,7 +231,7 @@ def train(device, dry: bool, reps: int) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         extra = ""
         if mst is not None:
-            kernels_used = sorted({s.sparse.kernel for s in net.mst.sites.values()})
+            kernels_used = sorted({s.sparse.kernel for s in net.mst.weight_sites.values()})
             extra = f", density {net.mst.density():.2f}, kernels {'/'.join(kernels_used)}"
         _row("train", name, f"{B * T / t:,.0f} tokens/s, peak {peak:.1f} GiB, compile {compile_s:.0f} s{extra}")
         del step, net, opt

@@ -157,7 +157,7 @@ def bench_step(tiles, reps: int, batch=4, T=256, n_layer=12, sparsity=0.9) -> di
         sm = mst_compile.sparsify(model, cfg, example_inputs=(idx,))
         step = _step_fn(sm, idx, tgt, sm)
         name = f"MST tiles {tile}x{tile}" if tile else "MST unstructured (csr auto)"
-        kernels_used = [s.sparse.kernel for s in sm.mst.sites.values()]
+        kernels_used = [s.sparse.kernel for s in sm.mst.weight_sites.values()]
         info[name] = (sm.mst.density(), sum(k != "dense" for k in kernels_used), len(kernels_used))
         fns[name] = step
     return dict(times=kernels._interleaved(fns, reps), info=info, tokens=batch * T)

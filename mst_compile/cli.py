@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from .constants import ATTENTION_PATTERNS
 from .errors import ModelInputError, MstCompileError
-from .vocab import ATTENTION_PATTERNS
 
 
 class _Failure(click.ClickException):
@@ -83,18 +83,18 @@ def inspect(model_file: str, sparsity: float | None) -> None:
     except CaptureError as e:
         raise mf.capture_error(e) from None
     s = cfg.sparsity if sparsity is None else sparsity
-    plan = sm.mst.plan
+    sites = sm.mst.sites
     alloc, units = sm.mst.allocation(s), sm.mst.units()  # tile counts under MSTConfig.tile
-    shares = linear_flop_shares(plan)
+    shares = linear_flop_shares(sites)
     rows = [("site", "kind", "shape", "params", f"density@{s:g}", "linear FLOPs")]
-    for e in plan:
+    for e in sites:
         if e.kind == "linear":
             rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / units[e.name]:.3f}", f"{shares[e.name]:.1%}"))
         else:
             rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra"), "-"))
-    total = sum(e.params for e in plan if e.kind == "linear")
-    active = sum(alloc[e.name] / units[e.name] * e.params for e in plan if e.kind == "linear")
-    rows.append(("total", f"{len(plan)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))
+    total = sum(e.params for e in sites if e.kind == "linear")
+    active = sum(alloc[e.name] / units[e.name] * e.params for e in sites if e.kind == "linear")
+    rows.append(("total", f"{len(sites)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -9,7 +9,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from .vocab import (
+from .constants import (
     ATTENTION_PATTERNS,
     ATTENTION_RESTORES,
     DISTRIBUTIONS,

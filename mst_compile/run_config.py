@@ -15,8 +15,8 @@ from typing import Any
 import tomllib
 
 from .config import MSTConfig
+from .constants import DEFAULT_LR_DECAY, LR_SCHEDULES
 from .errors import MstCompileError
-from .vocab import DEFAULT_LR_DECAY, LR_SCHEDULES
 
 CONFIG = "config.toml"  # the file of a run folder this module reads and writes
 

@@ -286,13 +286,13 @@ def test_non_causal_site_is_not_rewritten_even_when_sparse_is_asked():
 # ----------------------------------------------------------------------------- through sparsify / sm.mst
 
 
-def test_sparsify_plans_attention_and_switches_per_layer():
+def test_sparsify_lists_attention_sites_and_switches_per_layer():
     from mst_compile.api import sparsify
 
     model = _gpt("flash")
     sm = sparsify(model)
-    plan = [e.name for e in sm.mst.plan if e.kind == "attention"]
-    assert plan == ["h.0.attn", "h.1.attn"]
+    attention = [e.name for e in sm.mst.sites if e.kind == "attention"]
+    assert attention == ["h.0.attn", "h.1.attn"]
     dense = sm(IDS)
     sm.mst.set_attention({"h.0.attn": "local", "h.1.attn": "sparse"}, stride=6)
     assert sm.mst.attention_patterns() == {"h.0.attn": "local", "h.1.attn": "sparse"}

@@ -116,7 +116,7 @@ def test_set_attention_persists_across_phase_changes_until_set_again():
     _run(sm, opt, 5, seen)  # warm-up into ultra (step 4)
     assert [s[2]["h.0.attn"] for s in seen] == ["local"] * 5
     assert [s[2]["h.1.attn"] for s in seen] == ["dense"] * 3 + ["sparse"] * 2
-    assert sm.mst.attention_sites()["h.0.attn"].stride == 3
+    assert sm.mst.attention_modules()["h.0.attn"].stride == 3
     state = sm.mst.state_dict()
     sm.mst.set_attention({"h.0.attn": "strided"})  # set again: the new one persists
     _run(sm, opt, 5, seen)  # into restoration (iteration 10)
@@ -163,7 +163,7 @@ def test_padding_mask_is_charged_as_the_dense_attention_that_runs():
     full = torch.ones(B, T, dtype=torch.long)
     cfg = MSTConfig(total_steps=10, update_interval=5, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, stride=l)
     sm = mst_compile.sparsify(PaddedAttention(), cfg, example_inputs=(idx, full))
-    assert len(sm.mst.attention_sites()) == 1
+    assert len(sm.mst.attention_modules()) == 1
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     assert set(sm.mst.attention_patterns().values()) == {"sparse"}

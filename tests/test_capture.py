@@ -33,7 +33,7 @@ def test_size_one_example_runs_at_every_batch_and_length(case, example_shape):
     example = {"input_ids": x} if case.startswith("hf") else (x,)
     sm = mst_compile.sparsify(model, example_inputs=example).eval()
     assert sm.mst.capture == how
-    assert len(sm.mst.attention_sites()) == 2 and sm.mst.skipped == []  # both attention layers still rewritten
+    assert len(sm.mst.attention_modules()) == 2 and sm.mst.skipped == []  # both attention layers still rewritten
     for b, t in SHAPES:
         ids = _ids(b, t, seed=b * 100 + t)
         torch.testing.assert_close(_logits(sm(ids)), _logits(model(ids)), msg=f"batch {b}, length {t}")

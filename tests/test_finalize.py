@@ -80,7 +80,7 @@ def test_finalize_folds_masks_and_leaves_sm_trainable():
 def test_finalize_attention_override_equals_hsa(pattern):
     model, sm, run = _build("tiny_gpt")
     sm.mst.set_sparsity(0.5)
-    sites = list(sm.mst.attention_sites())
+    sites = list(sm.mst.attention_modules())
     assert len(sites) == 2 and set(sm.mst.attention_patterns().values()) == {"dense"}
     fm = mst_compile.finalize(sm, attention=pattern)
     sm.mst.set_attention(pattern, stride=3)
@@ -89,7 +89,7 @@ def test_finalize_attention_override_equals_hsa(pattern):
     with torch.no_grad():
         y3 = run(sm, x)
         torch.testing.assert_close(run(fm3, x), y3)
-        for site in sm.mst.attention_sites().values():
+        for site in sm.mst.attention_modules().values():
             site.set_pattern(pattern, stride=None)  # T/8, as when fm was finalized
         torch.testing.assert_close(run(fm, x), run(sm, x))
     if pattern != "dense":

@@ -58,7 +58,7 @@ class Record(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         sm = self.mst_cb.sm
-        for site in sm.mst.attention_sites().values():
+        for site in sm.mst.attention_modules().values():
             site.register_forward_pre_hook(lambda m, a: self.patterns.append(m.pattern) if torch.is_grad_enabled() else None)
         for sw in sm.mst.sparse_weights().values():
             sw.register_forward_pre_hook(lambda m, a: setattr(self, "sparse_calls", self.sparse_calls + 1))

@@ -58,7 +58,7 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
     seen = {}
     for step in range(T_run):
         before = sm.mst.flops.attention_mst
-        site = next(iter(sm.mst.attention_sites().values()))
+        site = next(iter(sm.mst.attention_modules().values()))
         effective = site.effective(16)
         logits = sm(ids)
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)).backward()
@@ -70,7 +70,7 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
     for step, eff in expect.items():
         assert seen[step][0] == eff, step
     # the ledger's attention charge per step follows the widened pattern: a(l) keys per query
-    n_sites = len(sm.mst.attention_sites())
+    n_sites = len(sm.mst.attention_modules())
     per_key = 12.0 * 16 * (2 * 2) * 16 * n_sites  # 12·d_head·(B·heads)·T per attended key, every site
     for step, (pattern, l) in expect.items():
         a = mean_attended_keys(pattern, 16, l) if pattern != "dense" else 17 / 2

@@ -59,7 +59,7 @@ def _build(case):
 def test_dense_parity_and_masked_reference(case):
     model, sm, x, run = _build(case)
     torch.testing.assert_close(run(sm, x), run(model, x))
-    n_weights = len([e for e in sm.mst.plan if e.kind == "linear"])
+    n_weights = len([e for e in sm.mst.sites if e.kind == "linear"])
     assert n_weights >= 2
 
     sm.mst.set_sparsity(0.9)
@@ -101,7 +101,7 @@ def test_other_sequence_lengths_and_training_in_place(case):
 
 def test_tied_weight_has_one_mask_and_masked_gradient():
     model, sm, x, run = _build("tied")
-    names = [e.name for e in sm.mst.plan]
+    names = [e.name for e in sm.mst.sites]
     assert "emb.weight" in names and "lm_head.weight" not in names
     sm.mst.set_sparsity(0.8)
     run(sm, x).sum().backward()
@@ -131,7 +131,7 @@ def test_filter_fn_excludes_sites():
         return "mlp" not in fqn
 
     sm = mst_compile.sparsify(model, filter_fn=keep)
-    names = [e.name for e in sm.mst.plan if e.kind == "linear"]
+    names = [e.name for e in sm.mst.sites if e.kind == "linear"]
     assert names and not any("mlp" in n for n in names)
     assert any("mlp" in s for s, _ in sm.mst.skipped)
     assert ("Linear", "h.0.attn.c_attn") in seen
@@ -142,8 +142,10 @@ def test_model_without_linear_warns_and_is_unchanged():
     with pytest.warns(UserWarning, match="matched nothing"):
         sm = mst_compile.sparsify(model)
     x = torch.randn(2, 8)
-    assert sm.mst.plan == [] and sm.mst.density() == 1.0
+    assert sm.mst.sites == [] and sm.mst.density() == 1.0
     torch.testing.assert_close(sm(x), model(x))
+    with pytest.raises(AttributeError, match=r"sm\.mst\.plan was renamed sm\.mst\.sites.*mst_compile\.plan"):
+        _ = sm.mst.plan
 
 
 def test_hf_model_still_generates_with_sparse_weights():
@@ -207,7 +209,7 @@ def test_every_matmul_spelling_is_one_masked_site_per_parameter(how):
 
 def test_unrewritable_parameter_matmuls_are_listed_with_why():
     sm = mst_compile.sparsify(Unrewritable())
-    assert [e.name for e in sm.mst.plan] == ["fc.weight"]
+    assert [e.name for e in sm.mst.sites] == ["fc.weight"]
     got = [(name, why.split(" (at ")[0]) for name, why in sm.mst.skipped]
     assert got == [("scaled", "the operand is computed from the parameter, not a view of it"),
                    ("a, b", "both operands are parameters"),
@@ -220,7 +222,7 @@ def test_stock_attention_modules_are_rewritten_or_reported():
     names = {"mha.in_proj_weight", "mha.out_proj.weight", "enc.self_attn.in_proj_weight",
              "enc.self_attn.out_proj.weight", "enc.linear1.weight", "enc.linear2.weight", "wte.weight"}
     sm = mst_compile.sparsify(StockAttention(), example_inputs=(_ids(40),))
-    assert sm.mst.capture == "export" and {e.name for e in sm.mst.plan if e.kind == "linear"} == names
+    assert sm.mst.capture == "export" and {e.name for e in sm.mst.sites if e.kind == "linear"} == names
     sm.mst.set_sparsity(0.9)
     assert sm.mst.density() == pytest.approx(0.1, abs=1e-3)
     with pytest.warns(UserWarning, match="stay dense and uncounted"):  # torch.fx alone cannot see inside them

@@ -124,7 +124,7 @@ def test_compiled_mst_step_on_cuda_with_tiles(monkeypatch):
     sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
-    assert {s.sparse.kernel for s in sm.mst.sites.values()} == {"triton"}
+    assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {"triton"}
     compiled = torch.compile(sm)
     x = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0)).cuda()
     for _ in range(8):
@@ -133,7 +133,7 @@ def test_compiled_mst_step_on_cuda_with_tiles(monkeypatch):
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
         opt.step()
         opt.zero_grad()
-        for s in sm.mst.sites.values():
+        for s in sm.mst.weight_sites.values():
             assert torch.all(s.param[~s.mask] == 0)
     assert sm.mst.last_update["step"] == 6 and not sm.mst.last_update["gradient_fallback"]
 

@@ -105,24 +105,24 @@ def test_training_keeps_masks_tiled_and_on_target_through_all_phases(kernel):
     sm = mst_compile.sparsify(tiny_gpt(), cfg)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.1)
     sm.mst.attach(opt)
-    assert {s.sparse.kernel for s in sm.mst.sites.values()} == {kernel}
-    assert "wte.weight" in sm.mst.sites  # the tied head: one mask for the lookup and the matmul
+    assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {kernel}
+    assert "wte.weight" in sm.mst.weight_sites  # the tied head: one mask for the lookup and the matmul
     phases, data = set(), _batches()
     for _ in range(T):
         linear_before = sm.mst.flops.linear_mst
         _step(sm, opt, next(data))
         phases.add(sm.mst.phase)
-        for n, s in sm.mst.sites.items():
+        for n, s in sm.mst.weight_sites.items():
             assert is_tile_constant(s.mask, 8), f"{n}: mask not constant on its tiles"
             assert torch.all(s.param[~s.mask] == 0), f"{n}: a masked weight is not zero"
         if sm.mst.step_count % DT == 0 and sm.mst.step_count < T:
             want = sm.mst.allocation(target_sparsity(sm.mst.step_count, cfg))
-            assert {n: s.active_units() for n, s in sm.mst.sites.items()} == want
-            assert {n: int(s.mask.sum()) for n, s in sm.mst.sites.items()} == {n: 64 * c for n, c in want.items()}
+            assert {n: s.active_units() for n, s in sm.mst.weight_sites.items()} == want
+            assert {n: int(s.mask.sum()) for n, s in sm.mst.weight_sites.items()} == {n: 64 * c for n, c in want.items()}
     assert phases == {"warmup", "ultra", "restoration"}
     assert sm.mst.last_update["grown_gradient"] + sm.mst.last_update["grown_random"] > 0
     # the ledger charges the tile density by the same formula, 6·d·n_in·n_out per row (the last step forms no dense gradient)
-    dens = {n: s.active_units() * 64 / s.param.numel() for n, s in sm.mst.sites.items()}
+    dens = {n: s.active_units() * 64 / s.param.numel() for n, s in sm.mst.weight_sites.items()}
     want = sum(4 * 16 * 6 * dens[n] * p.numel() for n, p in sm.mst.parameters().items())
     assert sm.mst.flops.linear_mst - linear_before == pytest.approx(want, rel=1e-9)
 
@@ -186,7 +186,7 @@ def test_set_sparsity_keeps_the_largest_tiles():
     torch.manual_seed(0)
     sm = mst_compile.sparsify(tiny_gpt(), CFG)
     sm.mst.set_sparsity(0.75)
-    for n, s in sm.mst.sites.items():
+    for n, s in sm.mst.weight_sites.items():
         norms = [(s.param[r:r + 8, c:c + 8].norm().item(), bool(s.mask[r, c])) for r in range(0, s.shape[0], 8)
                  for c in range(0, s.shape[1], 8)]
         kept = [v for v, on in norms if on]
@@ -202,7 +202,7 @@ def test_unstructured_masks_do_not_load_into_a_tiled_run():
     with pytest.raises(CheckpointError, match=r"the mask of weight '[\w.]+' \(shape \(\d+, \d+\)\) is not constant on 8x8 tiles") as e:
         sm.mst.load_state_dict(plain.mst.state_dict())
     assert "\n" not in str(e.value)
-    assert all(s.mask.all() for s in sm.mst.sites.values()), "nothing is changed by a refused checkpoint"
+    assert all(s.mask.all() for s in sm.mst.weight_sites.values()), "nothing is changed by a refused checkpoint"
 
 
 def test_bad_input_is_one_line_naming_what_to_do(monkeypatch):
@@ -246,7 +246,7 @@ def test_hf_gpt2_trains_on_the_tile_kernel_and_exports(tmp_path):
     sm = mst_compile.sparsify(model, cfg, example_inputs={"input_ids": x})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sm.mst.attach(opt)
-    assert {s.sparse.kernel for s in sm.mst.sites.values()} == {"tile"}
+    assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {"tile"}
     g = torch.Generator().manual_seed(2)
     for _ in range(10):  # ends in restoration: dense attention, as the exported model runs
         b = torch.randint(0, 64, (4, 17), generator=g)

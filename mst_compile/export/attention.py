@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..vocab import STRIDE_DIVISOR
+from ..constants import STRIDE_DIVISOR
 
 _NEG = float("-inf")
 

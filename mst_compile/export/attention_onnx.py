@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from ..vocab import STRIDE_DIVISOR
+from ..constants import STRIDE_DIVISOR
 
 
 def _ints(*values: int):

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..constants import ATTENTION_CONTAINER, ATTENTION_PATTERNS, DENSE_CONTAINER, SPARSE_CONTAINER, default_stride
 from ..errors import MstCompileError
-from ..vocab import ATTENTION_PATTERNS, ATTENTION_SITES, DENSE_SITES, SPARSE_SITES, default_stride
 from .attention import export_attention
 
-SITES = SPARSE_SITES + "."  # call_module targets of the sparse weight sites
-ATTN = ATTENTION_SITES + "."  # call_module targets of the attention sites
-DENSE = DENSE_SITES + "."  # call_module targets of the counted dense ops
+SITES = SPARSE_CONTAINER + "."  # call_module targets of the sparse weight sites
+ATTN = ATTENTION_CONTAINER + "."  # call_module targets of the attention sites
+DENSE = DENSE_CONTAINER + "."  # call_module targets of the counted dense ops
 
 
 def is_sparsified(module) -> bool:
@@ -32,7 +32,7 @@ def is_sparsified(module) -> bool:
     return isinstance(module, fx.GraphModule) and hasattr(module, "mst")
 
 
-def attention_sites(gm: fx.GraphModule) -> dict[str, nn.Module]:
+def graph_attention_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     """Attention site name -> its module, for every ``mst_attn.*`` node of the graph."""
     out = {}
     for n in gm.graph.nodes:
@@ -44,7 +44,7 @@ def attention_sites(gm: fx.GraphModule) -> dict[str, nn.Module]:
 
 def resolve_attention(gm: fx.GraphModule, attention: str | dict | None) -> dict[str, tuple[str, int | None]]:
     """Site name -> (pattern, stride) to export. ``None`` keeps each site's current pattern."""
-    sites = attention_sites(gm)
+    sites = graph_attention_modules(gm)
     if attention is None:
         return {n: (m.pattern, m.stride) for n, m in sites.items()}
     if isinstance(attention, str):
@@ -67,7 +67,7 @@ def trained_attention(gm: fx.GraphModule, block_size: int | None) -> dict[str, t
     its widened value, so every query keeps the keys it attended in training at any length, and a
     prefix's outputs do not depend on what follows it (what generation needs)."""
     out = {}
-    for name, m in attention_sites(gm).items():
+    for name, m in graph_attention_modules(gm).items():
         if m.pattern == "dense":
             out[name] = ("dense", None)
             continue
@@ -83,7 +83,7 @@ def trained_attention(gm: fx.GraphModule, block_size: int | None) -> dict[str, t
 def pinned(gm: fx.GraphModule, chosen: dict[str, tuple[str, int | None]]):
     """Run ``gm``'s attention sites with ``chosen``'s patterns and strides, unwidened (what ``finalize``
     writes); restored on exit."""
-    sites = attention_sites(gm) if is_sparsified(gm) else {}
+    sites = graph_attention_modules(gm) if is_sparsified(gm) else {}
     saved = {n: (m.pattern, m.stride, m.stride_scale) for n, m in sites.items()}
     try:
         for n, (p, s) in chosen.items():

@@ -41,9 +41,9 @@ def example_tokens(model: nn.Module, device: torch.device | str = "cpu", length:
 
 def summary_of(sm: fx.GraphModule, chosen: dict, extra: dict | None = None) -> dict[str, Any]:
     """What mst_summary.json holds for the sparsified module ``sm`` exported with ``chosen`` attention."""
-    from .onnx import _metadata
+    from .onnx import model_metadata
 
-    meta = _metadata(sm, chosen, extra)
+    meta = model_metadata(sm, chosen, extra)
     patterns = set(meta["attention"].values())
     meta.update({
         "format": "mst_compile.hf/1", "masks_folded": True, "step": sm.mst.step_count, "phase": sm.mst.phase,

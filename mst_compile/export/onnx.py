@@ -70,13 +70,15 @@ class ExportResult:
 
 # -- inputs and outputs ----------------------------------------------------------------------
 @dataclass
-class _IO:
+class ModelInputs:
+    """The example tensors in the order the ONNX inputs take them, their names, and how the model takes them."""
+
     names: list[str]
     examples: list[torch.Tensor]
     as_kwargs: bool
 
 
-def _io(model: nn.Module, example_inputs: Any) -> _IO:
+def model_inputs(model: nn.Module, example_inputs: Any) -> ModelInputs:
     """Name and order the example tensors; they become the ONNX inputs."""
     if example_inputs is None:
         raise ValueError("export_onnx needs example_inputs: a tensor, a tuple of tensors or a dict of keyword tensors")
@@ -88,7 +90,7 @@ def _io(model: nn.Module, example_inputs: Any) -> _IO:
     bad = [n for n, v in zip(names, values) if not isinstance(v, torch.Tensor)]
     if bad or not values:
         raise ValueError(f"example_inputs must be tensors (got non-tensors for {bad or 'nothing'}); fixed options belong in the model")
-    return _IO(names, values, kw)
+    return ModelInputs(names, values, kw)
 
 
 def _arg_names(model: nn.Module, count: int) -> list[str]:
@@ -111,32 +113,33 @@ def _tensors(out) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _output_names(model: nn.Module, io: _IO) -> list[str]:
+def _output_names(model: nn.Module, io: ModelInputs) -> list[str]:
     with torch.no_grad():
-        out = _call(model, io, io.examples)
+        out = call_model(model, io, io.examples)
     n = len(_tensors(out))
     if isinstance(getattr(out, "logits", None), torch.Tensor):
         return ["logits"]
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
 
 
-def _call(model: nn.Module, io: _IO, xs):
+def call_model(model: nn.Module, io: ModelInputs, xs):
+    """Run ``model`` on the tensors ``xs`` laid out as ``io`` names them (keywords or positions)."""
     return model(**dict(zip(io.names, xs))) if io.as_kwargs else model(*xs)
 
 
 class _Outputs(nn.Module):
     """Tensors in, tensors out: what torch.onnx exports (HF models return ModelOutput objects)."""
 
-    def __init__(self, model: nn.Module, io: _IO):
+    def __init__(self, model: nn.Module, io: ModelInputs):
         super().__init__()
         setattr(self, _WRAPPED, model)
         self.io = io
 
     def forward(self, *xs):
-        return tuple(_tensors(_call(getattr(self, _WRAPPED), self.io, xs)))
+        return tuple(_tensors(call_model(getattr(self, _WRAPPED), self.io, xs)))
 
 
-def _dynamic_shapes(io: _IO) -> tuple:
+def _dynamic_shapes(io: ModelInputs) -> tuple:
     """Batch (dim 0) of every input; sequence (dim 1) of token ids and of (B, T, ...) float inputs."""
     dyn = torch.export.Dim.DYNAMIC
     specs = []
@@ -148,7 +151,7 @@ def _dynamic_shapes(io: _IO) -> tuple:
     return (tuple(specs),)  # the wrapper's forward takes *xs
 
 
-def _traceable(io: _IO, dynamic) -> list[torch.Tensor]:
+def _traceable(io: ModelInputs, dynamic) -> list[torch.Tensor]:
     """Example tensors with every dynamic dim at least 2 (torch.export specializes sizes 0 and 1)."""
     out = []
     for x, spec in zip(io.examples, dynamic[0]):
@@ -162,18 +165,19 @@ def _traceable(io: _IO, dynamic) -> list[torch.Tensor]:
 # -- the PyTorch side of validation ---------------------------------------------------------
 def reference(model: nn.Module, example_inputs: Any, attention: str | dict | None = None):
     """The PyTorch side of a check: ``fn(*tensors) -> [outputs]`` running ``model`` as exported."""
-    io = _io(model, example_inputs)
+    io = model_inputs(model, example_inputs)
     chosen = resolve_attention(model, attention) if is_sparsified(model) else {}
 
     def run(*xs):
         with inference(model), pinned(model, chosen), torch.no_grad():
-            return _tensors(_call(model, io, xs))
+            return _tensors(call_model(model, io, xs))
 
     return run, io
 
 
 # -- metadata ---------------------------------------------------------------------------------
-def _metadata(model: nn.Module, chosen: dict, extra: dict | None) -> dict[str, Any]:
+def model_metadata(model: nn.Module, chosen: dict, extra: dict | None) -> dict[str, Any]:
+    """What an export records about ``model``: version, densities, the ``chosen`` attention, config, ``extra``."""
     if is_sparsified(model):
         h = model.mst
         meta = {
@@ -253,8 +257,8 @@ def export_onnx(
         )
     chosen = resolve_attention(sm_or_model, attention) if sparse else {}
     module = finalize(sm_or_model, attention=attention) if sparse else sm_or_model
-    io = _io(module, example_inputs)
-    meta = {**_metadata(sm_or_model, chosen, metadata), "max_sequence_length": limit}
+    io = model_inputs(module, example_inputs)
+    meta = {**model_metadata(sm_or_model, chosen, metadata), "max_sequence_length": limit}
 
     label = "the finalized sparsified module" if sparse else type(sm_or_model).__name__
     proto = _export(module, io, onnx, label)
@@ -279,7 +283,7 @@ def export_onnx(
                         inputs=[i.name for i in proto.graph.input], outputs=[o.name for o in proto.graph.output])
 
 
-def _export(module: nn.Module, io: _IO, onnx, label: str):
+def _export(module: nn.Module, io: ModelInputs, onnx, label: str):
     """torch.onnx.export (dynamo) of the wrapped module, optimized, names cleaned: a ModelProto."""
     import onnx_ir as ir
     import onnxscript

@@ -127,10 +127,10 @@ def _probed_limit(mf, model: nn.Module, example, block_size: int, lengths) -> tu
     import warnings
 
     from ..capture import inference
-    from .onnx import _call, _io
+    from .onnx import call_model, model_inputs
     from .validate import probe_limit, random_like
 
-    io = _io(model, example)
+    io = model_inputs(model, example)
     gen = torch.Generator().manual_seed(0)
 
     def runs(T: int) -> bool:
@@ -139,7 +139,7 @@ def _probed_limit(mf, model: nn.Module, example, block_size: int, lengths) -> tu
         try:
             with inference(model), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _call(model, io, xs)
+                call_model(model, io, xs)
         except Exception:  # an index past the position table, a shape guard, ...: not at this length
             return False
         return True

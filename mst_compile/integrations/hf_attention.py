@@ -25,9 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..constants import ATTENTION_PATTERNS
 from ..errors import MstCompileError
 from ..ops.attention import hsa_attention_cached
-from ..vocab import ATTENTION_PATTERNS
 
 NAME = "mst_hsa"  # the attn_implementation config.json names
 CONFIG_KEY = "mst_attention"  # config.json: {"<layer_idx>": {"pattern": ..., "stride": ...}}

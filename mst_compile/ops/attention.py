@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..vocab import ATTENTION_PATTERNS as PATTERNS
-from ..vocab import blocks, default_stride
+from ..constants import ATTENTION_PATTERNS as PATTERNS
+from ..constants import blocks, default_stride
 from .attention_kernels import hsa_kernel
 
 _KEEP = object()  # set_pattern(stride=...) default: keep the current stride
@@ -127,7 +127,7 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
 
 def allowed_keys(mask: Tensor) -> Tensor:
     """Boolean view of an SDPA mask, True where a key may be attended: a bool mask as it is; an
-    additive float mask allows the entries that do not block (``vocab.blocks``: above -1e4)."""
+    additive float mask allows the entries that do not block (``constants.blocks``: above -1e4)."""
     if mask.dtype == torch.bool:
         return mask
     return ~blocks(mask)

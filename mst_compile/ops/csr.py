@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..vocab import SPARSE_KERNELS, TILE_KERNELS
+from ..constants import SPARSE_KERNELS, TILE_KERNELS
 
 # Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
 # Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..vocab import TILE_KERNELS
+from ..constants import TILE_KERNELS
 from .csr import CsrStructure, choose_linear_kernel, csr_linear, csr_usable
 from .tile_layout import TileLayout, is_tile_constant, n_tiles, not_tiled_message
 from .tile_linear import backend_of, choose_tile_kernel, tile_linear, usable

@@ -10,7 +10,7 @@ from torch import fx
 from torch.fx import _pytree as fx_pytree
 
 from ..capture import split_inputs
-from ..vocab import blocks
+from ..constants import blocks
 
 
 def _ancestors(nodes) -> set[fx.Node]:
@@ -60,7 +60,8 @@ class _Probe(fx.Interpreter):
         return None
 
 
-def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs) -> dict:
+def evaluate_masks(gm: fx.GraphModule, nodes: list[fx.Node], example_inputs) -> dict:
+    """Node -> its value on ``example_inputs``, running only what the mask ``nodes`` depend on."""
     if not nodes:
         return {}
     probe = _Probe(gm, _ancestors(nodes))

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ..constants import ATTENTION_CONTAINER, blocks
 from ..ops.attention import HybridSparseAttention, _check_pattern, _check_stride
-from ..vocab import ATTENTION_SITES, blocks
 from . import PassResult
-from ._mask_eval import _evaluate, allowed_set
+from ._mask_eval import allowed_set, evaluate_masks
 from ._ops import ADD, ASSERTS, CAST, DIV, DROPOUT, FILL, MATMUL, MUL, PERMUTE, SDPA, SOFTMAX, TRANSPOSE, WHERE, is_op, shape_only
 
-CONTAINER = ATTENTION_SITES
+CONTAINER = ATTENTION_CONTAINER
 
 
 @dataclass
@@ -310,7 +310,7 @@ def rewrite_attention(
             matches.append(m)
     masks = list({m.mask: None for m in matches if isinstance(m.mask, fx.Node) and not m.why_not})
     try:
-        values = _evaluate(gm, masks, example_inputs)
+        values = evaluate_masks(gm, masks, example_inputs)
     except Exception as e:  # reported per site below
         values = {n: e for n in masks}
     if not hasattr(gm, CONTAINER):

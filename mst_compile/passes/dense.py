@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..constants import DENSE_CONTAINER
 from ..ops.dense_op import DenseOp
-from ..vocab import DENSE_SITES
 from . import PassResult
 from ._operands import einsum_operands, is_linear_module
 from ._ops import ADDMM, BADDBMM, BMM, EINSUM, LINEAR, MATMUL, SDPA, key
 
-CONTAINER = DENSE_SITES
+CONTAINER = DENSE_CONTAINER
 
 
 def _kind(node: fx.Node) -> str | None:

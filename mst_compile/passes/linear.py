@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..constants import SPARSE_CONTAINER, UNCOUNTED
 from ..ops.sparse_linear import SparseWeight, swap_last
-from ..vocab import SPARSE_SITES, UNCOUNTED
 from . import PassResult
 from ._operands import Operand, einsum_operands, einsum_plan, is_linear_module, lineage, operand, param_of
 from ._ops import ADDMM, BMM, EINSUM, LINEAR, MATMUL, key
 
-CONTAINER = SPARSE_SITES
+CONTAINER = SPARSE_CONTAINER
 
 
 @dataclass

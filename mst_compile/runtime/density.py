@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from ..constants import DISTRIBUTIONS
 from ..ops.tile_layout import n_tiles
-from ..vocab import DISTRIBUTIONS
 
 
 def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[str, float]:

@@ -28,7 +28,7 @@ from .sites import Sites, WeightSite, allocation, apply_masks, keep_largest, ove
 
 
 @dataclass(frozen=True)
-class PlanEntry:
+class SiteInfo:
     """One rewritten site: ``kind`` is ``"linear"`` (one per sparse weight) or ``"attention"``."""
 
     name: str
@@ -53,14 +53,14 @@ class MSTHandle:
     ):
         self._module = module  # the GraphModule this handle is sm.mst of
         self.config = config
-        self.sites: Sites = dict(sites)  # the site table, shared with the scheduler and its ledger
+        self.weight_sites: Sites = dict(sites)  # the site table, shared with the scheduler and its ledger
         self._attention = dict(attention or {})
         self.skipped = list(skipped or [])
         self.capture = capture
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
-        for site in self.sites.values():
+        for site in self.weight_sites.values():
             site.sparse.use_tiles(config.tile)
-        self._scheduler = MSTScheduler(config, self.sites, self._attention, module, self.skipped)
+        self._scheduler = MSTScheduler(config, self.weight_sites, self._attention, module, self.skipped)
 
     # -- training: the scheduler --------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None, *, manual: bool = False,
@@ -153,40 +153,42 @@ class MSTHandle:
 
     # -- what was rewritten -------------------------------------------------------------------
     @property
-    def plan(self) -> list[PlanEntry]:
-        lin = [PlanEntry(n, "linear", s.shape, s.param.numel(), s.uses) for n, s in self.sites.items()]
-        att = [PlanEntry(n, "attention", None) for n in self._attention]
+    def sites(self) -> list[SiteInfo]:
+        """Every rewritten site: one ``"linear"`` entry per sparse weight, then one per attention site."""
+        lin = [SiteInfo(n, "linear", s.shape, s.param.numel(), s.uses) for n, s in self.weight_sites.items()]
+        att = [SiteInfo(n, "attention", None) for n in self._attention]
         return lin + att
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """The sparse parameters by name."""
-        return {n: s.param for n, s in self.sites.items()}
+        return {n: s.param for n, s in self.weight_sites.items()}
 
     def sparse_weights(self) -> dict[str, SparseWeight]:
-        return {n: s.sparse for n, s in self.sites.items()}
+        return {n: s.sparse for n, s in self.weight_sites.items()}
 
-    def attention_sites(self) -> dict[str, nn.Module]:
+    def attention_modules(self) -> dict[str, nn.Module]:
+        """Attention site name -> its ``HybridSparseAttention`` module."""
         return dict(self._attention)
 
     # -- masks and densities ------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: s.mask for n, s in self.sites.items()}
+        return {n: s.mask for n, s in self.weight_sites.items()}
 
     def densities(self) -> dict[str, float]:
-        return {n: s.active() / s.sparse.numel for n, s in self.sites.items()}
+        return {n: s.active() / s.sparse.numel for n, s in self.weight_sites.items()}
 
     def density(self) -> float:
         """Overall density of the sparse weights (active / total)."""
-        return overall_density(self.sites)
+        return overall_density(self.weight_sites)
 
     def allocation(self, sparsity: float) -> dict[str, int]:
         """Active count per weight for a global sparsity under the configured distribution (in tiles
         when ``config.tile`` is set; :meth:`units` are the totals they count against)."""
-        return allocation(self.sites, sparsity, self.config.distribution)
+        return allocation(self.weight_sites, sparsity, self.config.distribution)
 
     def units(self) -> dict[str, int]:
         """Per weight, what :meth:`allocation` counts: its tiles (``config.tile``), else its weights."""
-        return units(self.sites)
+        return units(self.weight_sites)
 
     @torch.no_grad()
     def set_sparsity(self, sparsity: float) -> dict[str, float]:
@@ -196,17 +198,17 @@ class MSTHandle:
         """
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"set_sparsity(sparsity={sparsity!r}): expected a number in [0, 1)")
-        keep_largest(self.sites, self.allocation(float(sparsity)), self.config.sparse_kernel)
+        keep_largest(self.weight_sites, self.allocation(float(sparsity)), self.config.sparse_kernel)
         return self.densities()
 
     def apply_masks(self) -> None:
         """Zero every masked weight (the invariant the sparse op relies on)."""
-        apply_masks(self.sites)
+        apply_masks(self.weight_sites)
 
     def _mask_grad_hook(self, name: str):
         """A parameter with uses outside the sparse op (tied embedding): mask its whole gradient, and
         on probe steps let its dense gradient include those uses (``SparseWeight.mask_gradient``)."""
-        site = self.sites[name]
+        site = self.weight_sites[name]
         return site.param.register_hook(site.sparse.mask_gradient)
 
     # -- attention ----------------------------------------------------------------------------
@@ -247,14 +249,20 @@ class MSTHandle:
     def attention_patterns(self) -> dict[str, str]:
         return {n: m.pattern for n, m in self._attention.items()}
 
+    def __getattr__(self, name: str):
+        if name == "plan":  # renamed: mst_compile.plan is the cost forecast
+            raise AttributeError("sm.mst.plan was renamed sm.mst.sites (the rewritten sites); "
+                                 "mst_compile.plan(...) is the cost forecast of a run")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
-        lin = len(self.sites)
+        lin = len(self.weight_sites)
         return f"MSTHandle({lin} sparse weights, {len(self._attention)} attention sites, density={self.density():.3f})"
 
 
-def linear_flop_shares(plan: list[PlanEntry]) -> dict[str, float]:
+def linear_flop_shares(sites: list[SiteInfo]) -> dict[str, float]:
     """Each linear site's share of the linear FLOPs per token (uses × n_in × n_out)."""
-    work = {e.name: e.uses * math.prod(e.shape) for e in plan if e.kind == "linear"}
+    work = {e.name: e.uses * math.prod(e.shape) for e in sites if e.kind == "linear"}
     total = sum(work.values()) or 1
     return {n: w / total for n, w in work.items()}
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..constants import UNCOUNTED
 from ..ops.attention import mean_attended_keys
 from ..ops.dense_op import DenseOp
-from ..vocab import UNCOUNTED
 
 _OTHER_OPS = "embedding lookups, norms, activations, residual adds, the loss and the optimizer update"
 

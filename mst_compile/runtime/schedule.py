@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from ..config import MSTConfig
-from ..vocab import DEFAULT_LR_DECAY, LR_SCHEDULES, PHASES
+from ..constants import DEFAULT_LR_DECAY, LR_SCHEDULES, PHASES
 
 
 def _at(frac: float, total: int) -> int:

@@ -208,7 +208,7 @@ def click_options(fn=None, *, train_fields: tuple[str, ...] | None = None, help:
         return lambda f: click_options(f, train_fields=train_fields, help=help)
     import click
 
-    from ..vocab import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
+    from ..constants import ATTENTION_PATTERNS, ATTENTION_RESTORES, DISTRIBUTIONS, LR_SCHEDULES, RESTORATION_SHAPES, SPARSE_KERNELS
 
     texts = {**_HELP, **(help or {})}
     choices = {"distribution": DISTRIBUTIONS, "attention": ATTENTION_PATTERNS, "sparse_kernel": SPARSE_KERNELS,

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import run_folder as rf
+from ..constants import ATTENTION_PATTERNS
 from ..errors import MstCompileError
 from ..paths import writable_dir
-from ..vocab import ATTENTION_PATTERNS
 from .metrics import duration, human, read_jsonl
 
 _PHASE_COLORS = {"warmup": "#fde0c5", "ultra": "#c9e4f6", "restoration": "#d5f0d2", "dense": "#eeeeee"}

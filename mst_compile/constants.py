@@ -1,4 +1,4 @@
-"""The names every layer shares, defined once: phases, attention patterns, kernel names, the default
+"""The constants every layer shares, defined once: phases, attention patterns, kernel names, the default
 stride, the module names the passes give their sites, and what counts as a blocked mask entry.
 
 Config validation, the ops, the passes, export, the trainer's reports and the CLI all read them from
@@ -32,9 +32,9 @@ def default_stride(T: int) -> int:
 
 # Submodules of a sparsified GraphModule that hold the rewritten sites (call_module targets
 # "<container>.<slot>"): the passes create them, the runtime and export find the sites by them.
-SPARSE_SITES = "mst_sites"  # one SparseWeight per sparse parameter (passes/linear.py)
-ATTENTION_SITES = "mst_attn"  # one HybridSparseAttention per attention site (passes/attention.py)
-DENSE_SITES = "mst_dense"  # matmuls left dense, wrapped so the ledger charges them (passes/dense.py)
+SPARSE_CONTAINER = "mst_sites"  # one SparseWeight per sparse parameter (passes/linear.py)
+ATTENTION_CONTAINER = "mst_attn"  # one HybridSparseAttention per attention site (passes/attention.py)
+DENSE_CONTAINER = "mst_dense"  # matmuls left dense, wrapped so the ledger charges them (passes/dense.py)
 
 # Additive attention masks: an entry at or below this blocks its key. exp(-1e4) is 0 in every float
 # dtype, so such an entry removes the key exactly; models write -inf, the dtype's minimum (Hugging

@@ -1,4 +1,4 @@
-"""The shared vocabulary: one definition of each name, and one rule for a blocked mask entry."""
+"""The shared constants: one definition of each name, and one rule for a blocked mask entry."""
 import math
 import subprocess
 import sys
@@ -6,20 +6,20 @@ import sys
 import pytest
 import torch
 
-from mst_compile import vocab
+from mst_compile import constants
 from mst_compile.config import ATTENTION_PATTERNS, MSTConfig
 from mst_compile.ops.attention import PATTERNS, HybridSparseAttention, allowed_keys
 from mst_compile.passes._mask_eval import allowed_set
 
 
 def test_one_definition_of_each_name():
-    assert PATTERNS is vocab.ATTENTION_PATTERNS is ATTENTION_PATTERNS
-    assert MSTConfig().attention in vocab.ATTENTION_PATTERNS
-    assert [vocab.default_stride(T) for T in (1, 7, 8, 1024)] == [1, 1, 1, 128]
+    assert PATTERNS is constants.ATTENTION_PATTERNS is ATTENTION_PATTERNS
+    assert MSTConfig().attention in constants.ATTENTION_PATTERNS
+    assert [constants.default_stride(T) for T in (1, 7, 8, 1024)] == [1, 1, 1, 128]
 
 
-def test_vocab_imports_no_torch():
-    code = "import sys, mst_compile.vocab, mst_compile.config; print('torch' in sys.modules)"
+def test_constants_import_no_torch():
+    code = "import sys, mst_compile.constants, mst_compile.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -28,11 +28,11 @@ def test_vocab_imports_no_torch():
 def test_blocked_entries_read_alike_in_the_pass_and_at_run_time(dtype):
     # -inf, the dtype's minimum (Hugging Face) and -1e4 (older GPT-2 code) all block a key
     for v in (-math.inf, torch.finfo(dtype).min, -1e4):
-        assert vocab.blocks(v)
+        assert constants.blocks(v)
         mask = torch.tensor([0.0, v], dtype=dtype)
         assert allowed_keys(mask).tolist() == [True, False]
         assert allowed_set(mask, "add").tolist() == [True, False]
-    assert not vocab.blocks(-1.0) and not vocab.blocks(0.0)
+    assert not constants.blocks(-1.0) and not constants.blocks(0.0)
     assert isinstance(allowed_set(torch.tensor([0.0, -1.0], dtype=dtype), "add"), str)  # a bias, not a mask
 
 
