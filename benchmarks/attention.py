@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import add_clock_option, best
 
 from mst_compile.ops.attention import hsa_attention, mean_attended_keys
-from mst_compile.ops.attention_kernels import _HSAFlash, _Plan, choose_attention_kernel
+from mst_compile.ops.attention_kernels import choose_attention_kernel, hsa_kernel
 
 
 def _fwd_bwd(fn, q, k, v, g):
@@ -33,24 +33,14 @@ def _fwd_bwd(fn, q, k, v, g):
     return run
 
 
-_CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to other jobs on the machine)
-
-
-def _time(run) -> float:
-    t = _CLOCK()
-    run()
-    return _CLOCK() - t
-
-
 def _stock(p: str, l: int):
     def fn(q, k, v):
-        plan = _Plan.make(q.shape[2], l, p != "strided", p != "local")
-        return _HSAFlash.apply(q, k, v, plan, 1.0 / math.sqrt(q.shape[-1]))
+        return hsa_kernel(q, k, v, local=p != "strided", strided=p != "local", stride=l, scale=None, kernel="flash")
 
     return fn
 
 
-def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns, stock: bool) -> list[dict]:
+def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns, stock: bool, clock: str = "wall") -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, T, dim, generator=gen).requires_grad_() for _ in range(3))
     g = torch.randn(batch, heads, T, dim, generator=gen)
@@ -62,16 +52,11 @@ def bench(T: int, l: int, batch: int, heads: int, dim: int, reps: int, patterns,
         if stock and kernel[p] != "flash":
             runs[p + " "] = _fwd_bwd(_stock(p, l), q, k, v, g)
             kernel[p + " "] = "flash"
-    for run in runs.values():  # warm-up: allocator, mask caches
-        run()
-    best = {name: math.inf for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            best[name] = min(best[name], _time(run))
+    fastest = best(runs, reps, clock)  # after a warm-up round: allocator, mask caches
     dense_keys = mean_attended_keys("dense", T, l)
     return [
-        dict(pattern=p.strip(), kernel=kernel[p], T=T, l=l, ms=best[p] * 1e3, dense_ms=best["dense"] * 1e3,
-             speedup=best["dense"] / best[p], flop_ratio=dense_keys / mean_attended_keys(p.strip(), T, l))
+        dict(pattern=p.strip(), kernel=kernel[p], T=T, l=l, ms=fastest[p] * 1e3, dense_ms=fastest["dense"] * 1e3,
+             speedup=fastest["dense"] / fastest[p], flop_ratio=dense_keys / mean_attended_keys(p.strip(), T, l))
         for p in kernel
     ]
 
@@ -87,11 +72,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--patterns", nargs="+", default=["local", "strided", "sparse"])
     ap.add_argument("--stock", action="store_true", help="also time the stock-kernel path where the fused one runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: elapsed time; cpu: process CPU time, for a machine shared with other jobs (use --threads 1)")
+    add_clock_option(ap)
     args = ap.parse_args(argv)
-    global _CLOCK
-    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.dim}, fp32, {torch.get_num_threads()} threads, "
@@ -102,7 +84,7 @@ def main(argv=None) -> list[dict]:
     for T in args.T:
         strides = args.stride or sorted({T // 8, 2 ** round(math.log2(math.sqrt(T)))}, reverse=True)
         for l in strides:
-            for r in bench(T, l, args.batch, args.heads, args.dim, args.reps, args.patterns, args.stock):
+            for r in bench(T, l, args.batch, args.heads, args.dim, args.reps, args.patterns, args.stock, args.clock):
                 rows.append(r)
                 print(f"| {r['pattern']} | {r['kernel']} | {r['T']} | {r['l']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
                       f"{r['speedup']:.2f}x | {r['flop_ratio']:.2f}x |", flush=True)

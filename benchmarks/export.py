@@ -19,11 +19,11 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from _timing import interleaved
 
 import mst_compile
 from mst_compile.export.validate import import_onnxruntime
@@ -76,18 +76,8 @@ def _session(path, threads: int):
 
 
 def _median_pair(f_ort, f_torch, reps: int) -> tuple[float, float]:
-    for _ in range(3):  # warm-up: allocations, thread pools
-        f_ort()
-        f_torch()
-    a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f_ort()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        f_torch()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+    t = interleaved({"ort": f_ort, "torch": f_torch}, reps, warmup=3)  # warm-up: allocations, thread pools
+    return statistics.median(t["ort"]), statistics.median(t["torch"])
 
 
 def latency(out: Path, seq: int, reps: int) -> list[tuple]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,27 +27,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import add_clock_option, best
+
 import mst_compile
 from mst_compile.config import MSTConfig
 from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY
 from mst_compile.ops.sparse_linear import SparseWeight
 
-_CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust to other jobs on the machine)
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
 DENSITIES = [0.5, 0.35, 0.3, 0.25, 0.2, 0.1, 0.05]
 
 
-def _interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Best time (ms) of each function, running them in turn so drift hits all alike."""
-    for f in fns.values():
-        f()  # warm-up (caches, allocator, structure build)
-    best = {k: math.inf for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = _CLOCK()
-            f()
-            best[k] = min(best[k], _CLOCK() - t0)
-    return {k: v * 1e3 for k, v in best.items()}
+def best_ms(fns: dict, reps: int, clock: str) -> dict[str, float]:
+    """Best time (ms) of each function, running them in turn so drift hits all alike (after a warm-up
+    round: caches, allocator, structure build)."""
+    return {k: v * 1e3 for k, v in best(fns, reps, clock).items()}
 
 
 def _layer_fn(sw: SparseWeight, kernel: str, x, w, b, gy):
@@ -59,7 +52,7 @@ def _layer_fn(sw: SparseWeight, kernel: str, x, w, b, gy):
     return run
 
 
-def bench_layers(tokens: int = 1024, reps: int = 5, densities=DENSITIES) -> list[dict]:
+def bench_layers(tokens: int = 1024, reps: int = 5, densities=DENSITIES, clock: str = "wall") -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     for n_in, n_out in SHAPES:
@@ -73,7 +66,7 @@ def bench_layers(tokens: int = 1024, reps: int = 5, densities=DENSITIES) -> list
             sw.set_mask(mask)
             with torch.no_grad():
                 w.mul_(mask)
-            t = _interleaved({k: _layer_fn(sw, k, x, w, b, gy) for k in ("dense", "csr")}, reps)
+            t = best_ms({k: _layer_fn(sw, k, x, w, b, gy) for k in ("dense", "csr")}, reps, clock)
             rows.append(dict(shape=f"{n_in}x{n_out}", density=d, dense=t["dense"], csr=t["csr"]))
             print(f"  {n_in}x{n_out} d={d:<5} dense {t['dense']:7.1f} ms  csr {t['csr']:7.1f} ms  "
                   f"speedup {t['dense'] / t['csr']:.2f}x", file=sys.stderr, flush=True)
@@ -157,7 +150,7 @@ def _step_fn(model, idx, tgt):
     return step
 
 
-def bench_step(batch=4, T=256, n_layer=12, reps=3, sparsity=0.9) -> dict:
+def bench_step(batch=4, T=256, n_layer=12, reps=3, sparsity=0.9, clock: str = "wall") -> dict:
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 256, (batch, T), generator=g)
     tgt = torch.randint(0, 256, (batch, T), generator=g)
@@ -176,7 +169,7 @@ def bench_step(batch=4, T=256, n_layer=12, reps=3, sparsity=0.9) -> dict:
         name = "MST masked-dense" if kernel == "dense" else "MST csr (auto)"
         models[name] = (sm, picked)
         fns[name] = _step_fn(sm, idx, tgt)
-    t = _interleaved(fns, reps)
+    t = best_ms(fns, reps, clock)
     sm = models["MST csr (auto)"][0]
     dens = sm.mst.densities()
     info = dict(density=sm.mst.density(), csr=models["MST csr (auto)"][1].count("csr"), sites=len(dens),
@@ -201,19 +194,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per layer call in the per-layer table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: elapsed time; cpu: process CPU time, for a machine shared with other jobs (use --threads 1)")
+    add_clock_option(ap)
     args = ap.parse_args()
-    global _CLOCK
-    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {torch.get_num_threads()} threads, {args.clock} clock, best of {args.reps} interleaved runs")
     torch.manual_seed(0)
     if args.only in (None, "layer"):
-        print_layer_table(bench_layers(tokens=args.tokens, reps=args.reps), args.tokens)
+        print_layer_table(bench_layers(tokens=args.tokens, reps=args.reps, clock=args.clock), args.tokens)
     if args.only in (None, "step"):
-        print_step_table(bench_step(reps=args.reps))
+        print_step_table(bench_step(reps=args.reps, clock=args.clock))
 
 
 if __name__ == "__main__":

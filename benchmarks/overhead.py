@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,6 +70,12 @@ def _step(model, opt, batch) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _stepper(model, opt, batches):
+    """A training step of ``model`` on the next of ``batches`` per call."""
+    it = iter(batches)
+    return lambda: _step(model, opt, next(it))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -92,17 +98,10 @@ def main() -> None:
           f"{args.steps} measured steps per variant, {torch.get_num_threads()} threads, torch {torch.__version__}")
     g = torch.Generator().manual_seed(0)
     vocab = 256
-    for _ in range(args.warmup):
-        batch = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g)
-        for k in kinds:
-            _step(*runs[k], batch)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for i in range(args.steps):
-        batch = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g)
-        for k in (kinds if i % 2 == 0 else kinds[::-1]):  # alternate the order: no variant always goes first
-            t0 = time.perf_counter()
-            _step(*runs[k], batch)
-            times[k].append(time.perf_counter() - t0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g) for _ in range(args.warmup + args.steps)]
+    # round i trains every variant on batch i; the order alternates: no variant always goes first
+    steps = {k: _stepper(*runs[k], batches) for k in kinds}
+    times = interleaved(steps, args.steps, warmup=args.warmup, alternate=True)
 
     dense_mean = statistics.fmean(times["dense"])
     dense_med = statistics.median(times["dense"])

@@ -86,7 +86,7 @@ def _spec(a, point: dict, method: str, steps: int) -> dict:
 def plan_points(a) -> list[dict]:
     out = []
     for d, L, h, target in a.points:
-        n = reproduce.params_of(d, L, h, a.block)
+        n = _frontier.params(L, d, a.block)
         steps = max(8, round(target * n / (a.block * a.batch)))
         out.append(dict(name=f"d{d}L{L}" if a.family == "shrink" else f"d{d}L{L}-{steps}", d=d, n_layer=L, n_head=h, params=n, steps=steps,
                         tokens=steps * a.block * a.batch, tokens_per_param=steps * a.block * a.batch / n))

@@ -6,6 +6,7 @@ sparse-training baselines against the dense model, all trained by ``mst_compile.
     PYTHONPATH=. python benchmarks/reproduce.py --quick          # CI smoke run (tiny sizes, ~1 minute)
     PYTHONPATH=. python benchmarks/reproduce.py --replot benchmarks/results/results.json   # redraw table + plots
     PYTHONPATH=. python benchmarks/reproduce.py --merge OUT a/results.json b/results.json  # join split runs
+    PYTHONPATH=. python benchmarks/reproduce.py --table heldout3000   # one table of benchmarks/README.md (TABLES)
 
 Every method trains the byte-level GPT of examples/tiny_gpt.py on the built-in corpus (the Python
 standard library) with the same seed, batches, optimizer and LR schedule. Runs go ``--jobs`` at a
@@ -36,6 +37,21 @@ _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's
 
 QUICK = dict(steps=40, d=32, n_layer=2, n_head=2, block_size=32, batch_size=4,
              eval_iters=2, final_eval_iters=4, evals=4, widths=[64])
+
+# The tables of benchmarks/README.md that reproduce.py makes, one command each (--table NAME): the folder
+# the README quotes (relative to the repository) and the runs that fill it, as reproduce.py arguments.
+# A table of several parts writes each to FOLDER/part-<letter>, then merges them into FOLDER.
+_HELDOUT = ["--data", "/usr/share/perl/5.36.0", "--widths", ""]
+TABLES = {
+    "steps500": ("benchmarks/results", [["--steps", "500", "--eval-iters", "5", "--final-eval-iters", "50",
+                                          "--methods", "dense,static,set,rigl,mst,mst_no_sv,mst_no_hsa,mst_grad_grow,dense_eq"]]),
+    "steps3000": ("benchmarks/results/steps3000", [["--methods", "dense,mst,static,mst_no_sv,dense_eq", "--widths", ""]]),
+    "heldout3000": ("benchmarks/results/heldout3000", [
+        [*_HELDOUT, "--methods", "dense,paper,static", "--jobs", "3"],
+        [*_HELDOUT, "--methods", "mst,static_eq,dense_eq,dense_narrow,dense_shallow", "--jobs", "5"],
+        [*_HELDOUT, "--methods", "set,rigl", "--jobs", "2"],
+    ]),
+}
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -96,11 +112,11 @@ def _init_worker() -> None:
 
 def _model_file(spec: dict):
     """A ModelFile whose model() is examples/tiny_gpt.py's GPT at the spec's sizes."""
-    from mst_compile.modelfile import ModelFile, load_model_file
+    from mst_compile.modelfile import ModelFile
 
-    gpt = load_model_file(ROOT / "examples" / "tiny_gpt.py").namespace.GPT
+    gpt = _frontier.gpt_class()
     sizes = dict(block_size=spec["block_size"], n_layer=spec["n_layer"], n_head=spec["n_head"], n_embd=spec["d"])
-    return ModelFile(ROOT / "examples" / "tiny_gpt.py", SimpleNamespace(model=lambda: gpt(**sizes))), gpt, sizes
+    return ModelFile(_frontier.GPT_FILE, SimpleNamespace(model=lambda: gpt(**sizes))), gpt, sizes
 
 
 def run_one(spec: dict) -> dict:
@@ -196,10 +212,6 @@ def sized_by_mst(a, mst: dict) -> list[dict]:
     sparsity of equal FLOPs, and the smaller dense models trained for all the steps."""
     tokens = a.steps * a.batch_size * a.block_size
     budget = mst["mst_flops"] / tokens  # MST's FLOPs per training token
-    closed = _frontier.dense_per_token(a.n_layer, a.d, a.block_size)
-    measured = mst["dense_flops"] / tokens
-    if abs(closed / measured - 1) > 0.01:  # the sizing formula must be the ledger's
-        raise RuntimeError(f"closed-form dense FLOPs/token {closed:.6g} differ from the ledger's {measured:.6g}")
     specs = []
     if "dense_eq" in a.methods:
         specs.append(_spec(a, "dense_eq", a.d, _equal_flops_steps(mst)))
@@ -211,18 +223,8 @@ def sized_by_mst(a, mst: dict) -> list[dict]:
             specs.append(_spec(a, method, width, n_layer=depth, n_head=heads))
     if "dense_avg" in a.methods:  # the dense model of MST's average active parameter count (Jin et al. 2025)
         width, heads = _frontier.width_for_params(mst["avg_active_params"], a.n_layer, a.n_head, a.block_size)
-        if params_of(width, a.n_layer, heads, a.block_size) != _frontier.params(a.n_layer, width, a.block_size):
-            raise RuntimeError("the closed-form parameter count differs from the model's")  # the sizing must be the model's
         specs.append(_spec(a, "dense_avg", width, n_head=heads))
     return specs
-
-
-def params_of(d: int, n_layer: int, n_head: int, block: int) -> int:
-    """Parameters of examples/tiny_gpt.py's GPT (the tied head counted once)."""
-    from mst_compile.modelfile import parameter_count
-
-    _, gpt, sizes = _model_file(dict(block_size=block, n_layer=n_layer, n_head=n_head, d=d))
-    return parameter_count(gpt(**sizes))
 
 
 def run_all(a) -> list[dict]:
@@ -292,9 +294,10 @@ _SAME = ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "l
          "eval_iters", "final_eval_iters", "overrides", "quick", "data")
 
 
-def merge(out: Path, parts: list[Path], command: str) -> dict:
+def merge(out: Path, parts: list[Path], command: str, alone: bool = False) -> dict:
     """Join results.json files of the same setup into one table and plot set. A run named in more
-    than one part is taken from the last part that has it (a rerun replaces the earlier run)."""
+    than one part is taken from the last part that has it (a rerun replaces the earlier run). The
+    table records the parts' commands, then ``command`` (``alone``: only ``command``, which ran them)."""
     docs = [json.loads(p.read_text()) for p in parts]
     if not docs:
         raise SystemExit("--merge OUT a.json b.json ...: give the results.json files to join")
@@ -310,7 +313,7 @@ def merge(out: Path, parts: list[Path], command: str) -> dict:
             by_name[r["name"]] = r
     runs = list(by_name.values())
     setup = {**docs[0]["setup"], "widths": sorted({w for d in docs for w in d["setup"]["widths"]})}
-    cmds = [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
+    cmds = [] if alone else [c for d in docs for c in (d["command"] if isinstance(d["command"], list) else [d["command"]])]
     doc = {"command": cmds + [command], "setup": setup, "wall_s": sum(d["wall_s"] for d in docs),
            "bar": bar_verdict(runs, setup["d"]), "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
@@ -324,15 +327,23 @@ def _command(argv) -> str:
     return "PYTHONPATH=. python benchmarks/reproduce.py" + "".join(" " + shlex.quote(x) for x in argv)
 
 
-def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--replot"]:  # redraw the table and plots of an earlier run: --replot results.json
-        doc = json.loads(Path(argv[1]).read_text())
-        write_outputs(doc, Path(argv[1]).parent)
-        return doc
-    if argv[:1] == ["--merge"]:  # one table from runs split over invocations: --merge OUT a.json b.json ...
-        return merge(Path(argv[1]), [Path(x) for x in argv[2:]], _command(argv))
-    a = _args(argv)
+def table(name: str, command: str) -> dict:
+    """Every run of the README table ``name`` (``TABLES``), merged into the folder the README quotes."""
+    if name not in TABLES:
+        raise SystemExit(f"--table {name!r}: expected one of {', '.join(TABLES)}")
+    folder, parts = TABLES[name]
+    if len(parts) == 1:
+        return run(_args([*parts[0], "--out", str(ROOT / folder), "--work", str(ROOT / "runs" / name)]), command)
+    done = []
+    for i, part in enumerate(parts):
+        out, work = f"{folder}/part-{chr(ord('a') + i)}", f"runs/{name}/part-{chr(ord('a') + i)}"
+        run(_args([*part, "--out", str(ROOT / out), "--work", str(ROOT / work)]), _command([*part, "--out", out, "--work", work]))
+        done.append(ROOT / out / "results.json")
+    return merge(ROOT / folder, done, command, alone=True)
+
+
+def run(a: argparse.Namespace, command: str) -> dict:
+    """Train every run of ``a`` and write the table, JSON and plots to ``a.out`` (``command`` is recorded)."""
     t0 = time.time()
     results = run_all(a)
     out = Path(a.out)
@@ -343,7 +354,7 @@ def main(argv=None) -> dict:
                                         "data")}
     setup["overrides"] = {k: v for k, v in a.overrides.items()}
     setup["predicted_mst_flops"] = getattr(a, "predicted_mst_flops", None)
-    doc = {"command": _command(argv), "setup": setup, "wall_s": time.time() - t0,
+    doc = {"command": command, "setup": setup, "wall_s": time.time() - t0,
            "bar": bar_verdict(results, a.d), "runs": results}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_outputs(doc, out)
@@ -356,6 +367,21 @@ def main(argv=None) -> dict:
     print(markdown(doc))
     print(f"wrote {out}/results.{{md,json}}, loss_vs_flops.png, gap_vs_params.png; runs in {a.work}")
     return doc
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--replot"]:  # redraw the table and plots of an earlier run: --replot results.json
+        doc = json.loads(Path(argv[1]).read_text())
+        write_outputs(doc, Path(argv[1]).parent)
+        return doc
+    if argv[:1] == ["--merge"]:  # one table from runs split over invocations: --merge OUT a.json b.json ...
+        return merge(Path(argv[1]), [Path(x) for x in argv[2:]], _command(argv))
+    if argv[:1] == ["--table"]:  # one table of benchmarks/README.md, every part run and merged: --table NAME
+        if len(argv) != 2:
+            raise SystemExit(f"--table takes one NAME ({', '.join(TABLES)}) and no other options, got {argv[1:]}")
+        return table(argv[1], _command(argv))
+    return run(_args(argv), _command(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kernels  # the GPT-2-small-shaped model, its shapes and the interleaved timer
 import torch.nn.functional as F
-from kernels import GPT, SHAPES
+from _timing import add_clock_option
+from kernels import GPT, SHAPES, best_ms  # the GPT-2-small-shaped model, its shapes
 
 import mst_compile
 from mst_compile import MSTConfig
@@ -65,7 +64,7 @@ def _tiled_weight(shape: tuple[int, int], tile: int, density: float, g: torch.Ge
     return sw, w, float(tm.float().mean())
 
 
-def bench_layers(tokens: int, reps: int, tiles=TILES, densities=DENSITIES) -> list[dict]:
+def bench_layers(tokens: int, reps: int, tiles=TILES, densities=DENSITIES, clock: str = "wall") -> list[dict]:
     """Per shape and tile, densities in increasing order, each timed interleaved with the masked-dense
     op; a tile stops at the first density where it is slower (its crossover is then bracketed)."""
     rows = []
@@ -80,7 +79,7 @@ def bench_layers(tokens: int, reps: int, tiles=TILES, densities=DENSITIES) -> li
         for tile in tiles:
             for d in densities:
                 sw, w, density = _tiled_weight((n_out, n_in), tile, d, g)
-                t = kernels._interleaved({"dense": dense, "tile": _layer_fn(sw, x, w, b, gy)}, reps)
+                t = best_ms({"dense": dense, "tile": _layer_fn(sw, x, w, b, gy)}, reps, clock)
                 rows.append(dict(shape=f"{n_in}x{n_out}", tile=tile, target=d, density=density, dense=t["dense"], tile_ms=t["tile"]))
                 line.append(f"b={tile} d={d}: {t['dense'] / t['tile']:.2f}x")
                 if t["tile"] > t["dense"]:
@@ -143,7 +142,7 @@ def _step_fn(model, idx, tgt, sm=None):
     return step
 
 
-def bench_step(tiles, reps: int, batch=4, T=256, n_layer=12, sparsity=0.9) -> dict:
+def bench_step(tiles, reps: int, batch=4, T=256, n_layer=12, sparsity=0.9, clock: str = "wall") -> dict:
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 256, (batch, T), generator=g)
     tgt = torch.randint(0, 256, (batch, T), generator=g)
@@ -160,7 +159,7 @@ def bench_step(tiles, reps: int, batch=4, T=256, n_layer=12, sparsity=0.9) -> di
         kernels_used = [s.sparse.kernel for s in sm.mst.weight_sites.values()]
         info[name] = (sm.mst.density(), sum(k != "dense" for k in kernels_used), len(kernels_used))
         fns[name] = step
-    return dict(times=kernels._interleaved(fns, reps), info=info, tokens=batch * T)
+    return dict(times=best_ms(fns, reps, clock), info=info, tokens=batch * T)
 
 
 def print_step_table(res: dict) -> None:
@@ -182,19 +181,17 @@ def main() -> None:
     ap.add_argument("--tiles", default=",".join(map(str, TILES)), help="tile edges of the per-layer table")
     ap.add_argument("--step-tiles", default="32,64", help="tile edges of the per-step table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: elapsed time; cpu: process CPU time, for a machine shared with other jobs (use --threads 1)")
+    add_clock_option(ap)
     args = ap.parse_args()
-    kernels._CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     if not tile_cpu.available():
         sys.exit(f"tiles: the blocked CPU tile kernel is not available ({tile_cpu.why_unavailable()})")
     print(f"# {torch.get_num_threads()} threads, {args.clock} clock, best of {args.reps} interleaved runs")
     if args.only in (None, "layer"):
-        print_layer_table(bench_layers(args.tokens, args.reps, tuple(int(b) for b in args.tiles.split(","))), args.tokens)
+        print_layer_table(bench_layers(args.tokens, args.reps, tuple(int(b) for b in args.tiles.split(",")), clock=args.clock), args.tokens)
     if args.only in (None, "step"):
-        print_step_table(bench_step(tuple(int(b) for b in args.step_tiles.split(",")), args.reps))
+        print_step_table(bench_step(tuple(int(b) for b in args.step_tiles.split(",")), args.reps, clock=args.clock))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_quick_run_trains_every_method(quick):
     assert eq["steps"] < dense["steps"]
     assert abs(eq["mst_flops"] - runs["mst"]["mst_flops"]) <= 0.5 * dense["dense_flops_per_step"] + 1
     # the compute-fair baselines: static at MST's FLOPs within 5%; smaller dense models trained for all the
-    # steps, each the width whose closed-form cost is nearest MST's budget, and the closed form is the ledger's
+    # steps, each the width whose cost by the ledger (_frontier, at batch 1) is nearest MST's budget, as the run was charged
     mst = runs["mst"]
     assert doc["setup"]["predicted_mst_flops"] == pytest.approx(mst["mst_flops"], rel=1e-9)  # batch-1 sizing run
     assert runs["static_eq"]["mst_flops"] == pytest.approx(mst["mst_flops"], rel=0.05)
@@ -141,3 +141,55 @@ def test_merge_joins_split_runs_into_the_same_table(quick, tmp_path):
     assert len(replaced["runs"]) == len(merged["runs"])
     eq = {r["name"]: r for r in merged["runs"]}["dense_eq"]
     assert {r["name"]: r for r in replaced["runs"]}["dense_eq"]["val_loss"] == pytest.approx(eq["val_loss"] + 1.0)
+
+
+def test_every_table_is_one_valid_command():
+    rep = _reproduce()
+    assert set(rep.TABLES) == {"steps500", "steps3000", "heldout3000"}
+    for name, (folder, parts) in rep.TABLES.items():
+        assert (ROOT / folder).is_dir(), name  # the folder benchmarks/README.md quotes
+        for part in parts:
+            rep._args(part)  # parses: known methods, valid overrides
+    with pytest.raises(SystemExit, match="expected one of steps500, steps3000, heldout3000"):
+        rep.main(["--table", "heldout"])
+
+
+def test_width_search_finds_the_brute_force_answer():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _frontier
+
+    for size in (lambda w: 3 * w * w + 7 * w, lambda w: w ** 3):
+        for target in (1, 5, 10, 100, 1234.5, 1e5, 2e7, 1e12):
+            for step in (1, 2, 3, 4):
+                brute = min(range(step, _frontier.WIDEST, step), key=lambda w: abs(size(w) - target))
+                assert _frontier._nearest_multiple(size, target, step) == brute, (target, step)
+
+
+@pytest.mark.slow
+def test_table_runs_every_part_and_merges_them(quick, tmp_path, monkeypatch):
+    _, doc = quick
+    rep = sys.modules["reproduce"]
+    calls = []
+
+    def fake_run(a, command):  # writes the quick run's records of a's methods where a run writes its table
+        calls.append((Path(a.out), command))
+        part = {**doc, "command": command, "runs": [r for r in doc["runs"] if r["method"] in a.methods]}
+        Path(a.out).mkdir(parents=True)
+        (Path(a.out) / "results.json").write_text(json.dumps(part))
+        return part
+
+    monkeypatch.setattr(rep, "ROOT", tmp_path)
+    monkeypatch.setattr(rep, "run", fake_run)
+    monkeypatch.setattr(rep, "TABLES", {"two": ("out", [["--quick", "--methods", "dense,mst,dense_eq"], ["--quick", "--methods", "static"]]),
+                                        "one": ("single", [["--quick", "--methods", "dense"]])})
+    merged = rep.main(["--table", "two"])
+    cmd = "PYTHONPATH=. python benchmarks/reproduce.py "
+    assert calls == [(tmp_path / "out" / "part-a", cmd + "--quick --methods dense,mst,dense_eq --out out/part-a --work runs/two/part-a"),
+                     (tmp_path / "out" / "part-b", cmd + "--quick --methods static --out out/part-b --work runs/two/part-b")]
+    assert merged["command"] == [cmd + "--table two"]  # the one command that made the table
+    assert {r["method"] for r in merged["runs"]} == {"dense", "mst", "dense_eq", "static"}
+    assert merged["bar"]["vs_static_pct"] == pytest.approx(doc["bar"]["vs_static_pct"])
+    assert f"Command: `{cmd}--table two`" in (tmp_path / "out" / "results.md").read_text()
+    calls.clear()
+    rep.main(["--table", "one"])  # a table of one part is that run, written to the folder itself
+    assert calls == [(tmp_path / "single", cmd + "--table one")]
