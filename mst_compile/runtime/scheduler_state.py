@@ -35,7 +35,7 @@ def state_dict(sch: MSTScheduler) -> dict[str, Any]:
         "last_update": None if sch.last_update is None else dict(sch.last_update),
         "warned_past_end": sch._warned_past_end,
         "pinned_attention": dict(sch.pinned_attention),
-        "config": sch.config.to_dict(),
+        "config": _record(sch),
     }
 
 
@@ -89,9 +89,15 @@ def _check_masks(sch: MSTScheduler, masks: Any) -> None:
         raise CheckpointError("sm.mst.load_state_dict: " + "; ".join(bad[:3]) + more)
 
 
+def _record(sch: MSTScheduler) -> dict[str, Any]:
+    """The config a checkpoint was written under, with the run length it spanned."""
+    run = {} if sch._run is None else {"total_steps": sch._run.total_steps}
+    return {**sch.config.to_dict(), **run}
+
+
 def _warn_config(sch: MSTScheduler, saved: dict[str, Any]) -> None:
-    ours = sch.config.to_dict()
-    diff = sorted(k for k in saved if k != "extra" and k in ours and saved[k] != ours[k])
+    ours = _record(sch)
+    diff = sorted(k for k in saved if k in ours and saved[k] != ours[k])
     if diff:
         warnings.warn(
             "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("
