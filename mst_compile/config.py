@@ -104,25 +104,30 @@ class _SiteRules(Kind):
                 f"{{phase: pattern}} with phases from {', '.join(PHASES)}")
 
     def norm(self, rules):
+        """Raises the old one-line messages naming the rule (``MSTConfig.attention_sites['h.0.attn']=...``)."""
         if rules is None:
             return None
         if not isinstance(rules, dict):
             raise Bad
+        patterns = ", ".join(ATTENTION_PATTERNS)
+
+        def fail(where: str, value: Any, expected: str) -> None:
+            raise ValueError(f"MSTConfig.attention_sites{where}={value!r} is invalid: expected {expected}")
+
         for site, rule in rules.items():
             if not isinstance(site, str) or not site:
                 raise Bad(f"{self.expected}; got the key {site!r}")
             if isinstance(rule, str):
                 if rule not in ATTENTION_PATTERNS:
-                    raise Bad(f"for {site!r} one of {', '.join(ATTENTION_PATTERNS)} or a dict {{phase: pattern}}; got {rule!r}")
+                    fail(f"[{site!r}]", rule, f"one of {patterns} or a dict {{phase: pattern}}")
                 continue
             if not isinstance(rule, dict) or not rule:
-                raise Bad(f"for {site!r} one of {', '.join(ATTENTION_PATTERNS)} or a non-empty dict {{phase: pattern}}; "
-                          f"got {rule!r}")
+                fail(f"[{site!r}]", rule, f"one of {patterns} or a non-empty dict {{phase: pattern}}")
             for phase, pattern in rule.items():
                 if phase not in PHASES:
-                    raise Bad(f"for {site!r} phases from {', '.join(PHASES)}; got {phase!r}")
+                    fail(f"[{site!r}]", rule, f"phases from {', '.join(PHASES)}; got {phase!r}")
                 if pattern not in ATTENTION_PATTERNS:
-                    raise Bad(f"for {site!r} in {phase!r} one of {', '.join(ATTENTION_PATTERNS)}; got {pattern!r}")
+                    fail(f"[{site!r}][{phase!r}]", pattern, f"one of {patterns}")
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in rules.items()}
 
     def parse(self, texts):

@@ -18,7 +18,6 @@ from mst_compile.runtime.schedule import (
 )
 
 
-
 def run(total_steps, **kw):
     """The schedule of ``MSTConfig(**kw)`` over ``total_steps`` steps."""
     return Schedule(MSTConfig(**kw), total_steps)
