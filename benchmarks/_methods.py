@@ -22,7 +22,7 @@ in the ultra phase); the baselines switch parts of that off:
   library's (docs/design.md says why they differ).
 
 ΔT: the paper preset and the SET/RigL baselines update every steps/30 steps (100 at 3000 steps, the
-published interval); the MST defaults use their own run-length rule (``MSTConfig.interval``).
+published interval); the MST defaults use their own run-length rule (``Schedule.interval``).
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mst_compile import MSTConfig
-from mst_compile.config import PRESETS
+from mst_compile.config import ABLATION_KEYS, KEYS, PRESETS
 
 _SCALED = "steps/30"  # an update_interval that follows the run length like the published recipe
 _CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense", "attention_phases": ("ultra",),
-                "grow_init_scale": 0.0, "update_interval": _SCALED}
+                "update_interval": _SCALED}
 _PAPER = {**PRESETS["paper"], "update_interval": _SCALED}
 
 
@@ -75,11 +75,12 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 ORDER = tuple(METHODS)
 
 
-def mst_config(method: Method, steps: int, seed: int, update_interval: int | None,
+def mst_config(method: Method, steps: int, update_interval: int | None,
                overrides: dict[str, Any] | None = None, sized: dict[str, Any] | None = None) -> MSTConfig:
-    """The MSTConfig of ``method`` for a run of ``steps``. ``update_interval`` (when not None) replaces
-    every method's ΔT; ``overrides`` apply to the MST runs; ``sized`` holds what was solved from MST's run."""
-    cfg: dict[str, Any] = {"total_steps": steps, "seed": seed}
+    """The MSTConfig of ``method`` for a run of ``steps`` (the trainer passes the run's length and seed).
+    ``update_interval`` (when not None) replaces every method's ΔT; ``overrides`` apply to the MST runs;
+    ``sized`` holds what was solved from MST's run."""
+    cfg: dict[str, Any] = {}
     if not method.dense:
         if method.key in ("mst", "paper") or method.key.startswith("mst_"):
             cfg.update(overrides or {})
@@ -95,17 +96,17 @@ def mst_config(method: Method, steps: int, seed: int, update_interval: int | Non
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs for MSTConfig fields (numbers, names, or comma lists for drop_fractions)."""
+    """``KEY=VALUE`` pairs for MSTConfig and Ablation fields (numbers, names, or comma lists for drop_fraction)."""
     out: dict[str, Any] = {}
-    known = set(MSTConfig.__dataclass_fields__)
+    known = (set(KEYS) | set(ABLATION_KEYS)) - {"ablation"}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in known or key in ("total_steps", "seed", "extra"):
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(sorted(known - {'total_steps', 'seed', 'extra'}))}")
-        if key == "drop_fractions":
-            out[key] = tuple(float(z) for z in text.split(","))
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        if key == "drop_fraction":
+            zs = [float(z) for z in text.split(",")]
+            out[key] = zs[0] if len(zs) == 1 else tuple(zs)
         elif key == "attention_phases":
             out[key] = tuple(p.strip() for p in text.split(",") if p.strip())
         elif key == "schedule":
@@ -115,5 +116,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 out[key] = int(text) if text.lstrip("-").isdigit() else float(text)
             except ValueError:
                 out[key] = None if text.lower() == "none" else text
+        if key in ABLATION_KEYS:
+            out.setdefault("ablation", {})[key] = out.pop(key)
     MSTConfig(**out)  # validate now, not in a worker halfway through the benchmark
     return out

@@ -92,7 +92,7 @@ def markdown(doc: dict) -> str:
     head = (f"Byte-level GPT (d={d}, {s['n_layer']} layers, {s['n_head']} heads, T={s['block_size']}, batch {s['batch_size']}), "
             f"{s['steps']} steps, seed {s['seed']}, "
             + (f"ΔT = {s['update_interval']} for every sparse method" if s.get("update_interval") else
-               "each method's own ΔT (MST defaults: MSTConfig.interval; paper, SET, RigL: steps/30)")
+               "each method's own ΔT (MST defaults: Schedule.interval; paper, SET, RigL: steps/30)")
             + (f", data {s['data']}" if s.get("data") else ", built-in corpus") + "; final val loss on "
             f"{s['final_eval_iters']} val batches (the same for every method; ± is the paired standard error of the gap).")
     lines = [f"### MST vs dense, {s['steps']} steps" + (" (quick smoke run)" if s.get("quick") else ""), "", head, "",

@@ -203,8 +203,8 @@ def train(device, dry: bool, reps: int) -> None:
         torch.manual_seed(0)
         net = GPT(**shape).to(device)
         if mst is not None:  # ultra from step 0: 90% sparse, sparse attention, the first update far away
-            cfg = mst_compile.MSTConfig(total_steps=100_000, update_interval=10_000, warmup_end=0.0, ultra_end=1.0, sparsity=0.9, **mst)
-            net = mst_compile.sparsify(net, cfg, example_inputs=(x[:, :-1],))
+            cfg = mst_compile.MSTConfig(update_interval=10_000, warmup_end=0.0, ultra_end=1.0, sparsity=0.9, **mst)
+            net = mst_compile.sparsify(net, cfg, total_steps=100_000, example_inputs=(x[:, :-1],))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
         if mst is not None:
             net.mst.attach(opt)
@@ -265,7 +265,7 @@ def onnx(device, dry: bool, reps: int) -> None:
         {"vocab_size": 256, "block_size": 2048, "n_layer": 4, "n_head": 8, "n_embd": 512}
     T = shape["block_size"]
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(_gpt_class()(**shape), mst_compile.MSTConfig(total_steps=10))
+    sm = mst_compile.sparsify(_gpt_class()(**shape), mst_compile.MSTConfig(), total_steps=10)
     example = (torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(0)),)
     with tempfile.TemporaryDirectory() as tmp:
         for attention_pattern in ("dense", "sparse"):

@@ -54,10 +54,10 @@ def _build(kind: str, args):
         return model, opt
     common = dict(update_interval=args.update_interval, sparse_kernel="dense", attention="dense", sparsity=0.9)
     if kind == "mst warm-up":  # the warm-up spans the whole measured run
-        cfg = mst_compile.MSTConfig(total_steps=4 * args.steps, warmup_end=0.5, ultra_end=0.75, **common)
+        cfg = mst_compile.MSTConfig(warmup_end=0.5, ultra_end=0.75, **common)
     else:
-        cfg = mst_compile.MSTConfig(total_steps=4 * args.steps, warmup_end=0.0, ultra_end=0.75, **common)
-    sm = mst_compile.sparsify(model, cfg)
+        cfg = mst_compile.MSTConfig(warmup_end=0.0, ultra_end=0.75, **common)
+    sm = mst_compile.sparsify(model, cfg, total_steps=4 * args.steps)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
     sm.mst.attach(opt)
     return sm, opt

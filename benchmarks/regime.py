@@ -101,7 +101,7 @@ def _run(spec: dict) -> dict:
         summary = json.loads(done.read_text())
         if summary.get("steps") == spec["steps"]:
             method = reproduce.METHODS[spec["method"]]
-            cfg = reproduce.mst_config(method, spec["steps"], spec["seed"], None, {}, None)
+            cfg = reproduce.mst_config(method, spec["steps"], None, {}, None)
             return {**reproduce.final_record(spec, cfg, summary), "point": spec["point"]}
     return {**reproduce.run_one(spec), "point": spec["point"]}
 

@@ -132,7 +132,7 @@ def run_one(spec: dict) -> dict:
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
                      log_interval=spec.get("log_interval") or max(1, steps // 100), device="cpu", dense=method.dense,
                      data=spec.get("data"))
-    cfg = mst_config(method, steps, spec["seed"], spec["update_interval"], spec["overrides"], spec.get("sized"))
+    cfg = mst_config(method, steps, spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
     summary = train(mf, tc, cfg, out=out, progress=False)
     return final_record(spec, cfg, summary)

@@ -1,7 +1,7 @@
 """Sweep MST's defaults against the dense baseline of a reproduce.py run: gap vs FLOP reduction.
 
     PYTHONPATH=. python benchmarks/sweep.py --baseline benchmarks/results/results.json \\
-        --variant "s_max 0.8: sparsity=0.8" --variant "late: ultra_end=0.6; drop_fractions=0.3,0.3,0" [--jobs 2]
+        --variant "s_max 0.8: sparsity=0.8" --variant "late: ultra_end=0.6; drop_fraction=0.3,0.3,0" [--jobs 2]
 
 Each ``--variant "NAME: KEY=VALUE; KEY=VALUE"`` trains MST once with those MSTConfig overrides at the
 baseline run's exact setup (sizes, steps, seed, ΔT, evaluation batches), so its final val loss is

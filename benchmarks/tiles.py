@@ -152,8 +152,8 @@ def bench_step(tiles, reps: int, batch=4, T=256, n_layer=12, sparsity=0.9, clock
         torch.manual_seed(0)
         model = GPT(block_size=T, n_layer=n_layer)
         # the ultra phase from step 0, no topology update in the timed steps (ΔT far away)
-        cfg = MSTConfig(total_steps=100_000, update_interval=50_000, warmup_end=0.0, ultra_end=1.0, sparsity=sparsity, tile=tile)
-        sm = mst_compile.sparsify(model, cfg, example_inputs=(idx,))
+        cfg = MSTConfig(update_interval=50_000, warmup_end=0.0, ultra_end=1.0, sparsity=sparsity, tile=tile)
+        sm = mst_compile.sparsify(model, cfg, total_steps=100_000, example_inputs=(idx,))
         step = _step_fn(sm, idx, tgt, sm)
         name = f"MST tiles {tile}x{tile}" if tile else "MST unstructured (csr auto)"
         kernels_used = [s.sparse.kernel for s in sm.mst.weight_sites.values()]

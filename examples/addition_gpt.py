@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from tiny_gpt import GPT  # mstc puts this file's folder on sys.path while importing it
 
-import mst_compile
-
 BLOCK = 64
 
 
@@ -21,12 +19,8 @@ def example_inputs():
     return (torch.randint(0, 256, (2, BLOCK)),)
 
 
-def config():
-    return mst_compile.MSTConfig(total_steps=300)
-
-
 def train_config():
-    return {"batch_size": 16, "block_size": BLOCK, "lr": 2e-3, "eval_iters": 4}
+    return {"steps": 300, "batch_size": 16, "block_size": BLOCK, "lr": 2e-3, "eval_iters": 4}
 
 
 def _sums(rng, n_chars: int) -> bytes:

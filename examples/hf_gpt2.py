@@ -6,8 +6,6 @@ traceable, so mst_compile captures it with torch.export from `example_inputs()`.
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import mst_compile
-
 BLOCK = 128
 
 
@@ -24,5 +22,5 @@ def example_inputs():
     return {"input_ids": torch.randint(0, 256, (2, BLOCK))}
 
 
-def config():
-    return mst_compile.MSTConfig(total_steps=1000)
+def train_config():
+    return {"steps": 1000}

@@ -2,8 +2,6 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import mst_compile
-
 BLOCK = 128
 
 
@@ -20,5 +18,5 @@ def example_inputs():
     return {"input_ids": torch.randint(0, 256, (2, BLOCK))}
 
 
-def config():
-    return mst_compile.MSTConfig(total_steps=1000)
+def train_config():
+    return {"steps": 1000}

@@ -44,7 +44,7 @@ class ByteBlocks(torch.utils.data.Dataset):
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4,
                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
-mst = MSTCallback(mst_compile.MSTConfig(update_interval=max(1, args.steps // 20)))  # total_steps: the Trainer's
+mst = MSTCallback(mst_compile.MSTConfig(update_interval=max(1, args.steps // 20)))  # the run length: the Trainer's max_steps
 trainer = Trainer(
     model=model,
     args=TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=1e-3,

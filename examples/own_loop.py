@@ -25,8 +25,8 @@ args = p.parse_args()
 B, T = 8, 64
 torch.manual_seed(0)
 model = GPT(block_size=T, n_layer=2, n_embd=64)
-cfg = mst_compile.MSTConfig(total_steps=args.steps, update_interval=max(1, args.steps // 20))
-sm = mst_compile.sparsify(model, cfg)  # shares its parameters with model: training sm trains model
+cfg = mst_compile.MSTConfig(update_interval=max(1, args.steps // 20))
+sm = mst_compile.sparsify(model, cfg, total_steps=args.steps)  # shares its parameters with model: training sm trains model
 opt = torch.optim.AdamW(sm.parameters(), lr=3e-3, weight_decay=0.1)
 sm.mst.attach(opt)  # from now on every opt.step() also advances MST (masks, schedule, FLOP ledger)
 data = load_data(None, None, val_fraction=0.05)  # built-in corpus (the Python standard library), bytes

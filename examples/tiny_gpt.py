@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import mst_compile
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d: int, n_head: int, block_size: int, flash: bool = True):
@@ -85,6 +83,6 @@ def example_inputs():
     return (torch.randint(0, 256, (2, 128)),)
 
 
-def config():
+def train_config():
     # sized so that `mstc train examples/tiny_gpt.py` finishes in a few minutes on a 2-core CPU
-    return mst_compile.MSTConfig(total_steps=600)
+    return {"steps": 600}

@@ -4,11 +4,12 @@ Importing the package is cheap: torch is imported only when a verb that needs it
 """
 from __future__ import annotations
 
-from .config import MSTConfig
+from .config import Ablation, MSTConfig
 from .errors import CaptureError, CheckpointError, ExportValidationError, MstCompileError
 
 __version__ = "0.1.0"
 __all__ = [
+    "Ablation",
     "MSTConfig",
     "sparsify",
     "finalize",

@@ -39,7 +39,7 @@ def _given_flags() -> dict:
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return {}
-    return {key.split("__", 1)[1]: value for key, value in ctx.params.items()
+    return {key.rsplit("__", 1)[1]: value for key, value in ctx.params.items()
             if key.startswith(("train__", "mst__")) and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
             and not isinstance(value, tuple)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 PHASES = ("warmup", "ultra", "restoration")
 ATTENTION_PATTERNS = ("dense", "local", "strided", "sparse")  # docs/design.md §5
-DISTRIBUTIONS = ("uniform", "er", "erk")  # docs/design.md §2
+DISTRIBUTIONS = ("uniform", "er")  # docs/design.md §2
 SPARSE_KERNELS = ("auto", "dense", "csr", "tile", "triton")  # MSTConfig.sparse_kernel: "auto" picks one of LINEAR_KERNELS
 # what a sparse weight site runs: the masked-dense op, CSR kernels (unstructured masks, CPU), or the kernels
 # that skip inactive tiles (tile-structured masks): the blocked CPU kernel ("tile") or Triton ("triton")

@@ -52,7 +52,7 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
 
     ``model``: an ``nn.Module``, a model file (``model()``, as ``mstc train`` takes) or a Hugging Face
     ``config.json``. ``batch_size`` sequences of ``block_size`` tokens (default: the model's maximum
-    length, else 128) make one optimizer step; ``config.total_steps`` becomes tokens / that.
+    length, else 128) make one optimizer step; the run's length is tokens / that.
     ``hardware``: ``"local"`` (this machine's GPU, else its CPU) or ``"cpu"`` time a dense step and
     an MST step per phase here and forecast from those; a GPU preset (``"a100"``, ``"h100"``,
     ``"h200"``, with ``peak_flops`` / ``utilization`` to override it) estimates from FLOPs.
@@ -60,12 +60,13 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     """
     import torch
 
-    from .api import _as_config, sparsify
+    from .api import as_config, sparsify
     from .capture import split_inputs
     from .errors import CaptureError
     from .modelfile import build_model, max_sequence_length, parameter_count
     from .runtime import schedule
     from .runtime.forecast import forecast
+    from .runtime.schedule import Schedule
 
     if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not tokens > 0 or not math.isfinite(tokens):
         raise ValueError(f"plan: tokens={tokens!r} is invalid: expected a positive number of training tokens")
@@ -78,22 +79,22 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
         raise ValueError(f"plan: block_size={T!r} is invalid: expected an integer >= 1")
     per_step = batch_size * T
     steps = max(1, round(tokens / per_step))
-    cfg = _as_config(config).replace(total_steps=steps)
-    schedule.check(cfg)
+    cfg = as_config(config)
+    run = Schedule(cfg, steps)  # checked before anything is captured
     ids = torch.zeros(1, T, dtype=torch.long)
     args, kwargs = split_inputs(inputs(ids))
     params = parameter_count(net)
     say = progress or (lambda message: None)
     say(f"capturing {name} ({params:,} parameters) ...")
     try:  # a model file is captured as mstc train captures it (its example_inputs(), if any)
-        sm = sparsify(net, cfg, example_inputs=mf.capture_inputs(net, ids) if mf else inputs(ids))
+        sm = sparsify(net, cfg, total_steps=steps, example_inputs=mf.capture_inputs(net, ids) if mf else inputs(ids))
     except CaptureError as e:
         raise (mf.capture_error(e) if mf else e) from None
     say(f"one forward at batch 1, T={T}, through the FLOP ledger's hooks ...")
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, cfg, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride)
+    fc = forecast(fp, run, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride)
     if hw is None:  # timed on this machine
         from . import timing
 
@@ -101,12 +102,12 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
         b = timing.timed_batch(batch_size, T)
         say(f"timing a dense step and an MST step per phase on this machine ({timing.describe(device)}) at batch {b}, T={T} ...")
         sites = list(sm.mst.attention_modules())
-        states = {ph.phase: (max(0.0, 1.0 - ph.density), _patterns_at(cfg, sites, ph.first_step - 1 + ph.steps // 2, T))
+        states = {ph.phase: (max(0.0, 1.0 - ph.density), _patterns_at(run, sites, ph.first_step - 1 + ph.steps // 2, T))
                   for ph in fc.phases}  # each phase at its mean density, with the attention of its middle step
         times = timing.time_steps(net, sm, inputs, states, batch_size=batch_size, block_size=T, device=device)
         step_s = {state: times.step(state, batch_size) for state in ("dense", *states)}
         hardware_info = {"name": f"this machine ({times.device}), timed", "kind": device.type,
-                         "measured": {**times.as_dict(), "step_s": step_s, "updates": len(schedule.update_steps(cfg))}}
+                         "measured": {**times.as_dict(), "step_s": step_s, "updates": len(schedule.update_steps(run))}}
         dense_hours = steps * step_s["dense"] / 3600.0
         mst_hours = sum(ph.steps * step_s[ph.phase] for ph in fc.phases) / 3600.0
     else:  # a GPU preset: masked dense GEMMs and HSA save no time there (yet)
@@ -124,13 +125,13 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
         config=cfg.to_dict(), avg_active_params=params - sparse + sparse * avg_density)
 
 
-def _patterns_at(cfg: MSTConfig, sites: list[str], step: int, T: int) -> dict[str, tuple[str, int]]:
-    """{site: (pattern, stride)} the schedule runs at ``step`` for sequences of length T."""
+def _patterns_at(run, sites: list[str], step: int, T: int) -> dict[str, tuple[str, int]]:
+    """{site: (pattern, stride)} the schedule ``run`` runs at ``step`` for sequences of length T."""
     from .ops.attention import effective_pattern
     from .runtime import schedule
 
-    return {site: effective_pattern(pattern, cfg.stride, scale, T)
-            for site, (pattern, scale) in ((site, schedule.site_pattern(site, step, cfg)) for site in sites)}
+    return {site: effective_pattern(pattern, run.config.stride, scale, T)
+            for site, (pattern, scale) in ((site, schedule.site_pattern(site, step, run)) for site in sites)}
 
 
 def _hardware(hardware: str, peak_flops: float | None, utilization: float | None) -> Hardware | None:

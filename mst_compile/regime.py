@@ -22,8 +22,8 @@ def regime_map() -> dict | None:
 
 
 def _series_for(config: MSTConfig) -> tuple[str, str]:
-    """Which measured config of the map this one is (ignoring length, seed and ΔT), and a note."""
-    neutral = dict(total_steps=1000, seed=0, update_interval=None)
+    """Which measured config of the map this one is (ignoring ΔT), and a note."""
+    neutral = dict(update_interval=None)
     for name in ("default", "paper"):
         if config.replace(**neutral) == MSTConfig(**{**PRESETS[name], **neutral}):
             return name, f"this config is the {name} one"

@@ -14,9 +14,10 @@ from typing import Any
 
 import tomllib
 
-from .config import MSTConfig
+from .config import ABLATION_KEYS, GONE, KEYS, MSTConfig
 from .constants import DEFAULT_LR_DECAY, LR_SCHEDULES
 from .errors import MstCompileError
+from .fields import Bad, Choice, Flag, Integer, Kind, Number, Optional, Text, fail, knob, validate
 
 CONFIG = "config.toml"  # the file of a run folder this module reads and writes
 
@@ -24,94 +25,86 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # --data-dtype: how raw token-id files are stored
 
 
+class _Device(Kind):
+    expected = "auto, cpu, cuda or cuda:N"
+
+    def norm(self, v):
+        if not isinstance(v, str) or not (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")):
+            raise Bad
+        return v
+
+
+_GE1 = Integer(1)
+_OPT_GE1 = Optional(Integer(1), "an integer >= 1")
+
+
 @dataclass
 class TrainConfig:
-    """Everything about a training run that is not MST itself."""
+    """Everything about a training run that is not MST's recipe: among it the run's length and seed,
+    which the trainer passes to ``sparsify`` (``total_steps``: ``schedule_steps``, ``seed``)."""
 
-    steps: int | None = None  # optimizer steps; None: the MST config's total_steps
-    batch_size: int = 16  # sequences per micro-batch per process
-    block_size: int | None = None  # tokens per sequence; None: the model's block_size (else 128)
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float | None = None  # end of the decay; None: lr / 10
-    warmup_steps: int | None = None  # linear lr warm-up; None: 5% of steps
-    # the learning-rate curve of every run, dense or sparse (runtime/schedule.lr_multiplier): "wsd" is flat,
-    # then a cosine over the last lr_decay of the run (None: MST's restoration phase, 1 - ultra_end); "cosine"
-    # decays over the whole run
-    lr_schedule: str = "wsd"
-    lr_decay: float | None = None
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices (not on biases or norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_interval: int | None = None  # steps between evaluations; None: steps / 5
-    eval_iters: int = 10  # batches per split per evaluation
-    log_interval: int = 10  # steps between metrics.jsonl lines (progress updates every step)
-    checkpoint_interval: int | None = None  # steps between checkpoints; None: eval_interval
-    keep_checkpoints: int = 2  # newest checkpoints kept (step-N.pt); >= 2 so a corrupt one has a predecessor
-    seed: int = 0  # model init, batch order and MST's random growth
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, fp32 master weights; fp16 with a grad scaler)
-    data: str | None = None  # text, token ids or records (README: Data); None: the Python standard library
-    tokenizer: str | None = None  # local Hugging Face tokenizer folder; None: bytes (vocab 256)
-    data_dtype: str | None = None  # raw token-id files (.bin); None: uint16, as nanoGPT writes them
-    text_field: str | None = None  # the text column of records; None: "text"
-    val_fraction: float = 0.05
-    dense: bool = False  # the dense baseline: same run without sparsity
+    steps: int = knob(1000, _GE1, "Optimizer steps; the MST schedule spans them.", flags=("--steps", "--total-steps"))
+    batch_size: int = knob(16, _GE1, "Sequences per micro-batch per process.")
+    block_size: int | None = knob(None, _OPT_GE1, "Tokens per sequence.", means="the model's block_size, else 128")
+    lr: float = knob(1e-3, Number(0, None, "a number > 0", lo_open=True), "Peak learning rate.")
+    min_lr: float | None = knob(None, Optional(Number(0, None, "a number >= 0"), "a number >= 0"),
+                                "Learning rate at the end of the decay.", means="lr/10")
+    warmup_steps: int | None = knob(None, Optional(Integer(0), "an integer >= 0"), "Linear learning-rate warm-up steps.",
+                                    means="5% of steps")
+    # the learning-rate curve of every run, dense or sparse (runtime/schedule.lr_multiplier)
+    lr_schedule: str = knob("wsd", Choice(LR_SCHEDULES, " or ".join(LR_SCHEDULES)),
+                            "Learning-rate curve of every run, dense or MST: wsd (flat, then a cosine decay over the last "
+                            "--lr-decay of the run) or cosine (over the whole run).")
+    lr_decay: float | None = knob(None, Optional(Number(0, 1, "", lo_open=True), "a fraction of the run in (0, 1]"),
+                                  "WSD: fraction of the run the learning rate decays over.",
+                                  means="the restoration phase, 1 - ultra_end; 0.2 without one")
+    weight_decay: float = knob(0.1, Number(0, None, "a number >= 0"), "AdamW weight decay on matrices.")
+    beta1: float = knob(0.9, Number(0, 1, "a number in [0, 1)", hi_open=True), "AdamW beta1.")
+    beta2: float = knob(0.95, Number(0, 1, "a number in [0, 1)", hi_open=True), "AdamW beta2.")
+    grad_clip: float = knob(1.0, Number(0, None, "a number >= 0"), "Clip the global gradient norm (0: off).")
+    grad_accum: int = knob(1, _GE1, "Micro-batches per optimizer step.")
+    eval_interval: int | None = knob(None, _OPT_GE1, "Steps between evaluations.", means="steps/5")
+    eval_iters: int = knob(10, _GE1, "Batches per split per evaluation.")
+    log_interval: int = knob(10, _GE1, "Steps between metrics.jsonl lines.")
+    checkpoint_interval: int | None = knob(None, _OPT_GE1, "Steps between checkpoints.", means="the eval interval")
+    keep_checkpoints: int = knob(2, Integer(2), "Newest checkpoints kept in the run folder (at least 2).")
+    seed: int = knob(0, Integer(None), "Seed of model init, batch order and random growth.")
+    device: str = knob("auto", _Device(), "auto, cpu, cuda or cuda:N.")
+    precision: str = knob("fp32", Choice(PRECISIONS, " or ".join(PRECISIONS)),
+                          "fp32, bf16 (autocast) or fp16 (autocast and a grad scaler); weights stay fp32.")
+    data: str | None = knob(None, Optional(Text(), "a path"),
+                            "Text file, folder or quoted glob; token ids (.bin, .npy, a folder with train.bin and val.bin); "
+                            "records (.jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder).",
+                            means="the Python standard library")
+    tokenizer: str | None = knob(None, Optional(Text(), "a path"), "Local Hugging Face tokenizer folder for text and records.",
+                                 means="bytes, vocabulary 256")
+    data_dtype: str | None = knob(None, Optional(Choice(DATA_DTYPES, ", ".join(DATA_DTYPES)), ", ".join(DATA_DTYPES)),
+                                  "Type of the ids in .bin token files.", means="uint16 for .bin, the file's own for .npy")
+    text_field: str | None = knob(None, Optional(Text(nonempty=True), "a column name"),
+                                  "Column of the records that holds the text.", means="text")
+    val_fraction: float = knob(0.05, Number(0, 1, "a number in (0, 1)", lo_open=True, hi_open=True),
+                               "Share of the data held out for validation.")
+    dense: bool = knob(False, Flag(), "The dense baseline: the same run without sparsity.", flags=())
     # steps the MST and learning-rate schedules span; None: steps. A resume with a longer --steps keeps
     # the original span and trains the extra steps in the final phase at min_lr (docs: Resuming).
-    schedule_steps: int | None = None
+    schedule_steps: int | None = knob(None, _OPT_GE1,
+                                      "Steps the MST and learning-rate schedules span; later steps train in the final phase.",
+                                      means="--steps")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "block_size", "warmup_steps", "eval_interval", "checkpoint_interval", "schedule_steps"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup_steps" else 1)):
-                _fail(name, v, "an integer >= 1" if name != "warmup_steps" else "an integer >= 0")
-        for name in ("batch_size", "grad_accum", "eval_iters", "log_interval"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, v, "an integer >= 1")
-        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 2:
-            _fail("keep_checkpoints", self.keep_checkpoints, "an integer >= 2")
-        for name in ("lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
-                _fail(name, v, "a number > 0" if name == "lr" else "a number >= 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            _fail("lr_schedule", self.lr_schedule, " or ".join(LR_SCHEDULES))
-        if self.lr_decay is not None and (isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float))
-                                          or not 0 < self.lr_decay <= 1):
-            _fail("lr_decay", self.lr_decay, "a fraction of the run in (0, 1]")
-        if self.min_lr is not None and (not isinstance(self.min_lr, (int, float)) or not 0 <= self.min_lr <= self.lr):
-            _fail("min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v < 1:
-                _fail(name, v, "a number in [0, 1)")
-        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            _fail("val_fraction", self.val_fraction, "a number in (0, 1)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _fail("seed", self.seed, "an integer")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail("device", self.device, "auto, cpu, cuda or cuda:N")
-        if self.precision not in PRECISIONS:
-            _fail("precision", self.precision, " or ".join(PRECISIONS))
-        if self.data_dtype is not None and self.data_dtype not in DATA_DTYPES:
-            _fail("data_dtype", self.data_dtype, ", ".join(DATA_DTYPES))
-        if self.text_field is not None and (not isinstance(self.text_field, str) or not self.text_field):
-            _fail("text_field", self.text_field, "a column name")
-        if not isinstance(self.dense, bool):
-            _fail("dense", self.dense, "true or false")
-        if self.schedule_steps is not None and self.steps is not None and self.schedule_steps > self.steps:
-            _fail("schedule_steps", self.schedule_steps, f"at most steps={self.steps}")
+        validate(self, "TrainConfig")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            fail("TrainConfig", "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
+        if self.schedule_steps is not None and self.schedule_steps > self.steps:
+            fail("TrainConfig", "schedule_steps", self.schedule_steps, f"at most steps={self.steps}")
 
     def resolved(self, mst: MSTConfig, model_block_size: int | None = None) -> TrainConfig:
         """Fill every None with its rule (the saved config has concrete numbers only)."""
-        steps = self.steps or mst.total_steps
+        steps = self.steps
         block = self.block_size or model_block_size or 128
         ev = self.eval_interval or max(1, steps // 5)
         return dataclasses.replace(
-            self, steps=steps, block_size=block, eval_interval=ev, schedule_steps=self.schedule_steps or steps,
+            self, block_size=block, eval_interval=ev, schedule_steps=self.schedule_steps or steps,
             min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
             warmup_steps=max(1, (self.schedule_steps or steps) // 20) if self.warmup_steps is None else self.warmup_steps,
             checkpoint_interval=self.checkpoint_interval or ev,
@@ -119,12 +112,8 @@ class TrainConfig:
         )
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected {allowed}")
-
-
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-MST_KEYS = tuple(f.name for f in dataclasses.fields(MSTConfig))
+MST_KEYS = KEYS
 
 
 # -- TOML in and out -------------------------------------------------------------------------
@@ -143,10 +132,7 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
     train, mst = {}, {}
     for key, value in doc.items():
         if key in ("train", "mst") and isinstance(value, dict):
-            allowed = TRAIN_KEYS if key == "train" else MST_KEYS + ("steps", "lr_schedule")
-            bad = sorted(set(value) - set(allowed))
-            if bad:
-                raise MstCompileError(f"config file {p}: unknown key(s) {bad} in [{key}]; allowed: {', '.join(sorted(allowed))}")
+            _check_keys(p, key, value)
             (train if key == "train" else mst).update(value)
         elif key in TRAIN_KEYS:
             train[key] = value
@@ -157,26 +143,27 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
                 f"config file {p}: unknown key {key!r}; use [train] keys ({', '.join(TRAIN_KEYS)}) "
                 f"or [mst] keys ({', '.join(MST_KEYS)})"
             )
-    fold_steps(train, mst)
     return train, mst
+
+
+def _check_keys(p: Path, table: str, value: dict) -> None:
+    """Unknown keys of ``[train]``, ``[mst]`` and ``[mst.ablation]`` are one line; a removed one names its new spelling."""
+    if table == "mst":
+        gone = sorted(set(value) & set(GONE))
+        if gone:
+            raise MstCompileError(f"config file {p}: [mst] {gone[0]} is no longer accepted: {GONE[gone[0]]}")
+        if isinstance(value.get("ablation"), dict):
+            _check_keys(p, "mst.ablation", value["ablation"])
+    allowed = {"train": TRAIN_KEYS, "mst": MST_KEYS, "mst.ablation": ABLATION_KEYS}[table]
+    bad = sorted(set(value) - set(allowed))
+    if bad:
+        raise MstCompileError(f"config file {p}: unknown key(s) {bad} in [{table}]; allowed: {', '.join(sorted(allowed))}")
 
 
 def read_model_record(run_dir: str | Path) -> dict:
     """``{"model": path, "model_sha256": hash}`` as the run's config.toml recorded them (either may be absent)."""
     doc = tomllib.loads((Path(run_dir) / CONFIG).read_text())
     return {k: doc[k] for k in ("model", "model_sha256") if k in doc}
-
-
-def fold_steps(train: dict, mst: dict) -> None:
-    """``steps`` and ``total_steps`` are one knob: the run's length is the MST schedule's length."""
-    if "steps" in mst:
-        train.setdefault("steps", mst.pop("steps"))
-    if "total_steps" in mst:
-        train.setdefault("steps", mst.pop("total_steps"))
-    if "seed" in mst:  # one seed drives init, data order and random growth
-        train.setdefault("seed", mst.pop("seed"))
-    if "lr_schedule" in mst:  # the learning rate is the trainer's (run folders written before it moved keep it in [mst])
-        train.setdefault("lr_schedule", mst.pop("lr_schedule"))
 
 
 def _toml_value(v: Any) -> str:
@@ -198,12 +185,10 @@ def dumps_config(train: TrainConfig, mst: MSTConfig, model: str | None = None, m
     lines = [f"model = {_toml_value(model)}"] if model else []
     lines += [f"model_sha256 = {_toml_value(model_sha256)}"] if model_sha256 else []
     lines += [""] if lines else []
-    for table, d in (("train", dataclasses.asdict(train)), ("mst", mst.to_dict())):
-        extra = d.pop("extra", None)
+    recipe = mst.to_dict()
+    ablation = recipe.pop("ablation")
+    for table, d in (("train", dataclasses.asdict(train)), ("mst", recipe), ("mst.ablation", ablation)):
         lines.append(f"[{table}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in d.items() if v is not None]
-        if extra:
-            lines.append(f"\n[{table}.extra]")
-            lines += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in extra.items() if v is not None]
         lines.append("")
     return "\n".join(lines)

@@ -76,9 +76,9 @@ def _restart_advice(run_dir: Path) -> str:
 
 
 def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, MSTConfig]:
-    """The run's ``(TrainConfig, MSTConfig)`` as saved, the MST schedule spanning the run's steps."""
+    """The run's ``(TrainConfig, MSTConfig)`` as saved (the MST schedule spans ``schedule_steps``)."""
     if not config_file(run_dir).is_file():
         raise MstCompileError(f"--resume {run_dir}: not a run folder (no {CONFIG}); pass the folder mstc train wrote")
     train, mst = read_config_file(config_file(run_dir))
     tc = TrainConfig(**train)
-    return tc, MSTConfig.from_dict({**mst, "total_steps": tc.schedule_steps or tc.steps, "seed": tc.seed})
+    return tc, MSTConfig.from_dict(mst)

@@ -31,12 +31,12 @@ def main(out_path: str, tile: int | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(100 + rank)  # different on purpose: DDP must hand every rank rank 0's state
-    cfg = mst_compile.MSTConfig(total_steps=STEPS, update_interval=DT, sparsity=0.8, final_sparsity=0.6,
-                                warmup_end=0.0, ultra_end=0.75, grow_gradient_fraction=0.75, seed=7,
+    cfg = mst_compile.MSTConfig(update_interval=DT, sparsity=0.8, final_sparsity=0.6,
+                                warmup_end=0.0, ultra_end=0.75, grow_gradient_fraction=0.75,
                                 # tiles: few per weight, so a falling sparsity makes every update grow some by gradient
                                 schedule=None if tile is None else [(0, 0.8), (STEPS, 0.3)],
                                 tile=tile, sparse_kernel="auto" if tile is None else "tile")
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=STEPS, seed=7)
     ddp = DDP(sm)  # broadcast_buffers=True (the default): the bool masks travel too
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     sm.mst.attach(opt)

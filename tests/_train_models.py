@@ -14,11 +14,11 @@ def model():
 
 def config():
     # HSA in the ultra phase only: the tests see each phase's attention switch
-    return mst_compile.MSTConfig(total_steps=24, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4,
+    return mst_compile.MSTConfig(update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4,
                                  attention_phases=("ultra",))
 
 def train_config():
-    return {{"batch_size": 4, "block_size": 32, "eval_iters": 2, "eval_interval": 8, "log_interval": 1,
+    return {{"steps": 24, "batch_size": 4, "block_size": 32, "eval_iters": 2, "eval_interval": 8, "log_interval": 1,
             "checkpoint_interval": 8, "lr": 3e-3}}
 '''
 

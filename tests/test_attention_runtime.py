@@ -17,7 +17,7 @@ from mst_compile.ops.attention import pattern_mask
 from mst_compile.train.options import (
     TrainConfig,
     dumps_config,
-    parse_attention_sites,
+    parse_flag,
     read_config_file,
 )
 
@@ -39,13 +39,13 @@ def test_attention_sites_resolve_per_site_and_phase_later_rules_win():
 
 
 def test_attention_sites_round_trip_through_dict_json_and_toml(tmp_path):
-    c = MSTConfig(total_steps=40, attention_sites=RULES)
+    c = MSTConfig(attention_sites=RULES)
     assert MSTConfig.from_dict(c.to_dict()) == c
     assert MSTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     f = tmp_path / "run.toml"
     f.write_text(dumps_config(TrainConfig(steps=40), c))
     _, mst = read_config_file(f)
-    assert MSTConfig.from_dict({**mst, "total_steps": 40, "seed": 0}) == c
+    assert MSTConfig.from_dict(mst) == c
     assert list(mst["attention_sites"]) == list(RULES), "rule order survives TOML (later rules win)"
 
 
@@ -70,11 +70,11 @@ def test_config_stays_importable_without_torch():
 
 
 def test_attention_sites_flag():
-    assert parse_attention_sites(["h.*.attn=local", "h.0.attn=warmup:dense, ultra:sparse"]) == {
+    assert parse_flag("attention_sites", ["h.*.attn=local", "h.0.attn=warmup:dense, ultra:sparse"]) == {
         "h.*.attn": "local", "h.0.attn": {"warmup": "dense", "ultra": "sparse"}}
     for bad in ("h.0.attn", "=local", "h.0.attn=ultra:dense,local"):
         with pytest.raises(ValueError, match="--attention-sites"):
-            parse_attention_sites([bad])
+            parse_flag("attention_sites", [bad])
 
 
 # -- the scheduler -------------------------------------------------------------------------------
@@ -90,9 +90,9 @@ def _run(sm, opt, steps, seen):
 
 
 def _sparsified(**kw):
-    cfg = MSTConfig(total_steps=12, update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, attention_phases=("ultra",), **kw)
+    cfg = MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, attention_phases=("ultra",), **kw)
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
     return sm, opt, cfg
 
@@ -161,8 +161,8 @@ def test_padding_mask_is_charged_as_the_dense_attention_that_runs():
     B, T, l, d, n_head = 2, 16, 4, 16, 2
     idx = torch.randint(0, 32, (B, T))
     full = torch.ones(B, T, dtype=torch.long)
-    cfg = MSTConfig(total_steps=10, update_interval=5, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, stride=l)
-    sm = mst_compile.sparsify(PaddedAttention(), cfg, example_inputs=(idx, full))
+    cfg = MSTConfig(update_interval=5, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, stride=l)
+    sm = mst_compile.sparsify(PaddedAttention(), cfg, total_steps=10, example_inputs=(idx, full))
     assert len(sm.mst.attention_modules()) == 1
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)

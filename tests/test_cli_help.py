@@ -48,7 +48,7 @@ def test_plan_help_describes_the_batch_size_once():
     (["--lr", "-1"], "--lr -1 is invalid: expected a number > 0"),
     (["--batch-size", "0"], "--batch-size 0 is invalid: expected an integer >= 1"),
     (["--sparsity", "1.5"], "--sparsity 1.5 is invalid: expected a number in [0, 1)"),
-    (["--drop-fractions", "2,0.3,0"], "--drop-fractions 2,0.3,0 is invalid"),
+    (["--drop-fraction", "2,0.3,0"], "--drop-fraction 2,0.3,0 is invalid"),
     (["--device", "tpu"], "--device tpu is invalid: expected auto, cpu, cuda or cuda:N"),
     # a schedule check: mstc plan makes it before any capture (mstc train after loading its data)
     (["--tokens", "3072", "--update-interval", "400"], "--update-interval 400: the warmup phase [0, 6) of 24 steps contains no topology update"),

@@ -13,8 +13,8 @@ def test_topology_updates_do_not_recompile():
     """24 steps, an update every 2 (11 updates), three phases: the graphs compiled stop growing once
     each (phase, probe step) variant has been seen, however many updates follow."""
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=24, update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=24)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     torch._dynamo.reset()

@@ -1,20 +1,23 @@
 import pytest
 
-from mst_compile import MSTConfig
+from mst_compile import Ablation, MSTConfig
+from mst_compile.runtime.schedule import Schedule
 
 
 def test_defaults_match_design():
     c = MSTConfig()  # docs/design.md §3 and §8
     assert (c.sparsity, c.final_sparsity, c.warmup_end, c.ultra_end) == (0.85, 0.5, 0.1, 0.8)
-    assert (c.update_interval, c.drop_fraction, c.grow_gradient_fraction) == (None, 0.3, 0.75)
-    assert c.interval == 19  # derived: five updates inside the 100-step warm-up
-    assert c.phase_drop_fractions == (0.3, 0.3, 0.0)  # restoration drops nothing
+    assert (c.update_interval, c.grow_gradient_fraction) == (None, 0.75)
+    assert Schedule(c, 1000).interval == 19  # derived: five updates inside the 100-step warm-up
+    assert c.drop_fraction == (0.3, 0.3, 0.0)  # restoration drops nothing
+    assert MSTConfig(drop_fraction=0.2).drop_fraction == (0.2, 0.2, 0.0)  # one number: warm-up and ultra
+    assert c.ablation == Ablation() and c.ablation.restoration_shape == "late"
     assert c.attention_phases == ("warmup", "ultra", "restoration")
 
 
 def test_round_trip():
-    c = MSTConfig(total_steps=77, sparsity=0.8, schedule=[(0, 0.0), (10, 0.5)], drop_fractions=(0.1, 0.2, 0.3),
-                  attention_phases=("ultra", "restoration"), stride=16)
+    c = MSTConfig(sparsity=0.8, schedule=[(0, 0.0), (10, 0.5)], drop_fraction=(0.1, 0.2, 0.3),
+                  attention_phases=("ultra", "restoration"), stride=16, ablation=Ablation(attention_restore="widen"))
     d = c.to_dict()
     assert MSTConfig.from_dict(d) == c
     import json
@@ -27,8 +30,9 @@ def test_round_trip():
     [
         ("sparsity", 1.0, "[0, 1)"),
         ("sparsity", -0.1, "[0, 1)"),
-        ("total_steps", 0, "> 0"),
-        ("distribution", "gaussian", "uniform, er, erk"),
+        ("distribution", "gaussian", "uniform, er"),
+        ("distribution", "erk", "use distribution='er'"),
+        ("drop_fraction", (0.3, 0.3), "three numbers in [0, 1]"),
         ("update_interval", 0, ">= 1"),
         ("attention", "banded", "dense, local, strided, sparse"),
         ("stride", 0, ">= 1"),
@@ -63,5 +67,20 @@ def test_config_is_frozen_and_replace_validates():
     assert cfg.replace(sparsity=0.9).sparsity == 0.9 and cfg.sparsity == 0.85
     with pytest.raises(ValueError, match=r"MSTConfig.sparsity=2 is invalid"):
         cfg.replace(sparsity=2)
-    with pytest.raises(ValueError, match=r"MSTConfig.total_steps=0 is invalid"):
-        dataclasses.replace(cfg, total_steps=0)
+    with pytest.raises(ValueError, match=r"Ablation.grow_init_scale=-1 is invalid"):
+        cfg.replace(ablation=Ablation(grow_init_scale=-1))
+
+
+@pytest.mark.parametrize("old,new", [("total_steps", "sparsify(model, config, total_steps=...)"),
+                                     ("seed", "sparsify(model, config, seed=...)"),
+                                     ("drop_fractions", "drop_fraction=(warmup, ultra, restoration)"),
+                                     ("grow_init_scale", "ablation=Ablation(grow_init_scale=...)"),
+                                     ("restoration_shape", "ablation=Ablation(restoration_shape=...)"),
+                                     ("attention_restore", "ablation=Ablation(attention_restore=...)"),
+                                     ("extra", "only the recipe")])
+def test_removed_keywords_name_the_new_spelling(old, new):
+    for make in (lambda: MSTConfig(**{old: 1}), lambda: MSTConfig().replace(**{old: 1}), lambda: MSTConfig.from_dict({old: 1})):
+        with pytest.raises(TypeError) as e:
+            make()
+        assert str(e.value).startswith(f"MSTConfig({old}=...) is no longer accepted") and new in str(e.value)
+        assert "\n" not in str(e.value)

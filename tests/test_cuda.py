@@ -52,8 +52,8 @@ def _train(sm, steps, autocast=None):
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_mst_trains_on_cuda_with_state_on_the_device(autocast):
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=10, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.8, stride=4)
-    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.8, stride=4)
+    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg, total_steps=10)
     opt = _train(sm, 8, autocast)
     assert sm.mst.step_count == 8 and sm.mst.last_update["step"] == 8 and not sm.mst.last_update["gradient_fallback"]
     assert set(sm.mst.attention_patterns().values()) == {"sparse"}
@@ -71,8 +71,8 @@ def test_compiled_step_on_cuda_does_not_recompile_at_updates():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.8, stride=4)
-    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.8, stride=4)
+    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     torch._dynamo.reset()

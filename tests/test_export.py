@@ -203,11 +203,11 @@ def model():
     return GPT(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.5, ultra_end=0.75, stride=4,
+    return mst_compile.MSTConfig(update_interval=2, warmup_end=0.5, ultra_end=0.75, stride=4,
                                  attention_phases=("ultra",))
 
 def train_config():
-    return {{"batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,
+    return {{"steps": 8, "batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,
             "checkpoint_interval": 2, "lr": 3e-3}}
 
 def data():
@@ -299,7 +299,7 @@ def test_cli_export_bad_input(runs, tmp_path, monkeypatch):
 def test_export_leaks_no_warnings_of_torch_or_onnx(tmp_path):
     import warnings
 
-    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(total_steps=10))
+    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(), total_steps=10)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         mst_compile.export_onnx(sm, tmp_path / "m.onnx", example_inputs=(torch.zeros(1, 16, dtype=torch.long),))

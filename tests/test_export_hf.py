@@ -20,16 +20,16 @@ import mst_compile.integrations.transformers  # noqa: F401  (registers the mst_h
 from mst_compile.cli import main
 from mst_compile.export import export_hf, read_summary
 
-SPARSE = dict(total_steps=6, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, final_sparsity=0.5)
+SPARSE = dict(update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.5, final_sparsity=0.5)
 
 
-def _trained(cfg, steps, build=hf_gpt2):
+def _trained(cfg, steps, build=hf_gpt2, total_steps=6):
     torch.manual_seed(0)
     model = build()
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sm = mst_compile.sparsify(model, cfg, example_inputs={"input_ids": x})
+        sm = mst_compile.sparsify(model, cfg, total_steps=total_steps, example_inputs={"input_ids": x})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     g = torch.Generator().manual_seed(2)
@@ -49,9 +49,9 @@ def _load(folder):
 
 
 def test_round_trip_with_dense_attention_at_the_end(tmp_path):
-    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=1, attention_phases=("ultra",), warmup_end=0.25, ultra_end=0.5, sparsity=0.9,
+    cfg = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), warmup_end=0.25, ultra_end=0.5, sparsity=0.9,
                                 final_sparsity=0.7, stride=4)
-    model, sm, x = _trained(cfg, 7)  # ends in restoration: sparse weights, dense attention
+    model, sm, x = _trained(cfg, 7, total_steps=8)  # ends in restoration: sparse weights, dense attention
     assert sm.mst.phase == "restoration" and sm.mst.density() < 0.5
     sm.eval()
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused(tmp_path):
 def test_bad_input():
     with pytest.raises(mst_compile.MstCompileError, match="not a Hugging Face model"):
         export_hf(torch.nn.Linear(2, 2), "unused")
-    model, sm, _ = _trained(mst_compile.MSTConfig(total_steps=4, update_interval=2), 0)
+    model, sm, _ = _trained(mst_compile.MSTConfig(update_interval=2), 0, total_steps=4)
     with pytest.raises(mst_compile.MstCompileError, match="sm was not made from this model"):
         export_hf(hf_gpt2(), "unused", sm)
     with pytest.raises(mst_compile.MstCompileError, match="has no mst_summary.json"):
@@ -161,13 +161,13 @@ def example_inputs():
     return (torch.randint(0, 64, (2, 16)),)
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=1, warmup_end=0.25, ultra_end=0.75)  # HSA to the end
+    return mst_compile.MSTConfig(update_interval=1, warmup_end=0.25, ultra_end=0.75)  # HSA to the end
 
 def data():
     return torch.arange(4000) % 64
 
 def train_config():
-    return {"batch_size": 4, "block_size": 16, "eval_iters": 1, "eval_interval": 4, "log_interval": 1}
+    return {"steps": 8, "batch_size": 4, "block_size": 16, "eval_iters": 1, "eval_interval": 4, "log_interval": 1}
 '''
 
 

@@ -27,7 +27,7 @@ def test_dense_mst_and_one_phase_baselines_share_the_learning_rate_step_by_step(
     write(tmp_path, "tiny.py", TINY)
     base = dict(steps=STEPS, batch_size=2, block_size=32, eval_iters=1, eval_interval=STEPS, log_interval=1, lr=2e-3,
                 warmup_steps=2, lr_schedule=schedule)
-    mst = mst_compile.MSTConfig(total_steps=STEPS, update_interval=2, warmup_end=0.2, ultra_end=0.8, stride=4)
+    mst = mst_compile.MSTConfig(update_interval=2, warmup_end=0.2, ultra_end=0.8, stride=4)
     static = mst.replace(warmup_end=0.0, ultra_end=1.0, sparsity=0.9, drop_fraction=0.0, attention="dense")  # one phase
     runs = {"mst": (TrainConfig(**base), mst), "dense": (TrainConfig(**base, dense=True), mst),
             "dense, default MSTConfig": (TrainConfig(**base, dense=True), mst_compile.MSTConfig()),
@@ -58,7 +58,7 @@ def test_a_run_ends_at_its_configured_final_sparsity(tmp_path, interval):
     write(tmp_path, "tiny.py", TINY)
     steps = 40
     tc = TrainConfig(steps=steps, batch_size=2, block_size=32, eval_iters=1, eval_interval=steps, log_interval=1)
-    cfg = mst_compile.MSTConfig(total_steps=steps, update_interval=interval, sparsity=0.9, final_sparsity=0.5,
+    cfg = mst_compile.MSTConfig(update_interval=interval, sparsity=0.9, final_sparsity=0.5,
                                 warmup_end=0.25, ultra_end=0.75, stride=4)
     s = train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "run", progress=False)
     sparse = [n for n in s["final_densities"]]

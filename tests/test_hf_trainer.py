@@ -21,7 +21,7 @@ from mst_compile.integrations.transformers import STATE_FILE, MSTCallback
 
 HERE = Path(__file__).resolve().parent
 CFG = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
-                            stride=4, seed=5)
+                            stride=4)
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -66,7 +66,7 @@ class Record(TrainerCallback):
 
 def _train(out, model=None, cb=None, extra=(), resume=None, trainer_cls=Trainer, **kw):
     model = model or _model()
-    cb = cb or MSTCallback(CFG)
+    cb = cb or MSTCallback(CFG, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(model=model, args=_args(out, **kw), train_dataset=Blocks(), callbacks=[cb, *extra])
@@ -78,7 +78,7 @@ def test_patched_forward_is_the_models_loss_through_the_sparse_ops():
     model = _model()
     x = Blocks()[0]["input_ids"][None].repeat(2, 1)  # (2, T)
     want = model(input_ids=x, labels=x)
-    cb = MSTCallback(CFG)
+    cb = MSTCallback(CFG, seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cb.on_train_begin(_args("unused"), TrainerState(max_steps=8), None, model=model, optimizer=opt)
     calls = []
@@ -94,11 +94,11 @@ def test_patched_forward_is_the_models_loss_through_the_sparse_ops():
 
 
 def test_trainer_runs_mst(tmp_path):
-    cb = MSTCallback(CFG)
+    cb = MSTCallback(CFG, seed=5)
     rec = Record(cb)
     trainer, _ = _train(tmp_path, cb=cb, extra=[rec])
     mst = cb.sm.mst
-    assert mst.step_count == trainer.state.global_step == 8 and mst.config.total_steps == 8
+    assert mst.step_count == trainer.state.global_step == 8 and mst.schedule.total_steps == 8
     assert rec.sparse_calls >= 8 * len(mst.sparse_weights())
     assert "sparse" in rec.patterns and "dense" in rec.patterns  # ultra phase sparse, warm-up dense
     params = dict(trainer.model.named_parameters())
@@ -148,7 +148,7 @@ class _Overflow(Trainer):
 
 def test_a_skipped_step_does_not_advance_mst(tmp_path):
     model = _model()
-    cb = MSTCallback(CFG)
+    cb = MSTCallback(CFG, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = _Overflow(model=model, args=_args(tmp_path, logging_nan_inf_filter=False, max_grad_norm=0.0, optim="adamw_torch"),
@@ -201,7 +201,7 @@ def test_bad_input_fails_at_train_begin(tmp_path):
         warnings.simplefilter("ignore")
         opt = NotTorch(model.parameters())
         sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]), lambda s: 1.0)
-        trainer = Trainer(model=model, args=_args(tmp_path / "o"), train_dataset=Blocks(), callbacks=[MSTCallback(CFG)],
+        trainer = Trainer(model=model, args=_args(tmp_path / "o"), train_dataset=Blocks(), callbacks=[MSTCallback(CFG, seed=5)],
                           optimizers=(opt, sched))
         with pytest.raises(mst_compile.MstCompileError, match="the Trainer's optimizer is a NotTorch, not a torch.optim.Optimizer"):
             trainer.train()

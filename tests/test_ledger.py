@@ -24,7 +24,7 @@ def _step(sm, opt, x):
 
 def test_dense_count_matches_flop_counter_mode():
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), {"total_steps": 100, "update_interval": 5, "attention_phases": ["ultra"]})  # step 1: dense
+    sm = mst_compile.sparsify(tiny_gpt(), {"update_interval": 5, "attention_phases": ["ultra"]}, total_steps=100)  # step 1: dense
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     x = torch.randint(0, 64, (B, TT))
@@ -44,9 +44,9 @@ def test_dense_count_matches_flop_counter_mode():
 
 def test_mst_count_uses_densities_and_the_attention_pattern():
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=40, warmup_end=0.0, sparsity=0.75,
+    cfg = mst_compile.MSTConfig(update_interval=40, warmup_end=0.0, sparsity=0.75,
                                 attention="local", stride=4)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=100)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     assert sm.mst.phase == "ultra" and set(sm.mst.attention_patterns().values()) == {"local"}
@@ -60,9 +60,9 @@ def test_mst_count_uses_densities_and_the_attention_pattern():
     assert f.linear_mst == pytest.approx(linear) and f.attention_mst == pytest.approx(attention)
 
 
-def _mlp_run(cfg, steps, batch=5):
+def _mlp_run(cfg, steps, batch=5, total_steps=None):
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(MLP(), cfg)
+    sm = mst_compile.sparsify(MLP(), cfg, total_steps=total_steps or steps)
     opt = torch.optim.SGD(sm.parameters(), lr=0.01)
     sm.mst.attach(opt)
     g = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def _mlp_run(cfg, steps, batch=5):
 def test_reduction_closed_form_constant_sparsity():
     # uniform 0.75 on 16x64 and 64x8 weights keeps exactly a quarter; the dense gradient is formed on
     # the 2 steps before the 2 updates (4, 8; none after the last step): reduction = 6T / (6dT + 2(1-d)·2)
-    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=4, schedule=[(0, 0.75), (12, 0.75)], distribution="uniform")
+    cfg = mst_compile.MSTConfig(update_interval=4, schedule=[(0, 0.75), (12, 0.75)], distribution="uniform")
     sm = _mlp_run(cfg, 12)
     d = 0.25
     assert sm.mst.density() == d
@@ -84,7 +84,7 @@ def test_reduction_closed_form_constant_sparsity():
 
 def test_reduction_closed_form_three_phases():
     T, dT = 30, 3
-    cfg = mst_compile.MSTConfig(total_steps=T, update_interval=dT, sparsity=0.9, final_sparsity=0.5, warmup_end=0.2,
+    cfg = mst_compile.MSTConfig(update_interval=dT, sparsity=0.9, final_sparsity=0.5, warmup_end=0.2,
                                 ultra_end=0.7, distribution="uniform")
     sm = _mlp_run(cfg, T)
     from mst_compile.runtime.schedule import drop_fraction, target_sparsity
@@ -93,11 +93,11 @@ def test_reduction_closed_form_three_phases():
     mst = dense = 0.0
     for k in range(1, T + 1):  # optimizer step k runs with the masks of the last update before it
         last = (k - 1) // dT * dT
-        counts = allocate(shapes, target_sparsity(last, cfg), "uniform")
+        counts = allocate(shapes, target_sparsity(last, sm.mst.schedule), "uniform")
         # a weight forms the dense gradient in iteration k when the update after step k < T grows it by
         # gradient: n_grow = n_prune − Δ with n_prune = max(⌊ζ·n_act⌋, Δ), and round(0.75·n_grow) > 0
-        nxt = allocate(shapes, target_sparsity(k, cfg), "uniform")
-        grows = {n: max(math.floor(drop_fraction(k, cfg) * counts[n]), counts[n] - nxt[n]) - (counts[n] - nxt[n]) for n in N}
+        nxt = allocate(shapes, target_sparsity(k, sm.mst.schedule), "uniform")
+        grows = {n: max(math.floor(drop_fraction(k, sm.mst.schedule) * counts[n]), counts[n] - nxt[n]) - (counts[n] - nxt[n]) for n in N}
         probe = {n: k % dT == 0 and k < T and math.floor(0.75 * grows[n] + 0.5) > 0 for n in N}
         mst += sum(6 * counts[n] + (2 * (N[n] - counts[n]) if probe[n] else 0) for n in N)
         dense += sum(6 * N[n] for n in N)
@@ -106,7 +106,7 @@ def test_reduction_closed_form_three_phases():
 
 
 def test_tokens_come_from_the_inputs_and_eval_is_not_charged():
-    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=3, warmup_end=0.6, ultra_end=0.6), 0)
+    sm = _mlp_run(mst_compile.MSTConfig(update_interval=3, warmup_end=0.6, ultra_end=0.6), 0, total_steps=10)
     opt = sm.mst._scheduler.optimizer
     with torch.no_grad():
         sm(torch.randn(7, 16))  # evaluation: no training FLOPs
@@ -122,7 +122,7 @@ def test_tokens_come_from_the_inputs_and_eval_is_not_charged():
 
 
 def test_excluded_and_as_dict():
-    sm = _mlp_run(mst_compile.MSTConfig(total_steps=10, update_interval=3, warmup_end=0.6, ultra_end=0.6), 2)
+    sm = _mlp_run(mst_compile.MSTConfig(update_interval=3, warmup_end=0.6, ultra_end=0.6), 2, total_steps=10)
     f = sm.mst.flops
     assert f.excluded == [("ops that are not matmuls: embedding lookups, norms, activations, residual adds, the loss "
                            "and the optimizer update")]
@@ -168,7 +168,7 @@ def test_dense_total_is_the_whole_model_flop_counter_count(name):
     model = make()
     x = torch.randint(0, vocab, (B, TT), generator=torch.Generator().manual_seed(0))
     mm, bmm = _flop_counter(model, x, kw)
-    sm = mst_compile.sparsify(model, {"total_steps": 100, "update_interval": 5, "attention_phases": ["ultra"]},
+    sm = mst_compile.sparsify(model, {"update_interval": 5, "attention_phases": ["ultra"]}, total_steps=100,
                               example_inputs={kw: x} if kw else (x,))  # step 1: dense weights, dense attention
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
@@ -184,10 +184,10 @@ def test_dense_total_is_the_whole_model_flop_counter_count(name):
 
 def test_sparse_total_counts_every_use_of_every_weight():
     """At a known density: Σ over uses of 6·rows·active, from the model's own definition."""
-    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=50, schedule=[(0, 0.75), (100, 0.75)],
+    cfg = mst_compile.MSTConfig(update_interval=50, schedule=[(0, 0.75), (100, 0.75)],
                                 distribution="uniform")
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(SpellingsLM(), cfg)
+    sm = mst_compile.sparsify(SpellingsLM(), cfg, total_steps=100)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     _step(sm, opt, torch.randint(0, 40, (B, TT)))
@@ -203,7 +203,7 @@ def test_a_dense_head_cannot_inflate_the_reduction():
     vocabulary). With the head rewritten it is charged sparse; kept dense (filter_fn) it is charged
     dense on both sides, so the reduction is the whole-model figure (a ledger that left the head out
     of both totals reported about 10x where the honest figure is below 2x)."""
-    cfg = mst_compile.MSTConfig(total_steps=100, update_interval=50, schedule=[(0, 0.9), (100, 0.9)],
+    cfg = mst_compile.MSTConfig(update_interval=50, schedule=[(0, 0.9), (100, 0.9)],
                                 attention_phases=())
     vocab = 2048
     x = torch.randint(0, vocab, (B, TT))
@@ -212,7 +212,7 @@ def test_a_dense_head_cannot_inflate_the_reduction():
     for keep_head_dense in (False, True):
         torch.manual_seed(0)
         model = transposed_head_gpt(vocab)
-        sm = mst_compile.sparsify(model, cfg, filter_fn=(lambda m, fqn: fqn != "wte") if keep_head_dense else None)
+        sm = mst_compile.sparsify(model, cfg, total_steps=100, filter_fn=(lambda m, fqn: fqn != "wte") if keep_head_dense else None)
         assert ("wte.weight" in sm.mst.parameters()) != keep_head_dense
         opt = torch.optim.SGD(sm.parameters(), lr=0.0)
         sm.mst.attach(opt)

@@ -39,10 +39,10 @@ def model():
     return ContextGPT()
 
 def config():
-    return mst_compile.MSTConfig(total_steps=8, update_interval=1, warmup_end=0.25, ultra_end=0.75)
+    return mst_compile.MSTConfig(update_interval=1, warmup_end=0.25, ultra_end=0.75)
 
 def train_config():
-    return {{"batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,
+    return {{"steps": 8, "batch_size": 4, "block_size": 32, "eval_iters": 1, "eval_interval": 4, "log_interval": 1,
             "checkpoint_interval": 4, "lr": 3e-3}}
 
 def data():

@@ -13,8 +13,8 @@ from _models import tiny_gpt
 import mst_compile
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = mst_compile.MSTConfig(total_steps=12, update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
-                            ultra_end=0.75, seed=3)
+CFG = mst_compile.MSTConfig(update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
+                            ultra_end=0.75)
 
 
 def _batches(n):
@@ -25,7 +25,7 @@ def _batches(n):
 def _run(make_opt, attach, skip=(), steps=12):
     """Train a tiny GPT; ``attach(sm, opt)`` returns a function called after each step that was taken."""
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), CFG)
+    sm = mst_compile.sparsify(tiny_gpt(), CFG, total_steps=12, seed=3)
     opt = make_opt(sm.parameters())
     after = attach(sm, opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
@@ -83,7 +83,7 @@ def test_step_without_a_torch_optimizer():
 
 
 def test_step_misuse_is_a_clear_error():
-    sm = mst_compile.sparsify(tiny_gpt(), CFG)
+    sm = mst_compile.sparsify(tiny_gpt(), CFG, total_steps=12, seed=3)
     with pytest.raises(mst_compile.MstCompileError, match=r"not attached; call sm.mst.attach\(optimizer, manual=True\)"):
         sm.mst.step()
     sm.mst.attach(torch.optim.SGD(sm.parameters(), lr=0.1))

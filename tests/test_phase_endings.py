@@ -48,10 +48,10 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
     from _models import tiny_gpt
 
     T_run = 40
-    cfg = mst_compile.MSTConfig(total_steps=T_run, update_interval=2, attention_restore="widen",
+    cfg = mst_compile.MSTConfig(update_interval=2, ablation=mst_compile.Ablation(attention_restore="widen"),
                                 attention_phases=("ultra",))  # restoration [32, 40] widens instead of turning dense
     model = tiny_gpt()
-    sm = mst_compile.sparsify(model, cfg)
+    sm = mst_compile.sparsify(model, cfg, total_steps=T_run)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
     sm.mst.attach(opt)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -80,9 +80,10 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
 def _grown_weights(grow_init_scale: float):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
-    cfg = mst_compile.MSTConfig(total_steps=4, update_interval=2, schedule=[(0, 0.8)], drop_fraction=0.5,
-                                warmup_end=0.0, ultra_end=1.0, grow_gradient_fraction=0.0, grow_init_scale=grow_init_scale)
-    sm = mst_compile.sparsify(model, cfg)
+    cfg = mst_compile.MSTConfig(update_interval=2, schedule=[(0, 0.8)], drop_fraction=0.5,
+                                warmup_end=0.0, ultra_end=1.0, grow_gradient_fraction=0.0,
+                                ablation=mst_compile.Ablation(grow_init_scale=grow_init_scale))
+    sm = mst_compile.sparsify(model, cfg, total_steps=4)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)  # lr 0: only MST changes the weights
     sm.mst.attach(opt)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
@@ -126,7 +127,7 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
     write(tmp_path, "tiny.py", TINY)
     tc = TrainConfig(steps=24, batch_size=2, block_size=32, eval_iters=1, eval_interval=24, log_interval=1,
                      lr=2e-3, warmup_steps=2, lr_schedule="wsd")
-    cfg = mst_compile.MSTConfig(total_steps=24, update_interval=2, warmup_end=0.25, ultra_end=0.75)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75)
     train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "run", progress=False)
     lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"}
     for step, lr in lrs.items():
@@ -142,10 +143,11 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
 
 
 def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
-    from mst_compile.runtime.schedule import target_sparsity
+    from mst_compile.runtime.schedule import Schedule, target_sparsity
 
-    shapes = {name: mst_compile.MSTConfig(total_steps=1000, sparsity=0.9, final_sparsity=0.0, restoration_shape=name,
-                                          update_interval=10) for name in ("late", "linear", "early")}
+    shapes = {name: Schedule(mst_compile.MSTConfig(sparsity=0.9, final_sparsity=0.0, update_interval=10,
+                                                   ablation=mst_compile.Ablation(restoration_shape=name)), 1000)
+              for name in ("late", "linear", "early")}
     for cfg in shapes.values():  # restoration from 0.9 at step 800 to 0.0 at the last update, step 990
         assert target_sparsity(800, cfg) == pytest.approx(0.9) and target_sparsity(990, cfg) == pytest.approx(0.0)
     assert target_sparsity(895, shapes["late"]) == pytest.approx(0.9 * (1 - 0.5**3))
@@ -154,13 +156,13 @@ def test_restoration_shapes_bring_weights_back_late_linearly_or_early():
 
 
 def test_paper_preset_is_the_published_recipe():
-    p = mst_compile.MSTConfig.preset("paper", total_steps=3000)
-    assert (p.update_interval, p.phase_drop_fractions, p.attention_phases) == (100, (0.3, 0.3, 0.3), ("ultra",))
-    assert (p.attention_restore, p.grow_init_scale, p.final_sparsity) == ("switch", 0.0, 0.5)
+    p = mst_compile.MSTConfig.preset("paper")
+    assert (p.update_interval, p.drop_fraction, p.attention_phases) == (100, (0.3, 0.3, 0.3), ("ultra",))
+    assert (p.ablation.attention_restore, p.ablation.grow_init_scale, p.final_sparsity) == ("switch", 0.0, 0.5)
     assert mst_compile.MSTConfig.preset("default") == mst_compile.MSTConfig()
     with pytest.raises(ValueError, match=r"preset\('fast'\) is unknown: expected one of default, paper"):
         mst_compile.MSTConfig.preset("fast")
     for field, bad in (("grow_init_scale", -1.0), ("attention_restore", "fade"),
                        ("restoration_shape", "cubic")):
-        with pytest.raises(ValueError, match=f"MSTConfig.{field}="):
-            mst_compile.MSTConfig(**{field: bad})
+        with pytest.raises(ValueError, match=f"Ablation.{field}="):
+            mst_compile.MSTConfig(ablation=mst_compile.Ablation(**{field: bad}))

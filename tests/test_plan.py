@@ -8,7 +8,7 @@ from _train_models import TINY, write
 from click.testing import CliRunner
 
 import mst_compile
-from mst_compile import MSTConfig
+from mst_compile import Ablation, MSTConfig
 from mst_compile.cli import main
 from mst_compile.train.loop import train
 from mst_compile.train.options import TrainConfig
@@ -34,11 +34,11 @@ def model_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg", [
-    MSTConfig(total_steps=STEPS, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4),
-    MSTConfig.preset("paper", total_steps=STEPS, update_interval=2, warmup_end=0.25, stride=4),
-    MSTConfig(total_steps=STEPS, update_interval=2, warmup_end=0.25, stride=4, attention_phases=("ultra",), attention_restore="widen",
-              restoration_shape="linear", final_sparsity=0.0),
-    MSTConfig(total_steps=STEPS, update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4, tile=8),
+    MSTConfig(update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4),
+    MSTConfig.preset("paper", update_interval=2, warmup_end=0.25, stride=4),
+    MSTConfig(update_interval=2, warmup_end=0.25, stride=4, attention_phases=("ultra",), final_sparsity=0.0,
+              ablation=Ablation(attention_restore="widen", restoration_shape="linear")),
+    MSTConfig(update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4, tile=8),
 ], ids=["defaults", "paper", "widen", "tiles"])
 def test_plan_equals_the_ledger_of_the_real_run(model_file, tmp_path, cfg):
     tc = TrainConfig(steps=STEPS, batch_size=B, block_size=T, eval_iters=1, eval_interval=STEPS, log_interval=1)

@@ -9,8 +9,8 @@ from _models import MLP, load_example, tiny_gpt
 import mst_compile
 
 N = 8
-CFG = mst_compile.MSTConfig(total_steps=2 * N, update_interval=3, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
-                            ultra_end=0.75, seed=11)
+CFG = mst_compile.MSTConfig(update_interval=3, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75)
+RUN = dict(total_steps=2 * N, seed=11)
 
 
 def _data():
@@ -21,7 +21,7 @@ def _data():
 def _fresh(init_seed, attach=True):
     torch.manual_seed(init_seed)  # a fresh process would initialise differently: loading must not care
     model = tiny_gpt()
-    sm = mst_compile.sparsify(model, CFG)
+    sm = mst_compile.sparsify(model, CFG, **RUN)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.1)
     if attach:
         sm.mst.attach(opt)
@@ -91,11 +91,11 @@ def test_state_dict_is_plain_and_complete():
 def test_mismatched_checkpoint_is_a_clear_error():
     _, sm, opt = _fresh(0)
     sd = sm.mst.state_dict()
-    other = mst_compile.sparsify(load_example("tiny_gpt").GPT(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48), CFG)
+    other = mst_compile.sparsify(load_example("tiny_gpt").GPT(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48), CFG, **RUN)
     want = r"mask of weight 'h.0.attn.c_attn.weight' has shape \(96, 32\) in the checkpoint, but the model's weight has shape \(144, 48\).*more"
     with pytest.raises(mst_compile.CheckpointError, match=want):
         other.mst.load_state_dict(sd)
-    mlp = mst_compile.sparsify(MLP(), CFG)
+    mlp = mst_compile.sparsify(MLP(), CFG, **RUN)
     with pytest.raises(mst_compile.CheckpointError, match=r"missing masks for \['fc1.weight', 'fc2.weight'\]"):
         mlp.mst.load_state_dict(sd)
     with pytest.raises(mst_compile.CheckpointError, match="expected a dict from sm.mst.state_dict"):
@@ -110,6 +110,6 @@ def test_mismatched_checkpoint_is_a_clear_error():
 def test_loading_under_a_different_config_warns():
     _, sm, opt = _fresh(0)
     sd = sm.mst.state_dict()
-    longer = mst_compile.sparsify(tiny_gpt(), CFG.replace(total_steps=4 * N))
+    longer = mst_compile.sparsify(tiny_gpt(), CFG, total_steps=4 * N, seed=11)
     with pytest.warns(UserWarning, match="total_steps: 16 -> 32"):
         longer.mst.load_state_dict(sd)

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from _models import MLP, tiny_gpt
 
 import mst_compile
-from mst_compile.runtime.schedule import drop_fraction, phase_at, target_sparsity
+from mst_compile.runtime.schedule import Schedule, drop_fraction, phase_at, target_sparsity
 
 T, DT = 24, 3
-CFG = mst_compile.MSTConfig(total_steps=T, update_interval=DT, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
-                            ultra_end=0.75, drop_fractions=(0.5, 0.3, 0.2), distribution="er", seed=3)
+CFG = mst_compile.MSTConfig(update_interval=DT, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
+                            ultra_end=0.75, drop_fraction=(0.5, 0.3, 0.2), distribution="er")
+RUN = Schedule(CFG, T)
 
 
 def _batches(seed=0, b=4, t=16, vocab=64):
@@ -69,15 +70,16 @@ def _counts(n_act, n_tgt, zeta, frac):
     return n_prune, n_grow, math.floor(frac * n_grow + 0.5)
 
 
-def _expected_probes(sm, cfg, k):
+def _expected_probes(sm, k):
     """The weights that must form a dense gradient in iteration k: those the update after step k
     grows by gradient (no update runs at or after the last step T)."""
-    if k % cfg.update_interval or k >= cfg.total_steps:
+    run = sm.mst.schedule
+    if k % run.config.update_interval or k >= run.total_steps:
         return set()
-    counts = sm.mst.allocation(target_sparsity(k, cfg))
-    zeta = drop_fraction(k, cfg)
+    counts = sm.mst.allocation(target_sparsity(k, run))
+    zeta = drop_fraction(k, run)
     return {n for n, m in sm.mst.masks().items()
-            if _counts(int(m.sum()), counts[n], zeta, cfg.grow_gradient_fraction)[2] > 0}
+            if _counts(int(m.sum()), counts[n], zeta, run.config.grow_gradient_fraction)[2] > 0}
 
 
 def _probing(sm):
@@ -88,10 +90,10 @@ def _check_update(sm, seen, frac):
     """The latest update against the schedule, the counting rule and a sort-based oracle."""
     mst, t = sm.mst, sm.mst.step_count
     u = mst.last_update
-    assert u["step"] == t and u["phase"] == phase_at(t, CFG)
-    zeta = drop_fraction(t, CFG)
-    assert u["drop_fraction"] == pytest.approx(zeta) and u["target_sparsity"] == pytest.approx(target_sparsity(t, CFG))
-    counts = mst.allocation(target_sparsity(t, CFG))
+    assert u["step"] == t and u["phase"] == phase_at(t, RUN)
+    zeta = drop_fraction(t, RUN)
+    assert u["drop_fraction"] == pytest.approx(zeta) and u["target_sparsity"] == pytest.approx(target_sparsity(t, RUN))
+    counts = mst.allocation(target_sparsity(t, RUN))
     pruned = grad_grown = rand_grown = 0
     for n, new in mst.masks().items():
         old, w, g = seen["masks"][n], seen["weights"][n], seen["grads"][n]
@@ -112,7 +114,7 @@ def _check_update(sm, seen, frac):
 def test_invariants_through_all_three_phases(opt_name, frac):
     torch.manual_seed(0)
     cfg = CFG.replace(grow_gradient_fraction=frac)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=T, seed=3)
     opt = (torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
            else torch.optim.SGD(sm.parameters(), lr=0.1, momentum=0.9))
     snap = Snapshot(sm, opt)
@@ -120,7 +122,7 @@ def test_invariants_through_all_three_phases(opt_name, frac):
     assert (sm.mst.step_count, sm.mst.phase, sm.mst.target_sparsity, sm.mst.last_update) == (0, "warmup", 0.0, None)
     data, phases, updates, probe_steps = _batches(), set(), 0, 0
     for _ in range(T):
-        want_probes = _expected_probes(sm, cfg, sm.mst.step_count + 1)
+        want_probes = _expected_probes(sm, sm.mst.step_count + 1)
         assert _probing(sm) == want_probes, f"probe state wrong before step {sm.mst.step_count + 1}"
         probe_steps += bool(want_probes)
         want = cfg.attention if sm.mst.phase in cfg.attention_phases else "dense"
@@ -137,7 +139,7 @@ def test_invariants_through_all_three_phases(opt_name, frac):
     assert sm.mst.last_update["step"] == T - DT, "no update after the last optimizer step"
     assert (probe_steps > 0) == (frac > 0), "SET growth needs no dense gradient"
     # the run ends with the masks its last update (step 21) allocated, which the last step trained
-    s_last = target_sparsity(T - DT, cfg)
+    s_last = target_sparsity(T - DT, sm.mst.schedule)
     assert sm.mst.target_sparsity == pytest.approx(s_last) and sm.mst.density() == pytest.approx(1 - s_last, abs=1e-3)
     assert all(torch.equal(m, snap.seen["masks"][n]) for n, m in sm.mst.masks().items())
     u = sm.mst.last_update
@@ -151,8 +153,8 @@ def test_invariants_through_all_three_phases(opt_name, frac):
 def test_dense_gradient_is_the_full_gradient_of_the_step_before_the_update_with_accumulation():
     torch.manual_seed(0)
     model = MLP()
-    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=4, schedule=[(0, 0.7), (8, 0.7)], distribution="uniform")
-    sm = mst_compile.sparsify(model, cfg)
+    cfg = mst_compile.MSTConfig(update_interval=4, schedule=[(0, 0.7), (8, 0.7)], distribution="uniform")
+    sm = mst_compile.sparsify(model, cfg, total_steps=8)
     opt = torch.optim.Adam(sm.parameters(), lr=1e-2)
     snap = Snapshot(sm, opt)
     sm.mst.attach(opt)
@@ -176,9 +178,9 @@ def test_dense_gradient_is_the_full_gradient_of_the_step_before_the_update_with_
 
 
 def test_static_sparsity_with_zero_drop_fraction_never_moves():
-    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=2, schedule=[(0, 0.6), (12, 0.6)], drop_fraction=0.0)
+    cfg = mst_compile.MSTConfig(update_interval=2, schedule=[(0, 0.6), (12, 0.6)], drop_fraction=0.0)
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     start = {n: m.clone() for n, m in sm.mst.masks().items()}
@@ -191,9 +193,9 @@ def test_static_sparsity_with_zero_drop_fraction_never_moves():
 
 
 def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped():
-    cfg = mst_compile.MSTConfig(total_steps=9, update_interval=3, schedule=[(0, 0.5), (9, 0.5)], grow_gradient_fraction=1.0)
+    cfg = mst_compile.MSTConfig(update_interval=3, schedule=[(0, 0.5), (9, 0.5)], grow_gradient_fraction=1.0)
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=9)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     snap = Snapshot(sm, opt)
@@ -220,8 +222,8 @@ def test_grad_scaler_skipped_step_is_not_counted_and_stale_gradient_is_dropped()
 
 
 def test_stepping_past_total_steps_warns_once_and_holds():
-    cfg = mst_compile.MSTConfig(total_steps=4, update_interval=1, warmup_end=0.0, ultra_end=0.5, sparsity=0.7, final_sparsity=0.6)
-    sm = mst_compile.sparsify(MLP(), cfg)
+    cfg = mst_compile.MSTConfig(update_interval=1, warmup_end=0.0, ultra_end=0.5, sparsity=0.7, final_sparsity=0.6)
+    sm = mst_compile.sparsify(MLP(), cfg, total_steps=4)
     opt = torch.optim.SGD(sm.parameters(), lr=0.1)
     sm.mst.attach(opt)
     x = torch.randn(4, 16)
@@ -235,13 +237,13 @@ def test_stepping_past_total_steps_warns_once_and_holds():
             opt.step()
     assert len([w for w in rec if "past total_steps" in str(w.message)]) == 1
     assert sm.mst.step_count == 9 and sm.mst.phase == "restoration"
-    assert sm.mst.target_sparsity == pytest.approx(target_sparsity(3, cfg)) and sm.mst.last_update["step"] == 3
+    assert sm.mst.target_sparsity == pytest.approx(target_sparsity(3, sm.mst.schedule)) and sm.mst.last_update["step"] == 3
     assert all(torch.equal(m, final[n]) for n, m in sm.mst.masks().items())
     assert all(sw.probe.dim() != 2 for sw in sm.mst.sparse_weights().values())
 
 
 def test_bad_input():
-    sm = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 1})
+    sm = mst_compile.sparsify(MLP(), {"update_interval": 1}, total_steps=10)
     opt = torch.optim.SGD(sm.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="torch.optim.Optimizer, got list"):
         sm.mst.attach([opt])
@@ -256,16 +258,18 @@ def test_bad_input():
         sm.mst.attach(opt)
     sm.mst.detach()
     sm.mst.attach(torch.optim.Adam(sm.parameters()))  # switching optimizers after detach is fine
-    late = mst_compile.sparsify(MLP(), {"total_steps": 10, "schedule": [(0, 0.0), (20, 0.5)]})
+    # the schedule is checked by sparsify, before anything is captured
     with pytest.raises(ValueError, match="past total_steps=10"):
-        late.mst.attach(torch.optim.SGD(late.parameters(), lr=0.1))
-    short = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 50})
+        mst_compile.sparsify(MLP(), {"schedule": [(0, 0.0), (20, 0.5)]}, total_steps=10)
     with pytest.raises(ValueError, match="update_interval=50: the ultra phase .* no topology update"):
-        short.mst.attach(torch.optim.SGD(short.parameters(), lr=0.1))
+        mst_compile.sparsify(MLP(), {"update_interval": 50}, total_steps=10)
+    unscheduled = mst_compile.sparsify(MLP())  # no run length: inspectable, not trainable
+    with pytest.raises(mst_compile.MstCompileError, match=r"run length is unknown.*total_steps=T"):
+        unscheduled.mst.attach(torch.optim.SGD(unscheduled.parameters(), lr=0.1))
 
 
 def test_detach_stops_mst():
-    sm = mst_compile.sparsify(MLP(), {"total_steps": 10, "update_interval": 1, "warmup_end": 0.0, "ultra_end": 1.0})
+    sm = mst_compile.sparsify(MLP(), {"update_interval": 1, "warmup_end": 0.0, "ultra_end": 1.0}, total_steps=10)
     opt = torch.optim.SGD(sm.parameters(), lr=0.1)
     sm.mst.attach(opt)
     sm(torch.randn(2, 16)).sum().backward()
@@ -280,8 +284,8 @@ def test_detach_stops_mst():
 @pytest.mark.slow
 def test_torch_compile_runs_mst():
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=6, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.7)
-    sm = mst_compile.sparsify(tiny_gpt(), cfg)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.7)
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=6)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     compiled = torch.compile(sm)
@@ -306,10 +310,10 @@ def _linear_charge(sm, rows):
 
 
 def test_no_topology_update_at_or_after_the_last_step():
-    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=4, warmup_end=0.0, ultra_end=0.5, sparsity=0.8,
+    cfg = mst_compile.MSTConfig(update_interval=4, warmup_end=0.0, ultra_end=0.5, sparsity=0.8,
                                 final_sparsity=0.5, distribution="uniform")
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(MLP(), cfg)
+    sm = mst_compile.sparsify(MLP(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     probed, charged, trained = [], [], None
@@ -327,7 +331,7 @@ def test_no_topology_update_at_or_after_the_last_step():
     assert charged[11] == charged[10] and charged[7] > charged[6], "step 12 is charged as a plain step"
     # what the run reports at the end is what its last optimizer step trained
     assert all(torch.equal(m, trained[n]) for n, m in sm.mst.masks().items())
-    s8 = target_sparsity(8, cfg)
+    s8 = target_sparsity(8, sm.mst.schedule)
     assert s8 == pytest.approx(cfg.final_sparsity) and sm.mst.target_sparsity == pytest.approx(s8)  # the last update lands s_end
     assert sm.mst.density() == pytest.approx(1 - s8, abs=0.02)
     assert all(d == pytest.approx(1 - s8, abs=0.02) for d in sm.mst.densities().values())
@@ -340,9 +344,9 @@ def test_nothing_to_grow_takes_no_probe_steps(case):
     kw = {"static": dict(schedule=[(0, 0.6), (12, 0.6)], drop_fraction=0.0),
           "set": dict(schedule=[(0, 0.6), (12, 0.6)], grow_gradient_fraction=0.0),
           "growing": dict(schedule=[(0, 0.8), (12, 0.4)], drop_fraction=0.0)}[case]
-    cfg = mst_compile.MSTConfig(total_steps=12, update_interval=2, distribution="uniform", **kw)
+    cfg = mst_compile.MSTConfig(update_interval=2, distribution="uniform", **kw)
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(MLP(), cfg)
+    sm = mst_compile.sparsify(MLP(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     start = {n: m.clone() for n, m in sm.mst.masks().items()}

@@ -240,7 +240,7 @@ def test_tied_growth_gradient_covers_every_use(make):
     model = make()
     ref = copy.deepcopy(model)
     vocab = model.emb.num_embeddings if hasattr(model, "emb") else model.wte.num_embeddings
-    sm = mst_compile.sparsify(model, {"total_steps": 10, "update_interval": 2, "schedule": [(0, 0.5), (10, 0.5)]})
+    sm = mst_compile.sparsify(model, {"update_interval": 2, "schedule": [(0, 0.5), (10, 0.5)]}, total_steps=10)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)  # step 0 -> 1 is not an update; the backward of step 2 forms the dense gradient
     batches = [_ids(vocab), torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(2))]

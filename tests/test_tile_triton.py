@@ -119,9 +119,9 @@ def test_triton_on_cuda_matches_masked_dense(monkeypatch, tile, dtype):
 def test_compiled_mst_step_on_cuda_with_tiles(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(0)
-    cfg = mst_compile.MSTConfig(total_steps=8, update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.7, tile=16,
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=1.0, sparsity=0.7, tile=16,
                                 sparse_kernel="tile")
-    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg)
+    sm = mst_compile.sparsify(tiny_gpt().cuda(), cfg, total_steps=8)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt)
     assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {"triton"}

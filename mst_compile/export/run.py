@@ -78,7 +78,7 @@ def load_run(run_dir) -> tuple[Any, nn.Module, torch.fx.GraphModule | None, Any,
     if state.get("dense") or state.get("mst") is None:  # the dense baseline: a plain model
         meta["config"] = mst_cfg.to_dict()
         return mf, model, None, example, meta
-    sm = sparsify(model, mst_cfg, example_inputs=example)
+    sm = sparsify(model, mst_cfg, total_steps=tc.schedule_steps or tc.steps, seed=tc.seed, example_inputs=example)
     sm.mst.load_state_dict(state["mst"])  # masks, step, and the attention patterns of that step
     return mf, model, sm, example, meta
 

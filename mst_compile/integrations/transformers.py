@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..api import _as_config, sparsify
+from ..api import as_config, sparsify
 from ..config import MSTConfig
 from ..errors import CaptureError, CheckpointError, MstCompileError
 from ..export.hf import example_tokens
@@ -64,7 +64,8 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 class MSTCallback(TrainerCallback):
     """Runs Mixed Sparsity Training inside ``transformers.Trainer``.
 
-    ``config``: the MST knobs (``total_steps`` is taken from the Trainer's ``max_steps``).
+    ``config``: the MST recipe (the run's length is the Trainer's ``max_steps``). ``seed``: of MST's
+    random growth.
     ``example_inputs``: keyword inputs to capture the model with (default: token ids of the model's
     vocabulary). ``filter_fn(module, fqn)``: False keeps that module's weights dense.
     ``resume_from``: the checkpoint folder to restore MST from when the Trainer resumes from a folder
@@ -72,9 +73,9 @@ class MSTCallback(TrainerCallback):
     module (``mst_compile.export.export_hf(model, folder, callback.sm, block_size=T)`` writes an HF checkpoint).
     """
 
-    def __init__(self, config: MSTConfig | dict | None = None, *, example_inputs: dict | None = None,
+    def __init__(self, config: MSTConfig | dict | None = None, *, seed: int = 0, example_inputs: dict | None = None,
                  filter_fn: Callable[[nn.Module, str], bool] | None = None, resume_from: str | os.PathLike | None = None):
-        self.config = _as_config(config)
+        self.config, self.seed = as_config(config), seed
         if example_inputs is not None and not isinstance(example_inputs, dict):
             raise TypeError(f"MSTCallback(example_inputs=...) must be a dict of keyword inputs like "
                             f"{{'input_ids': tokens}}, got {type(example_inputs).__name__}")
@@ -88,12 +89,12 @@ class MSTCallback(TrainerCallback):
         if model is None:
             raise MstCompileError("MSTCallback: the Trainer passed no model to on_train_begin")
         opt = torch_optimizer(optimizer)  # checked before anything is captured or changed
-        cfg = self.config.replace(total_steps=int(state.max_steps))
         device = next(model.parameters()).device
         example = self.example_inputs or example_tokens(model, device)
         try:
             with torch.random.fork_rng(devices=[]):  # capture draws nothing from the Trainer's generator
-                sm = sparsify(model, cfg, example_inputs=example, filter_fn=self.filter_fn)
+                sm = sparsify(model, self.config, total_steps=int(state.max_steps), seed=self.seed,
+                              example_inputs=example, filter_fn=self.filter_fn)
         except CaptureError as e:
             raise CaptureError(f"MSTCallback: {e}") from None
         sm.to(device)

@@ -29,13 +29,14 @@ from .attention_kernels import hsa_kernel
 _KEEP = object()  # set_pattern(stride=...) default: keep the current stride
 
 
-def _check_pattern(pattern, who: str) -> str:
+def check_pattern(pattern, who: str) -> str:
+    """``pattern`` if it names an attention pattern; else one line naming ``who`` and the patterns."""
     if pattern not in PATTERNS:
         raise ValueError(f"{who}: unknown attention pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
     return pattern
 
 
-def _check_stride(stride, who: str) -> int | None:
+def check_stride(stride, who: str) -> int | None:
     """``stride`` must be None (T/8 at run time) or an int >= 1.
 
     A stride past the sequence length is well defined: every key j <= i lies within l of query i,
@@ -61,8 +62,8 @@ def allowed_positions(q_pos: Tensor, k_pos: Tensor, pattern: str, stride: int) -
 def pattern_mask(T: int, stride: int | None, pattern: str, device=None) -> Tensor:
     """Boolean (T, T) mask, True where query i may attend key j: the reference oracle of the tests, and
     the mask of a training site's padding fallback. Built once per (T, stride, pattern, device); read only."""
-    _check_pattern(pattern, "pattern_mask")
-    l = _check_stride(stride, "pattern_mask") or default_stride(T)
+    check_pattern(pattern, "pattern_mask")
+    l = check_stride(stride, "pattern_mask") or default_stride(T)
     return _pattern_mask(T, l, pattern, torch.device(device) if device is not None else torch.device("cpu"))
 
 
@@ -78,10 +79,10 @@ def mean_attended_keys(pattern: str, T: int, stride: int | None) -> float:
     Per query i (0-based): local min(i+1, l); strided ⌊i/l⌋ + 1; sparse min(i+1, l) + ⌊i/l⌋
     (the strided keys other than j = i all lie at distance >= l, outside the band).
     """
-    _check_pattern(pattern, "mean_attended_keys")
+    check_pattern(pattern, "mean_attended_keys")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"mean_attended_keys: T={T!r} is invalid; expected an integer >= 1")
-    l = _check_stride(stride, "mean_attended_keys") or default_stride(T)
+    l = check_stride(stride, "mean_attended_keys") or default_stride(T)
     if pattern == "dense":
         return (T + 1) / 2
     ll = min(l, T)
@@ -109,7 +110,7 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
     q (B, Hq, T, D), k/v (B, Hkv, T, D) with Hq % Hkv == 0 (grouped-query attention). ``dense`` is
     plain causal SDPA; the sparse patterns never form a T×T matrix, forward or backward.
     """
-    _check_pattern(pattern, "hsa_attention")
+    check_pattern(pattern, "hsa_attention")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
         raise ValueError(f"hsa_attention: expected 4-D q, k, v of shape (B, H, T, D), got {shapes}")
@@ -119,9 +120,14 @@ def hsa_attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, stride: int 
             f"hsa_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit: expected "
             "k and v of shape (B, Hkv, T, D) with the query's heads a multiple of Hkv (causal self-attention)"
         )
-    l = min(_check_stride(stride, "hsa_attention") or default_stride(T), T)  # l > T selects what l = T does
+    return _hsa(q, k, v, pattern, min(check_stride(stride, "hsa_attention") or default_stride(T), T), scale)
+
+
+def _hsa(q: Tensor, k: Tensor, v: Tensor, pattern: str, l: int, scale: float | None) -> Tensor:
+    """``hsa_attention`` on checked arguments, ``l <= T`` (l > T selects what l = T does): what a site's forward calls."""
+    T = q.shape[-2]
     if pattern == "dense" or (pattern != "strided" and l == T):  # a band as wide as T is causal attention
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != H)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return hsa_kernel(q, k, v, local=pattern != "strided", strided=pattern != "local", stride=l, scale=scale)
 
 
@@ -147,15 +153,14 @@ def hsa_attention_cached(q: Tensor, k: Tensor, v: Tensor, *, pattern: str, strid
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) with Hq % Hkv == 0; ``attn_mask`` (bool, or additive,
     broadcastable to (B, Hq, Tq, Tk)) applies on top (padding). A whole sequence whose mask blocks no
     causal key runs ``hsa_attention`` (the skipping kernels); anything else is masked dense SDPA over
-    the pattern (exact; a decoding step reads Tk keys for its one query).
+    the pattern (exact; a decoding step reads Tk keys for its one query). ``pattern`` and ``stride`` are
+    taken as checked: this runs on every generation step (``integrations/hf_attention`` checks config.json).
     """
-    _check_pattern(pattern, "hsa_attention_cached")
-    _check_stride(stride, "hsa_attention_cached")
     Tq, Tk = q.shape[-2], k.shape[-2]
     if Tq > Tk:
         raise ValueError(f"hsa_attention_cached: {Tq} queries but only {Tk} keys; the queries must be the last of the keys")
     if Tq == Tk and (attn_mask is None or not removes_causal_keys(attn_mask, Tk)):
-        return hsa_attention(q, k, v, pattern=pattern, stride=stride, scale=scale)
+        return _hsa(q, k, v, pattern, min(stride or default_stride(Tk), Tk), scale)
     pos = torch.arange(Tk, device=q.device)
     keep = allowed_positions(pos[Tk - Tq:], pos, pattern, stride)  # (Tq, Tk)
     if attn_mask is not None:
@@ -191,15 +196,14 @@ class HybridSparseAttention(nn.Module):
     def set_pattern(self, pattern: str, stride=_KEEP) -> None:
         """Switch this site's pattern (and stride; default: keep it; None: T/8 at run time)."""
         who = f"attention site '{self.site}'"
-        self.pattern = _check_pattern(pattern, who)
+        self.pattern = check_pattern(pattern, who)
         if stride is not _KEEP:
-            self.stride = _check_stride(stride, who)
+            self.stride = check_stride(stride, who)
 
     def effective(self, T: int) -> tuple[str, int]:
         """(pattern, stride) that a forward of length ``T`` runs: the stride scaled by ``stride_scale``;
         a local band that covers every earlier key is dense causal attention."""
-        return effective_pattern(self.pattern, _check_stride(self.stride, f"attention site '{self.site}'"),
-                                 self.stride_scale, T)
+        return effective_pattern(self.pattern, self.stride, self.stride_scale, T)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, pattern={self.pattern!r}, stride={self.stride if self.stride is not None else 'T/8'}"
@@ -235,9 +239,9 @@ class HybridSparseAttention(nn.Module):
         if self.runs_masked_dense(T, attn_mask):
             self._warn_once("mask", "the attention mask removes causal keys (padding), so the "
                             f"'{self.pattern}' pattern runs as masked dense attention for such batches")
-            keep = pattern_mask(T, l, pattern, q.device)
+            keep = _pattern_mask(T, l, pattern, q.device)
             mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
             return out[0] if squeeze else out
-        out = hsa_attention(q, k, v, pattern=pattern, stride=l, scale=scale)
+        out = _hsa(q, k, v, pattern, l, scale)  # pattern and stride were checked when set
         return out[0] if squeeze else out

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 
 from ..constants import ATTENTION_CONTAINER, blocks
-from ..ops.attention import HybridSparseAttention, _check_pattern, _check_stride
+from ..ops.attention import HybridSparseAttention
 from . import PassResult
 from ._mask_eval import allowed_set, evaluate_masks
 from ._ops import ADD, ASSERTS, CAST, DIV, DROPOUT, FILL, MATMUL, MUL, PERMUTE, SDPA, SOFTMAX, TRANSPOSE, WHERE, is_op, shape_only
@@ -296,9 +296,8 @@ def _scale_arg(graph: fx.Graph, m: _Match):
 def rewrite_attention(
     gm: fx.GraphModule, *, pattern: str = "dense", stride: int | None = None, example_inputs=None
 ) -> PassResult:
-    """Replace every causal attention site of ``gm`` by a ``HybridSparseAttention`` call (in place)."""
-    _check_pattern(pattern, "rewrite_attention")
-    _check_stride(stride, "rewrite_attention")
+    """Replace every causal attention site of ``gm`` by a ``HybridSparseAttention`` call (in place); each
+    site checks ``pattern`` and ``stride`` as it is built."""
     graph = gm.graph
     matches = []
     for node in list(graph.nodes):

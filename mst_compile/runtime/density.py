@@ -10,19 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from ..constants import DISTRIBUTIONS
 from ..ops.tile_layout import n_tiles
 
 
 def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[str, float]:
-    """Relative density of each tensor before scaling by ε (uniform: 1; ER/ERK: Σdims / Πdims)."""
+    """Relative density of each tensor before scaling by ε (uniform: 1; ER: (n_in + n_out) / (n_in·n_out))."""
     if distribution == "uniform":
         return {n: 1.0 for n in shapes}
-    out = {}
-    for n, shape in shapes.items():
-        dims = list(shape) if distribution == "erk" else list(shape[:2])  # ER ignores kernel dims
-        out[n] = sum(dims) / math.prod(dims)
-    return out
+    return {n: sum(shape[:2]) / math.prod(shape[:2]) for n, shape in shapes.items()}
 
 
 def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er",
@@ -31,11 +26,8 @@ def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution:
 
     ER: density_l = ε·(n_in + n_out)/(n_in·n_out) with ε chosen so Σ density_l·N_l equals the
     target; a tensor whose density would exceed 1 is made dense and ε is solved again over the rest.
+    ``distribution`` and ``sparsity`` are as ``MSTConfig`` and ``set_sparsity`` checked them.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution={distribution!r} is unknown: expected one of {', '.join(DISTRIBUTIONS)}")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} is invalid: expected a number in [0, 1)")
     numel = {n: math.prod(s) if tile is None else n_tiles(s, tile) for n, s in shapes.items()}
     total = sum(numel.values())
     target = round((1.0 - sparsity) * total)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..config import PHASES, MSTConfig
+from ..constants import PHASES
 from ..ops.attention import effective_pattern
 from . import schedule
 from .ledger import Footprint
@@ -59,19 +59,19 @@ class Forecast:
         return self.dense_flops / self.mst_flops if self.mst_flops else 1.0
 
 
-def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Mapping[str, int]],
+def forecast(fp: Footprint, run: schedule.Schedule, allocation: Callable[[float], Mapping[str, int]],
              numel: Mapping[str, int], tokens_per_step: int, stride: int | None = None, keep_steps: bool = False) -> Forecast:
-    """The ledger's MST and dense totals, per phase, of ``config.total_steps`` optimizer steps of
+    """The ledger's MST and dense totals, per phase, of ``run.total_steps`` optimizer steps of
     ``tokens_per_step`` tokens each. ``allocation(s)`` gives the active count per sparse weight at
     sparsity s (``sm.mst.allocation``), ``numel`` their sizes, ``stride`` the sites' stride (None: T/8)."""
-    T = config.total_steps
+    T = run.total_steps
     scale = tokens_per_step / fp.tokens
     sites = sorted({site for site, *_ in fp.attention})
     lengths = sorted({t for _, _, t, _ in fp.attention})
     alloc_cache: dict[float, Mapping[str, int]] = {}
 
     def counts_at(step: int) -> Mapping[str, int]:
-        s = schedule.target_sparsity(step, config)
+        s = schedule.target_sparsity(step, run)
         if s not in alloc_cache:
             alloc_cache[s] = allocation(s)
         return alloc_cache[s]
@@ -83,16 +83,16 @@ def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Map
     counts, version = counts_at(0), 0  # the initial masks follow s(0)
     per_step = [] if keep_steps else None
     for i in range(T):
-        if schedule.is_update_step(i, config):
+        if schedule.is_update_step(i, run):
             counts, version = counts_at(i), i
         probes: frozenset[str] = frozenset()
-        if schedule.is_update_step(i + 1, config):
-            probes = frozenset(probed(counts, counts_at(i + 1), schedule.drop_fraction(i + 1, config),
-                                      config.grow_gradient_fraction))
-        when = (schedule.phase_at(i, config), schedule.widening(i, config))  # all a site's pattern depends on
+        if schedule.is_update_step(i + 1, run):
+            probes = frozenset(probed(counts, counts_at(i + 1), schedule.drop_fraction(i + 1, run),
+                                      run.config.grow_gradient_fraction))
+        when = (schedule.phase_at(i, run), schedule.widening(i, run))  # all a site's pattern depends on
         scheduled = sched_cache.get(when)
         if scheduled is None:
-            scheduled = sched_cache[when] = tuple(schedule.site_pattern(site, i, config) for site in sites)
+            scheduled = sched_cache[when] = tuple(schedule.site_pattern(site, i, run) for site in sites)
         key = (version, probes, scheduled)
         if key not in cost_cache:
             density = {n: counts[n] / numel[n] for n in fp.linear}
@@ -101,7 +101,7 @@ def forecast(fp: Footprint, config: MSTConfig, allocation: Callable[[float], Map
             overall = sum(counts[n] for n in numel) / total if total else 1.0  # sm.mst.density() then
             cost_cache[key] = (*fp.step_flops(density, probes, patterns, scale), overall)
         mst, dense, lin, att, overall = cost_cache[key]
-        ph = phases[schedule.phase_at(i, config)]
+        ph = phases[schedule.phase_at(i, run)]
         if ph.first_step is None:
             ph.first_step = i + 1
         ph.steps += 1

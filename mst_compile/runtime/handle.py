@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import MSTConfig
 from ..errors import MstCompileError
-from ..ops.attention import _check_pattern, _check_stride
+from ..ops.attention import check_pattern, check_stride
 from ..ops.sparse_linear import SparseWeight
 from . import schedule as _schedule
 from .ledger import FlopReport
@@ -50,6 +50,8 @@ class MSTHandle:
         other_uses: Iterable[str] = (),
         skipped: list[tuple[str, str]] | None = None,
         capture: str = "fx",
+        run: _schedule.Schedule | None = None,
+        seed: int = 0,
     ):
         self._module = module  # the GraphModule this handle is sm.mst of
         self.config = config
@@ -60,7 +62,7 @@ class MSTHandle:
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
         for site in self.weight_sites.values():
             site.sparse.use_tiles(config.tile)
-        self._scheduler = MSTScheduler(config, self.weight_sites, self._attention, module, self.skipped)
+        self._scheduler = MSTScheduler(config, self.weight_sites, self._attention, module, self.skipped, run, seed)
 
     # -- training: the scheduler --------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None, *, manual: bool = False,
@@ -68,7 +70,7 @@ class MSTHandle:
         """Hook ``optimizer`` so an ordinary training loop runs MST; returns this handle.
 
         After every ``optimizer.step()`` the step counter advances, masked weights are re-zeroed, the
-        FLOP ledger charges the step, and every ``config.interval`` steps the Mixed-Growing topology
+        FLOP ledger charges the step, and every ``schedule.interval`` steps the Mixed-Growing topology
         update runs (docs/design.md §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
 
@@ -107,6 +109,11 @@ class MSTHandle:
         return self._scheduler.step
 
     @property
+    def schedule(self) -> _schedule.Schedule:
+        """The config over the run's length (``sparsify(..., total_steps=T)``): ``.total_steps``, ``.interval``."""
+        return self._scheduler.run
+
+    @property
     def phase(self) -> str:
         """"warmup", "ultra" or "restoration" for the iteration about to run."""
         return self._scheduler.phase
@@ -121,7 +128,7 @@ class MSTHandle:
         ``mstc train`` uses (``schedule`` "wsd": flat, then a cosine over restoration, or the last
         ``decay`` of the run; "cosine": over the whole run; add your own linear warm-up).
         Own loops: ``g["lr"] = peak * m``."""
-        return _schedule.lr_multiplier(self._scheduler.step, self.config, min_ratio, schedule, decay)
+        return _schedule.lr_multiplier(self._scheduler.step, self.config, self.schedule.total_steps, min_ratio, schedule, decay)
 
     @property
     def flops(self) -> FlopReport:
@@ -235,8 +242,8 @@ class MSTHandle:
             chosen = dict(zip(names, pattern))
         for n, p in chosen.items():  # check everything before changing anything
             if p is not None:
-                _check_pattern(p, f"set_attention: attention site '{n}'")
-        _check_stride(stride, "set_attention")
+                check_pattern(p, f"set_attention: attention site '{n}'")
+        check_stride(stride, "set_attention")
         pinned = self._scheduler.pinned_attention
         for n, p in chosen.items():
             if p is None:

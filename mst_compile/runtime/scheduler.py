@@ -7,7 +7,7 @@ ordinary training loop.
 
 1. masked weights are re-zeroed (any optimizer, weight decay included, keeps the op's invariant);
 2. the FLOP ledger charges the work counted since step k−1;
-3. if k is a multiple of ΔT and k < total_steps, the topology update runs with the target s(k), the
+3. if k is a multiple of ΔT and k < T (``sparsify(..., total_steps=T)``), the topology update runs with the target s(k), the
    drop fraction ζ(k) and the dense gradient that the backward of step k formed (DDP: averaged
    across ranks first; rank 0's masks are then broadcast so every rank holds identical bits);
 4. if k+1 is an update step, the sparse ops of the weights that update will grow by gradient are
@@ -54,8 +54,9 @@ class MSTScheduler:
     handle's too), the attention sites, the module to hook and the sites the passes skipped."""
 
     def __init__(self, config: MSTConfig, sites: Sites, attention: dict[str, nn.Module], module: nn.Module,
-                 skipped: list[tuple[str, str]]):
+                 skipped: list[tuple[str, str]], run: schedule.Schedule | None = None, seed: int = 0):
         self.config = config
+        self._run = run  # the config over the run's length; None: not given to sparsify (no training)
         self.sites = sites  # the handle's site table (the same dict: mask changes are seen by both)
         self.attention = attention  # site name -> HybridSparseAttention
         self.module = module  # the sparsified GraphModule: forward hooks go on it
@@ -64,17 +65,12 @@ class MSTScheduler:
         self.attached = False
         self.manual = False  # True: the loop calls sm.mst.step() itself (no optimizer hook)
         self.last_update: dict[str, Any] | None = None
-        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._generator = torch.Generator().manual_seed(seed)
         self._ever: dict[str, torch.Tensor] | None = None  # weights active in any sparse topology so far
         self._warned_past_end = False
         self._probing: set[str] = set()  # weights whose next backward forms the dense gradient
         self._phase_applied: tuple | None = None  # (phase, widening) last applied
         self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
-        unmatched = self.config.unmatched_attention_sites(attention)
-        if unmatched:
-            raise ValueError(
-                f"MSTConfig.attention_sites: the rule(s) {unmatched} match no attention site of this model; "
-                f"its sites are {list(attention) or 'none'} (site names or fnmatch globs)")
         self._group = None
         self._hooks: list = []
         linear = {n: (s.param.numel(), s.sparse) for n, s in sites.items()}
@@ -82,18 +78,26 @@ class MSTScheduler:
 
     # -- where the run is ---------------------------------------------------------------------
     @property
+    def run(self) -> schedule.Schedule:
+        """The config over the run's length, which ``sparsify(..., total_steps=T)`` was given."""
+        if self._run is None:
+            raise MstCompileError("sm.mst: the run length is unknown, so there is no schedule to train by; pass it to "
+                                  "sparsify(model, config, total_steps=T)")
+        return self._run
+
+    @property
     def phase(self) -> str:
-        return schedule.phase_at(self.step, self.config)
+        return schedule.phase_at(self.step, self.run)
 
     @property
     def last_update_step(self) -> int:
         """The latest step <= now at which a topology update ran (0 before the first)."""
-        return schedule.last_update_at(self.step, self.config)
+        return schedule.last_update_at(self.step, self.run)
 
     @property
     def target_sparsity(self) -> float:
         """The sparsity the current masks were allocated for (it only changes at update steps)."""
-        return schedule.target_sparsity(self.last_update_step, self.config)
+        return schedule.target_sparsity(self.last_update_step, self.run)
 
     # -- attaching ----------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None, process_group=None, manual: bool = False) -> None:
@@ -107,7 +111,7 @@ class MSTScheduler:
             raise TypeError(
                 f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
                 "of another kind attach None and call sm.mst.step() after each of its steps")
-        schedule.check(self.config)
+        _ = self.run  # the schedule must be known before anything is hooked
         refresh(self.sites, self.config.sparse_kernel)  # each weight's kernel for its device now (a kernel that cannot run fails here)
         held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, s in self.sites.items() if id(s.param) not in held]
@@ -143,7 +147,7 @@ class MSTScheduler:
     @torch.no_grad()
     def _initial_masks(self) -> None:
         """At step 0 the masks follow s(0): dense for the default schedule, sparse for one that starts sparse."""
-        counts = self._allocation(schedule.target_sparsity(0, self.config))
+        counts = self._allocation(schedule.target_sparsity(0, self.run))
         if any(s.active_units() != counts[n] for n, s in self.sites.items()):
             keep_largest(self.sites, counts, self.config.sparse_kernel)
 
@@ -159,16 +163,16 @@ class MSTScheduler:
         self.step += 1
         apply_masks(self.sites)
         self.ledger.close_step()
-        T = self.config.total_steps
+        T = self.run.total_steps
         if self.step > T:
             if not self._warned_past_end:
                 self._warned_past_end = True
                 warnings.warn(
                     f"MST stepped past total_steps={T} (step {self.step}): holding the final masks and attention "
-                    "patterns; raise MSTConfig.total_steps to keep the schedule going", stacklevel=3)
+                    "patterns; pass a larger total_steps to sparsify to keep the schedule going", stacklevel=3)
             self._set_probes(set())
             return
-        if schedule.is_update_step(self.step, self.config):
+        if schedule.is_update_step(self.step, self.run):
             self._update()
         self._set_probes(self._probes_for_next_step())
         self._sync_attention()
@@ -178,12 +182,12 @@ class MSTScheduler:
 
         The counts follow from the current masks and the schedule alone (docs/design.md §4), so every DDP
         rank picks the same set; weights with nothing to grow by gradient need no dense gradient."""
-        k, cfg = self.step + 1, self.config
-        if not schedule.is_update_step(k, cfg) or cfg.grow_gradient_fraction == 0:
+        k, run = self.step + 1, self.run
+        if not schedule.is_update_step(k, run) or self.config.grow_gradient_fraction == 0:
             return set()
         active = {name: site.active_units() for name, site in self.sites.items()}
-        return probed(active, self._allocation(schedule.target_sparsity(k, cfg)), schedule.drop_fraction(k, cfg),
-                      cfg.grow_gradient_fraction)
+        return probed(active, self._allocation(schedule.target_sparsity(k, run)), schedule.drop_fraction(k, run),
+                      self.config.grow_gradient_fraction)
 
     def _allocation(self, sparsity: float) -> dict[str, int]:
         return allocation(self.sites, sparsity, self.config.distribution)
@@ -212,12 +216,12 @@ class MSTScheduler:
         """(pattern, stride scale) of ``site`` now."""
         if site in self.pinned_attention:
             return self.pinned_attention[site], 1.0
-        return schedule.site_pattern(site, self.step, self.config)
+        return schedule.site_pattern(site, self.step, self.run)
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.attention:
             return
-        now = (self.phase, schedule.widening(self.step, self.config))
+        now = (self.phase, schedule.widening(self.step, self.run))
         if force or now != self._phase_applied:
             for name, site in self.attention.items():
                 pattern, site.stride_scale = self._scheduled(name)
@@ -242,8 +246,8 @@ class MSTScheduler:
     @torch.no_grad()
     def _update(self) -> None:
         t, cfg = self.step, self.config
-        sparsity = schedule.target_sparsity(t, cfg)
-        zeta = schedule.drop_fraction(t, cfg)
+        sparsity = schedule.target_sparsity(t, self.run)
+        zeta = schedule.drop_fraction(t, self.run)
         counts = self._allocation(sparsity)
         grads = self._dense_grads()
         changes = {}
@@ -258,7 +262,7 @@ class MSTScheduler:
             ch, param = changes[name], site.param
             site.sparse.set_mask(ch.mask.view_as(param))
             apply_change(param, ch, self.optimizer)
-            if cfg.grow_init_scale > 0:
+            if cfg.ablation.grow_init_scale > 0:
                 self._init_grown(param, ch)
             totals["pruned"] += ch.n_prune
             totals["grown_gradient"] += ch.n_grow_gradient
@@ -269,7 +273,7 @@ class MSTScheduler:
         self._track_exploration()
         self.last_update = {
             "step": t,
-            "phase": schedule.phase_at(t, cfg),
+            "phase": schedule.phase_at(t, self.run),
             "target_sparsity": sparsity,
             "drop_fraction": zeta,
             **totals,
@@ -286,7 +290,7 @@ class MSTScheduler:
         kept = ch.mask.view_as(param) & ~grown
         if n == 0 or not bool(kept.any()):
             return
-        sigma = self.config.grow_init_scale * float(param[kept].float().pow(2).mean().sqrt())
+        sigma = self.config.ablation.grow_init_scale * float(param[kept].float().pow(2).mean().sqrt())
         noise = torch.randn(n, generator=self._generator, device="cpu").to(device=param.device, dtype=param.dtype)
         param[grown] = noise * sigma
 
@@ -340,7 +344,7 @@ class MSTScheduler:
             "last_update": None if self.last_update is None else dict(self.last_update),
             "warned_past_end": self._warned_past_end,
             "pinned_attention": dict(self.pinned_attention),
-            "config": self.config.to_dict(),
+            "config": self._record(),
         }
 
     @torch.no_grad()
@@ -371,9 +375,14 @@ class MSTScheduler:
             self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
 
+    def _record(self) -> dict[str, Any]:
+        """The config a checkpoint was written under, with the run length it spanned."""
+        run = {} if self._run is None else {"total_steps": self._run.total_steps}
+        return {**self.config.to_dict(), **run}
+
     def _warn_config(self, saved: dict[str, Any]) -> None:
-        ours = self.config.to_dict()
-        diff = sorted(k for k in saved if k != "extra" and k in ours and saved[k] != ours[k])
+        ours = self._record()
+        diff = sorted(k for k in saved if k in ours and saved[k] != ours[k])
         if diff:
             warnings.warn(
                 "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("

@@ -28,7 +28,9 @@ def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
         else:
             from ..api import sparsify
 
-            acct = MSTAccounting(sparsify(model, mst_config, example_inputs=example_inputs), d.world)
+            # the one place the trainer passes the run's length and seed to MST
+            sm = sparsify(model, mst_config, total_steps=tc.schedule_steps, seed=tc.seed, example_inputs=example_inputs)
+            acct = MSTAccounting(sm, d.world)
     acct.module.to(d.device)
     return acct
 

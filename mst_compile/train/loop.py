@@ -55,8 +55,8 @@ def lr_at(step: int, tc: TrainConfig, mst: MSTConfig) -> float:
     """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / (tc.warmup_steps + 1)
-    span = mst.replace(total_steps=tc.schedule_steps or tc.steps) if mst.total_steps != (tc.schedule_steps or tc.steps) else mst
-    return tc.lr * lr_multiplier(step, span, tc.min_lr / tc.lr, tc.lr_schedule, tc.lr_decay, tc.warmup_steps)
+    return tc.lr * lr_multiplier(step, mst, tc.schedule_steps or tc.steps, tc.min_lr / tc.lr, tc.lr_schedule, tc.lr_decay,
+                                 tc.warmup_steps)
 
 
 def _absolute(spec: str | None) -> str | None:
@@ -82,8 +82,7 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
     else:  # a new run, or a resume whose changes resume_configs accepted
         hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {}) if train_config is None or mst_config is None else (None, None)
         mst, tc = mst_config or hook_mst, train_config or hook_tc
-        tc = dataclasses.replace(tc, steps=tc.steps or mst.total_steps, data=_absolute(tc.data), tokenizer=_absolute(tc.tokenizer))
-        mst = mst.replace(total_steps=tc.schedule_steps or tc.steps, seed=tc.seed)
+        tc = dataclasses.replace(tc, data=_absolute(tc.data), tokenizer=_absolute(tc.tokenizer))
     d = distributed.setup(tc.device)
     try:
         summary = _run(mf, tc, mst, d, out=out, resume=resume, progress=progress, stop_at=stop_at, t_start=t_start)
@@ -100,7 +99,7 @@ def _run(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, prog
     run.acct.module.train()
     with StopRequest() as stop, warnings.catch_warnings():
         if (tc.schedule_steps or tc.steps) < tc.steps:  # a resume lengthened the run: the final phase is held on purpose
-            warnings.filterwarnings("ignore", message="MST stepped past total_steps")
+            warnings.filterwarnings("ignore", message="MST stepped past total_steps")  # (runtime/scheduler.py)
         try:
             for step in range(run.start, tc.steps):
                 t0 = time.perf_counter()

@@ -38,11 +38,10 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
     if train_flags.get("steps", old_tc.steps) < old_tc.steps:
         raise MstCompileError(f"--resume {run_dir}: --steps {train_flags['steps']} is shorter than the run's {old_tc.steps} "
                               "steps; a resume may only lengthen a run")
-    base_mst = old_mst.replace(total_steps=old_tc.steps)
     base_train = dataclasses.asdict(old_tc)
     if "lr" in train_flags and "min_lr" not in train_flags and old_tc.min_lr is not None:
         base_train["min_lr"] = old_tc.min_lr * train_flags["lr"] / old_tc.lr  # the decay keeps its shape
-    new_tc, new_mst = build_configs(base_mst, base_train, config_file, dict(train_flags), dict(mst_flags))
+    new_tc, new_mst = build_configs(old_mst, base_train, config_file, dict(train_flags), dict(mst_flags))
     old_d, new_d = dataclasses.asdict(old_tc), dataclasses.asdict(new_tc)
     refused, changes = [], []
     for key in old_d:
@@ -53,8 +52,9 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
             changes.append(f"{_flag(key)} {was} -> {now}")
         else:
             refused.append(f"{_flag(key)} {now} (the run has {was})")
-    old_m = {k: v for k, v in base_mst.to_dict().items() if k not in ("total_steps", "seed")}
-    new_m = new_mst.to_dict()
+    old_m, new_m = old_mst.to_dict(), new_mst.to_dict()
+    old_m.update(old_m.pop("ablation"))
+    new_m.update(new_m.pop("ablation"))
     refused += [f"{_flag(k)} {new_m[k]} (the run has {v})" for k, v in old_m.items() if new_m[k] != v]
     if refused:
         raise MstCompileError(
@@ -62,4 +62,4 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
             "a longer --steps and the log/eval/checkpoint intervals; start a new run (--out) for the rest")
     # a longer run keeps the schedules' span (runs saved before schedule_steps existed: their steps)
     tc = dataclasses.replace(new_tc, schedule_steps=old_tc.schedule_steps or old_tc.steps)
-    return tc, old_mst.replace(total_steps=tc.schedule_steps or tc.steps), changes
+    return tc, old_mst, changes
