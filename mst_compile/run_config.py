@@ -129,6 +129,8 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
         doc = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MstCompileError(f"config file {p} is not valid TOML: {e}") from None
+    if "model" in doc and isinstance(doc.get("mst"), dict):  # a run folder's own record: may predate the recipe/ablation split
+        doc["mst"] = _upgrade_saved(doc["mst"], doc.get("train") if isinstance(doc.get("train"), dict) else {})
     train, mst = {}, {}
     for key, value in doc.items():
         if key in ("train", "mst") and isinstance(value, dict):
@@ -144,6 +146,25 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
                 f"or [mst] keys ({', '.join(MST_KEYS)})"
             )
     return train, mst
+
+
+def _upgrade_saved(mst: dict, train: dict) -> dict:
+    """A saved ``[mst]`` table in the spelling before ``Ablation``: the same run in today's keys. Its
+    ``total_steps`` and ``seed`` were copies of ``[train]``'s steps and seed (the trainer wrote both), so they go;
+    ``drop_fractions`` (when set) was the per-phase ζ; the ablation switches move to ``[mst.ablation]``."""
+    mst = dict(mst)
+    for k, twin in (("total_steps", "steps"), ("seed", "seed")):
+        if k in mst and (twin not in train or train[twin] == mst[k]):
+            del mst[k]
+    mst.pop("extra", None)
+    if "drop_fractions" in mst:
+        per_phase = mst.pop("drop_fractions")
+        if per_phase is not None and per_phase != "none":
+            mst["drop_fraction"] = per_phase
+    moved = {k: mst.pop(k) for k in ABLATION_KEYS if k in mst}
+    if moved:
+        mst["ablation"] = {**moved, **(mst.get("ablation") or {})}
+    return mst
 
 
 def _check_keys(p: Path, table: str, value: dict) -> None:

@@ -123,3 +123,48 @@ def test_run_folder_is_relocatable_and_a_changed_model_file_is_named(runs, tmp_p
     assert sm.mst.step_count == 24
     ck = torch.load(moved / "checkpoints/last.pt", weights_only=True)
     assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+
+
+def _old_spelling(run) -> None:
+    """Rewrite the run's config.toml as mstc wrote it before the recipe/ablation split."""
+    doc = _config(run)
+    ablation = doc["mst"].pop("ablation")
+    mst = {**doc["mst"], **ablation, "total_steps": doc["train"]["steps"], "seed": doc["train"]["seed"]}
+    mst["drop_fraction"] = mst["drop_fraction"][0]  # one number: (ζ, ζ, 0), the default's shape
+
+    def value(v):
+        return json.dumps(v) if isinstance(v, (str, list)) else str(v).lower() if isinstance(v, bool) else repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    for table, body in (("train", doc["train"]), ("mst", mst)):
+        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in body.items()]
+    (run / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_folder_written_in_the_old_spelling_resumes_exactly(runs, tmp_path):
+    d, f = runs
+    run = _copy(d / "split", tmp_path / "run")
+    _old_spelling(run)
+    assert "total_steps = 24" in (run / "config.toml").read_text() and "[mst.ablation]" not in (run / "config.toml").read_text()
+    assert load_run_config(run) == load_run_config(d / "split")  # the same recipe, read in today's keys
+    r = CliRunner().invoke(main, ["train", str(f), "--resume", str(run), "--quiet"])
+    assert r.exit_code == 0, r.output
+    for kind in ("train", "eval", "update"):
+        assert _rows(run, kind) == _rows(d / "whole", kind), kind
+
+
+def test_a_checkpoint_with_the_old_scalar_drop_fraction_loads_without_a_config_warning():
+    import warnings
+
+    from _models import tiny_gpt
+
+    import mst_compile
+
+    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(), total_steps=20)
+    sd = sm.mst.state_dict()
+    old = {**sd, "config": {**sd["config"], "drop_fraction": 0.3}}  # how checkpoints stored the default ζ before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sm.mst.load_state_dict(old)
+    with pytest.warns(UserWarning, match=r"different MSTConfig \(drop_fraction"):  # a ζ that differs is still named
+        sm.mst.load_state_dict({**sd, "config": {**sd["config"], "drop_fraction": 0.2}})

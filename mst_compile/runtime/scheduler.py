@@ -382,6 +382,9 @@ class MSTScheduler:
 
     def _warn_config(self, saved: dict[str, Any]) -> None:
         ours = self._record()
+        if isinstance(saved.get("drop_fraction"), (int, float)):  # written before ζ was per phase only: ζ meant (ζ, ζ, 0)
+            z = float(saved["drop_fraction"])
+            saved = {**saved, "drop_fraction": list(saved.get("drop_fractions") or (z, z, 0.0))}
         diff = sorted(k for k in saved if k in ours and saved[k] != ours[k])
         if diff:
             warnings.warn(
