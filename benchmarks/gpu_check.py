@@ -53,8 +53,8 @@ from mst_compile.ops.tile_layout import expand, grid
 
 ROWS: list[tuple[str, str, str]] = []  # (section, case, result)
 RUN: dict = {"table": None, "deadline": float("inf")}
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_attention_residue.py", "tests/test_device.py", "tests/test_export_provider.py",
-              "tests/test_tile_triton.py"]
+CUDA_TESTS = ["tests/test_cuda.py", "tests/ops/test_attention_residue.py", "tests/train/test_device.py",
+              "tests/export/test_validate_provider.py", "tests/ops/test_tile_triton.py"]
 
 
 def _row(section: str, case: str, result: str) -> None:
