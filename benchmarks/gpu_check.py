@@ -53,8 +53,8 @@ from mst_compile.ops.tile_layout import expand, grid
 
 ROWS: list[tuple[str, str, str]] = []  # (section, case, result)
 RUN: dict = {"table": None, "deadline": float("inf")}
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_attention_residue.py", "tests/test_device.py", "tests/test_export_provider.py",
-              "tests/test_tile_triton.py"]
+CUDA_TESTS = ["tests/test_cuda.py", "tests/ops/test_attention_residue.py", "tests/train/test_device.py",
+              "tests/export/test_validate_provider.py", "tests/ops/test_tile_triton.py"]
 
 
 def _row(section: str, case: str, result: str) -> None:
@@ -232,8 +232,9 @@ def tests(device, dry: bool, reps: int) -> None:
         _row("tests", "pytest -m cuda", "skipped: pytest is not installed in this interpreter")
         return
     limit = max(30.0, min(240.0, RUN["deadline"] - time.monotonic()))
-    # -o addopts: one process, without the project's pytest-xdist options (a GPU host may not have the plugin)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TESTS]
+    # -o addopts: one process, without the project's pytest-xdist options (a GPU host may not have the plugin);
+    # the import mode stays the project's (test files in different folders may share a name)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra --import-mode=importlib", "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TESTS]
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as e:

@@ -1,4 +1,4 @@
-"""One rank of the DDP test (launched by tests/test_ddp.py under torchrun, gloo on CPU).
+"""One rank of the DDP test (launched by tests/runtime/test_scheduler_ddp.py under torchrun, gloo on CPU).
 
 Each rank initialises its model differently and reads different data; DDP broadcasts rank 0's
 weights and masks, MST averages the dense gradients before every update. At the end rank 0 gathers

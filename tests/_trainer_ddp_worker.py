@@ -1,4 +1,4 @@
-"""One rank of the Trainer DDP test (tests/test_hf_trainer.py, torchrun, gloo on CPU).
+"""One rank of the Trainer DDP test (tests/integrations/test_transformers.py, torchrun, gloo on CPU).
 
 Each rank builds its model with a different seed (DDP broadcasts rank 0's weights); the Trainer
 runs MSTCallback for 8 steps. Rank 0 gathers every rank's masks and weights by hash and writes a
@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from _models import hf_gpt2
-from test_hf_trainer import CFG, Blocks
+from integrations.test_transformers import CFG, Blocks
 from transformers import Trainer, TrainingArguments
 
 from mst_compile.integrations.transformers import MSTCallback

@@ -80,7 +80,7 @@ def test_cpu_checkpoint_resumes_on_cuda_and_back(tmp_path, monkeypatch):
 
     f = write(tmp_path, "m.py", TINY)
     run = tmp_path / "run"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
            "MST_COMPILE_CACHE": str(tmp_path / "cache")}
     on_cpu = ("import sys; from mst_compile.train.loop import train; "
               "train(sys.argv[1], out=sys.argv[2] if sys.argv[3] == 'new' else None, "

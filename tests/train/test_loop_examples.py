@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from mst_compile.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-# the model files (the scripts own_loop.py and hf_trainer.py have their own tests: test_own_loop, test_hf_trainer)
+ROOT = Path(__file__).resolve().parents[2]
+# the model files (the scripts own_loop.py and hf_trainer.py have their own tests: runtime/test_handle_own_loop, integrations/test_transformers)
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if "\ndef model(" in p.read_text())
 FAST = ["--steps", "2", "--batch-size", "2", "--block-size", "16", "--eval-iters", "1", "--quiet"]
 

@@ -18,7 +18,7 @@ import mst_compile
 from mst_compile.cli import main
 from mst_compile.modelfile import load_model_file
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # 64 positions, trained on blocks of 32, with HSA in every phase (the defaults) and the default stride
 MODEL = f'''

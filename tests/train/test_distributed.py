@@ -10,7 +10,7 @@ from _train_models import TINY, write
 
 from mst_compile.train.metrics import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.torchrun

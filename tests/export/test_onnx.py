@@ -194,7 +194,7 @@ def test_bad_input(tmp_path, monkeypatch):
 # -- mstc export RUN_DIR ------------------------------------------------------------------------
 RUN_MODEL = f'''
 import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "examples")!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / "examples")!r})
 import torch
 from tiny_gpt import GPT
 import mst_compile

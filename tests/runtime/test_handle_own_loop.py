@@ -12,7 +12,7 @@ from _models import tiny_gpt
 
 import mst_compile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = mst_compile.MSTConfig(update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
                             ultra_end=0.75)
 

@@ -268,7 +268,7 @@ def test_inspect_shows_tile_densities(tmp_path):
     from mst_compile.cli import main
 
     f = tmp_path / "m.py"
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).resolve().parents[1])
     f.write_text(f"import sys\nsys.path.insert(0, {here!r})\nfrom _models import tiny_gpt\nimport mst_compile\n\n"
                  "def model():\n    return tiny_gpt()\n\ndef config():\n    return mst_compile.MSTConfig(tile=16)\n")
     r = CliRunner().invoke(main, ["inspect", str(f), "--sparsity", "0.75"])

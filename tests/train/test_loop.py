@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from mst_compile.cli import main
 from mst_compile.train.metrics import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

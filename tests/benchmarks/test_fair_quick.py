@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d", "32", "--n-layer", "2", "--n-head", "2", "--block-size", "32", "--batch-size", "4", "--eval-iters", "1",
         "--final-eval-iters", "2", "--methods", "dense,mst,dense_avg", "--jobs", "2"]
 

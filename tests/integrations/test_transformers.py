@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainerState, TrainingArgumen
 
 from mst_compile.integrations.transformers import STATE_FILE, MSTCallback
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 CFG = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
                             stride=4)
 
@@ -229,7 +229,7 @@ def test_the_example_script_trains_and_exports(tmp_path):
     """examples/hf_trainer.py as a user runs it: Trainer + MSTCallback, checkpoints, then export_hf."""
     from transformers import AutoModelForCausalLM
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
     env = {**os.environ, "MST_COMPILE_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, str(script), "--steps", "8", "--out", str(tmp_path / "out")], env=env,
                        capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ import pytest
 from mst_compile.ops import attention_cpu, kernel_build
 
 NAME = "mst_hsa_test"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_build(folder: Path) -> None:

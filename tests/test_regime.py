@@ -1,0 +1,49 @@
+"""regime.py: the expected gap read off a regime map's power law (a·x^-b by hand), whether it is
+extrapolated, and the start-of-run note, on a map written here and on the one the package ships."""
+import pytest
+
+from mst_compile import MSTConfig, regime
+
+MAP = {"source": "test", "corpus": "test", "measured_range": [10.0, 1000.0], "configs": {
+    "default": {"fit": {"a": 50.0, "b": 0.5}, "within_5pct_at": 100.0,
+                "points": [{"tokens_per_param": 10.0, "gap_pct": 15.8, "reduction": 2.0},
+                           {"tokens_per_param": 1000.0, "gap_pct": 1.6, "reduction": 2.5}]},
+    "paper": {"fit": None, "within_5pct_at": None, "points": []}}}
+
+
+@pytest.fixture
+def fake_map(monkeypatch):
+    monkeypatch.setattr(regime, "regime_map", lambda: MAP)
+
+
+def test_expected_gap_follows_the_fit(fake_map):
+    gap, extrapolated, info = regime.expected_gap(MSTConfig(), 400.0)
+    assert gap == pytest.approx(50.0 * 400.0 ** -0.5) and not extrapolated
+    assert info["series"] == "default" and info["note"] == "this config is the default one"
+    gap, extrapolated, _ = regime.expected_gap(MSTConfig(total_steps=77, seed=5), 4000.0)  # length and seed do not matter
+    assert gap == pytest.approx(50.0 / 4000.0 ** 0.5) and extrapolated
+    gap, extrapolated, info = regime.expected_gap(MSTConfig(sparsity=0.5), 400.0)
+    assert gap is not None and "differs from both measured ones" in info["note"]
+
+
+def test_no_map_or_no_fit_gives_no_gap(monkeypatch):
+    monkeypatch.setattr(regime, "regime_map", lambda: None)
+    assert regime.expected_gap(MSTConfig(), 50.0)[:2] == (None, True)
+    assert regime.regime_note(MSTConfig(), 50.0) is None
+
+
+def test_the_note_only_below_the_five_percent_point(fake_map):
+    assert regime.regime_note(MSTConfig(), 100.0) is None
+    note = regime.regime_note(MSTConfig(), 12.0)
+    assert note.startswith("this run trains 12.0 tokens per parameter")
+    assert "+15.8% at 10 tokens/param, 2.0x fewer FLOPs" in note  # the nearest measured point
+    assert "within 5% of dense from about 100 tokens/param" in note and "extrapolated" not in note
+
+
+def test_the_shipped_map_reads():
+    m = regime.regime_map()
+    assert m is not None and {"default", "paper"} <= set(m["configs"])
+    lo, hi = m["measured_range"]
+    gap, extrapolated, info = regime.expected_gap(MSTConfig(), (lo * hi) ** 0.5)
+    fit = m["configs"]["default"]["fit"]
+    assert gap == pytest.approx(fit["a"] * ((lo * hi) ** 0.5) ** -fit["b"]) and not extrapolated
