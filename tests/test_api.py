@@ -11,9 +11,10 @@ from mst_compile import MSTConfig
 def test_config_forms():
     torch.manual_seed(0)
     assert mst_compile.sparsify(MLP()).mst.config == MSTConfig()
-    assert mst_compile.sparsify(MLP(), {"total_steps": 50, "sparsity": 0.7}).mst.config == MSTConfig(total_steps=50, sparsity=0.7)
-    cfg = MSTConfig(total_steps=40)
-    assert mst_compile.sparsify(MLP(), cfg).mst.config is cfg
+    assert mst_compile.sparsify(MLP(), {"sparsity": 0.7}).mst.config == MSTConfig(sparsity=0.7)
+    cfg = MSTConfig(sparsity=0.6)
+    sm = mst_compile.sparsify(MLP(), cfg, total_steps=40)
+    assert sm.mst.config is cfg and sm.mst.schedule.total_steps == 40
     with pytest.raises(TypeError, match="config must be an MSTConfig, a dict or None, got int"):
         mst_compile.sparsify(MLP(), 3)
 

@@ -20,8 +20,8 @@ def test_expected_gap_follows_the_fit(fake_map):
     gap, extrapolated, info = regime.expected_gap(MSTConfig(), 400.0)
     assert gap == pytest.approx(50.0 * 400.0 ** -0.5) and not extrapolated
     assert info["series"] == "default" and info["note"] == "this config is the default one"
-    gap, extrapolated, _ = regime.expected_gap(MSTConfig(total_steps=77, seed=5), 4000.0)  # length and seed do not matter
-    assert gap == pytest.approx(50.0 / 4000.0 ** 0.5) and extrapolated
+    gap, extrapolated, info = regime.expected_gap(MSTConfig(update_interval=7), 4000.0)  # ΔT does not matter
+    assert gap == pytest.approx(50.0 / 4000.0 ** 0.5) and extrapolated and info["note"] == "this config is the default one"
     gap, extrapolated, info = regime.expected_gap(MSTConfig(sparsity=0.5), 400.0)
     assert gap is not None and "differs from both measured ones" in info["note"]
 

@@ -26,7 +26,7 @@ def test_timed_batch_and_describe():
 def test_time_steps_times_each_state_and_trains_nothing():
     torch.manual_seed(0)
     model = tiny_gpt()
-    sm = mst_compile.sparsify(model, mst_compile.MSTConfig(total_steps=10, sparse_kernel="dense"))
+    sm = mst_compile.sparsify(model, mst_compile.MSTConfig(sparse_kernel="dense"), total_steps=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ticks = itertools.count()
     site = next(iter(sm.mst.attention_modules()))

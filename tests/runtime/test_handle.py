@@ -10,8 +10,9 @@ from mst_compile.runtime.handle import linear_flop_shares
 
 
 def _mlp(**kw):  # the masked-dense kernel: what is tested here does not depend on the kernel
-    torch.manual_seed(0)
-    return mst_compile.sparsify(MLP(), mst_compile.MSTConfig(total_steps=20, update_interval=2, seed=0, sparse_kernel="dense", **kw))
+    torch.manual_seed(0)  # 40 steps: every phase of the default split gets an update every 2 (sparsify checks it)
+    return mst_compile.sparsify(MLP(), mst_compile.MSTConfig(update_interval=2, sparse_kernel="dense", **kw),
+                                total_steps=40, seed=0)
 
 
 def test_sites_list_every_sparse_weight_with_its_shape_and_share():
@@ -79,7 +80,7 @@ def test_manual_step_counts_real_steps_and_runs_updates():
 
 def test_set_attention_pins_sites_until_handed_back():
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(total_steps=20, seed=0))
+    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(), total_steps=20, seed=0)
     sites = list(sm.mst.attention_modules())
     assert len(sites) == 2
     sm.mst.set_attention("local")

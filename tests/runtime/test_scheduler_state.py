@@ -11,13 +11,13 @@ from _models import MLP
 import mst_compile
 from mst_compile.errors import CheckpointError
 
-CFG = dict(total_steps=12, update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
-           grow_gradient_fraction=0.0, seed=3, sparse_kernel="dense")  # all growth random: the generator matters
+CFG = dict(update_interval=2, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
+           grow_gradient_fraction=0.0, sparse_kernel="dense")  # all growth random: the generator matters
 
 
-def _sm(seed=0, **kw):
+def _sm(seed=0, total_steps=12, **kw):
     torch.manual_seed(seed)
-    sm = mst_compile.sparsify(MLP(), mst_compile.MSTConfig(**{**CFG, **kw}))
+    sm = mst_compile.sparsify(MLP(), mst_compile.MSTConfig(**{**CFG, **kw}), total_steps=total_steps, seed=3)
     opt = torch.optim.SGD(sm.parameters(), lr=0.05)
     sm.mst.attach(opt)
     return sm, opt
@@ -95,7 +95,7 @@ def test_a_different_config_warns_and_the_current_one_rules():
     longer, _ = _sm(total_steps=24)
     with pytest.warns(UserWarning, match=r"total_steps: 12 -> 24"):
         longer.mst.load_state_dict(state)
-    assert longer.mst.config.total_steps == 24
+    assert longer.mst.schedule.total_steps == 24
     same, _ = _sm()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -106,11 +106,11 @@ def test_pinned_attention_is_part_of_the_state():
     from _models import tiny_gpt
 
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(total_steps=10, seed=0))
+    sm = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(), total_steps=10, seed=0)
     site = next(iter(sm.mst.attention_modules()))
     sm.mst.set_attention({site: "local"})
     state = _roundtrip(sm.mst.state_dict())
     torch.manual_seed(0)
-    fresh = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(total_steps=10, seed=0))
+    fresh = mst_compile.sparsify(tiny_gpt(), mst_compile.MSTConfig(), total_steps=10, seed=0)
     fresh.mst.load_state_dict(state)
     assert fresh.mst.attention_patterns()[site] == "local"

@@ -10,8 +10,8 @@ import mst_compile
 from mst_compile.errors import CheckpointError
 from mst_compile.train.accounting import DenseAccounting, MSTAccounting, build, dense_flops_per_token
 
-CFG = mst_compile.MSTConfig(total_steps=12, update_interval=2, sparsity=0.8, warmup_end=0.25, ultra_end=0.75, seed=0,
-                            sparse_kernel="dense")
+CFG = mst_compile.MSTConfig(update_interval=2, sparsity=0.8, warmup_end=0.25, ultra_end=0.75, sparse_kernel="dense")
+STEPS = 12
 MLP_WORK = 16 * 64 + 64 * 8  # n_in·n_out of fc1 and fc2
 
 
@@ -37,7 +37,7 @@ def test_dense_accounting_charges_per_token_and_round_trips():
 
 def _mst(world=1):
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(MLP(), CFG)
+    sm = mst_compile.sparsify(MLP(), CFG, total_steps=STEPS, seed=0)
     acct = MSTAccounting(sm, world)
     opt = torch.optim.SGD(sm.parameters(), lr=0.05)
     acct.attach(opt)
@@ -90,7 +90,7 @@ def test_checkpoints_of_the_other_kind_are_refused_and_mst_state_resumes():
 def test_build_picks_the_accounting(dense):
     torch.manual_seed(0)
     x = torch.randn(4, 16)
-    acct = build(MLP(), CFG, SimpleNamespace(dense=dense), x, x, SimpleNamespace(world=1, device=torch.device("cpu")))
+    acct = build(MLP(), CFG, SimpleNamespace(dense=dense, schedule_steps=STEPS, seed=0), x, x, SimpleNamespace(world=1, device=torch.device("cpu")))
     assert acct.dense is dense and type(acct) is (DenseAccounting if dense else MSTAccounting)
     torch.testing.assert_close(acct.module(x), acct.module(x))
     if dense:
