@@ -11,6 +11,8 @@ Sections (each one row per case; every row is printed and appended to ``--table`
              (dense ``F.linear``) in bf16, 8192 tokens, at GPT-2-small (d=768) and GPT-2-medium
              (d=1024) shapes, tiles 32/64/128, tile densities 0.05-0.5; the first case of each tile
              also reports its largest difference to the masked dense result.
+- parts:     each Triton kernel of the tile op alone (CUDA-event device time) against cuBLAS for the same
+             product, at 8192 and 32768 tokens, and the weight gradient in one chunk of tokens vs split.
 - attention: sparse HSA (on CUDA the residue-class kernel) vs causal SDPA on the flash backend,
              forward + backward, bf16, B=1, 12 heads of 64, T = 1024 / 4096 / 8192, l = T/8 and 128.
 - train:     one AdamW step of a GPT-2-small-shaped GPT (12 layers, d=768, vocabulary 50257, B=8,
@@ -127,6 +129,53 @@ def kernels(device, dry: bool, reps: int) -> None:
                     check = f", max abs difference to masked dense {diff:.2g}"
                 _row("kernels", f"GPT-2 {size} {n_in}x{n_out} b={tile} d={d}",
                      f"cuBLAS {dense * 1e3:.3f} ms, tile {t * 1e3:.3f} ms, speedup {dense / t:.2f}x{check}")
+
+
+# -- parts: where the tile-sparse linear spends its time ------------------------------------------
+def _device_ms(fn, device, reps: int) -> float:
+    """Median device time of ``fn`` in ms: CUDA events (triton.testing.do_bench), host overhead excluded."""
+    if device.type != "cuda":
+        return _median_time(fn, device, reps) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20 * reps, return_mode="median")
+
+
+def _part_times(x, w, gy, lay, tile, device, reps) -> dict[str, float]:
+    from mst_compile.ops import tile_triton
+
+    return {
+        "dense fwd": _device_ms(lambda: x @ w.t(), device, reps),
+        "dense dW": _device_ms(lambda: gy.t() @ x, device, reps),
+        "tile fwd": _device_ms(lambda: tile_triton.mm(x, w, lay.row_ptr, lay.cols, tile), device, reps),
+        "tile dx": _device_ms(lambda: tile_triton.mm(gy, w.t(), lay.col_ptr, lay.rows_t, tile), device, reps),
+        "tile dW one chunk": _device_ms(lambda: tile_triton.sddmm(gy, x, lay.rows, lay.cols, tile, split=1), device, reps),
+        "tile dW split": _device_ms(lambda: tile_triton.sddmm(gy, x, lay.rows, lay.cols, tile), device, reps),
+    }
+
+
+def parts(device, dry: bool, reps: int) -> None:
+    """Each kernel of the tile op alone (device time), against cuBLAS for the same product, and the
+    weight-gradient kernel with the tokens in one chunk against the automatic split."""
+    from mst_compile.ops.tile_layout import TileLayout
+
+    dtype = torch.float32 if dry else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    cases = [((3072, 768), 64, 0.1, 64)] if dry else [((n_out, n_in), b, 0.1, tok) for (n_in, n_out) in ((768, 3072), (3072, 768))
+                                                     for b in (64, 128) for tok in (8192, 32768)]
+    for (n_out, n_in), tile, d, tokens in cases:
+        name = f"{n_in}x{n_out} b={tile} d={d} N={tokens}"
+        if not _time_left("parts", name, 5 if dry else 15):
+            continue
+        _, w, mask = _tiled((n_out, n_in), tile, d, dtype, device, g)
+        w = w.detach()
+        x = torch.randn(tokens, n_in, generator=g).to(device, dtype)
+        gy = torch.randn(tokens, n_out, generator=g).to(device, dtype)
+        if dry:  # the Triton kernels need a GPU or the interpreter: the dry run checks the loop only
+            _row("parts", name, "dry run: no Triton timing")
+            continue
+        t = _part_times(x, w, gy, TileLayout(mask, tile), tile, device, reps)
+        _row("parts", name, ", ".join(f"{k} {v:.3f} ms" for k, v in t.items()))
 
 
 # -- attention: HSA against flash --------------------------------------------------------------
@@ -279,7 +328,7 @@ def onnx(device, dry: bool, reps: int) -> None:
             _row("onnx", f"{provider} T={T} {attention_pattern} attention", f"{t * 1e3:.2f} ms, max difference to PyTorch {worst:.1g}")
 
 
-SECTIONS = {"kernels": kernels, "attention": attention, "train": train, "tests": tests, "onnx": onnx}
+SECTIONS = {"parts": parts, "kernels": kernels, "attention": attention, "train": train, "tests": tests, "onnx": onnx}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ def test_sparse_linear_matches_cpu_forward_and_backward():
     w = w * mask
 
     def run(device):
-        xs, ws = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        xs, ws = x.to(device).detach().requires_grad_(), w.to(device).detach().requires_grad_()
         probe = torch.zeros(48, 32, device=device, requires_grad=True)
         y = sparse_linear(xs, ws, mask.to(device), None, probe)
         y.backward(gy.to(device))

@@ -153,8 +153,8 @@ def test_tiles_save_cpu_hours_where_the_blocked_kernel_pays_and_none_on_gpus(mod
              for hw in ("cpu", "h100") for tile in (8, 16)}
     for tile in (8, 16):
         gpu = plans[("h100", tile)]
-        assert gpu.mst_hours == pytest.approx(gpu.dense_hours)  # the Triton kernels are not yet measured on a GPU
-        assert "not yet measured on a GPU" in gpu.hardware["kernels"]
+        assert gpu.mst_hours == pytest.approx(gpu.dense_hours)  # no faster than dense on a GPU: counted at dense speed
+        assert "optimistic" in gpu.hardware["kernels"] and "h200.md" in gpu.hardware["kernels"]
     cpu16 = plans[("cpu", 16)]  # CPU hours are timed steps of this model: whatever its kernels really save here
     assert "measured" in cpu16.hardware and cpu16.mst_hours > 0 and cpu16.dense_hours > 0
     assert cpu16.config["tile"] == 16 and cpu16.reduction > 1.2

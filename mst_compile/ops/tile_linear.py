@@ -133,7 +133,7 @@ def choose_tile_kernel(name: str, density: float, device: torch.device | str, sh
     kernel of the weight's device (the blocked kernel on CPU, Triton on CUDA); "triton" the Triton
     kernels (on CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``). "auto" takes the
     blocked kernel on CPU below the crossover measured for this tile edge, and the masked-dense op
-    on GPUs, where no crossover has been measured yet. A kernel that cannot run is one error line.
+    on GPUs, where the op was measured slower than cuBLAS end to end (benchmarks/results/gpu/). A kernel that cannot run is one error line.
     """
     device = torch.device(device)
     if setting == "dense":

@@ -33,7 +33,10 @@ CASES = [((40, 24), 8, 5), ((70, 45), 16, 9), ((64, 96), 32, 20)]  # tile 8 < 16
 
 @pytest.mark.parametrize("shape,tile,tokens", CASES, ids=["tile8", "edge-tiles", "divisible"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_kernels_match_masked_dense(shape, tile, tokens, dtype):
+@pytest.mark.parametrize("split", [None, 3], ids=["one-chunk", "three-chunks"])
+def test_triton_kernels_match_masked_dense(shape, tile, tokens, dtype, split):
+    if split:
+        tokens = 150  # three chunks of 64 tokens, the last one partial
     mask = tile_mask(shape, tile)
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(shape, generator=g) * mask).to(dtype)
@@ -42,7 +45,7 @@ def test_triton_kernels_match_masked_dense(shape, tile, tokens, dtype):
     lay = TileLayout(mask, tile)
     y = tile_triton.mm(x, w, lay.row_ptr, lay.cols, tile)
     dx = tile_triton.mm(gy, w.t(), lay.col_ptr, lay.rows_t, tile)
-    dw = tile_triton.sddmm(gy, x, lay.rows, lay.cols, tile)
+    dw = tile_triton.sddmm(gy, x, lay.rows, lay.cols, tile, split=split)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     f = lambda t: t.float()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -147,17 +150,18 @@ def test_kernels_compile_for_a_hopper_gpu(monkeypatch, tmp_path):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    mm, sddmm = tile_triton._kernels(False)
-    ints = ("M", "N_OUT", "K_IN")
+    mm, sddmm, sddmm_sum = tile_triton._kernels(False)
     for tile in (16, 128):
         b = tile_triton._block(tile, 64)
         n = -(-tile // b)
-        for fn, tensors, strides, consts in [
-            (mm, ("x", "w", "y"), ("sxm", "sxk", "swn", "swk", "sym", "syn"), {"TILE": tile, "BM": 64, "BN": b, "BK": b, "NSUB": n}),
-            (sddmm, ("gy", "x", "g"), ("sgm", "sgn", "sxm", "sxk", "son", "sok"), {"TILE": tile, "BR": b, "BC": b, "BM": 64, "NC": n}),
+        for fn, tensors, consts in [  # every other argument is an index or stride: i32
+            (mm, ("x", "w", "y"), {"TILE": tile, "BM": 64, "BN": b, "BK": b, "NSUB": n}),
+            (sddmm, ("gy", "x", "part"), {"TILE": tile, "BR": b, "BC": b, "BM": 64, "NC": n}),
+            (sddmm_sum, ("part", "g"), {"TILE": tile, "BR": b, "BC": b, "NC": n}),
         ]:
             index = ("ptr", "idx") if fn is mm else ("rows", "cols")
-            sig = {**dict.fromkeys(tensors, "*bf16"), **dict.fromkeys(index, "*i32"), **dict.fromkeys(ints + strides, "i32"),
-                   **dict.fromkeys(consts, "constexpr")}
+            params = fn.arg_names
+            sig = {a: ("*fp32" if a == "part" else "*bf16") if a in tensors else "*i32" if a in index else
+                   "constexpr" if a in consts else "i32" for a in params}
             compiled = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
             assert ".entry" in compiled.asm["ptx"] and compiled.metadata.shared <= 228 * 1024
