@@ -44,9 +44,11 @@ _MIN_EDGE = 64  # weights with a side below this stay masked dense under "auto":
 @torch.library.custom_op("mst::tile_mm", mutates_args=())
 def tile_mm(x: Tensor, weight: Tensor, ptr: Tensor, idx: Tensor, tile: int, backend: str) -> Tensor:
     """(N, out) = x (N, in) @ weightᵀ over the active tiles: row r of the grid holds tiles idx[ptr[r]:ptr[r+1]]."""
-    if backend == "cpu":
-        return tile_cpu.mm(x, weight, ptr, idx, tile)
-    return tile_triton.mm(x, weight, ptr, idx, tile)
+    return _mm(x, weight, ptr, idx, tile, backend)
+
+
+def _mm(x: Tensor, weight: Tensor, ptr: Tensor, idx: Tensor, tile: int, backend: str) -> Tensor:
+    return (tile_cpu.mm if backend == "cpu" else tile_triton.mm)(x, weight, ptr, idx, tile)
 
 
 @tile_mm.register_fake
@@ -71,7 +73,7 @@ def _(gy, x, rows, cols, tile, backend):
 def tile_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, probe: Tensor, row_ptr: Tensor, cols: Tensor,
                 rows: Tensor, col_ptr: Tensor, rows_t: Tensor, tile: int, backend: str) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = tile_mm(x2, weight, row_ptr, cols, tile, backend)  # (N, out)
+    y = _mm(x2, weight, row_ptr, cols, tile, backend)  # (N, out); the kernel itself: this body is already inside an op
     if bias is not None:
         y.add_(bias)
     return y.view(*x.shape[:-1], weight.shape[0])
