@@ -70,15 +70,18 @@ def _args(argv):
 
 
 def _safe_run(spec: dict) -> dict:
-    """One run; a run that diverges is a result (an infinite loss), not the end of the benchmark."""
+    """One run; a run that diverges is a result (an infinite loss), not the end of the benchmark, and
+    one that fails otherwise is an error record, so the runs already finished are still saved."""
     from mst_compile.train.loop import TrainingDiverged
 
+    failed = {"name": spec["name"], "method": spec["method"], "d": spec["d"], "lr": spec["lr"], "seed": spec["seed"],
+              "lr_schedule": spec["lr_schedule"], "steps": spec["steps"], "mst_flops": math.nan, "dense_flops": math.nan, "wall_s": 0.0}
     try:
         return reproduce.run_one(spec)
     except TrainingDiverged as e:
-        return {"name": spec["name"], "method": spec["method"], "d": spec["d"], "lr": spec["lr"], "seed": spec["seed"],
-                "lr_schedule": spec["lr_schedule"], "steps": spec["steps"], "val_loss": math.inf, "mst_flops": math.nan,
-                "dense_flops": math.nan, "wall_s": 0.0, "diverged": str(e).splitlines()[0]}
+        return {**failed, "val_loss": math.inf, "diverged": str(e).splitlines()[0]}
+    except Exception as e:  # any other failure: reported, left out of the table, tried again by the next invocation
+        return {**failed, "val_loss": math.nan, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
 
 
 def _load(path: Path) -> dict:
@@ -103,6 +106,9 @@ def _pool(a, specs: list[dict], doc: dict, render) -> dict:
     todo = [s for s in specs if s["name"] not in done]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {a.out / 'results.json'}; {len(todo)} to train", flush=True)
     for _, r in reproduce.run_pool(todo, a.jobs, fn=_safe_run):
+        if "error" in r:
+            print(f"  {r['name']} failed: {r['error']} (not saved; the next invocation tries it again)", file=sys.stderr, flush=True)
+            continue
         doc["runs"].append(_strip(r))
         _save(doc, a.out, render)
     return doc

@@ -120,7 +120,10 @@ def _model_file(spec: dict):
 
 
 def run_one(spec: dict) -> dict:
-    """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches."""
+    """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches.
+
+    A benchmark stopped part-way picks up where it was: a run folder with a summary is only evaluated,
+    one with a checkpoint is resumed (resuming is exact; its ``wall_s`` leaves out the steps redone)."""
     from mst_compile.train.loop import train
     from mst_compile.train.options import TrainConfig
 
@@ -134,6 +137,10 @@ def run_one(spec: dict) -> dict:
                      data=spec.get("data"))
     cfg = mst_config(method, steps, spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
+    if (out / "summary.json").is_file():  # finished before the benchmark was stopped: only its record is missing
+        return {**final_record(spec, cfg, json.loads((out / "summary.json").read_text())), "resumed": True}
+    if (out / "checkpoints" / "last.pt").is_file():  # stopped mid-run: continue it from its last checkpoint
+        return {**final_record(spec, cfg, train(mf, out=None, resume=out, progress=False)), "resumed": True}
     summary = train(mf, tc, cfg, out=out, progress=False)
     return final_record(spec, cfg, summary)
 

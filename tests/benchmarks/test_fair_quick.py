@@ -76,3 +76,30 @@ def test_confirm_without_tune_results_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="run `fair.py tune` first"):
         fair.main(["confirm", "--tuned", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
     assert fair._args(["confirm"]).tuned.endswith("tune500/results.json")  # the file tune writes by default
+
+
+@pytest.mark.slow
+def test_a_stopped_benchmark_picks_up_where_it_was(tmp_path, module_env, monkeypatch):
+    """A run that fails is an error record (not the end of the benchmark); its folder is resumed by the
+    next call and ends where the uninterrupted run ends; a finished folder is only evaluated again."""
+    module_env.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))
+    fair = _load("fair")
+    import reproduce
+
+    import mst_compile.train.loop as loop
+
+    a = fair._args(["confirm", "--steps", "16", "--data", str(ROOT / "examples"), *TINY, "--work", str(tmp_path / "w")])
+    a.base.seed, a.base.lr_schedule, a.base.lr_of = 0, "wsd", {}
+    spec = reproduce._spec(a.base, "mst", a.base.d)
+    whole = fair._safe_run({**spec, "out": str(tmp_path / "whole")})
+    assert "error" not in whole and "resumed" not in whole
+
+    train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *args, **kw: train(*args, **kw, stop_at=8))  # stopped at step 8 of 16
+    part = {**spec, "out": str(tmp_path / "part")}
+    stopped = fair._safe_run(part)
+    assert stopped["error"].startswith("TrainingInterrupted") and stopped["val_loss"] != stopped["val_loss"]  # NaN
+    monkeypatch.setattr(loop, "train", train)
+    resumed = fair._safe_run(part)
+    assert resumed["resumed"] and resumed["val_loss"] == whole["val_loss"]
+    assert fair._safe_run(part)["val_loss"] == whole["val_loss"]  # the finished folder: evaluated, not trained again
