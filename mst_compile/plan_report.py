@@ -74,8 +74,11 @@ class TrainingPlan:
                       f"  dense time        {_duration(self.dense_hours)} on one device",
                       f"  MST time          {_duration(self.mst_hours)} on one device ({speedup} realised with this library's kernels)",
                       f"  kernels           {hw['kernels']}"]
-        lines.append(f"  dense to beat     a dense model of about {self.avg_active_params:,.0f} parameters trained on the same tokens "
-                     "(MST's active parameters averaged over the run; sparse pre-training ends near it, Jin et al. 2025)")
+        width = (self.avg_active_params / self.params) ** 0.5 if self.params else 1.0
+        lines += [f"  dense to beat     a dense model of about {self.avg_active_params:,.0f} parameters (e.g. the same depth at {width:.2f}x the width)",
+                  "                    on the same tokens: MST's average active parameter count, where sparse pre-training",
+                  "                    ends (Jin et al. 2025). In this project's fair benchmark that model ended below MST",
+                  "                    (README, \"Measured results\"): train it instead unless your own comparison says otherwise"]
         r = self.regime
         if self.expected_gap is None:
             lines.append(f"  expected gap      unknown ({r.get('note', 'no regime map')})")

@@ -70,6 +70,9 @@ def test_plan_equals_the_ledger_of_the_real_run(model_file, tmp_path, cfg):
     assert len(dens) == STEPS
     assert p.avg_active_params == pytest.approx(total - sparse + sparse * sum(dens) / STEPS, rel=1e-6)
     assert total - sparse < p.avg_active_params < total
+    # the plan names that model as the one to train instead, with its width at the same depth (params ~ width^2)
+    assert f"about {p.avg_active_params:,.0f} parameters (e.g. the same depth at {(p.avg_active_params / total) ** 0.5:.2f}x the width)" \
+        in p.render() and "train it instead" in p.render()
 
 
 def test_gpu_hours_save_nothing_with_masked_dense_kernels(model_file):
