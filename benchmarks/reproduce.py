@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -141,6 +142,8 @@ def run_one(spec: dict) -> dict:
         return {**final_record(spec, cfg, json.loads((out / "summary.json").read_text())), "resumed": True}
     if (out / "checkpoints" / "last.pt").is_file():  # stopped mid-run: continue it from its last checkpoint
         return {**final_record(spec, cfg, train(mf, out=None, resume=out, progress=False)), "resumed": True}
+    if out.is_dir():  # stopped before its first checkpoint: nothing to keep
+        shutil.rmtree(out)
     summary = train(mf, tc, cfg, out=out, progress=False)
     return final_record(spec, cfg, summary)
 

@@ -103,3 +103,7 @@ def test_a_stopped_benchmark_picks_up_where_it_was(tmp_path, module_env, monkeyp
     resumed = fair._safe_run(part)
     assert resumed["resumed"] and resumed["val_loss"] == whole["val_loss"]
     assert fair._safe_run(part)["val_loss"] == whole["val_loss"]  # the finished folder: evaluated, not trained again
+    early = tmp_path / "early"  # stopped before its first checkpoint: trained afresh
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    assert fair._safe_run({**spec, "out": str(early)})["val_loss"] == whole["val_loss"]
