@@ -55,8 +55,8 @@ def _args(argv):
     p.add_argument("--no-widen", dest="widen", action="store_false",
                    help="tune: do not add an octave beyond the grid for methods whose best LR is at its edge")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--first", default="", help="confirm: methods to run first at each seed (e.g. mst,dense_avg), so a "
-                   "session that ends early has the comparisons that matter at every seed")
+    p.add_argument("--first", default="", help="confirm: methods to run first, at all their seeds, in this order "
+                   "(e.g. mst,dense_avg), so a session that ends early has the comparisons that matter at every seed")
     p.add_argument("--out", default=None, help="folder for the JSON and the table (default benchmarks/results/fair/<what><steps>)")
     p.add_argument("--work", default=None, help="run folders (default runs/fair-<what><steps>)")
     p.add_argument("--replot", action="store_true", help="only rewrite the table from the JSON")
@@ -194,9 +194,9 @@ def confirm(a) -> dict:
         for s in group:
             s["name"] = f"{s['method']}/s{seed}"
             s["out"] = str(Path(base.work) / s["name"].replace("/", "_"))
-        first = [m.strip() for m in a.first.split(",") if m.strip()]
-        specs += sorted(group, key=lambda s: (first.index(s["method"]) if s["method"] in first else len(first),
-                                              -s["d"] * s["n_layer"] * s["steps"]))  # then long runs first
+        specs += sorted(group, key=lambda s: -s["d"] * s["n_layer"] * s["steps"])  # long runs first
+    first = [m.strip() for m in a.first.split(",") if m.strip()]
+    specs.sort(key=lambda s: first.index(s["method"]) if s["method"] in first else len(first))  # stable: seeds, sizes kept
     doc = _load(a.out / "results.json")
     doc.update(command=f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip(),
                setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": base.lr_of, "tuned": str(a.tuned),
