@@ -16,6 +16,7 @@ from .passes.dense import wrap_dense
 from .passes.linear import opaque_weights, rewrite_linear
 from .runtime.handle import MSTHandle
 from .runtime.schedule import Schedule
+from .runtime.sharding import refuse_sharded
 from .runtime.sites import WeightSite
 
 
@@ -58,6 +59,7 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_sharded(model, "sparsify")  # before capture, whose failure on a sharded model would not say why
     cfg = as_config(config)
     if not is_int(seed):
         raise ValueError(f"sparsify: seed={seed!r} is invalid: expected an integer")

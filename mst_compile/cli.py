@@ -219,6 +219,9 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
 
     The defaults shown are the built-in ones; the model file's config() and train_config(), then
     --config, then the flags given here override them.
+
+    Under torchrun (torchrun --nproc-per-node N -m mst_compile train MODEL_FILE ...) each process
+    trains a DDP replica and --batch-size is per process; FSDP and ZeRO sharding are not supported yet.
     """
     _passive_omp()
     from .train.options import configs_for_model_file, split_flags

@@ -4,5 +4,6 @@
 (``scheduler``, which also checkpoints itself) calls the pure functions of
 ``schedule`` (step -> phase, target sparsity, drop fraction), ``topology`` (one Mixed-Growing
 update) and ``density`` (how many weights each tensor keeps), and charges each step in
-``ledger``. Dependency rule: imports ``ops``, never ``train``, ``export`` or ``passes``.
+``ledger``; ``sharding`` refuses models that FSDP or ZeRO-3 shard (DDP only). Dependency rule:
+imports ``ops``, never ``train``, ``export`` or ``passes``.
 """

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import MSTConfig
 from ..errors import CheckpointError, MstCompileError
-from . import schedule
+from . import schedule, sharding
 from .ledger import FlopLedger, excluded_ops
 from .sites import Sites, allocation, apply_masks, check_masks, keep_largest, overall_density, refresh
 from .topology import apply_change, mixed_growing, probed, zero_state
@@ -73,6 +73,7 @@ class MSTScheduler:
         self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
         self._group = None
         self._hooks: list = []
+        self._slots = sharding.slots(module, {n: s.param for n, s in sites.items()})  # where the module registers each weight
         linear = {n: (s.param.numel(), s.sparse) for n, s in sites.items()}
         self.ledger = FlopLedger(linear, attention, lambda n: sites[n].density, excluded_ops(skipped))
 
@@ -112,6 +113,8 @@ class MSTScheduler:
                 f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
                 "of another kind attach None and call sm.mst.step() after each of its steps")
         _ = self.run  # the schedule must be known before anything is hooked
+        sharding.refuse_sharded(self.module, "sm.mst.attach", "sm")  # before the optimizer check, which would blame the optimizer
+        sharding.check_slots(self.module, self._slots, "sm.mst.attach")
         refresh(self.sites, self.config.sparse_kernel)  # each weight's kernel for its device now (a kernel that cannot run fails here)
         held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, s in self.sites.items() if id(s.param) not in held]
@@ -160,6 +163,7 @@ class MSTScheduler:
 
     def advance(self) -> None:
         """One optimizer step was taken: re-mask, charge it, update the topology when it is due."""
+        sharding.check_slots(self.module, self._slots, f"MST step {self.step + 1}")  # sharded since attach: masks would miss
         self.step += 1
         apply_masks(self.sites)
         self.ledger.close_step()

@@ -1,0 +1,174 @@
+"""runtime/sharding.py: FSDP1, FSDP2 and DeepSpeed ZeRO-3 sharding, before or after sparsify, is refused in one line.
+
+In one process with a gloo group of one rank; tests/_sharding_worker.py repeats the FSDP cases on two ranks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from _models import MLP, tiny_gpt
+
+import mst_compile
+from mst_compile import MstCompileError
+from mst_compile.runtime import sharding
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+HERE = Path(__file__).resolve().parents[1]  # tests/
+ADVICE = "mst_compile supports DDP only: sparsify the unsharded model first, then wrap the returned module in DistributedDataParallel"
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A gloo process group of one rank, for this test only."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def refused(fn, *names) -> str:
+    """``fn()`` raises the project's error, in one line that names ``names`` and the supported order."""
+    with pytest.raises(MstCompileError) as e:
+        fn()
+    msg = str(e.value)
+    assert type(e.value) is MstCompileError and "\n" not in msg, msg
+    assert ADVICE in msg and all(n in msg for n in names), msg
+    return msg
+
+
+def fully_shard(module):
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module)
+
+
+def fsdp1(module, use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(module, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+
+
+def sparse_mlp():
+    return mst_compile.sparsify(MLP(), total_steps=8)
+
+
+# -- 1, 2: sharded before sparsify ------------------------------------------------------------
+def test_fsdp2_before_sparsify(group):
+    m = tiny_gpt()
+    for block in m.h:
+        fully_shard(block)
+    fully_shard(m)
+    msg = refused(lambda: mst_compile.sparsify(m, total_steps=8), "sparsify: the model (FSDPGPT)", "fully_shard (FSDP2)")
+    assert msg.startswith("sparsify: the model (FSDPGPT) was sharded by fully_shard (FSDP2); ")
+    blocks_only = tiny_gpt()
+    fully_shard(blocks_only.h[1])
+    refused(lambda: mst_compile.sparsify(blocks_only, total_steps=8), "submodule 'h.1' (FSDPBlock)")
+
+
+def test_a_dtensor_parameter_without_fsdp(group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    m = MLP()
+    m.fc2.weight = torch.nn.Parameter(distribute_tensor(m.fc2.weight.detach(), init_device_mesh("cpu", (1,)), [Replicate()]))
+    refused(lambda: mst_compile.sparsify(m, total_steps=8), "parameter 'fc2.weight' is a DTensor")
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_before_sparsify(group, use_orig_params):
+    refused(lambda: mst_compile.sparsify(fsdp1(MLP(), use_orig_params), total_steps=8),
+            "sparsify: the model is a FullyShardedDataParallel wrapper (FSDP1)")
+
+
+def test_zero3_before_sparsify():
+    m = MLP()
+    m.fc1.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks a partitioned parameter with (deepspeed is not installed)
+    refused(lambda: mst_compile.sparsify(m, total_steps=8), "parameter 'fc1.weight' is partitioned by DeepSpeed ZeRO-3")
+
+
+# -- 2, 3: sharded after sparsify: attach and the step refuse ---------------------------------
+@pytest.mark.parametrize("opt", [True, False], ids=["attach_optimizer", "attach_none"])
+def test_fsdp2_after_sparsify(group, opt):
+    sm = sparse_mlp()
+    fully_shard(sm)
+    optimizer = torch.optim.SGD(sm.parameters(), lr=0.1) if opt else None
+    refused(lambda: sm.mst.attach(optimizer), "sm.mst.attach: sm (FSDPMLP) was sharded by fully_shard (FSDP2)")
+
+
+def test_fsdp2_on_blocks_of_sm(group):
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
+    fully_shard(sm.get_submodule("h.1"))
+    optimizer = torch.optim.AdamW(sm.parameters())
+    refused(lambda: sm.mst.attach(optimizer), "sm.mst.attach: submodule 'h.1' (FSDPModule) was sharded by fully_shard (FSDP2)")
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_after_sparsify(group, use_orig_params):
+    sm = sparse_mlp()
+    wrapped = fsdp1(sm, use_orig_params)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    name = "'fc1.weight'" if use_orig_params else "'_flat_param'"
+    refused(lambda: sm.mst.attach(optimizer), f"sm.mst.attach: parameter {name} is flattened by FullyShardedDataParallel (FSDP1)")
+
+
+def test_sharded_after_attach_is_refused_at_the_next_step(group):
+    """attach(None) then sharding: the step would re-mask stale tensors, so it refuses before changing anything."""
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
+    sm.mst.attach(None)
+    sm.mst.step()
+    for block in sm.h.children():  # a GraphModule keeps the hierarchy in plain Modules
+        fully_shard(block)
+    refused(sm.mst.step, "MST step 2: submodule 'h.0' (FSDPModule) was sharded by fully_shard (FSDP2)")
+    assert sm.mst.step_count == 1
+
+
+def test_zero3_after_sparsify_and_after_attach():
+    sm = sparse_mlp()
+    sm.fc2.weight.ds_status = "NOT_AVAILABLE"
+    refused(lambda: sm.mst.attach(None), "sm.mst.attach: parameter 'fc2.weight' is partitioned by DeepSpeed ZeRO-3")
+    sm = sparse_mlp()
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    sm.mst.attach(opt)
+    opt.step()
+    sm.fc1.weight.ds_id = 3
+    refused(opt.step, "MST step 2: parameter 'fc1.weight' is partitioned by DeepSpeed ZeRO-3")
+
+
+def test_a_weight_replaced_after_sparsify():
+    """Whatever replaced it, a sparse weight that sm no longer registers would be masked in vain."""
+    sm = sparse_mlp()
+    sm.mst.attach(None)
+    sm.fc1.weight = torch.nn.Parameter(sm.fc1.weight.detach().clone())
+    refused(sm.mst.step, "MST step 1: the sparse weight 'fc1.weight' is no longer the parameter sm registers")
+
+
+def test_ddp_passes(group):
+    """The supported order, sparsify then DistributedDataParallel, in a process group: nothing is refused."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    sm = sparse_mlp()
+    net = DistributedDataParallel(sm)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sm.mst.attach(opt)
+    net(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    assert sm.mst.step_count == 1 and sharding.sharding_seen(net) is None
+
+
+# -- two ranks: the shards really differ from the weights -------------------------------------
+@pytest.mark.torchrun
+def test_two_ranks_refuse_every_sharded_setup(tmp_path):
+    out = tmp_path / "verdict.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "_sharding_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    verdict = json.loads(out.read_text())
+    assert sorted(verdict) == ["fsdp1_after", "fsdp1_orig_params_after", "fsdp2_after", "fsdp2_before"]
+    for case, (first, second) in verdict.items():
+        assert first == second and first.startswith("MstCompileError: ") and ADVICE in first, (case, first, second)
