@@ -61,6 +61,25 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return inner
 
 
+def _refuse_sharded_trainer(args) -> None:
+    """FSDP or DeepSpeed asked of the Trainer (its arguments, or accelerate's launcher): one line, before any capture."""
+    seen = None
+    if getattr(args, "fsdp", None):
+        seen = f"TrainingArguments.fsdp={args.fsdp!r}"
+    elif getattr(args, "deepspeed", None):
+        seen = f"TrainingArguments.deepspeed={args.deepspeed!r}"
+    else:
+        for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+            if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+                seen = f"{var}={os.environ[var]} (accelerate launch with an FSDP or DeepSpeed config)"
+                break
+    if seen is not None:
+        from ..runtime.sharding import SUPPORTED
+
+        raise MstCompileError(f"MSTCallback: the Trainer is set to shard the model ({seen}); {SUPPORTED}: "
+                              "drop fsdp/deepspeed from the Trainer's arguments and launch with torchrun for DDP")
+
+
 class MSTCallback(TrainerCallback):
     """Runs Mixed Sparsity Training inside ``transformers.Trainer``.
 
@@ -88,6 +107,7 @@ class MSTCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise MstCompileError("MSTCallback: the Trainer passed no model to on_train_begin")
+        _refuse_sharded_trainer(args)
         opt = torch_optimizer(optimizer)  # checked before anything is captured or changed
         device = next(model.parameters()).device
         example = self.example_inputs or example_tokens(model, device)

@@ -208,6 +208,26 @@ def test_bad_input_fails_at_train_begin(tmp_path):
     assert trainer.state.global_step == 0
 
 
+
+@pytest.mark.parametrize("setting", ["fsdp", "deepspeed", "env"])
+def test_a_sharded_trainer_is_refused_in_one_line_before_capture(setting, monkeypatch):
+    """FSDP or DeepSpeed asked of the Trainer: one line naming the setting and the supported order, nothing captured."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(fsdp=["full_shard"] if setting == "fsdp" else None,
+                           deepspeed="ds_config.json" if setting == "deepspeed" else None)
+    if setting == "env":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cb = MSTCallback(CFG, seed=5)
+    with pytest.raises(mst_compile.MstCompileError) as e:
+        cb.on_train_begin(args, SimpleNamespace(max_steps=10, global_step=0), None, model=_model(),
+                          optimizer=torch.optim.SGD(_model().parameters(), lr=0.1))
+    msg = str(e.value)
+    assert "\n" not in msg and "supports DDP only" in msg and cb.sm is None
+    assert {"fsdp": "TrainingArguments.fsdp=['full_shard']", "deepspeed": "TrainingArguments.deepspeed='ds_config.json'",
+            "env": "ACCELERATE_USE_FSDP=true"}[setting] in msg
+
+
 @pytest.mark.torchrun
 @pytest.mark.slow
 def test_trainer_under_ddp_keeps_ranks_identical(tmp_path):
