@@ -141,8 +141,13 @@ def _block_inputs(model: nn.Module, ml: nn.ModuleList, example_inputs: Any) -> l
 
     def record(i: int):
         def hook(mod, args, kwargs):
-            if seen[i] is None:
-                seen[i] = dict(inspect.signature(mod.forward).bind(*args, **kwargs).arguments) if kwargs else tuple(args)
+            if seen[i] is None and not kwargs:
+                seen[i] = tuple(args)
+            elif seen[i] is None:  # by name, as the block's graph names its placeholders
+                sig = inspect.signature(mod.forward)
+                bound = sig.bind(*args, **kwargs).arguments
+                var = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+                seen[i] = {**{n: v for n, v in bound.items() if n != var}, **bound.get(var, {})}
         return hook
 
     hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(ml)]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from _models import MLP, tiny_gpt
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.utils.checkpoint import checkpoint
 
 import mst_compile
@@ -144,14 +145,14 @@ class _MaskedAttention(nn.Module):
         self.ln, self.qkv, self.proj, self.heads = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d), heads
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
-    def forward(self, x):
+    def forward(self, x, scale=1.0):
         B, T, C = x.size()
         q, k, v = self.qkv(self.ln(x)).split(C, dim=2)
         q, k, v = [t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v)]
         att = (q @ k.transpose(-2, -1)) * 0.5
         att = att.masked_fill(x.new_ones(T, T).tril() == 0, float("-inf"))
         x = x + self.proj((F.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
-        return x + self.mlp(x)
+        return (x + self.mlp(x)) * scale
 
 
 class MaskedLM(nn.Module):
@@ -164,7 +165,7 @@ class MaskedLM(nn.Module):
     def forward(self, idx):
         x = self.wte(idx)
         for b in self.h:
-            x = b(x)
+            x = b(x, scale=1.0)  # a keyword: each block's mask is evaluated on its inputs bound by name
         return self.head(x)
 
 
@@ -182,11 +183,17 @@ def test_masks_and_filter_fn_see_the_full_names():
     assert sm.mst.flops.as_dict() == whole.mst.flops.as_dict()
 
 
-def test_per_block_activation_checkpointing():
-    """Each block's forward under torch.utils.checkpoint: the same losses, gradients and masks."""
+@pytest.mark.parametrize("how", ["checkpoint", "apply_activation_checkpointing"])
+def test_per_block_activation_checkpointing(how):
+    """Each block under activation checkpointing: the same losses, gradients and masks."""
     _, whole, sm = _pair()
-    for block in sm.h:
-        block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
+    if how == "checkpoint":
+        for block in sm.h:
+            block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
+    else:  # torch's wrapper, as FSDP users apply it
+        blocks = set(sm.h)
+        apply_activation_checkpointing(sm, check_fn=lambda m: m in blocks)
+        assert type(sm.h[0]).__name__ == "CheckpointWrapper"
     assert _train(whole, _batches(12)) == pytest.approx(_train(sm, _batches(12)), abs=1e-6, rel=0)
     for n, m in whole.mst.masks().items():
         assert torch.equal(m, sm.mst.masks()[n]), n
