@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from .capture import capture
+from .capture_blocks import sparsify_blocks
 from .config import MSTConfig
+from .constants import UNCOUNTED
 from .fields import is_int
-from .passes.attention import rewrite_attention
-from .passes.dense import wrap_dense
-from .passes.linear import opaque_weights, rewrite_linear
+from .passes.linear import opaque_weights
+from .passes.pipeline import rewrite_graph
 from .runtime.handle import MSTHandle
 from .runtime.schedule import Schedule
 from .runtime.sharding import refuse_sharded
@@ -39,6 +40,7 @@ def sparsify(
     seed: int = 0,
     example_inputs: Any = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    blocks: str | None = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` and rewrite it for Mixed Sparsity Training.
 
@@ -56,6 +58,11 @@ def sparsify(
     ``torch.export``. ``filter_fn(module, fqn)`` returns False for modules whose weights must stay
     dense. ``sm.mst.skipped`` lists every weight matmul and attention site left dense, with why; the
     FLOP ledger charges them at dense cost on both sides.
+
+    ``blocks`` (``None``: one graph for the whole model) captures each child of an ``nn.ModuleList``
+    (``"transformer.h"``, or ``"auto"`` to find it) as its own rewritten GraphModule in its place, so
+    ``sm.transformer.h[i]`` can be wrapped per block (activation checkpointing, ``torch.compile``); the
+    sites, masks and training are those of whole-model capture (docs/design.md §1, capture).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
@@ -66,23 +73,23 @@ def sparsify(
     run = None if total_steps is None else Schedule(cfg, total_steps)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
-    gm, how = capture(model, example_inputs)
-    if how == "fx" and example_inputs is not None and opaque_weights(gm):
-        gm, how = capture(model, example_inputs, fx=False)  # torch.export sees inside e.g. nn.MultiheadAttention
-    lin = rewrite_linear(gm, filter_fn=filter_fn, modules=dict(model.named_modules()))
+    if blocks is None:
+        gm, how = capture(model, example_inputs)
+        if how == "fx" and example_inputs is not None and opaque_weights(gm):
+            gm, how = capture(model, example_inputs, fx=False)  # torch.export sees inside e.g. nn.MultiheadAttention
+        lin, att = rewrite_graph(gm, stride=cfg.stride, filter_fn=filter_fn, modules=dict(model.named_modules()),
+                                 example_inputs=gm.meta.get("example_inputs", example_inputs))
+    else:  # one GraphModule per block, called by the top-level graph (capture_blocks.py)
+        gm, lin, att = sparsify_blocks(model, blocks, stride=cfg.stride, filter_fn=filter_fn, example_inputs=example_inputs)
+        how = "fx"
     lin.warn_if_empty()
-    hidden = opaque_weights(gm)
+    hidden = [s for s in lin.skipped if UNCOUNTED in s[1]]
     if hidden:
         warnings.warn(f"sparsify: {len(hidden)} weights stay dense and uncounted: {hidden[0][0]} is {hidden[0][1]}",
                       stacklevel=2)
-    attention: dict[str, nn.Module] = {}
-    skipped = list(lin.skipped)
-    # attention pass: masks are evaluated on the inputs the graph was exported with (never size 1)
-    att = rewrite_attention(gm, pattern="dense", stride=cfg.stride, example_inputs=gm.meta.get("example_inputs", example_inputs))
-    attention.update({s.name: s.module for s in att.sites})
+    attention = {s.name: s.module for s in att.sites}
     cfg.check_attention_sites(attention)
-    skipped.extend(att.skipped)
-    wrap_dense(gm)  # what stays dense is charged dense on both sides of the ledger
+    skipped = lin.skipped + att.skipped
     sites = {s.name: WeightSite(s.name, gm.get_parameter(s.name), s.module, s.uses) for s in lin.sites}
     gm.mst = MSTHandle(gm, cfg, sites, attention, lin.other_uses, skipped, how, run, seed)
     return gm

@@ -35,6 +35,7 @@ def default_stride(T: int) -> int:
 SPARSE_CONTAINER = "mst_sites"  # one SparseWeight per sparse parameter (passes/linear.py)
 ATTENTION_CONTAINER = "mst_attn"  # one HybridSparseAttention per attention site (passes/attention.py)
 DENSE_CONTAINER = "mst_dense"  # matmuls left dense, wrapped so the ledger charges them (passes/dense.py)
+BLOCKS_META = "mst_blocks"  # sm.meta key: the blocks' ModuleList path of a per-block capture (capture_blocks.py)
 
 # Additive attention masks: an entry at or below this blocks its key. exp(-1e4) is 0 in every float
 # dtype, so such an entry removes the key exactly; models write -inf, the dtype's minimum (Hugging

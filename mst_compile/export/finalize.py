@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..constants import ATTENTION_CONTAINER, ATTENTION_PATTERNS, DENSE_CONTAINER, SPARSE_CONTAINER, default_stride
+from ..constants import ATTENTION_CONTAINER, ATTENTION_PATTERNS, BLOCKS_META, DENSE_CONTAINER, SPARSE_CONTAINER, default_stride
 from ..errors import MstCompileError
 from .attention import export_attention
 
@@ -109,6 +109,10 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
             f"finalize expects the module returned by mst_compile.sparsify (a GraphModule with .mst), got "
             f"{type(sm).__name__}; a plain model needs no finalize: export it as it is"
         )
+    if sm.meta.get(BLOCKS_META):
+        raise MstCompileError(
+            f"finalize: sm was sparsified per block (blocks={sm.meta[BLOCKS_META]!r}), which finalize does not rewrite yet; "
+            "sparsify the model again with blocks=None, load sm.mst.state_dict() into it and finalize that")
     chosen = resolve_attention(sm, attention)
     sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
-"""Graph rewrites, one per file. Each pass is ``GraphModule -> PassResult`` and reports its matches."""
+"""Graph rewrites, one per file (``pipeline.py`` runs them in order). Each pass is ``GraphModule -> PassResult``
+and reports its matches."""
 from __future__ import annotations
 
 import warnings

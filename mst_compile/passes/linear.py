@@ -249,7 +249,8 @@ def rewrite_linear(
         dead = [n for n in dead if n not in gone]
     graph.lint()
     gm.recompile()
-    return PassResult(gm, "linear", list(by_param.values()), skipped, _other_uses(gm, by_param))
+    other = sorted({by_param[i].name for i in outside_reads(gm, set(by_param))})
+    return PassResult(gm, "linear", list(by_param.values()), skipped, other)
 
 
 def _canonical_name(gm: fx.GraphModule, canonical: dict[int, str], names: str) -> str:
@@ -279,19 +280,18 @@ def _emit(graph: fx.Graph, m: _Site, target: str) -> fx.Node:
     return y
 
 
-def _other_uses(gm: fx.GraphModule, by_param: dict[int, LinearSite]) -> list[str]:
-    """Sparse parameters that some node other than their SparseWeight call reads (tied embeddings)."""
-    names = []
+def outside_reads(gm: fx.GraphModule, ids: set[int]) -> set[int]:
+    """Which of the parameters ``ids`` (by ``id``) some node other than a SparseWeight call reads (a tied
+    embedding's lookup)."""
+    out = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             hit = param_of(gm, node)
-            if hit is not None and id(hit[1]) in by_param and any(
+            if hit is not None and id(hit[1]) in ids and any(
                 not (u.op == "call_module" and u.target.startswith(CONTAINER + ".")) for u in node.users
             ):
-                names.append(by_param[id(hit[1])].name)
+                out.add(id(hit[1]))
         elif node.op == "call_module" and not node.target.startswith(CONTAINER + "."):
             # a module called as a whole (e.g. nn.Embedding under symbolic_trace) reads its own parameters
-            for p in gm.get_submodule(node.target).parameters():
-                if id(p) in by_param:
-                    names.append(by_param[id(p)].name)
-    return sorted(set(names))
+            out.update(id(p) for p in gm.get_submodule(node.target).parameters() if id(p) in ids)
+    return out
