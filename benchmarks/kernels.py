@@ -4,10 +4,14 @@
     PYTHONPATH=. python benchmarks/kernels.py --only layer    # per-layer table + crossover
     PYTHONPATH=. python benchmarks/kernels.py --only step     # per-step table
     PYTHONPATH=. python benchmarks/kernels.py --clock cpu --threads 1   # on a machine shared with other jobs
+    PYTHONPATH=. python benchmarks/kernels.py --only layer --clock cpu --threads 1 --package  # and ship the crossover
 
 Per layer: forward + backward (input and weight gradients) of one sparse linear at GPT-2-small
 shapes with 1024 tokens, dense (masked-dense op) vs CSR, at several densities; the crossover is the
 density where the two cost the same (log-linear interpolation between measured densities).
+``--package`` writes the lowest crossover of the shapes, the density below which
+``sparse_kernel="auto"`` takes CSR, to ``mst_compile/ops/kernel_crossovers.json`` with this run's
+measurements (``package_crossover``, which ``tiles.py --package`` uses too).
 Per step: forward + backward + AdamW step of a GPT-2-small-shaped model in the ultra phase
 (90% ER sparsity, sparse attention) on the CSR path vs the same model dense.
 
@@ -17,8 +21,12 @@ the ratios compare numbers measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,9 +39,10 @@ from _timing import add_clock_option, best
 
 import mst_compile
 from mst_compile.config import MSTConfig
-from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY
+from mst_compile.ops.crossovers import csr_crossover
 from mst_compile.ops.sparse_linear import SparseWeight
 
+CROSSOVERS = Path(__file__).resolve().parents[1] / "mst_compile" / "ops" / "kernel_crossovers.json"
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
 DENSITIES = [0.5, 0.35, 0.3, 0.25, 0.2, 0.1, 0.05]
 
@@ -96,7 +105,47 @@ def print_layer_table(rows: list[dict], tokens: int) -> None:
     for s in dict.fromkeys(r["shape"] for r in rows):
         c = crossover(rows, s)
         print(f"| {s} | {'never' if c is None else f'{c:.2f}'} |")
-    print(f"(choose_linear_kernel uses CSR_CROSSOVER_DENSITY = {CSR_CROSSOVER_DENSITY})")
+    print(f"(choose_linear_kernel uses {csr_crossover()}, from {CROSSOVERS.relative_to(CROSSOVERS.parents[2])})")
+
+
+def lowest(crossovers) -> float:
+    """The density "auto" takes a kernel below: the lowest break-even, so it is only taken where it was
+    never measured slower; 0.0 (never taken) when it was never faster for some shape. Two decimals, as printed."""
+    cs = list(crossovers)
+    return 0.0 if not cs or any(c is None for c in cs) else round(min(cs), 2)
+
+
+def rounded(c: float | None) -> float | None:
+    return None if c is None else round(c, 2)
+
+
+def measured(command: str, break_even: dict, tokens: int) -> dict:
+    """Where and how a crossover was measured: the machine, the day, and the break-even densities of ``command``."""
+    on = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, {tokens} tokens"
+    return {"on": on + ", forward + backward against the masked-dense op", "date": time.strftime("%Y-%m-%d"), "break_even": {command: break_even}}
+
+
+def csr_entry(rows: list[dict], command: str, tokens: int) -> dict:
+    """The "csr" entry of the crossover file from the per-layer rows."""
+    per_shape = {s: crossover(rows, s) for s in dict.fromkeys(r["shape"] for r in rows)}
+    return {"density": lowest(per_shape.values()), "source": "benchmarks/kernels.py --package: the lowest break-even density of the measured shapes",
+            "results": "printed tables (README.md, Sparse linear kernels)",
+            "measured": measured(command, {s: rounded(c) for s, c in per_shape.items()}, tokens)}
+
+
+def command_line() -> str:
+    """This run's command as the crossover file quotes it (without ``--package``)."""
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return " ".join(["PYTHONPATH=.", *([f"OMP_NUM_THREADS={omp}"] if omp else []), "python", f"benchmarks/{Path(sys.argv[0]).name}",
+                     *(a for a in sys.argv[1:] if a != "--package")])
+
+
+def package_crossover(kind: str, entry: dict, path: Path = CROSSOVERS) -> None:
+    """Write one kernel's entry ("csr" or "tile") of the crossover file that the kernel choice reads, keeping the others."""
+    doc = json.loads(path.read_text())
+    doc[kind] = entry
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote the {kind} crossover {entry['density']} to {path}")
 
 
 # -- per step: a GPT-2-small-shaped model --------------------------------------------------------
@@ -194,14 +243,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per layer call in the per-layer table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--package", action="store_true", help=f"write the crossover to {CROSSOVERS.relative_to(CROSSOVERS.parents[2])} (needs the layer table)")
     add_clock_option(ap)
     args = ap.parse_args()
+    if args.package and args.only == "step":
+        ap.error("--package writes the crossover of the per-layer table: run it with --only layer (or without --only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {torch.get_num_threads()} threads, {args.clock} clock, best of {args.reps} interleaved runs")
     torch.manual_seed(0)
     if args.only in (None, "layer"):
-        print_layer_table(bench_layers(tokens=args.tokens, reps=args.reps, clock=args.clock), args.tokens)
+        rows = bench_layers(tokens=args.tokens, reps=args.reps, clock=args.clock)
+        print_layer_table(rows, args.tokens)
+        if args.package:
+            package_crossover("csr", csr_entry(rows, command_line(), args.tokens))
     if args.only in (None, "step"):
         print_step_table(bench_step(reps=args.reps, clock=args.clock))
 

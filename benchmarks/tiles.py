@@ -3,11 +3,13 @@ measured side by side in one run.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/tiles.py --clock cpu --threads 1             # both tables
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/tiles.py --only layer --clock cpu --threads 1  # crossovers
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/tiles.py --only layer --clock cpu --threads 1 --package  # and ship them
 
 Per layer: forward + backward (input and weight gradients) of one tile-structured sparse linear at
 GPT-2-small shapes with 1024 tokens: the masked-dense op against the blocked kernel at tiles 8..128
-and tile densities 0.05..0.5; the crossover is the tile density where both cost the same (the
-constants of ``ops/tile_linear.py`` come from this table).
+and tile densities 0.05..0.5; the crossover is the tile density where both cost the same.
+``--package`` writes per tile edge the lowest crossover of the shapes, the tile density below which
+``sparse_kernel="auto"`` takes the blocked kernel, to ``mst_compile/ops/kernel_crossovers.json``.
 Per step: forward + backward + AdamW step of a GPT-2-small-shaped model (d=768, 12 layers, 1024
 tokens) with MST attached in the ultra phase (90% sparse, ER over tiles, sparse attention, no
 topology update in the timed steps) against the same model dense, and against unstructured MST.
@@ -28,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.nn.functional as F
 from _timing import add_clock_option
-from kernels import GPT, SHAPES, best_ms  # the GPT-2-small-shaped model, its shapes
+from kernels import CROSSOVERS, GPT, SHAPES, best_ms, command_line, lowest, measured, package_crossover, rounded  # the model, its shapes, the crossover file
 
 import mst_compile
 from mst_compile import MSTConfig
+from mst_compile.constants import TILES
 from mst_compile.ops import tile_cpu
+from mst_compile.ops.crossovers import kernel_crossovers
 from mst_compile.ops.sparse_linear import SparseWeight
 from mst_compile.ops.tile_layout import expand, grid
-from mst_compile.ops.tile_linear import TILE_CROSSOVER_DENSITY
 
-TILES = (8, 16, 32, 64, 128)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 
@@ -124,7 +126,17 @@ def print_layer_table(rows: list[dict], tokens: int) -> None:
         low = None if any(c is None for c in cs) else min(cs)
         print(f"| {b} | {', '.join(means)} | {', '.join('never' if c is None else f'{c:.2f}' for c in cs)} | "
               f"{'never' if low is None else f'{low:.2f}'} |")
-    print(f"(choose_tile_kernel uses TILE_CROSSOVER_DENSITY = {TILE_CROSSOVER_DENSITY})")
+    print(f"(choose_tile_kernel uses {kernel_crossovers()['tile']['density']}, from {CROSSOVERS.relative_to(CROSSOVERS.parents[2])})")
+
+
+def tile_entry(rows: list[dict], command: str, tokens: int) -> dict:
+    """The "tile" entry of the crossover file from the per-layer rows: per tile edge the lowest break-even of the shapes."""
+    shapes = dict.fromkeys(r["shape"] for r in rows)
+    per_tile = {str(b): {s: crossover(rows, s, b) for s in shapes} for b in sorted({r["tile"] for r in rows})}
+    return {"density": {b: lowest(cs.values()) for b, cs in per_tile.items()},
+            "source": "benchmarks/tiles.py --package: per tile edge the lowest break-even density of the measured shapes (0.0: never faster)",
+            "results": "benchmarks/results/tiles/layer.md",
+            "measured": measured(command, {b: {s: rounded(c) for s, c in cs.items()} for b, cs in per_tile.items()}, tokens)}
 
 
 def _step_fn(model, idx, tgt, sm=None):
@@ -181,15 +193,22 @@ def main() -> None:
     ap.add_argument("--tiles", default=",".join(map(str, TILES)), help="tile edges of the per-layer table")
     ap.add_argument("--step-tiles", default="32,64", help="tile edges of the per-step table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--package", action="store_true", help=f"write the crossovers to {CROSSOVERS.relative_to(CROSSOVERS.parents[2])} (needs the layer table)")
     add_clock_option(ap)
     args = ap.parse_args()
+    tiles = tuple(int(b) for b in args.tiles.split(","))
+    if args.package and (args.only == "step" or set(tiles) != set(TILES)):
+        ap.error(f"--package writes a crossover for every tile edge: run the per-layer table (--only layer) with --tiles {','.join(map(str, TILES))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not tile_cpu.available():
         sys.exit(f"tiles: the blocked CPU tile kernel is not available ({tile_cpu.why_unavailable()})")
     print(f"# {torch.get_num_threads()} threads, {args.clock} clock, best of {args.reps} interleaved runs")
     if args.only in (None, "layer"):
-        print_layer_table(bench_layers(args.tokens, args.reps, tuple(int(b) for b in args.tiles.split(",")), clock=args.clock), args.tokens)
+        rows = bench_layers(args.tokens, args.reps, tiles, clock=args.clock)
+        print_layer_table(rows, args.tokens)
+        if args.package:
+            package_crossover("tile", tile_entry(rows, command_line(), args.tokens))
     if args.only in (None, "step"):
         print_step_table(bench_step(tuple(int(b) for b in args.step_tiles.split(",")), args.reps, clock=args.clock))
 

@@ -43,8 +43,9 @@ def test_dependencies_point_one_way(package):
     assert not {f: b for f, b in bad.items() if b}, f"{package} imports what it must not"
 
 
-def test_the_cpu_kernel_source_ships_as_package_data():
+def test_the_cpu_kernel_source_and_crossovers_ship_as_package_data():
     import tomllib
 
     data = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert (PKG / "ops" / "csrc" / "hsa_cpu.cpp").is_file() and "csrc/*.cpp" in data["mst_compile.ops"]
+    assert (PKG / "ops" / "kernel_crossovers.json").is_file() and "kernel_crossovers.json" in data["mst_compile.ops"]

@@ -20,7 +20,9 @@ Measured on the 2-core AVX-512 CPU (torch 2.13, fp32, 1024 tokens, GPT-2-small s
 work with torch's vectorized ``spmm_reduce`` kernel (~30 with the MKL sparse BLAS path of ``@``); the
 SDDMM at ~50 GFLOP/s (int32 indices: ~4x faster than int64). The transposes between token-major
 activations and the feature-major layout the sparse kernels need cost ~10% of the CSR time.
-Forward+backward breaks even around density 0.22-0.29 (see ``CSR_CROSSOVER_DENSITY``).
+Forward+backward breaks even around density 0.22-0.29 (at 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x,
+at 0.05 about 3-3.5x, at 0.5 about 0.5-0.6x); "auto" takes CSR below the lowest break-even measured
+(``crossovers.csr_crossover``, written by ``benchmarks/kernels.py --package``).
 """
 from __future__ import annotations
 
@@ -30,15 +32,8 @@ import torch
 from torch import Tensor
 
 from ..constants import SPARSE_KERNELS, TILE_KERNELS
+from .crossovers import csr_crossover
 
-# Density below which the CSR path beats the masked-dense path on CPU (forward + backward).
-# Measured with `benchmarks/kernels.py --only layer` on the 2-core AVX-512 CPU, fp32, 1024 tokens,
-# GPT-2-small shapes (in x out: 768x2304, 768x768, 768x3072, 3072x768), break-even density:
-#   2 threads, wall clock:          0.27, 0.24, 0.29, 0.25
-#   1 thread, process CPU clock:    0.24, 0.28, 0.24, 0.22
-# At 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x, at 0.05 about 3-3.5x, at 0.5 about 0.5-0.6x.
-# 0.22, the lowest break-even measured, takes CSR only where it was never measured slower.
-CSR_CROSSOVER_DENSITY = 0.22
 _CSR_DTYPES = (torch.float32, torch.float64)  # what torch's CPU sparse kernels support
 
 
@@ -63,7 +58,7 @@ def choose_linear_kernel(density: float, device: torch.device | str, shape: tupl
         return "dense"
     if shape is not None and min(shape) < 64:
         return "dense"  # tiny matrices: call overhead outweighs any saving
-    return "csr" if density < CSR_CROSSOVER_DENSITY else "dense"
+    return "csr" if density < csr_crossover() else "dense"
 
 
 def csr_usable(x: Tensor, weight: Tensor) -> bool:

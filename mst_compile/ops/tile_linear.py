@@ -16,7 +16,10 @@ CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``). All three are ``torch.lib
 so the node and its backward survive ``torch.compile``. The layout tensors (``TileLayout``) are
 ordinary inputs: the op reads which tiles are active from them, never from the mask.
 
-``choose_tile_kernel`` is the policy: which kernel a tile-structured weight runs on which device.
+``choose_tile_kernel`` is the policy: which kernel a tile-structured weight runs on which device. On CPU
+"auto" takes the blocked kernel below the lowest break-even tile density measured for the tile edge
+(``crossovers.tile_crossover``, written by ``benchmarks/tiles.py --package``; never for 8×8 tiles,
+where one BLAS call per tile costs more than it saves).
 """
 from __future__ import annotations
 
@@ -25,19 +28,8 @@ from torch import Tensor
 
 from ..errors import MstCompileError
 from . import tile_cpu, tile_triton
+from .crossovers import tile_crossover
 
-# Tile density below which the blocked CPU kernel beats the masked-dense op (forward + backward), per
-# tile edge. Measured with `benchmarks/tiles.py --only layer` (one thread, process CPU clock, fp32,
-# 1024 tokens, GPT-2-small shapes 768x2304, 768x768, 768x3072, 3072x768; benchmarks/results/tiles/):
-#   tile     8      16     32     64     128
-#   speed-up at tile density 0.05 / 0.1 / 0.2 (mean of the shapes):
-#            0.51x  4.28x  6.48x  8.95x  10.0x
-#            -      2.57x  3.28x  5.53x  6.42x
-#            -      1.35x  1.87x  3.07x  3.54x
-#   break-even per shape: 8: never (one BLAS call per 8x8 tile costs more than it saves);
-#   16: 0.23-0.41; 32: 0.39-0.42; 64: 0.61-0.69; 128: at or above 0.69.
-# The lowest break-even of the four shapes, so the kernel is only taken where it was never measured slower.
-TILE_CROSSOVER_DENSITY = {8: 0.0, 16: 0.23, 32: 0.39, 64: 0.61, 128: 0.69}
 _MIN_EDGE = 64  # weights with a side below this stay masked dense under "auto": the call overhead outweighs any saving
 
 
@@ -158,6 +150,6 @@ def choose_tile_kernel(name: str, density: float, device: torch.device | str, sh
         return "tile"
     if setting != "auto":
         raise ValueError(f"sparse_kernel={setting!r} is invalid for tile-structured weights: expected auto, dense, tile or triton")
-    if device.type != "cpu" or min(shape) < _MIN_EDGE or density >= TILE_CROSSOVER_DENSITY[tile]:
+    if device.type != "cpu" or min(shape) < _MIN_EDGE or density >= tile_crossover(tile):
         return "dense"
     return "tile" if tile_cpu.available() else "dense"

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from mst_compile.ops import csr
-from mst_compile.ops.csr import CSR_CROSSOVER_DENSITY, CsrStructure, choose_linear_kernel
+from mst_compile.ops.crossovers import csr_crossover
+from mst_compile.ops.csr import CsrStructure, choose_linear_kernel
 from mst_compile.ops.sparse_linear import SparseWeight
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -155,7 +156,7 @@ def test_structure_indices():
 
 
 def test_choose_linear_kernel_and_select_kernel():
-    lo, hi = CSR_CROSSOVER_DENSITY / 2, min(1.0, CSR_CROSSOVER_DENSITY * 1.5)
+    lo, hi = csr_crossover() / 2, min(1.0, csr_crossover() * 1.5)
     assert choose_linear_kernel(lo, "cpu", (768, 768)) == "csr"
     assert choose_linear_kernel(hi, "cpu", (768, 768)) == "dense"
     assert choose_linear_kernel(lo, "meta", (768, 768)) == "dense"  # not CPU: the masked-dense path

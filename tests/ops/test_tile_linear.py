@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 from mst_compile.errors import MstCompileError
 from mst_compile.ops import tile_cpu
+from mst_compile.ops.crossovers import tile_crossover
 from mst_compile.ops.sparse_linear import SparseWeight
 from mst_compile.ops.tile_layout import TileLayout, expand, grid, is_tile_constant, tile_norms, to_tiles
-from mst_compile.ops.tile_linear import TILE_CROSSOVER_DENSITY, choose_tile_kernel, tile_linear
+from mst_compile.ops.tile_linear import choose_tile_kernel, tile_linear
 
 pytestmark = pytest.mark.skipif(not tile_cpu.available(), reason="the blocked CPU tile kernel could not be built here")
 
@@ -128,7 +129,7 @@ def test_tile_helpers_against_loops():
 
 
 def test_kernel_choice():
-    lo, hi = TILE_CROSSOVER_DENSITY[32] / 2, min(1.0, TILE_CROSSOVER_DENSITY[32] * 1.5)
+    lo, hi = tile_crossover(32) / 2, min(1.0, tile_crossover(32) * 1.5)
     assert choose_tile_kernel("w", lo, "cpu", (768, 768), 32) == "tile"
     assert choose_tile_kernel("w", hi, "cpu", (768, 768), 32) == "dense"
     assert choose_tile_kernel("w", lo, "cpu", (768, 32), 32) == "dense"  # too small to pay off
