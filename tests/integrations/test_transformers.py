@@ -15,11 +15,11 @@ import mst_compile
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+from _torchrun import run_two_ranks
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from mst_compile.integrations.transformers import STATE_FILE, MSTCallback
 
-HERE = Path(__file__).resolve().parents[1]  # tests/
 CFG = mst_compile.MSTConfig(update_interval=1, attention_phases=("ultra",), sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
                             stride=4)
 
@@ -232,12 +232,7 @@ def test_a_sharded_trainer_is_refused_in_one_line_before_capture(setting, monkey
 @pytest.mark.slow
 def test_trainer_under_ddp_keeps_ranks_identical(tmp_path):
     out = tmp_path / "verdict.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_trainer_ddp_worker.py"), str(tmp_path / "run"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_two_ranks("_trainer_ddp_worker.py", tmp_path / "run", out, timeout=300)
     v = json.loads(out.read_text())
     assert v["world"] == 2 and v["steps"] == [8, 8]
     assert v["masks_identical"] and v["weights_identical"] and v["min_density"] < 0.3

@@ -2,22 +2,18 @@
 
 In one process with a gloo group of one rank; tests/_sharding_worker.py repeats the FSDP cases on two ranks."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from _models import MLP, tiny_gpt
+from _torchrun import run_two_ranks
 
 import mst_compile
 from mst_compile import MstCompileError
 from mst_compile.runtime import sharding
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-HERE = Path(__file__).resolve().parents[1]  # tests/
 ADVICE = "mst_compile supports DDP only: sparsify the unsharded model first, then wrap the returned module in DistributedDataParallel"
 
 
@@ -162,12 +158,7 @@ def test_ddp_passes(group):
 @pytest.mark.torchrun
 def test_two_ranks_refuse_every_sharded_setup(tmp_path):
     out = tmp_path / "verdict.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "_sharding_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_two_ranks("_sharding_worker.py", out)
     verdict = json.loads(out.read_text())
     assert sorted(verdict) == ["fsdp1_after", "fsdp1_orig_params_after", "fsdp2_after", "fsdp2_before"]
     for case, (first, second) in verdict.items():
