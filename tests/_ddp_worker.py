@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _models import tiny_gpt
+from _torchrun import end_rank
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mst_compile
@@ -91,8 +92,7 @@ def main(out_path: str, tile: int | None = None) -> None:
         with open(out_path, "w") as f:
             json.dump({"errors": errors[:20], "updates": len(scored), "changed": changed,
                        "grown_random": grown_random, "world": world}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from _models import MLP, tiny_gpt
+from _torchrun import end_rank
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
 import mst_compile
@@ -53,7 +54,7 @@ def main(out_path: str) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump({name: [s[name] for s in everyone] for name in CASES}, f)
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

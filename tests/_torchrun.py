@@ -7,6 +7,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def end_rank() -> None:
+    """The last line of a worker: wait for every rank, close the group and leave at once.
+
+    ``os._exit`` skips the interpreter's teardown, where a gloo thread still being destroyed made a
+    finished rank abort now and then ("terminate called without an active exception") under load.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_two_ranks(worker: str, *args, timeout: int = 180) -> None:
     """``torchrun --nproc_per_node 2 tests/<worker> ARGS`` with one thread per rank; fails the test with both outputs' tails."""
     env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from _models import hf_gpt2
+from _torchrun import end_rank
 from integrations.test_transformers import CFG, Blocks
 from transformers import Trainer, TrainingArguments
 
@@ -48,6 +49,7 @@ def main(run_dir: str, out_path: str) -> None:
                    "min_density": min(densities)}
         with open(out_path, "w") as f:
             json.dump(verdict, f)
+    end_rank()
 
 
 if __name__ == "__main__":
