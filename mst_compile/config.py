@@ -220,6 +220,9 @@ class MSTConfig:
         "Drop fraction: one number for warm-up and ultra (restoration drops nothing), or WARMUP,ULTRA,RESTORATION.")
     grow_gradient_fraction: float = knob(0.75, Number(0.0, 1.0, "a number in [0, 1]"),
                                          "Share of regrown weights picked by gradient (rest random; 1: RigL, 0: SET).")
+    lr_density_power: float = knob(0.0, Number(0.0, 2.0, "a number in [0, 2] (0: the learning rate ignores density)"),
+                                   "Scale the learning rate by (1/density)^POWER, density being the sparse weights' "
+                                   "overall density at that step (0: off).")
     attention: str = knob("sparse", Choice(ATTENTION_PATTERNS), "Sparse attention pattern.")
     stride: int | None = knob(None, _STRIDE, "Sparse attention stride.", means="T/8")
     attention_phases: tuple[str, ...] = knob(PHASES, _Phases(),

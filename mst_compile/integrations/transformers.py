@@ -95,6 +95,10 @@ class MSTCallback(TrainerCallback):
     def __init__(self, config: MSTConfig | dict | None = None, *, seed: int = 0, example_inputs: dict | None = None,
                  filter_fn: Callable[[nn.Module, str], bool] | None = None, resume_from: str | os.PathLike | None = None):
         self.config, self.seed = as_config(config), seed
+        if self.config.lr_density_power != 0:  # the Trainer's scheduler owns every learning rate
+            raise ValueError(f"MSTCallback: MSTConfig.lr_density_power={self.config.lr_density_power} is not supported: the "
+                             "Trainer's lr scheduler sets the learning rate; use lr_density_power=0 here, or mstc train / "
+                             "your own loop with sm.mst.lr_multiplier()")
         if example_inputs is not None and not isinstance(example_inputs, dict):
             raise TypeError(f"MSTCallback(example_inputs=...) must be a dict of keyword inputs like "
                             f"{{'input_ids': tokens}}, got {type(example_inputs).__name__}")

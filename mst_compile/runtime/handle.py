@@ -127,8 +127,15 @@ class MSTHandle:
         """The learning rate for the iteration about to run, as a fraction of the peak: the curve
         ``mstc train`` uses (``schedule`` "wsd": flat, then a cosine over restoration, or the last
         ``decay`` of the run; "cosine": over the whole run; add your own linear warm-up).
-        Own loops: ``g["lr"] = peak * m``."""
-        return _schedule.lr_multiplier(self._scheduler.step, self.config, self.schedule.total_steps, min_ratio, schedule, decay)
+        Own loops: ``g["lr"] = peak * m``. Includes :meth:`lr_scale`."""
+        curve = _schedule.lr_multiplier(self._scheduler.step, self.config, self.schedule.total_steps, min_ratio, schedule, decay)
+        return curve * self.lr_scale()
+
+    def lr_scale(self) -> float:
+        """``(1/density)^config.lr_density_power`` at the current masks (1.0 when the power is 0): the
+        factor by which a sparse run's learning rate exceeds the dense curve (docs/design.md §3)."""
+        power = self.config.lr_density_power
+        return 1.0 if power == 0 else float(self.density()) ** -power
 
     @property
     def flops(self) -> FlopReport:

@@ -65,6 +65,10 @@ class Accounting:
     def density(self) -> float:
         return 1.0
 
+    def lr_scale(self) -> float:
+        """How far this run's learning rate sits above the trainer's curve (``MSTConfig.lr_density_power``)."""
+        return 1.0
+
     def densities(self) -> dict[str, float]:
         return {}
 
@@ -150,6 +154,9 @@ class MSTAccounting(Accounting):
 
     def density(self) -> float:
         return float(self.mst.density())
+
+    def lr_scale(self) -> float:
+        return self.mst.lr_scale()
 
     def densities(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.mst.densities().items()}

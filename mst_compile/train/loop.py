@@ -106,7 +106,7 @@ def _run(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, prog
                 # what this step trains with (an update in opt.step changes it for the next one)
                 now = {"phase": run.acct.phase, "density": run.acct.density(), "target_sparsity": run.acct.target_sparsity,
                        "attention": run.acct.patterns()}
-                lr = lr_at(step, tc, run.mst)
+                lr = lr_at(step, tc, run.mst) * run.acct.lr_scale()  # 1 unless MSTConfig.lr_density_power
                 loss, stops = _train_step(run, step, lr, stop)
                 done = step + 1
                 run.acct.after_step(run.step_tokens)

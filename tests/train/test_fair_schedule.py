@@ -65,3 +65,52 @@ def test_a_run_ends_at_its_configured_final_sparsity(tmp_path, interval):
     assert sparse and s["final_density"] == pytest.approx(0.5, abs=0.002)  # active / total over every sparse weight
     last = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"][-1]
     assert last["target_sparsity"] == pytest.approx(0.5)
+
+
+def test_lr_density_power_raises_a_sparse_runs_learning_rate_by_its_density(tmp_path):
+    """``lr_density_power=1``: every step's lr is the shared curve's divided by the density it trains at;
+    a dense run with the same config keeps the curve."""
+    write(tmp_path, "tiny.py", TINY)
+    base = dict(steps=STEPS, batch_size=2, block_size=32, eval_iters=1, eval_interval=STEPS, log_interval=1, lr=2e-3,
+                warmup_steps=2)
+    mst = mst_compile.MSTConfig(update_interval=2, warmup_end=0.2, ultra_end=0.8, stride=4)
+    rows = {}
+    for name, tc, cfg in [("curve", TrainConfig(**base), mst),
+                          ("scaled", TrainConfig(**base), mst.replace(lr_density_power=1.0)),
+                          ("dense", TrainConfig(**base, dense=True), mst.replace(lr_density_power=1.0))]:
+        train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / name, progress=False)
+        rows[name] = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"]
+    densities = [r["density"] for r in rows["scaled"]]
+    assert densities[0] == 1.0 and min(densities) < 0.2  # dense start, then the ultra phase
+    for curve, scaled in zip(rows["curve"], rows["scaled"]):
+        assert scaled["lr"] == pytest.approx(curve["lr"] / scaled["density"], rel=1e-12)
+    assert [r["lr"] for r in rows["dense"]] == [r["lr"] for r in rows["curve"]]
+
+
+def test_lr_density_power_in_an_own_loop_and_refused_by_the_trainer_callback(tmp_path):
+    torch = pytest.importorskip("torch")
+    from _models import tiny_gpt
+
+    model = tiny_gpt()
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.2, ultra_end=0.8, stride=4, lr_density_power=0.5)
+    sm = mst_compile.sparsify(model, cfg, total_steps=STEPS, seed=0)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
+    sm.mst.attach(opt)
+    plain = mst_compile.sparsify(tiny_gpt(), cfg.replace(lr_density_power=0.0), total_steps=STEPS, seed=0)
+    plain.mst.attach(None)
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(8):
+        sm(x).float().mean().backward()
+        opt.step()
+        opt.zero_grad()  # the attached optimizer's step advanced MST
+        plain.mst.step()
+        masks = list(sm.mst.masks().values())
+        density = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)  # from the masks themselves
+        assert sm.mst.lr_scale() == pytest.approx(density ** -0.5)
+        assert sm.mst.lr_multiplier() == pytest.approx(plain.mst.lr_multiplier() * density ** -0.5)
+    assert density < 1.0
+    pytest.importorskip("transformers")
+    from mst_compile.integrations.transformers import MSTCallback
+
+    with pytest.raises(ValueError, match="lr_density_power=0.5 is not supported"):
+        MSTCallback(cfg)
