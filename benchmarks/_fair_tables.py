@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from _methods import METHODS
+from _methods import METHODS, VARIANTS
 
 
 def _by(runs: list[dict], key) -> dict:
@@ -76,8 +76,14 @@ def tune_markdown(doc: dict) -> str:
                 f"{METHODS[m].label}: " + (f"d={r['d']}, {r['n_layer']} layers, {r['n_head']} heads, {r['params']:,} parameters"
                                            if "params" in r else "diverged") + (f", sparsity {r['sized']['sparsity']}" if r.get("sized") else "")
                 for m, r in sized.items()) + f" (MST's average active parameters: {s['avg_active_params']:,.0f})."]
-    lines += ["", f"Command: `{doc['command']}`", ""]
+    lines += ["", commands(doc), ""]
     return "\n".join(lines)
+
+
+def commands(doc: dict) -> str:
+    """The command(s) that wrote ``doc``, as markdown."""
+    cmds = doc["command"] if isinstance(doc["command"], list) else [doc["command"]]
+    return ("Command: " if len(cmds) == 1 else "Commands: ") + "; ".join(f"`{c}`" for c in cmds)
 
 
 def _pct(a: float, b: float) -> float:
@@ -111,26 +117,34 @@ def confirm_markdown(doc: dict) -> str:
         size = f"{ok[0]['params'] / 1e3:.0f}k (d={ok[0]['d']}, L={ok[0]['n_layer']})"
         lines.append(f"| {METHODS[m].label} | {size} | {ok[0]['steps']} | {ok[0]['lr']:g} | {len(ok)} | {mean:.4f} | "
                      f"{max(losses) - min(losses):.4f} | {gap} | {red} | {statistics.fmean(r['wall_s'] for r in ok) / 60:.1f} min |")
-    mst = {r["seed"]: r for r in by_method.get("mst", [])}
-    if mst:
-        lines += ["", "MST (defaults) against each method, paired by seed (negative: MST ends below it):", "",
-                  "| against | " + " | ".join(f"seed {x}" for x in seeds) + " | holds at every seed |", "|---|" + "---|" * (len(seeds) + 1)]
-        for m in order:
-            if m == "mst":
-                continue
-            other = {r["seed"]: r for r in by_method[m]}
-            cells, signs = [], []
-            for x in seeds:
-                if x in mst and x in other:
-                    g = _pct(mst[x]["val_loss"], other[x]["val_loss"])
-                    cells.append(f"{g:+.1f}%")
-                    signs.append(g < 0)
-                else:
-                    cells.append("")
-            done = len(signs) == len(seeds)
-            verdict = ("MST below" if all(signs) else "MST above" if not any(signs) else "mixed") if done else \
-                f"pending ({len(signs)} of {len(seeds)} seeds)"
-            lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {verdict} |")
-    lines += ["", f"Peak LRs from `{s['tuned']}`. Command: `{doc['command']}`. Wall times are from a shared 2-core machine: "
+    for lead in [m for m in ("mst", *VARIANTS) if m in by_method]:
+        lines += _paired(lead, by_method, order, seeds)
+    lines += ["", f"Peak LRs from `{s['tuned']}`. {commands(doc)}. Wall times are from a shared 2-core machine: "
               "compare FLOPs and losses, not minutes.", ""]
     return "\n".join(lines)
+
+
+def _paired(lead: str, by_method: dict, order: list[str], seeds: list[int]) -> list[str]:
+    """``lead`` against each method, paired by seed, and whether its sign holds at every seed."""
+    mst = {r["seed"]: r for r in by_method[lead]}
+    name = METHODS[lead].label
+    lines = ["", f"{name} against each method, paired by seed (negative: it ends below):", "",
+             "| against | " + " | ".join(f"seed {x}" for x in seeds) + " | holds at every seed |", "|---|" + "---|" * (len(seeds) + 1)]
+    for m in order:
+        if m == lead:
+            continue
+        other = {r["seed"]: r for r in by_method[m]}
+        cells, signs = [], []
+        for x in seeds:
+            if x in mst and x in other:
+                g = _pct(mst[x]["val_loss"], other[x]["val_loss"])
+                cells.append(f"{g:+.1f}%")
+                signs.append(g < 0)
+            else:
+                cells.append("")
+        done = len(signs) == len(seeds)
+        short = "MST" if lead == "mst" else "it"
+        verdict = (f"{short} below" if all(signs) else f"{short} above" if not any(signs) else "mixed") if done else \
+            f"pending ({len(signs)} of {len(seeds)} seeds)"
+        lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines

@@ -98,6 +98,14 @@ def _save(doc: dict, out: Path, render) -> None:
     (out / "results.md").write_text(render(doc))
 
 
+def _commands(doc: dict) -> list[str]:
+    """The commands that wrote ``doc``, this one added: a later invocation may add methods to the same file."""
+    this = f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip()
+    before = doc.get("command", [])
+    before = [before] if isinstance(before, str) else before
+    return before + ([this] if this not in before else [])
+
+
 def _strip(r: dict) -> dict:
     """A run record without the per-batch losses (kept: they pair the gaps) and with what the tables read."""
     return {k: v for k, v in r.items() if k not in ("note",)}
@@ -162,9 +170,10 @@ def tune(a) -> dict:
     specs = [s for schedule in schedules for lr in lrs for s in _group(a, predicted, schedule, lr, a.methods)]
     doc = _load(a.out / "results.json")
     known = doc.get("setup", {}).get("schedules", [])
-    doc.update(command=f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip(),
+    had = doc.get("setup", {}).get("methods", [])  # a later tune adds methods (e.g. variants) to the same screen
+    doc.update(command=_commands(doc),
                setup={"steps": a.steps, "lrs": lrs, "schedules": known + [s for s in schedules if s not in known],
-                      "methods": a.methods, "d": base.d,
+                      "methods": had + [m for m in a.methods if m not in had], "d": base.d,
                       "n_layer": base.n_layer, "n_head": base.n_head, "block_size": base.block_size,
                       "batch_size": base.batch_size, "lr_decay": base.lr_decay, "final_eval_iters": base.final_eval_iters,
                       "predicted_mst_flops": predicted["mst_flops"], "avg_active_params": predicted["avg_active_params"]})
@@ -198,8 +207,9 @@ def confirm(a) -> dict:
     first = [m.strip() for m in a.first.split(",") if m.strip()]
     specs.sort(key=lambda s: first.index(s["method"]) if s["method"] in first else len(first))  # stable: seeds, sizes kept
     doc = _load(a.out / "results.json")
-    doc.update(command=f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip(),
-               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": base.lr_of, "tuned": str(a.tuned),
+    lrs = {**doc.get("setup", {}).get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
+    doc.update(command=_commands(doc),
+               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": str(a.tuned),
                       "data": base.data, "d": base.d, "n_layer": base.n_layer, "n_head": base.n_head,
                       "block_size": base.block_size, "batch_size": base.batch_size, "lr_decay": base.lr_decay,
                       "final_eval_iters": base.final_eval_iters, "predicted_mst_flops": predicted["mst_flops"],
@@ -211,6 +221,8 @@ def main(argv=None) -> dict:
     a = _args(list(sys.argv[1:] if argv is None else argv))
     render = tune_markdown if a.what == "tune" else confirm_markdown
     if a.replot:
+        if not (a.out / "results.json").is_file():
+            sys.exit(f"fair.py --replot: {a.out / 'results.json'} does not exist; run `fair.py {a.what}` first or pass --out")
         doc = _load(a.out / "results.json")
         (a.out / "results.md").write_text(render(doc))
         return doc

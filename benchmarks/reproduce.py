@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import _frontier
-from _methods import AFTER_MST, METHODS, ORDER, mst_config, parse_overrides
+from _methods import AFTER_MST, METHODS, ORDER, VARIANTS, mst_config, parse_overrides
 from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
@@ -78,7 +78,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=10, help="batches per split per evaluation along the run")
     p.add_argument("--final-eval-iters", type=int, default=100, help="val batches of the final evaluation (the table's loss)")
     p.add_argument("--widths", default="256", help="extra widths trained dense + MST for the gap-vs-size plot ('' for none)")
-    p.add_argument("--methods", default=",".join(ORDER), help=f"comma list from {','.join(ORDER)}")
+    p.add_argument("--methods", default=",".join(ORDER), help=f"comma list from {','.join(METHODS)} (default: all but {','.join(VARIANTS)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="MSTConfig override for every MST run (not the static/SET/RigL baselines), e.g. final_sparsity=0.6")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -95,7 +95,7 @@ def _args(argv=None) -> argparse.Namespace:
     a.lr_of = dict((k.strip(), float(v)) for k, _, v in (x.partition("=") for x in a.lr_of))
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
-        p.error(f"--methods: unknown {bad}; choose from {', '.join(ORDER)}")
+        p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     try:
         a.overrides = parse_overrides(a.set)
     except ValueError as e:
