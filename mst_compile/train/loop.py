@@ -222,6 +222,7 @@ def _finish(run: RunState) -> dict:
         "train_loss": run.last_eval.get("train"), "val_loss": run.last_eval.get("val"), "best_val_loss": run.best,
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_density": acct.density(), "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
+        "sharding": "ddp" if d.on else "none",  # DDP: every rank holds the whole model, masks and optimizer state
         "precision": tc.precision, "skipped_steps": run.prec.skipped,
         "wall_s": run.elapsed(),
         "step_s": run.step_time / max(1, tc.steps - run.start),  # measured training step (eval and checkpoints aside)

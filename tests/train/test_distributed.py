@@ -25,7 +25,7 @@ def test_torchrun_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("done: 12 steps (mst)") == 1  # one summary: rank 0's
     s = json.loads((out / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["ranks_identical"] == {"masks": True, "weights": True}
+    assert s["world_size"] == 2 and s["sharding"] == "ddp" and s["ranks_identical"] == {"masks": True, "weights": True}
     assert s["tokens"] == 12 * 4 * 32 * 2
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 13))  # a second writer would have duplicated lines

@@ -54,6 +54,7 @@ def _masked_weights_are_zero(ck):
 def test_bf16_trains_with_fp32_master_weights(tmp_path):
     out, s = _train(tmp_path, TINY, "--precision", "bf16")
     _, fp32 = _train(tmp_path, TINY, name="fp32")
+    assert s["sharding"] == "none" and s["world_size"] == 1
     assert s["precision"] == "bf16" and fp32["precision"] == "fp32" and s["skipped_steps"] == 0
     assert abs(s["val_loss"] - fp32["val_loss"]) < 0.05, (s["val_loss"], fp32["val_loss"])  # same run, bf16 rounding
     ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
