@@ -61,6 +61,7 @@ def _args(argv):
     p.add_argument("--work", default=None, help="run folders (default runs/fair-<what><steps>)")
     p.add_argument("--replot", action="store_true", help="only rewrite the table from the JSON")
     a, rest = p.parse_known_args(argv)
+    a.argv = argv
     a.steps = a.steps or (500 if a.what == "tune" else 3000)
     a.out = Path(a.out or RESULTS / f"{a.what}{a.steps}")
     a.work = a.work or str(ROOT / "runs" / f"fair-{a.what}{a.steps}")
@@ -98,9 +99,9 @@ def _save(doc: dict, out: Path, render) -> None:
     (out / "results.md").write_text(render(doc))
 
 
-def _commands(doc: dict) -> list[str]:
+def _commands(doc: dict, argv: list[str]) -> list[str]:
     """The commands that wrote ``doc``, this one added: a later invocation may add methods to the same file."""
-    this = f"PYTHONPATH=. python benchmarks/fair.py {' '.join(sys.argv[1:])}".strip()
+    this = f"PYTHONPATH=. python benchmarks/fair.py {' '.join(argv)}".strip()
     before = doc.get("command", [])
     before = [before] if isinstance(before, str) else before
     return before + ([this] if this not in before else [])
@@ -171,7 +172,7 @@ def tune(a) -> dict:
     doc = _load(a.out / "results.json")
     known = doc.get("setup", {}).get("schedules", [])
     had = doc.get("setup", {}).get("methods", [])  # a later tune adds methods (e.g. variants) to the same screen
-    doc.update(command=_commands(doc),
+    doc.update(command=_commands(doc, a.argv),
                setup={"steps": a.steps, "lrs": lrs, "schedules": known + [s for s in schedules if s not in known],
                       "methods": had + [m for m in a.methods if m not in had], "d": base.d,
                       "n_layer": base.n_layer, "n_head": base.n_head, "block_size": base.block_size,
@@ -208,7 +209,7 @@ def confirm(a) -> dict:
     specs.sort(key=lambda s: first.index(s["method"]) if s["method"] in first else len(first))  # stable: seeds, sizes kept
     doc = _load(a.out / "results.json")
     lrs = {**doc.get("setup", {}).get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
-    doc.update(command=_commands(doc),
+    doc.update(command=_commands(doc, a.argv),
                setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": str(a.tuned),
                       "data": base.data, "d": base.d, "n_layer": base.n_layer, "n_head": base.n_head,
                       "block_size": base.block_size, "batch_size": base.batch_size, "lr_decay": base.lr_decay,

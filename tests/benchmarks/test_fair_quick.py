@@ -51,6 +51,18 @@ def test_tune_then_confirm_on_one_schedule_at_every_seed(tmp_path, module_env):
     again = fair.main(["confirm", "--steps", "16", "--seeds", "0,1", "--data", str(ROOT / "examples"), *TINY,
                        "--tuned", str(tune_out / "results.json"), "--out", str(tmp_path / "conf"), "--work", str(tmp_path / "w2")])
     assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in runs]
+    # a variant screened and confirmed later joins the same files: its LR is its own, the others' stay
+    more = [*TINY[:-4], "--methods", "mst_lrd1", "--jobs", "2"]
+    tuned = fair.main(["tune", "--steps", "16", "--lrs", "1e-3,8e-3", "--schedules", "wsd", *more, "--no-widen",
+                       "--out", str(tune_out), "--work", str(tmp_path / "w1")])
+    assert tuned["setup"]["methods"] == ["dense", "mst", "dense_avg", "mst_lrd1"] and len(tuned["command"]) == 2
+    assert len(tuned["runs"]) == 12 + 2
+    conf = fair.main(["confirm", "--steps", "16", "--seeds", "0,1", "--data", str(ROOT / "examples"), *more,
+                      "--tuned", str(tune_out / "results.json"), "--out", str(tmp_path / "conf"), "--work", str(tmp_path / "w2")])
+    assert len(conf["runs"]) == 8 and set(conf["setup"]["lrs"]) == {"dense", "mst", "dense_avg", "mst_lrd1"}
+    assert {m: lr for m, lr in conf["setup"]["lrs"].items() if m != "mst_lrd1"} == lrs
+    md = (tmp_path / "conf" / "results.md").read_text()
+    assert "MST, LR x 1/density against each method" in md and "Commands: " in md
 
 
 def test_the_grid_widens_an_octave_past_each_edge_best():
