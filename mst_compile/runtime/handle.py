@@ -186,7 +186,9 @@ class MSTHandle:
 
     # -- masks and densities ------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: s.mask for n, s in self.weight_sites.items()}
+        """The mask of every sparse weight; under FSDP2 (after attach) a DTensor of this rank's slice,
+        laid out like its weight (``.full_tensor()`` gathers it: a collective)."""
+        return {n: s.mask if s.sparse.shard is None else s.sparse.as_dtensor(s.mask) for n, s in self.weight_sites.items()}
 
     def densities(self) -> dict[str, float]:
         return {n: s.active() / s.sparse.numel for n, s in self.weight_sites.items()}
