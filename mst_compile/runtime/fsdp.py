@@ -28,9 +28,8 @@ from .topology import TopologyChange, mixed_growing
 def follow(module: nn.Module, sites: Sites) -> list:
     """Re-bind every site to the DTensor parameter ``module`` registers now, keep the local slices of
     the masks and hook the gradient shards; returns the hook handles."""
-    hooks = []
-    for name, site in sites.items():
-        param = module.get_parameter(name)
+    params = {name: module.get_parameter(name) for name in sites}
+    for name, param in params.items():  # check all before changing any
         if not is_dtensor(param):
             raise MstCompileError(f"sm.mst.attach: sm is sharded by fully_shard but the sparse weight {name!r} is not "
                                   f"(a {type(param).__name__}: ignored by fully_shard?); MST under FSDP2 needs every "
@@ -38,7 +37,9 @@ def follow(module: nn.Module, sites: Sites) -> list:
         if param.device_mesh.ndim != 1:
             raise MstCompileError(f"sm.mst.attach: the sparse weight {name!r} is sharded over a {param.device_mesh.ndim}-D "
                                   f"device mesh (HSDP); MST supports FSDP2 over a 1-D mesh only; {SUPPORTED}")
-        site.param = param
+    hooks = []
+    for name, site in sites.items():
+        site.param = param = params[name]
         site.sparse.shard_like(param)
         hooks.append(param.register_post_accumulate_grad_hook(site.sparse.grad_ready))
     return hooks
