@@ -8,8 +8,8 @@
   across ranks; FSDP2 averages the gradients, so each step equals the reference's full-batch step.
 - ``resume``: the FSDP2 run saved with torch.distributed.checkpoint at step K and resumed in a fresh
   model, optimizer and MST state against the uninterrupted FSDP2 run.
-- ``uneven``: ``match`` on a GPT whose weights' rows do not divide by the ranks (some shards shorter,
-  one empty), with grown weights drawn from N(0, σ²).
+- ``uneven``: ``match`` on 4 ranks and a GPT whose weights' rows do not divide by them (shorter shards,
+  and an empty one of the tied embedding), with grown weights drawn from N(0, σ²).
 
 Rank 0 writes a JSON verdict (errors, losses, updates compared) to OUT; every rank checks its own
 shards (masked entries exactly zero in weights and Adam moments) and sends its errors along.
@@ -35,11 +35,11 @@ VOCAB, BATCH = 64, 8
 
 
 def gpt(uneven: bool):
-    """The tiny GPT (tied head) of tests/_models.py; ``uneven``: rows 66, 30, 90, 120 and 5 (wpe) that 4 ranks
-    shard unevenly (the 5-row embedding leaves rank 3 an empty shard)."""
+    """The tiny GPT (tied head) of tests/_models.py; ``uneven``: weights of 3, 90, 30 and 120 rows, which 4 ranks
+    shard unevenly: the tied 3-row embedding and head leaves rank 3 an empty shard, 90 rows are 23, 23, 23, 21."""
     GPT = load_example("tiny_gpt").GPT
     if uneven:
-        return GPT(vocab_size=66, block_size=5, n_layer=2, n_head=2, n_embd=30)
+        return GPT(vocab_size=3, block_size=5, n_layer=2, n_head=2, n_embd=30)
     return GPT(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 

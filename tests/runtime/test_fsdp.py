@@ -35,3 +35,14 @@ def test_dcp_resume_equals_the_uninterrupted_run(tmp_path):
     assert v["errors"] == []
     assert v["losses"] == v["uninterrupted"] and len(v["losses"]) == 5
     assert v["updates"] == [9, 12]
+
+
+def test_four_ranks_with_uneven_and_empty_shards(tmp_path):
+    """4 ranks: the tied 3-row embedding/head has an empty shard on rank 3, 90-row weights shard 23, 23, 23, 21;
+    grown weights start at N(0, σ²), each rank writing its own of the same draws. Still the single-process run."""
+    v = _verdict(tmp_path, "uneven", ranks=4)
+    assert v["errors"] == [] and v["world"] == 4
+    assert v["updates"] == [3, 6, 9, 12] and v["changed"] > 0
+    assert v["max_loss_diff"] <= 1e-5
+    assert v["shards"]["wte.weight"] == [[1, 30], [1, 30], [1, 30], [0, 30]]
+    assert v["shards"]["h.0.attn.c_attn.weight"] == [[23, 30], [23, 30], [23, 30], [21, 30]]
