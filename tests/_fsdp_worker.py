@@ -8,6 +8,8 @@
   across ranks; FSDP2 averages the gradients, so each step equals the reference's full-batch step.
 - ``resume``: the FSDP2 run saved with torch.distributed.checkpoint at step K and resumed in a fresh
   model, optimizer and MST state against the uninterrupted FSDP2 run.
+- ``accumulate``: ``match`` with two micro-batches per step on each rank, each reduce-scattered and masked
+  as it comes (the probe step's dense gradient must still be the sum of both).
 - ``uneven``: ``match`` on 4 ranks and a GPT whose weights' rows do not divide by them (shorter shards,
   and an empty one of the tied embedding), with grown weights drawn from N(0, σ²).
 
@@ -107,19 +109,22 @@ def check_shards(sm, opt, where: str) -> list[str]:
     return errors
 
 
-def train(sm, opt, data, steps, manual=False):
-    """FSDP2 steps over this rank's share of each global batch: (global losses, masks after each update, errors)."""
+def train(sm, opt, data, steps, manual=False, micro=1):
+    """FSDP2 steps over this rank's share of each global batch, in ``micro`` micro-batches: (global losses,
+    masks after each update, errors)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     losses, masks, errors = [], {}, []
     for batch in data[steps[0] - 1:steps[-1]]:
-        part = batch.chunk(world)[rank]
-        loss = loss_of(sm, part)
-        loss.backward()
+        loss = 0.0
+        for part in batch.chunk(world)[rank].chunk(micro):
+            part_loss = loss_of(sm, part) / micro
+            part_loss.backward()
+            loss += part_loss.detach()
         opt.step()
         if manual:
             sm.mst.step()
         opt.zero_grad()
-        total = loss.detach().clone()
+        total = loss.clone()
         dist.all_reduce(total)
         losses.append(total.item() / world)
         step = sm.mst.step_count
@@ -137,7 +142,7 @@ def compare_masks(got, want, errors):
                               f"({int((got[step][n] != m).sum())} entries)")
 
 
-def match(uneven: bool):
+def match(uneven: bool, micro: int = 1):
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group([r]) for r in range(world)]
     torch.manual_seed(0)
@@ -153,7 +158,7 @@ def match(uneven: bool):
             errors.append(f"parameter {name} is not sharded by FSDP2: {type(p).__name__}")
     if sm.get_parameter("lm_head.weight") is not sm.get_parameter("wte.weight"):
         errors.append("the tied head no longer shares the embedding")
-    losses, masks, errs = train(sm, opt, data, range(1, STEPS + 1))
+    losses, masks, errs = train(sm, opt, data, range(1, STEPS + 1), micro=micro)
     errors += errs
     compare_masks(masks, ref_masks, errors)
     diffs = [abs(a - b) for a, b in zip(losses, ref_losses)]
@@ -217,7 +222,7 @@ def resume(ckpt: str):
 
 def main(out_path: str, mode: str, ckpt: str | None = None) -> None:
     dist.init_process_group("gloo")
-    errors, info = resume(ckpt) if mode == "resume" else match(mode == "uneven")
+    errors, info = resume(ckpt) if mode == "resume" else match(mode == "uneven", 2 if mode == "accumulate" else 1)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, errors)
     if dist.get_rank() == 0:

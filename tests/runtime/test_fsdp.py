@@ -28,6 +28,14 @@ def test_two_ranks_train_as_one_process(tmp_path):
     assert v["shards"]["wte.weight"] == [[32, 32], [32, 32]] and v["shards"]["h.1.mlp.0.weight"] == [[64, 32], [64, 32]]
 
 
+def test_gradient_accumulation_over_micro_batches(tmp_path):
+    """Two micro-batches per step, each reduce-scattered and masked on its shard as it arrives: the probe steps'
+    dense gradient is still the sum of both, so the masks stay those of the single-process run."""
+    v = _verdict(tmp_path, "accumulate")
+    assert v["errors"] == [] and v["updates"] == [3, 6, 9, 12] and v["changed"] > 0
+    assert v["max_loss_diff"] <= 1e-5
+
+
 def test_dcp_resume_equals_the_uninterrupted_run(tmp_path):
     """torch.distributed.checkpoint of the model, optimizer and sm.mst.state_dict() at step 8, loaded into a
     freshly initialised model: steps 9-13 (a probe step and two updates) equal the uninterrupted run exactly."""
