@@ -73,6 +73,9 @@ class MSTHandle:
         FLOP ledger charges the step, and every ``schedule.interval`` steps the Mixed-Growing topology
         update runs (docs/design.md §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
+        Under FSDP2 (``fully_shard`` on the rewritten blocks of a ``sparsify(..., blocks=...)`` module,
+        then on ``sm``, then ``attach``) MST follows the DTensor parameters registered now and keeps
+        each mask's local slice; a layout other than that is refused (docs/design.md §4, "Sharded").
 
         ``manual=True`` registers no hook: call :meth:`step` after every optimizer step the loop
         really took (loops under a loss scaler or ``accelerate`` that may skip one). ``optimizer``
