@@ -66,7 +66,8 @@ def loss_of(model, batch):
 
 
 def reference(model, cfg, data, group):
-    """The single-process run: losses per step and the masks after every update."""
+    """The single-process run: losses per step, the masks and update report after every update, the final
+    weights and the FLOPs the ledger charged."""
     sm = mst_compile.sparsify(model, cfg, total_steps=STEPS, seed=7)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt, process_group=group)
@@ -79,7 +80,8 @@ def reference(model, cfg, data, group):
         losses.append(loss.item())
         if step % DT == 0:
             masks[step] = {n: m.clone() for n, m in sm.mst.masks().items()}
-    return losses, masks, {n: p.detach().clone() for n, p in sm.named_parameters()}
+            masks[step]["report"] = dict(sm.mst.last_update)
+    return losses, masks, {n: p.detach().clone() for n, p in sm.named_parameters()}, sm.mst.flops.mst_total
 
 
 def sharded(model, cfg, manual=False):
@@ -131,13 +133,17 @@ def train(sm, opt, data, steps, manual=False, micro=1):
         errors += check_shards(sm, opt, f"step {step}")
         if step % DT == 0:
             masks[step] = {n: whole(m) for n, m in sm.mst.masks().items()}
+            masks[step]["report"] = dict(sm.mst.last_update)
     return losses, masks, errors
 
 
 def compare_masks(got, want, errors):
     for step in want:
+        if got[step]["report"] != want[step]["report"]:
+            errors.append(f"update at step {step}: sm.mst.last_update {got[step]['report']} differs from the "
+                          f"single-process run's {want[step]['report']}")
         for n, m in want[step].items():
-            if not torch.equal(got[step][n], m):
+            if n != "report" and not torch.equal(got[step][n], m):
                 errors.append(f"update at step {step}: mask of {n} differs from the single-process run "
                               f"({int((got[step][n] != m).sum())} entries)")
 
@@ -149,7 +155,7 @@ def match(uneven: bool, micro: int = 1):
     model = gpt(uneven)
     cfg = config(uneven)
     data = batches(model.wte.num_embeddings, model.block_size if uneven else 16)
-    ref_losses, ref_masks, ref_weights = reference(copy.deepcopy(model), cfg, data, groups[rank])
+    ref_losses, ref_masks, ref_weights, ref_flops = reference(copy.deepcopy(model), cfg, data, groups[rank])
     sm, opt = sharded(model, cfg)
     sm.mst.attach(opt)
     errors = []
@@ -168,7 +174,11 @@ def match(uneven: bool, micro: int = 1):
     worst = max(float((weights[n] - w).abs().max()) for n, w in ref_weights.items())
     if worst > 1e-4:
         errors.append(f"final weights differ from the single-process run by up to {worst:.2e}")
-    changed = sum(int((masks[STEPS - 1][n] != masks[DT][n]).sum()) for n in masks[DT])
+    flops = torch.tensor([sm.mst.flops.mst_total], dtype=torch.float64)
+    dist.all_reduce(flops)  # each rank charges the rows it saw
+    if abs(float(flops) - ref_flops) > 1e-9 * ref_flops:
+        errors.append(f"the ranks' ledgers charged {float(flops):.6e} FLOPs, the single-process run {ref_flops:.6e}")
+    changed = sum(int((masks[STEPS - 1][n] != masks[DT][n]).sum()) for n in masks[DT] if n != "report")
     shards = {n: [tuple(x) for x in gather_shapes(p)] for n, p in sm.named_parameters()}
     return errors, {"losses": losses, "reference": ref_losses, "max_loss_diff": max(diffs), "max_weight_diff": worst,
                     "updates": sorted(masks), "changed": changed, "density": sm.mst.density(), "shards": shards,

@@ -17,8 +17,9 @@ def _verdict(tmp_path, *args, ranks=2) -> dict:
 
 
 def test_two_ranks_train_as_one_process(tmp_path):
-    """Masks bit-identical at all 4 updates, losses within 1e-5, every parameter a Shard(0) DTensor, masked
-    weights and Adam moments exactly zero on every shard after every step, the tied head sharing the embedding."""
+    """Masks bit-identical and sm.mst.last_update equal at all 4 updates, losses within 1e-5, the ranks' FLOP
+    ledgers summing to the single-process one, every parameter a Shard(0) DTensor, masked weights and Adam
+    moments exactly zero on every shard after every step, the tied head sharing the embedding."""
     v = _verdict(tmp_path, "match")
     assert v["errors"] == [] and v["world"] == 2
     assert v["updates"] == [3, 6, 9, 12]
