@@ -55,3 +55,56 @@ def test_four_ranks_with_uneven_and_empty_shards(tmp_path):
     assert v["max_loss_diff"] <= 1e-5
     assert v["shards"]["wte.weight"] == [[1, 30], [1, 30], [1, 30], [0, 30]]
     assert v["shards"]["h.0.attn.c_attn.weight"] == [[23, 30], [23, 30], [23, 30], [21, 30]]
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A gloo process group of one rank, for this test only."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_fsdp2_is_the_unsharded_run(group):
+    """In one process (one rank: the reduce-scatter is a copy) FSDP2 per block trains exactly as the unsharded
+    per-block sm: equal losses and masks at every step, through three updates."""
+    import copy
+
+    import _models
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    import mst_compile
+
+    cfg = mst_compile.MSTConfig(update_interval=2, sparsity=0.8, final_sparsity=0.6, warmup_end=0.0, ultra_end=0.75)
+    torch.manual_seed(0)
+    model = _models.tiny_gpt()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 64, (4, 9), generator=g) for _ in range(7)]
+
+    def run(sm, shard):
+        if shard:
+            for block in sm.get_submodule(sm.meta["mst_blocks"]):
+                fully_shard(block)
+            fully_shard(sm)
+        opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
+        sm.mst.attach(opt)
+        losses, masks = [], []
+        for b in data:
+            logits = sm(b[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            m = sm.mst.masks()
+            masks.append({n: (t.full_tensor() if shard else t).clone() for n, t in m.items()})  # one rank: a view
+        return losses, masks
+
+    plain = run(mst_compile.sparsify(copy.deepcopy(model), cfg, total_steps=7, seed=3, blocks="auto"), False)
+    sharded = run(mst_compile.sparsify(model, cfg, total_steps=7, seed=3, blocks="auto"), True)
+    assert sharded[0] == pytest.approx(plain[0], abs=1e-6)
+    for step, (a, b) in enumerate(zip(sharded[1], plain[1]), 1):
+        assert all(torch.equal(a[n], b[n]) for n in b), step
+    assert not torch.equal(plain[1][0][next(iter(plain[1][0]))], plain[1][-1][next(iter(plain[1][0]))])
