@@ -34,6 +34,7 @@ from mst_compile.config import Ablation
 
 STEPS, DT, K = 13, 3, 8  # updates after steps 3, 6, 9, 12; the resume saves after step 8 (step 9 is a probe step)
 VOCAB, BATCH = 64, 8
+CLIP = 0.2  # gradient-norm clipping, active at most steps: it must see the masked gradients, as the reference does
 
 
 def gpt(uneven: bool):
@@ -71,17 +72,18 @@ def reference(model, cfg, data, group):
     sm = mst_compile.sparsify(model, cfg, total_steps=STEPS, seed=7)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt, process_group=group)
-    losses, masks = [], {}
+    losses, masks, norms = [], {}, []
     for step, batch in enumerate(data, 1):
         loss = loss_of(sm, batch)
         loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(sm.parameters(), CLIP)))
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
         if step % DT == 0:
             masks[step] = {n: m.clone() for n, m in sm.mst.masks().items()}
             masks[step]["report"] = dict(sm.mst.last_update)
-    return losses, masks, {n: p.detach().clone() for n, p in sm.named_parameters()}, sm.mst.flops.mst_total
+    return losses, masks, {n: p.detach().clone() for n, p in sm.named_parameters()}, sm.mst.flops.mst_total, norms
 
 
 def sharded(model, cfg, manual=False):
@@ -115,13 +117,14 @@ def train(sm, opt, data, steps, manual=False, micro=1):
     """FSDP2 steps over this rank's share of each global batch, in ``micro`` micro-batches: (global losses,
     masks after each update, errors)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    losses, masks, errors = [], {}, []
+    losses, masks, errors, norms = [], {}, [], []
     for batch in data[steps[0] - 1:steps[-1]]:
         loss = 0.0
         for part in batch.chunk(world)[rank].chunk(micro):
             part_loss = loss_of(sm, part) / micro
             part_loss.backward()
             loss += part_loss.detach()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(sm.parameters(), CLIP)))  # a DTensor norm: over all ranks
         opt.step()
         if manual:
             sm.mst.step()
@@ -134,7 +137,7 @@ def train(sm, opt, data, steps, manual=False, micro=1):
         if step % DT == 0:
             masks[step] = {n: whole(m) for n, m in sm.mst.masks().items()}
             masks[step]["report"] = dict(sm.mst.last_update)
-    return losses, masks, errors
+    return losses, masks, errors, norms
 
 
 def compare_masks(got, want, errors):
@@ -155,7 +158,7 @@ def match(uneven: bool, micro: int = 1):
     model = gpt(uneven)
     cfg = config(uneven)
     data = batches(model.wte.num_embeddings, model.block_size if uneven else 16)
-    ref_losses, ref_masks, ref_weights, ref_flops = reference(copy.deepcopy(model), cfg, data, groups[rank])
+    ref_losses, ref_masks, ref_weights, ref_flops, ref_norms = reference(copy.deepcopy(model), cfg, data, groups[rank])
     sm, opt = sharded(model, cfg)
     sm.mst.attach(opt)
     errors = []
@@ -164,10 +167,13 @@ def match(uneven: bool, micro: int = 1):
             errors.append(f"parameter {name} is not sharded by FSDP2: {type(p).__name__}")
     if sm.get_parameter("lm_head.weight") is not sm.get_parameter("wte.weight"):
         errors.append("the tied head no longer shares the embedding")
-    losses, masks, errs = train(sm, opt, data, range(1, STEPS + 1), micro=micro)
+    losses, masks, errs, norms = train(sm, opt, data, range(1, STEPS + 1), micro=micro)
     errors += errs
     compare_masks(masks, ref_masks, errors)
     diffs = [abs(a - b) for a, b in zip(losses, ref_losses)]
+    norm_diff = max(abs(a - b) / b for a, b in zip(norms, ref_norms))
+    if norm_diff > 1e-4:
+        errors.append(f"gradient norms differ from the single-process run's by up to {norm_diff:.2e} (relative)")
     if max(diffs) > 1e-5:
         errors.append(f"losses differ from the single-process run by up to {max(diffs):.2e}")
     weights = {n: whole(p.detach()) for n, p in sm.named_parameters()}
@@ -181,6 +187,7 @@ def match(uneven: bool, micro: int = 1):
     changed = sum(int((masks[STEPS - 1][n] != masks[DT][n]).sum()) for n in masks[DT] if n != "report")
     shards = {n: [tuple(x) for x in gather_shapes(p)] for n, p in sm.named_parameters()}
     return errors, {"losses": losses, "reference": ref_losses, "max_loss_diff": max(diffs), "max_weight_diff": worst,
+                    "clipped": sum(n > CLIP for n in ref_norms), "max_norm_diff": norm_diff,
                     "updates": sorted(masks), "changed": changed, "density": sm.mst.density(), "shards": shards,
                     "grown_random": sm.mst.last_update["grown_random"], "world": world}
 
@@ -199,12 +206,12 @@ def resume(ckpt: str):
     fresh = copy.deepcopy(gpt(False))  # another init: everything must come from the checkpoint
     sm, opt = sharded(copy.deepcopy(model), cfg)
     sm.mst.attach(opt, manual=True)
-    full_losses, full_masks, errors = train(sm, opt, data, range(1, STEPS + 1), manual=True)
+    full_losses, full_masks, errors, _ = train(sm, opt, data, range(1, STEPS + 1), manual=True)
     final = {n: whole(p.detach()) for n, p in sm.named_parameters()}
 
     sm, opt = sharded(copy.deepcopy(model), cfg)
     sm.mst.attach(opt, manual=True)
-    _, _, errs = train(sm, opt, data, range(1, K + 1), manual=True)
+    _, _, errs, _ = train(sm, opt, data, range(1, K + 1), manual=True)
     errors += errs
     msd, osd = get_state_dict(sm, opt)
     dcp.save({"model": msd, "optim": osd, "mst": sm.mst.state_dict()}, checkpoint_id=ckpt)
@@ -219,7 +226,7 @@ def resume(ckpt: str):
     if sm.mst.step_count != K:
         errors.append(f"resumed at step {sm.mst.step_count}, not {K}")
     errors += check_shards(sm, opt, "after loading")
-    losses, masks, errs = train(sm, opt, data, range(K + 1, STEPS + 1), manual=True)
+    losses, masks, errs, _ = train(sm, opt, data, range(K + 1, STEPS + 1), manual=True)
     errors += errs
     if losses != full_losses[K:]:
         errors.append(f"resumed losses {losses} differ from the uninterrupted run's {full_losses[K:]}")

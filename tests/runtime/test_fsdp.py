@@ -19,13 +19,15 @@ def _verdict(tmp_path, *args, ranks=2) -> dict:
 def test_two_ranks_train_as_one_process(tmp_path):
     """Masks bit-identical and sm.mst.last_update equal at all 4 updates, losses within 1e-5, the ranks' FLOP
     ledgers summing to the single-process one, every parameter a Shard(0) DTensor, masked weights and Adam
-    moments exactly zero on every shard after every step, the tied head sharing the embedding."""
+    moments exactly zero on every shard after every step, the tied head sharing the embedding. Every step clips
+    the gradient norm, which must already see the masked gradients (equal norms)."""
     v = _verdict(tmp_path, "match")
     assert v["errors"] == [] and v["world"] == 2
     assert v["updates"] == [3, 6, 9, 12]
     assert v["changed"] > 0 and v["grown_random"] > 0  # the topology really moved, random growth included
     assert abs(v["density"] - 0.4) < 1e-3  # final_sparsity 0.6
     assert v["max_loss_diff"] <= 1e-5
+    assert v["clipped"] == 13 and v["max_norm_diff"] <= 1e-4
     assert v["shards"]["wte.weight"] == [[32, 32], [32, 32]] and v["shards"]["h.1.mlp.0.weight"] == [[64, 32], [64, 32]]
 
 
@@ -53,6 +55,7 @@ def test_four_ranks_with_uneven_and_empty_shards(tmp_path):
     assert v["errors"] == [] and v["world"] == 4
     assert v["updates"] == [3, 6, 9, 12] and v["changed"] > 0
     assert v["max_loss_diff"] <= 1e-5
+    assert v["clipped"] == 13 and v["max_norm_diff"] <= 1e-4
     assert v["shards"]["wte.weight"] == [[1, 30], [1, 30], [1, 30], [0, 30]]
     assert v["shards"]["h.0.attn.c_attn.weight"] == [[23, 30], [23, 30], [23, 30], [21, 30]]
 
