@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from _models import load_example
+from _torchrun import end_rank
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -245,8 +246,7 @@ def main(out_path: str, mode: str, ckpt: str | None = None) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"errors": [e for errs in everyone for e in errs][:20], **info}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":
