@@ -61,8 +61,9 @@ def sparsify(
 
     ``blocks`` (``None``: one graph for the whole model) captures each child of an ``nn.ModuleList``
     (``"transformer.h"``, or ``"auto"`` to find it) as its own rewritten GraphModule in its place, so
-    ``sm.transformer.h[i]`` can be wrapped per block (activation checkpointing, ``torch.compile``); the
-    sites, masks and training are those of whole-model capture (docs/design.md §1, capture).
+    ``sm.transformer.h[i]`` can be wrapped per block (activation checkpointing, ``torch.compile``, FSDP2's
+    ``fully_shard``: docs/design.md §4); the sites, masks and training are those of whole-model capture
+    (docs/design.md §1, capture). Shard ``sm``, never ``model``: a sharded model is refused here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")

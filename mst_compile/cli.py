@@ -221,7 +221,7 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     --config, then the flags given here override them.
 
     Under torchrun (torchrun --nproc-per-node N -m mst_compile train MODEL_FILE ...) each process
-    trains a DDP replica and --batch-size is per process; FSDP and ZeRO sharding are not supported yet.
+    trains a DDP replica and --batch-size is per process; mstc train does not shard (FSDP2 works from your own loop: docs/design.md §4).
     """
     _passive_omp()
     from .train.options import configs_for_model_file, split_flags

@@ -1,4 +1,4 @@
-"""Launch one of the tests' worker scripts (tests/_*_worker.py) on two gloo ranks under torchrun."""
+"""Launch one of the tests' worker scripts (tests/_*_worker.py) on gloo ranks under torchrun."""
 import os
 import subprocess
 import sys
@@ -23,11 +23,11 @@ def end_rank() -> None:
     os._exit(0)
 
 
-def run_two_ranks(worker: str, *args, timeout: int = 180) -> None:
-    """``torchrun --nproc_per_node 2 tests/<worker> ARGS`` with one thread per rank; fails the test with both outputs' tails."""
+def run_two_ranks(worker: str, *args, timeout: int = 180, ranks: int = 2) -> None:
+    """``torchrun --nproc_per_node RANKS tests/<worker> ARGS`` with one thread per rank; fails the test with the outputs' tails."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            str(HERE / worker), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

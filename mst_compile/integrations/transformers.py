@@ -76,8 +76,9 @@ def _refuse_sharded_trainer(args) -> None:
     if seen is not None:
         from ..runtime.sharding import SUPPORTED
 
-        raise MstCompileError(f"MSTCallback: the Trainer is set to shard the model ({seen}); {SUPPORTED}: "
-                              "drop fsdp/deepspeed from the Trainer's arguments and launch with torchrun for DDP")
+        raise MstCompileError(f"MSTCallback: the Trainer is set to shard the model ({seen}); MSTCallback supports DDP "
+                              "only: drop fsdp/deepspeed from the Trainer's arguments and launch with torchrun for DDP "
+                              f"(in your own loop, {SUPPORTED})")
 
 
 class MSTCallback(TrainerCallback):

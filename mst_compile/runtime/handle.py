@@ -73,6 +73,9 @@ class MSTHandle:
         FLOP ledger charges the step, and every ``schedule.interval`` steps the Mixed-Growing topology
         update runs (docs/design.md §3-4). Under ``torch.distributed`` (``process_group`` defaults to the
         world) the dense gradients are averaged and every rank ends each update with identical masks.
+        Under FSDP2 (``fully_shard`` on the rewritten blocks of a ``sparsify(..., blocks=...)`` module,
+        then on ``sm``, then ``attach``) MST follows the DTensor parameters registered now and keeps
+        each mask's local slice; a layout other than that is refused (docs/design.md §4, "Sharded").
 
         ``manual=True`` registers no hook: call :meth:`step` after every optimizer step the loop
         really took (loops under a loss scaler or ``accelerate`` that may skip one). ``optimizer``
@@ -186,7 +189,9 @@ class MSTHandle:
 
     # -- masks and densities ------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: s.mask for n, s in self.weight_sites.items()}
+        """The mask of every sparse weight; under FSDP2 (after attach) a DTensor of this rank's slice,
+        laid out like its weight (``.full_tensor()`` gathers it: a collective)."""
+        return {n: s.mask if s.sparse.shard is None else s.sparse.as_dtensor(s.mask) for n, s in self.weight_sites.items()}
 
     def densities(self) -> dict[str, float]:
         return {n: s.active() / s.sparse.numel for n, s in self.weight_sites.items()}

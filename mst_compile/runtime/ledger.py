@@ -196,7 +196,7 @@ class FlopLedger:
         for name, rows in self._rows.items():
             if rows:
                 work, sw = self._linear[name]
-                mst = linear_flops(rows, work, self._density(name), sw.probe.dim() == 2)  # probe: the dense gradient
+                mst = linear_flops(rows, work, self._density(name), sw.probing)  # probe: the dense gradient
                 self._add(mst, linear_flops(rows, work, 1.0, False), linear=mst)
                 self._rows[name] = 0
 

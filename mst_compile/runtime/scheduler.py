@@ -38,17 +38,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import MSTConfig
-from ..errors import CheckpointError, MstCompileError
-from . import schedule, sharding
+from ..errors import MstCompileError
+from . import fsdp, schedule, sharding
 from .ledger import FlopLedger, excluded_ops
-from .sites import Sites, allocation, apply_masks, check_masks, keep_largest, overall_density, refresh
+from .sites import Sites, allocation, apply_masks, keep_largest, overall_density, refresh
+from .state import ResumableState
 from .topology import apply_change, mixed_growing, probed, zero_state
 
-STATE_FORMAT = "mst_compile.scheduler/1"  # the format of state_dict(); a checkpoint of another is refused
 
-
-class MSTScheduler:
-    """Step counter, topology updates, attention switching, FLOP ledger and resumable state.
+class MSTScheduler(ResumableState):
+    """Step counter, topology updates, attention switching, FLOP ledger and resumable state (``state.py``).
 
     Works on what the handle passes in: the site table (shared, so a mask change here is the
     handle's too), the attention sites, the module to hook and the sites the passes skipped."""
@@ -72,6 +71,8 @@ class MSTScheduler:
         self._phase_applied: tuple | None = None  # (phase, widening) last applied
         self.pinned_attention: dict[str, str] = {}  # site -> pattern set by hand, kept across phases
         self._group = None
+        self._sharded = False  # FSDP2: the sites hold DTensor parameters and the local slices of their masks
+        self._ever_count = 0  # sharded: active-ever entries over all ranks (the record holds local slices)
         self._hooks: list = []
         self._slots = sharding.slots(module, {n: s.param for n, s in sites.items()})  # where the module registers each weight
         linear = {n: (s.param.numel(), s.sparse) for n, s in sites.items()}
@@ -113,18 +114,16 @@ class MSTScheduler:
                 f"sm.mst.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; for an optimizer "
                 "of another kind attach None and call sm.mst.step() after each of its steps")
         _ = self.run  # the schedule must be known before anything is hooked
-        sharding.refuse_sharded(self.module, "sm.mst.attach", "sm")  # before the optimizer check, which would blame the optimizer
-        sharding.check_slots(self.module, self._slots, "sm.mst.attach")
-        refresh(self.sites, self.config.sparse_kernel)  # each weight's kernel for its device now (a kernel that cannot run fails here)
-        held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, s in self.sites.items() if id(s.param) not in held]
-        if optimizer is not None and missing:
-            raise ValueError(
-                f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}; build it from sm.parameters() (or the model's parameters)"
-            )
+        hooks = self._follow_shards()  # before the optimizer check, which would blame the optimizer
+        try:
+            self._check_optimizer(optimizer)
+        except Exception:
+            for h in hooks:
+                h.remove()
+            raise
+        self._hooks.extend(hooks)
         if process_group is None and dist.is_available() and dist.is_initialized():
-            process_group = dist.group.WORLD
+            process_group = fsdp.group_of(self.sites) if self._sharded else dist.group.WORLD
         self._group = process_group if process_group is not None and dist.get_world_size(process_group) > 1 else None
         self.optimizer, self.manual, self.attached = optimizer, manual or optimizer is None, True
         if self.step == 0:
@@ -137,6 +136,31 @@ class MSTScheduler:
         self._reset_masked_state()
         self._set_probes(self._probes_for_next_step())
         self._sync_attention(force=True)
+
+    def _follow_shards(self) -> list:
+        """Accept the layout (unsharded or FSDP2 as documented, else refuse in one line); under FSDP2
+        re-bind the site table to the DTensor parameters sm registers now (``runtime/fsdp.py``)."""
+        self._sharded = sharding.fsdp2_layout(self.module, "sm.mst.attach")
+        hooks = []
+        if self._sharded:
+            if self.config.tile is not None:
+                raise MstCompileError(f"sm.mst.attach: tile-structured masks (MSTConfig.tile={self.config.tile}) are not "
+                                      "supported under FSDP2 yet; use tile=None, or DDP")
+            hooks = fsdp.follow(self.module, self.sites)
+            self._slots = sharding.slots(self.module, {n: s.param for n, s in self.sites.items()})
+        sharding.check_slots(self.module, self._slots, "sm.mst.attach")
+        return hooks
+
+    def _check_optimizer(self, optimizer) -> None:
+        refresh(self.sites, self.config.sparse_kernel)  # each weight's kernel for its device now (a kernel that cannot run fails here)
+        held = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, s in self.sites.items() if id(s.param) not in held]
+        if optimizer is not None and missing:
+            shard = " (under FSDP2: build it after fully_shard(sm), from sm.parameters())" if self._sharded else ""
+            raise ValueError(
+                f"sm.mst.attach: the {type(optimizer).__name__} does not hold the sparse weights {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}; build it from sm.parameters() (or the model's parameters){shard}"
+            )
 
     def detach(self) -> None:
         """Remove every hook; the masks, step and ledger stay as they are."""
@@ -208,7 +232,7 @@ class MSTScheduler:
             return
         first = next(iter(self.sites.values()), None)
         if first is not None and first.param.grad is None:
-            if any(self.sites[n].sparse.probe.grad is not None for n in self._probing):
+            if any(self.sites[n].sparse.holds_dense_grad() for n in self._probing):
                 self._set_probes(self._probing)
 
     def scheduled_attention(self, site: str) -> str:
@@ -253,20 +277,31 @@ class MSTScheduler:
         sparsity = schedule.target_sparsity(t, self.run)
         zeta = schedule.drop_fraction(t, self.run)
         counts = self._allocation(sparsity)
-        grads = self._dense_grads()
-        changes = {}
-        for name, site in self.sites.items():
-            changes[name] = mixed_growing(site.param, site.mask, grads[name], counts[name], zeta,
-                                          cfg.grow_gradient_fraction, self._generator, site.sparse.tile)
-        if self._group is not None:
-            self._agree_on_masks(changes)
+        init = cfg.ablation.grow_init_scale > 0
+        if self._sharded:  # one whole tensor at a time, every rank alike (runtime/fsdp.py)
+            planned = {name: fsdp.plan(site, counts[name], zeta, cfg.grow_gradient_fraction, self._generator,
+                                       name in self._probing, init) for name, site in self.sites.items()}
+            changes = {name: sc.change for name, sc in planned.items()}
+        else:
+            grads = self._dense_grads()
+            changes = {}
+            for name, site in self.sites.items():
+                changes[name] = mixed_growing(site.param, site.mask, grads[name], counts[name], zeta,
+                                              cfg.grow_gradient_fraction, self._generator, site.sparse.tile)
+            if self._group is not None:
+                self._agree_on_masks(changes)
         totals = dict(pruned=0, grown_gradient=0, grown_random=0, regrown=0)
         fallback = False
         for name, site in self.sites.items():
             ch, param = changes[name], site.param
-            site.sparse.set_mask(ch.mask.view_as(param))
+            if self._sharded:
+                site.sparse.set_local_mask(ch.mask.view_as(site.mask), planned[name].active)
+            else:
+                site.sparse.set_mask(ch.mask.view_as(param))
             apply_change(param, ch, self.optimizer)
-            if cfg.ablation.grow_init_scale > 0:
+            if init and self._sharded:
+                fsdp.init_grown(param, planned[name], cfg.ablation.grow_init_scale, self._generator)
+            elif init:
                 self._init_grown(param, ch)
             totals["pruned"] += ch.n_prune
             totals["grown_gradient"] += ch.n_grow_gradient
@@ -318,81 +353,24 @@ class MSTScheduler:
         else:
             for n, m in masks.items():
                 self._ever[n] |= m
+        self._count_ever()
+
+    def _count_ever(self) -> None:
+        """Sharded: count the record over every rank now (a collective), so ever_active() needs none."""
+        if self._sharded and self._ever is not None:
+            self._ever_count = fsdp.active_total(list(self._ever.values()), fsdp.group_of(self.sites))
 
     def ever_active(self) -> float:
         """Share of the sparse weights that have been active in at least one sparse topology so far."""
         if self._ever is None:
             density = overall_density(self.sites)
             return 1.0 if density >= 1.0 else density
-        total = sum(m.numel() for m in self._ever.values())
-        return sum(int(m.sum()) for m in self._ever.values()) / total if total else 1.0
+        total = sum(s.sparse.numel for s in self.sites.values())
+        count = self._ever_count if self._sharded else sum(int(m.sum()) for m in self._ever.values())
+        return count / total if total else 1.0
 
     @torch.no_grad()
     def _reset_masked_state(self) -> None:
         """Zero optimizer state wherever a mask is 0 (a moment left there would revive a dead weight)."""
         for site in self.sites.values():
             zero_state(self.optimizer, site.param, ~site.mask)
-
-    # -- checkpointing --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: the masks, the step, the random generator of growth, the
-        exploration record, the ledger, the attention sites pinned by hand and the config it ran under.
-        All on CPU and ``torch.save``-able with ``weights_only=True``."""
-        return {
-            "format": STATE_FORMAT,
-            "step": self.step,
-            "masks": {n: s.mask.detach().cpu().clone() for n, s in self.sites.items()},
-            "ever_active": None if self._ever is None else {n: m.cpu().clone() for n, m in self._ever.items()},
-            "generator": self._generator.get_state(),
-            "ledger": self.ledger.state_dict(),
-            "last_update": None if self.last_update is None else dict(self.last_update),
-            "warned_past_end": self._warned_past_end,
-            "pinned_attention": dict(self.pinned_attention),
-            "config": self._record(),
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, checking first that its masks fit this model. A different config is
-        a warning, not an error: a resume may lengthen the run."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(
-                f"sm.mst.load_state_dict: expected a dict from sm.mst.state_dict() (format {STATE_FORMAT!r}), got {got!r}")
-        check_masks(self.sites, state["masks"])
-        self._warn_config(state.get("config") or {})
-        for name, site in self.sites.items():
-            site.sparse.set_mask(state["masks"][name].to(device=site.mask.device, dtype=torch.bool))
-        refresh(self.sites, self.config.sparse_kernel)
-        apply_masks(self.sites)
-        self.step = int(state["step"])
-        self._generator.set_state(state["generator"])
-        ever = state.get("ever_active")
-        self._ever = None if ever is None else {n: ever[n].to(s.mask.device).bool() for n, s in self.sites.items()}
-        self.ledger.load_state_dict(state.get("ledger") or {})
-        self.last_update = state.get("last_update")
-        self._warned_past_end = bool(state.get("warned_past_end", False))
-        pinned = state.get("pinned_attention") or {}
-        self.pinned_attention = {n: p for n, p in pinned.items() if n in self.attention}
-        if self.attached:
-            self._reset_masked_state()
-            self._set_probes(self._probes_for_next_step())
-        self._sync_attention(force=True)
-
-    def _record(self) -> dict[str, Any]:
-        """The config a checkpoint was written under, with the run length it spanned."""
-        run = {} if self._run is None else {"total_steps": self._run.total_steps}
-        return {**self.config.to_dict(), **run}
-
-    def _warn_config(self, saved: dict[str, Any]) -> None:
-        ours = self._record()
-        if isinstance(saved.get("drop_fraction"), (int, float)):  # written before ζ was per phase only: ζ meant (ζ, ζ, 0)
-            z = float(saved["drop_fraction"])
-            saved = {**saved, "drop_fraction": list(saved.get("drop_fractions") or (z, z, 0.0))}
-        diff = sorted(k for k in saved if k in ours and saved[k] != ours[k])
-        if diff:
-            warnings.warn(
-                "sm.mst.load_state_dict: the checkpoint was written with a different MSTConfig ("
-                + ", ".join(f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in diff)
-                + "); the schedule continues under the current config",
-                stacklevel=5)  # the caller of sm.mst.load_state_dict (handle, no_grad wrapper, load_state_dict, here)

@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..ops.sparse_linear import SparseWeight
 from ..ops.tile_layout import expand, is_tile_constant, not_tiled_message, tile_norms
 from .density import allocate
+from .sharding import gathered, local
 
 
 @dataclass(eq=False)
@@ -85,25 +86,27 @@ def refresh(sites: Sites, kernel_setting: str) -> None:
 
 @torch.no_grad()
 def apply_masks(sites: Sites) -> None:
-    """Zero every masked weight (the invariant the sparse op relies on)."""
+    """Zero every masked weight (the invariant the sparse op relies on); sharded: each local shard by
+    its slice of the mask."""
     if sites:  # one fused call: this runs after every optimizer step
-        torch._foreach_mul_([s.param for s in sites.values()], [s.mask for s in sites.values()])
+        torch._foreach_mul_([local(s.param) for s in sites.values()], [s.mask for s in sites.values()])
 
 
 @torch.no_grad()
 def keep_largest(sites: Sites, counts: dict[str, int], kernel_setting: str) -> None:
     """Mask each weight to its ``counts[name]`` largest-magnitude entries (tiles of largest L2 norm,
-    for tile-structured masks) and zero the rest."""
+    for tile-structured masks) and zero the rest. Sharded: scored on the whole weight, gathered one
+    tensor at a time (a collective), each rank keeping its slice."""
     for name, count in counts.items():
         s = sites[name]
-        param, tile = s.param, s.sparse.tile
+        param, tile = gathered(s.param), s.sparse.tile
         scores = param.detach().abs() if tile is None else tile_norms(param, tile)
         mask = torch.zeros(scores.numel(), dtype=torch.bool, device=param.device)
         if count:
             mask[torch.topk(scores.flatten(), count, sorted=False).indices] = True
         mask = mask.view_as(scores) if tile is None else expand(mask.view_as(scores), s.shape, tile)
         s.sparse.set_mask(mask)
-        param.mul_(mask)
+        local(s.param).mul_(s.mask)
     refresh(sites, kernel_setting)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops.tile_layout import expand, tile_norms, to_tiles
+from .sharding import local
 
 
 def prune_grow_counts(n_act: int, n_tgt: int, zeta: float) -> tuple[int, int]:
@@ -142,12 +143,14 @@ def apply_change(param: Tensor, change: TopologyChange, optimizer: torch.optim.O
     """Zero dropped and grown weights and their optimizer state; keep everything else bit for bit.
 
     The optimizer state is reset there too (``zero_state``), which also zeroes it wherever the new
-    mask is 0.
+    mask is 0. Sharded (an FSDP2 DTensor ``param``): ``change`` holds this rank's slices, applied to
+    the local shard and its local optimizer state.
     """
-    new = change.mask.view_as(param)
-    reset = (~change.mask | change.grown).view_as(param)
-    param.mul_(new)
-    param.masked_fill_(change.grown.view_as(param), 0.0)
+    shard = local(param)
+    new = change.mask.view_as(shard)
+    reset = (~change.mask | change.grown).view_as(shard)
+    shard.mul_(new)
+    shard.masked_fill_(change.grown.view_as(shard), 0.0)
     zero_state(optimizer, param, reset)
 
 
@@ -155,9 +158,10 @@ def apply_change(param: Tensor, change: TopologyChange, optimizer: torch.optim.O
 def zero_state(optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor) -> None:
     """Zero ``param``'s optimizer state where ``where`` is True: every state tensor shaped like the
     parameter (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
-    ...). A moment left at a masked position would revive a dead weight on its next step."""
+    ...). A moment left at a masked position would revive a dead weight on its next step.
+    Sharded: ``where`` is this rank's slice, and the states' local shards are zeroed."""
     if optimizer is None:
         return
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
+            local(value).masked_fill_(where, 0)
