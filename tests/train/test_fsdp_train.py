@@ -131,6 +131,18 @@ def test_fsdp_alone_is_one_rank_equal_to_the_unsharded_run(tmp_path):
 
 
 @distributed
+@pytest.mark.parametrize("flags", [{"grad_accum": 2}, {"precision": "bf16"}])
+def test_fsdp_alone_with_micro_batches_or_bf16_is_the_unsharded_run(tmp_path, flags):
+    """Two micro-batches per step (DDP skips the all-reduce of the first, FSDP2 reduce-scatters and masks both), or
+    bf16 autocast: on one rank the --fsdp run is still bit-identical to the unsharded one."""
+    f = write(tmp_path, "tiny.py", TINY)
+    plain = train(f, *_configs(f, **flags), out=tmp_path / "plain", progress=False)
+    sharded = train(f, *_configs(f, **flags, fsdp=True), out=tmp_path / "fsdp", progress=False)
+    assert sharded["val_loss"] == plain["val_loss"] and sharded["tokens"] == plain["tokens"]
+    _same_state(_last(tmp_path / "fsdp"), _last(tmp_path / "plain"))
+
+
+@distributed
 @pytest.mark.parametrize("flags, says", [
     (["--dense"], "--fsdp with --dense: the dense baseline is captured as one graph"),
     (["--tile", "8"], "--fsdp with --tile 8: tile-structured masks are not supported under FSDP2; drop --tile or --fsdp"),
