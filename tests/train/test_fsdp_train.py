@@ -3,6 +3,7 @@ reads the same batches in both), a split run against the whole one, the run fold
 without torchrun, and the options it refuses. Two ranks run under torchrun on gloo (tests/_trainer_fsdp_worker.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,11 +101,17 @@ def test_two_rank_fsdp_run_split_in_two_equals_the_whole(tmp_path):
     f = write(tmp_path, "tiny.py", TINY)
     run_two_ranks("_trainer_fsdp_worker.py", f, tmp_path / "whole", "fsdp", timeout=300)
     run_two_ranks("_trainer_fsdp_worker.py", f, tmp_path / "split", "stop", timeout=300)
-    assert _last(tmp_path / "split")["step"] == 9
+    stopped = _last(tmp_path / "split")
+    assert stopped["step"] == 9
+    shutil.copytree(tmp_path / "split", tmp_path / "one")  # the same checkpoint, resumed on one rank
     run_two_ranks("_trainer_fsdp_worker.py", f, tmp_path / "split", "resume", timeout=300)
     _same_state(_last(tmp_path / "split"), _last(tmp_path / "whole"))
     assert _summary(tmp_path / "split")["val_loss"] == _summary(tmp_path / "whole")["val_loss"]
     assert _train_steps(tmp_path / "split") == list(range(1, 17))
+    # the file does not depend on the rank count: one rank takes the whole state (other batches from step 10 on)
+    one = train(f, resume=tmp_path / "one", progress=False)
+    assert one["world_size"] == 1 and one["sharding"] == "fsdp2" and _last(tmp_path / "one")["step"] == 16
+    assert _train_steps(tmp_path / "one") == list(range(1, 17))
 
 
 def _configs(f: Path, **train_flags):
