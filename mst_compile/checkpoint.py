@@ -165,14 +165,17 @@ def fingerprint(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def make_checkpoint(*, step: int, model, optimizer, mst_state, extra: dict) -> dict:
+def make_checkpoint(*, step: int, model, optimizer, mst_state, extra: dict, whole: tuple[dict, dict] | None = None) -> dict:
+    """The checkpoint of ``model`` and ``optimizer`` as they are, or of ``whole``: their (model, optimizer) state
+    dicts gathered whole from FSDP2's shards (``train/sharded.py``), which the file then holds in the same format."""
+    model_state, optim_state = whole if whole is not None else (model.state_dict(), optimizer.state_dict())
     return {
         "format": FORMAT,
         "step": step,
         "model_class": type(model).__name__,
-        "fingerprint": fingerprint(model),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "fingerprint": {k: list(v.shape) for k, v in model_state.items()},
+        "model": model_state,
+        "optimizer": optim_state,
         "mst": mst_state,
         "rng": rng_state(),
         **extra,

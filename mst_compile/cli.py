@@ -211,17 +211,21 @@ def _train_options(fn):
 @click.option("--resume", type=click.Path(file_okay=False), show_default="none: a new run",
               help="Continue the run in this folder where it stopped (its own flags may be repeated; --lr, --min-lr and a longer --steps may change).")
 @click.option("--dense", is_flag=True, help="Train the dense baseline: the same run without sparsity.")
+@click.option("--fsdp", is_flag=True, help="Shard parameters, gradients, optimizer state and masks per block with FSDP2 "
+              "instead of DDP replicas (under torchrun; alone: one rank).")
 @click.option("--quiet", is_flag=True, help="No progress output; only the final summary.")
 @_train_options
 @_friendly
-def train(model_file: str, config_file: str | None, out: str | None, resume: str | None, dense: bool, quiet: bool, **flags) -> None:
+def train(model_file: str, config_file: str | None, out: str | None, resume: str | None, dense: bool, fsdp: bool, quiet: bool,
+          **flags) -> None:
     """Train MODEL_FILE's model() with MST on the built-in corpus (or --data) and summarise the run.
 
     The defaults shown are the built-in ones; the model file's config() and train_config(), then
     --config, then the flags given here override them.
 
     Under torchrun (torchrun --nproc-per-node N -m mst_compile train MODEL_FILE ...) each process
-    trains a DDP replica and --batch-size is per process; mstc train does not shard (FSDP2 works from your own loop: docs/design.md §4).
+    trains a DDP replica and --batch-size is per process; with --fsdp the processes shard the model per
+    block with FSDP2 instead (the checkpoints stay whole: export and --resume read them as any run's).
     """
     _passive_omp()
     from .train.options import configs_for_model_file, split_flags
@@ -230,6 +234,8 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
     _no_extra_arguments(click.get_current_context().args, train_flags.get("data"))
     if dense:
         train_flags["dense"] = True
+    if fsdp:
+        train_flags["fsdp"] = True
     _check_train_paths(out, resume, config_file, train_flags)
     from .modelfile import load_model_file
 

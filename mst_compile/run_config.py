@@ -85,6 +85,9 @@ class TrainConfig:
     val_fraction: float = knob(0.05, Number(0, 1, "a number in (0, 1)", lo_open=True, hi_open=True),
                                "Share of the data held out for validation.")
     dense: bool = knob(False, Flag(), "The dense baseline: the same run without sparsity.", flags=())
+    # under torchrun: shard parameters, gradients and optimizer state per block with FSDP2 instead of
+    # DDP replicas (train/sharded.py); the checkpoints stay whole (docs/design.md §4)
+    fsdp: bool = knob(False, Flag(), "Shard with FSDP2 per block instead of DDP replicas.", flags=())
     # steps the MST and learning-rate schedules span; None: steps. A resume with a longer --steps keeps
     # the original span and trains the extra steps in the final phase at min_lr (docs: Resuming).
     schedule_steps: int | None = knob(None, _OPT_GE1,

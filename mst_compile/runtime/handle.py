@@ -160,9 +160,11 @@ class MSTHandle:
         attention calls, dense work), before densities and patterns apply: ``mst_compile.plan``'s input."""
         return self._scheduler.ledger.footprint(self._module, lambda: self._module(*args, **kwargs))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able)."""
-        return self._scheduler.state_dict()
+    def state_dict(self, whole: bool = False) -> dict[str, Any]:
+        """Everything needed to resume MST exactly: masks, step, RNG state, ledger (torch.save-able).
+        Under FSDP2 it is laid out for torch.distributed.checkpoint; ``whole=True`` gives the unsharded
+        layout instead (whole masks gathered to every rank: a collective), for a consolidated checkpoint."""
+        return self._scheduler.whole_state_dict() if whole else self._scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``CheckpointError`` when the masks do not fit the model."""

@@ -56,6 +56,21 @@ class ResumableState:
             state[key] = list((state[key] or {}).items())
         return state
 
+    def whole_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` in the unsharded layout (whole masks on CPU, plain dicts), also under FSDP2,
+        where it is a collective: every rank gathers each mask in turn and gets the same dict. What a
+        consolidated checkpoint holds: ``load_state_dict`` takes it on any number of ranks, sharded or not."""
+        if not self._sharded:
+            return self.state_dict()
+        state = self.state_dict()
+        started = state.pop("ever_started")
+        state["masks"] = {n: self._whole(m, n).cpu() for n, m in state["masks"].items()}
+        state["ever_active"] = {n: self._whole(m, n).cpu() for n, m in state["ever_active"].items()} if started else None
+        for key in ("last_update", "pinned_attention", "ledger", "config"):
+            state[key] = dict(state[key])
+        state["last_update"] = state["last_update"] if self.last_update is not None else None
+        return state
+
     def _saved(self, name: str, mask: torch.Tensor) -> torch.Tensor:
         """A copy of a mask (or record) for the state dict: on CPU, or the DTensor of its slices."""
         if self._sharded:

@@ -15,10 +15,11 @@ from ..capture import quiet_torch
 from ..errors import CheckpointError
 
 
-def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
+def build(model, mst_config, tc, example_inputs, batch, d, blocks: str | None = None) -> Accounting:
     """The module the loop trains, with its accounting: ``model`` sparsified (MST) or captured as it is
     (the dense baseline, whose FLOPs per token are measured once on ``batch``, the forward's inputs
-    for a (B, T) batch as ``ModelFile.inputs_for`` packs them), moved to the device."""
+    for a (B, T) batch as ``ModelFile.inputs_for`` packs them), moved to the device. ``blocks``: MST captures
+    per block (``sparsify(..., blocks=...)``), as ``--fsdp`` needs to shard it."""
     with quiet_torch():
         if tc.dense:
             from ..capture import capture
@@ -29,7 +30,8 @@ def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
             from ..api import sparsify
 
             # the one place the trainer passes the run's length and seed to MST
-            sm = sparsify(model, mst_config, total_steps=tc.schedule_steps, seed=tc.seed, example_inputs=example_inputs)
+            sm = sparsify(model, mst_config, total_steps=tc.schedule_steps, seed=tc.seed, example_inputs=example_inputs,
+                          blocks=blocks)
             acct = MSTAccounting(sm, d.world)
     acct.module.to(d.device)
     return acct
@@ -38,7 +40,8 @@ def build(model, mst_config, tc, example_inputs, batch, d) -> Accounting:
 class Accounting:
     """What a run reports about its module: the dense baseline's figures (``MSTAccounting`` has MST's).
 
-    Both keep the checkpoint format ``{"dense", "tokens", "dense_total", "mst"}`` that export reads.
+    Both keep the checkpoint format ``{"dense", "tokens", "dense_total", "mst"}`` that export reads
+    (under FSDP2 ``state_dict`` is a collective that gathers the whole masks).
     """
 
     dense = True
@@ -96,7 +99,7 @@ class Accounting:
 
     def state_dict(self) -> dict:
         return {"dense": self.dense, "tokens": self.tokens, "dense_total": self._dense_total(),
-                "mst": self.mst.state_dict() if self.mst is not None else None}
+                "mst": self.mst.state_dict(whole=True) if self.mst is not None else None}  # whole masks, also under FSDP2
 
     def load_state_dict(self, sd: dict, where) -> None:
         if sd.get("dense") != self.dense:

@@ -1,7 +1,8 @@
 """DDP plumbing for runs under ``torchrun``: process group, device, and the few collectives the loop needs.
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op for a
-single process. Backend: nccl on GPUs, gloo on CPU.
+single process (``--fsdp`` then runs as one rank: a process group of one, which FSDP2 needs).
+Backend: nccl on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def setup(device: str = "auto") -> Dist:
-    """Join the torchrun process group if there is one and pick this process's device."""
+def setup(device: str = "auto", sharded: bool = False) -> Dist:
+    """Join the torchrun process group if there is one and pick this process's device; ``sharded``
+    (``--fsdp``) in a single process: start a process group of one rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -80,5 +82,9 @@ def setup(device: str = "auto") -> Dist:
     started = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend_for(dev), device_id=dev if use_cuda else None)
+        started = True
+    elif sharded and not dist.is_initialized():  # one process: an in-memory store, no rendezvous
+        dist.init_process_group(backend=backend_for(dev), store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dev if use_cuda else None)
         started = True
     return Dist(rank, world, local, dev, started)

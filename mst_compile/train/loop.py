@@ -31,6 +31,7 @@ from .metrics import duration, human
 from .options import TrainConfig, configs_for_model_file
 from .precision import MAX_SKIPS
 from .setup import RunState, setup
+from .sharded import first_nonfinite, gather_state, ranks_agree
 from .steps import StopRequest, lm_loss, logits_of, run_model
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "lm_loss", "logits_of", "lr_at", "run_model", "summary_line", "train"]
@@ -83,7 +84,7 @@ def train(model_file: str | Path | ModelFile, train_config: TrainConfig | None =
         hook_tc, hook_mst = configs_for_model_file(mf, None, {}, {}) if train_config is None or mst_config is None else (None, None)
         mst, tc = mst_config or hook_mst, train_config or hook_tc
         tc = dataclasses.replace(tc, data=_absolute(tc.data), tokenizer=_absolute(tc.tokenizer))
-    d = distributed.setup(tc.device)
+    d = distributed.setup(tc.device, tc.fsdp)
     try:
         summary = _run(mf, tc, mst, d, out=out, resume=resume, progress=progress, stop_at=stop_at, t_start=t_start)
         d.barrier()  # no rank tears the process group down while another still talks over it
@@ -137,7 +138,8 @@ def _train_step(run: RunState, step: int, lr: float, stop: StopRequest) -> tuple
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
             x, y = run.data.batch("train", (step, micro, d.rank), B, T, tc.seed)
-            sync = run.net.no_sync() if d.on and micro < tc.grad_accum - 1 else contextlib.nullcontext()
+            # DDP: all-reduce once per step; FSDP2 reduce-scatters every micro-batch, masked per shard as it comes
+            sync = run.net.no_sync() if d.on and not run.sharded and micro < tc.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with prec.autocast():
                     loss = lm_loss(run_model(run.net, run.inputs, x.to(d.device)), y.to(d.device))
@@ -203,12 +205,18 @@ def _evaluate_and_log(run: RunState, done: int) -> None:
 
 
 def _checkpoint(run: RunState, step: int, name: str = rf.LAST) -> None:
-    """Save the run after ``step`` as the newest checkpoint (or as best.pt); rank 0 writes."""
-    bad = next((n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()), None)
+    """Save the run after ``step`` as the newest checkpoint (or as best.pt); rank 0 writes. With --fsdp every
+    rank joins the gather of the whole state, which rank 0 writes in the same format (train/sharded.py)."""
+    if run.sharded:
+        bad = first_nonfinite(run.model.named_parameters(), run.d)
+    else:
+        bad = next((n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:  # a finite loss can still leave inf/NaN weights: never checkpoint them
         raise _diverged(f"weight {bad} became non-finite at step {step}", run.run_dir)
+    whole = gather_state(run.acct.module, run.opt) if run.sharded else None
+    mst_state = run.acct.state_dict() if run.sharded or run.d.main else None  # sharded: a collective
     if run.d.main:
-        state = ckpt.make_checkpoint(step=step, model=run.model, optimizer=run.opt, mst_state=run.acct.state_dict(), extra={
+        state = ckpt.make_checkpoint(step=step, model=run.model, optimizer=run.opt, mst_state=mst_state, whole=whole, extra={
             "best_val": run.best, "elapsed": run.elapsed(), "data": {"step": step, "tokens": run.acct.tokens},
             "precision": run.prec.state_dict()})
         ckpt.save_checkpoint(state, rf.checkpoints(run.run_dir), keep=run.tc.keep_checkpoints, best=name == rf.BEST)
@@ -222,12 +230,15 @@ def _finish(run: RunState) -> dict:
         "train_loss": run.last_eval.get("train"), "val_loss": run.last_eval.get("val"), "best_val_loss": run.best,
         **acct.flops(), "reduction": acct.reduction(), "tokens": acct.tokens, "excluded": acct.excluded(),
         "final_density": acct.density(), "final_densities": acct.densities(), "world_size": d.world, "rank": d.rank,
-        "sharding": "ddp" if d.on else "none",  # DDP: every rank holds the whole model, masks and optimizer state
+        # DDP: every rank holds the whole model, masks and optimizer state; FSDP2: its slices of them
+        "sharding": "fsdp2" if run.sharded else "ddp" if d.on else "none",
         "precision": tc.precision, "skipped_steps": run.prec.skipped,
         "wall_s": run.elapsed(),
         "step_s": run.step_time / max(1, tc.steps - run.start),  # measured training step (eval and checkpoints aside)
     }
-    if d.on:
+    if run.sharded and acct.mst is not None:  # what "identical" can mean when no rank holds whole weights
+        summary["ranks_identical"] = ranks_agree(acct.mst, d)
+    elif d.on:
         summary["ranks_identical"] = ranks_identical(acct, run.model, d)
     if d.main:
         ckpt.write_text_atomic(run.run_dir / rf.SUMMARY, json.dumps(summary, indent=1) + "\n")

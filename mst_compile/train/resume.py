@@ -12,7 +12,8 @@ A resume may change:
   pattern, ``min_lr``, no further topology updates). Stretching the schedule instead would move the
   phase boundaries under steps already taken: a run resumed in restoration would jump back into
   ultra-sparsification and lose 40% of its weights in one update, and the learning rate would jump;
-- how the run reports: ``--log-interval``, ``--eval-interval``, ``--eval-iters``, ``--checkpoint-interval``.
+- how the run reports: ``--log-interval``, ``--eval-interval``, ``--eval-iters``, ``--checkpoint-interval``;
+- ``--fsdp``: how the processes hold the model, not what it trains (a run's checkpoints are whole either way).
 
 Anything else changes what is trained and is refused, naming every difference.
 """
@@ -25,6 +26,7 @@ from ..errors import MstCompileError
 from .options import TrainConfig, build_configs
 
 REPORTING = ("log_interval", "eval_interval", "eval_iters", "checkpoint_interval")
+LAYOUT = ("fsdp",)  # sharded or replicated: the checkpoints are the same whole files
 
 
 def _flag(name: str) -> str:
@@ -48,7 +50,7 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
         if old_d[key] == new_d[key]:
             continue
         was, now = old_d[key], new_d[key]
-        if key in ("steps", "lr", "min_lr") or key in REPORTING:
+        if key in ("steps", "lr", "min_lr") or key in REPORTING or key in LAYOUT:
             changes.append(f"{_flag(key)} {was} -> {now}")
         else:
             refused.append(f"{_flag(key)} {now} (the run has {was})")
@@ -59,7 +61,7 @@ def resume_configs(run_dir, saved: tuple[TrainConfig, MSTConfig], config_file: s
     if refused:
         raise MstCompileError(
             f"--resume {run_dir}: these change the run: {'; '.join(refused)}. A resume may change only --lr, --min-lr, "
-            "a longer --steps and the log/eval/checkpoint intervals; start a new run (--out) for the rest")
+            "a longer --steps, --fsdp and the log/eval/checkpoint intervals; start a new run (--out) for the rest")
     # a longer run keeps the schedules' span (runs saved before schedule_steps existed: their steps)
     tc = dataclasses.replace(new_tc, schedule_steps=old_tc.schedule_steps or old_tc.steps)
     return tc, old_mst, changes

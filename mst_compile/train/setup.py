@@ -2,8 +2,9 @@
 
 ``setup`` does, in this order (the order fixes what the seeded RNG draws, so a run is reproducible):
 the run folder, the model under ``seed``, the data (its token ids checked against the model's
-input embedding before any forward), the sparsified (or captured) module with its accounting, the
-optimizer, and on ``--resume`` the state of the last checkpoint. ``RunState`` is what the loop's
+input embedding before any forward), the sparsified (or captured) module with its accounting (with
+``--fsdp``: captured per block and sharded, ``train/sharded.py``), the optimizer, and on ``--resume``
+the state of the last checkpoint. ``RunState`` is what the loop's
 step, evaluation and checkpoint functions share.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .data import from_hook, load_data
 from .metrics import MetricsLog, Progress
 from .options import TrainConfig, dumps_config, read_model_record
 from .precision import Precision
+from .sharded import check_blocks, load_state, parameter_names, refuse_options, shard
 from .steps import check_model_runs, embedding_too_small
 
 
@@ -44,7 +46,7 @@ class RunState:
     inputs: Any  # ModelFile.inputs_for(model): how a (B, T) batch of token ids is passed
     data: Any
     acct: Accounting  # the trained module and its figures
-    net: torch.nn.Module  # what the step calls: acct.module, wrapped in DDP when distributed
+    net: torch.nn.Module  # what the step calls: acct.module, wrapped in DDP when distributed (sharded by FSDP2 with --fsdp)
     opt: torch.optim.Optimizer
     prec: Precision
     t_start: float  # time.time() when train() was called
@@ -55,10 +57,16 @@ class RunState:
     last_eval: dict[str, float] = field(default_factory=dict)
     log: MetricsLog | None = None  # rank 0 only
     bar: Progress | None = None
+    param_names: list[str] | None = None  # --fsdp --resume: the optimizer's parameters by name (sharded.load_state)
 
     @property
     def step_tokens(self) -> int:
         return self.tc.batch_size * self.tc.block_size * self.tc.grad_accum * self.d.world
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (``--fsdp``): each rank holds slices of the parameters, optimizer state and masks."""
+        return self.tc.fsdp
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.t_start
@@ -66,10 +74,14 @@ class RunState:
 
 def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, progress: bool, t_start: float) -> RunState:
     """Build the run (see the module docstring); nothing is trained yet."""
+    if tc.fsdp:
+        refuse_options(tc, mst)
     run_dir = d.broadcast(_check_out(str(out) if out else None, str(resume) if resume else None, mf.path, tc.dense) if d.main else None)
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
     inputs = mf.inputs_for(model)
+    if tc.fsdp:
+        check_blocks(model)
     tc = tc.resolved(mst, max_sequence_length(model))
     limit = max_sequence_length(model)
     if limit is not None and tc.block_size > limit:
@@ -83,19 +95,22 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
 
     example = mf.capture_inputs(model, x0.to(d.device))
     try:
-        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d)
+        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d, blocks="auto" if tc.fsdp else None)  # --fsdp: per block
     except CaptureError as e:
         raise mf.capture_error(e) from None
+    if tc.fsdp:  # the model's modules are sm's: its parameters become the DTensors FSDP2 registers
+        shard(acct.module, d.device)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    names = parameter_names(acct.module, opt) if tc.fsdp and resume is not None else None  # before attach (its docstring)
     acct.attach(opt)
     run = RunState(mf=mf, tc=tc, mst=mst, d=d, run_dir=run_dir, model=model, inputs=inputs, data=data, acct=acct,
-                   net=acct.module, opt=opt, prec=Precision(tc.precision, d.device), t_start=t_start)
+                   net=acct.module, opt=opt, prec=Precision(tc.precision, d.device), t_start=t_start, param_names=names)
     if resume is not None:
         _restore(run)
-    if d.on:
+    if d.on and not tc.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run.net = DDP(run.net, device_ids=[d.device] if d.device.type == "cuda" else None)
@@ -140,8 +155,11 @@ def _restore(run: RunState) -> None:
     last = rf.last_checkpoint(rf.existing(run.run_dir))  # none yet: says how to start the run again
     ck = ckpt.load_checkpoint(last)
     ckpt.check_same_model(ck, run.model, last)
-    run.model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
+    if run.sharded:  # every rank holds the whole checkpoint and keeps its slices
+        load_state(run.acct.module, run.opt, ck["model"], ck["optimizer"], run.param_names)
+    else:
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
     run.acct.load_state_dict(ck["mst"], last)
     ckpt.set_rng_state(ck["rng"])
     run.prec.load_state_dict(ck.get("precision"))
