@@ -1,4 +1,4 @@
-"""One rank of the ``mstc train --fsdp`` tests (tests/train/test_fsdp_train.py, torchrun, gloo on CPU).
+"""One rank of the ``mstc train --fsdp`` tests (tests/train/test_sharded.py, torchrun, gloo on CPU).
 
 ``python _trainer_fsdp_worker.py MODEL_FILE OUT MODE``; MODE is ``ddp`` or ``fsdp`` (a whole run of
 STEPS steps), ``stop`` (the --fsdp run interrupted after step STOP, its checkpoint saved) or ``resume``
