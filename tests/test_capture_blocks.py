@@ -11,7 +11,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.utils.checkpoint import checkpoint
 
 import mst_compile
-from mst_compile.errors import CaptureError, MstCompileError
+from mst_compile.errors import CaptureError
 from mst_compile.export.finalize import finalize
 from mst_compile.ops.attention import HybridSparseAttention
 from mst_compile.ops.sparse_linear import SparseWeight
@@ -229,10 +229,30 @@ def test_state_dicts_use_the_models_names_and_load_across_captures():
         torch.testing.assert_close(fresh(x), sm(x), rtol=0, atol=0)
 
 
-def test_finalize_refuses_a_per_block_module():
-    _, _, sm = _pair()
-    with pytest.raises(MstCompileError, match=r"finalize: sm was sparsified per block \(blocks='h'\).*blocks=None"):
-        finalize(sm)
+@pytest.mark.parametrize("attention", [None, "dense", "local"])
+def test_finalize_of_a_per_block_module_equals_whole_model_finalize(attention):
+    """Trained to the same point, the per-block and whole-model sm finalize to plain modules that agree
+    with each other and with sm, keep the model's names and hold no mst op."""
+    model, whole, sm = _pair()
+    batches = _batches(22)  # into the ultra phase: sparse masks and HSA
+    _train(whole, batches)
+    _train(sm, batches)
+    x = _batches(1, seed=5)[0][:, :-1]
+    a, b = finalize(whole, attention=attention), finalize(sm, attention=attention)
+    assert isinstance(b.h, nn.ModuleList) and all(isinstance(blk, torch.fx.GraphModule) for blk in b.h)
+    assert [n for n, _ in b.named_parameters()] == [n for n, _ in model.named_parameters()]
+    mst_ops = (SparseWeight, HybridSparseAttention)
+    assert not any(isinstance(m, mst_ops) for blk in b.h for m in blk.modules())
+    for gm in (b, *b.h):
+        assert not any(n.op == "call_module" and n.target.startswith(("mst_sites", "mst_attn")) for n in gm.graph.nodes)
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    if attention is None:  # the patterns sm runs now: the finalized module computes what sm computes
+        with torch.no_grad():
+            torch.testing.assert_close(b(x), sm(x), rtol=1e-5, atol=1e-5)
+    masks = sm.mst.masks()
+    assert any(n.startswith("h.") for n in masks)
+    for name, m in masks.items():  # the masks folded in: every masked weight is zero in the plain module
+        assert not b.get_parameter(name)[~m.bool()].any(), name
 
 
 class TwoStacks(nn.Module):
@@ -287,3 +307,15 @@ def test_bad_blocks_are_refused_in_one_line(make, blocks, error, match):
     with pytest.raises(error, match=match) as e:
         mst_compile.sparsify(make(), blocks=blocks)
     assert "\n" not in str(e.value)
+
+
+def test_a_per_block_module_exports_to_onnx_and_validates(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mst_compile.export.onnx import export_onnx
+
+    _, _, sm = _pair()
+    _train(sm, _batches(22))  # ultra phase: sparse masks, HSA
+    x = _batches(1, seed=5)[0][:, :-1]
+    r = export_onnx(sm, tmp_path / "m.onnx", example_inputs=(x,))  # validates against sm in onnxruntime
+    assert set(r.metadata["attention"].values()) == {"sparse"} and r.metadata["density"] < 0.5
+    assert r.max_diff["output"] < 1e-4

@@ -32,13 +32,20 @@ def is_sparsified(module) -> bool:
     return isinstance(module, fx.GraphModule) and hasattr(module, "mst")
 
 
+def pieces(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """``gm`` and, for a per-block ``sm`` (``sparsify(..., blocks=...)``), each of its rewritten blocks."""
+    path = gm.meta.get(BLOCKS_META)
+    return [gm, *(gm.get_submodule(path) if path else ())]
+
+
 def graph_attention_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """Attention site name -> its module, for every ``mst_attn.*`` node of the graph."""
+    """Attention site name -> its module, for every ``mst_attn.*`` node of the graph (and of its blocks)."""
     out = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target.startswith(ATTN):
-            mod = gm.get_submodule(n.target)
-            out[getattr(mod, "site", n.target)] = mod
+    for piece in pieces(gm):
+        for n in piece.graph.nodes:
+            if n.op == "call_module" and n.target.startswith(ATTN):
+                mod = piece.get_submodule(n.target)
+                out[getattr(mod, "site", n.target)] = mod
     return out
 
 
@@ -109,17 +116,26 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
             f"finalize expects the module returned by mst_compile.sparsify (a GraphModule with .mst), got "
             f"{type(sm).__name__}; a plain model needs no finalize: export it as it is"
         )
-    if sm.meta.get(BLOCKS_META):
-        raise MstCompileError(
-            f"finalize: sm was sparsified per block (blocks={sm.meta[BLOCKS_META]!r}), which finalize does not rewrite yet; "
-            "sparsify the model again with blocks=None, load sm.mst.state_dict() into it and finalize that")
     chosen = resolve_attention(sm, attention)
     sm.mst.apply_masks()  # already zero where masked (the runtime's invariant), made certain here
+    out = fx.GraphModule(sm, _plain_graph(sm, chosen), class_name="Finalized")
+    path = sm.meta.get(BLOCKS_META)
+    if path:  # per-block: each block finalized on its own, in its place (names stay the model's)
+        blocks = nn.ModuleList(fx.GraphModule(b, _plain_graph(b, chosen), class_name="FinalizedBlock")
+                               for b in sm.get_submodule(path))
+        parent, _, name = path.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, name, blocks)
+    out.train(sm.training)
+    return out
+
+
+def _plain_graph(gm: fx.GraphModule, chosen: dict[str, tuple[str, int | None]]) -> fx.Graph:
+    """A copy of ``gm``'s graph with every mst op replaced by its plain op (``chosen``: the attention)."""
     with warnings.catch_warnings():
         # copying the pytree spec of a torch.export-captured graph rebuilds torch's own LeafSpec, which
         # torch 2.13 then warns is deprecated: torch's internals, nothing the user can act on
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-        graph = copy.deepcopy(sm.graph)  # keeps the pytree codegen of torch.export-captured modules
+        graph = copy.deepcopy(gm.graph)  # keeps the pytree codegen of torch.export-captured modules
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -127,10 +143,10 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
             _replace(graph, node, _plain_linear(graph, node))
         elif node.target.startswith(DENSE):  # the original op, no longer counted
             with graph.inserting_before(node):
-                new = graph.call_function(sm.get_submodule(node.target).fn, node.args, node.kwargs)
+                new = graph.call_function(gm.get_submodule(node.target).fn, node.args, node.kwargs)
             _replace(graph, node, new)
         elif node.target.startswith(ATTN):
-            mod = sm.get_submodule(node.target)
+            mod = gm.get_submodule(node.target)
             site = getattr(mod, "site", node.target)
             pattern, stride = chosen[site]
             if pattern != "dense" and node.kwargs.get("attn_mask") is not None:
@@ -143,9 +159,7 @@ def finalize(sm: fx.GraphModule, *, attention: str | dict | None = None) -> fx.G
                 new = graph.call_function(export_attention, node.args, {**node.kwargs, "pattern": pattern, "stride": stride})
             _replace(graph, node, new)
     graph.lint()
-    out = fx.GraphModule(sm, graph, class_name="Finalized")
-    out.train(sm.training)
-    return out
+    return graph
 
 
 def _plain_linear(graph: fx.Graph, node: fx.Node) -> fx.Node:
