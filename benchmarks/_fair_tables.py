@@ -143,7 +143,7 @@ def _paired(lead: str, by_method: dict, order: list[str], seeds: list[int]) -> l
             else:
                 cells.append("")
         done = len(signs) == len(seeds)
-        short = "MST" if lead == "mst" else "it"
+        short = "MST" if lead == "mst" else "variant"
         verdict = (f"{short} below" if all(signs) else f"{short} above" if not any(signs) else "mixed") if done else \
             f"pending ({len(signs)} of {len(seeds)} seeds)"
         lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {verdict} |")
