@@ -1,7 +1,7 @@
 """The benchmarks' one timer: the functions under comparison run in turn, one call of each per round, so
 load on a shared machine hits them alike.
 
-The scripts take the minimum of the rounds where other work can only add time (``kernels.py``,
+The scripts take the minimum of the rounds where other work can only add time (``csr_kernels.py``,
 ``tiles.py``, ``attention.py``) and the median where they compare typical calls (``export.py``,
 ``overhead.py``, ``gpu_check.py``). ``mst_compile/timing.py`` is something else: it times a model's
 training steps for ``mstc plan``.

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.nn.functional as F
 from _timing import add_clock_option
-from kernels import CROSSOVERS, GPT, SHAPES, best_ms, command_line, lowest, measured, package_crossover, rounded  # the model, its shapes, the crossover file
+
+# the model, its shapes, the crossover file
+from csr_kernels import CROSSOVERS, GPT, SHAPES, best_ms, command_line, lowest, measured, package_crossover, rounded
 
 import mst_compile
 from mst_compile import MSTConfig

@@ -2,7 +2,7 @@
 masked-dense op (forward + backward), so ``sparse_kernel="auto"`` takes it there.
 
 They live in ``kernel_crossovers.json`` (package data) with where they were measured:
-``benchmarks/kernels.py --package`` writes the CSR entry, ``benchmarks/tiles.py --package`` the
+``benchmarks/csr_kernels.py --package`` writes the CSR entry, ``benchmarks/tiles.py --package`` the
 blocked tile kernel's (per tile edge); each is the lowest break-even density measured, so a kernel is
 only taken where it was never measured slower. The file is read once, at the first kernel choice.
 """

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py and tiles.py --package: the crossover each writes, computed from fabricated
+"""benchmarks/csr_kernels.py and tiles.py --package: the crossover each writes, computed from fabricated
 per-layer rows (no benchmark runs), and the file written keeps the other kernel's entry."""
 import importlib.util
 import json
@@ -11,13 +11,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ("768x768", "3072x768")
 
 
-def _bench(name: str):
-    sys.path[:0] = [str(ROOT / "benchmarks")]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def bench(monkeypatch):
+    """Load a benchmark script as a module; sys.path and sys.modules are restored after the test."""
+    def load(name: str):
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, mod)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
 
 
 def _speedups(speedup: dict[float, float], dense=100.0):
@@ -25,19 +29,19 @@ def _speedups(speedup: dict[float, float], dense=100.0):
     return [(d, dense, dense / s) for d, s in speedup.items()]
 
 
-def test_csr_crossover_is_the_lowest_break_even_of_the_shapes():
-    kernels = _bench("kernels")
+def test_csr_crossover_is_the_lowest_break_even_of_the_shapes(bench):
+    kernels = bench("csr_kernels")
     rows = [dict(shape="768x768", density=d, dense=a, csr=b) for d, a, b in _speedups({0.1: 2.0, 0.2: 1.0, 0.5: 0.5})]
     rows += [dict(shape="3072x768", density=d, dense=a, csr=b) for d, a, b in _speedups({0.1: 2.0, 0.3: 1.0, 0.5: 0.5})]
     entry = kernels.csr_entry(rows, "cmd", 1024)
     assert entry["measured"]["break_even"] == {"cmd": {"768x768": 0.2, "3072x768": 0.3}}
-    assert entry["density"] == 0.2 and entry["source"].startswith("benchmarks/kernels.py --package")
+    assert entry["density"] == 0.2 and entry["source"].startswith("benchmarks/csr_kernels.py --package")
     never = [dict(r, csr=r["dense"] * 2) for r in rows if r["shape"] == "3072x768"]  # CSR never faster on one shape
     assert kernels.csr_entry(rows[:3] + never, "cmd", 1024)["density"] == 0.0
 
 
-def test_tile_crossovers_per_edge_are_the_lowest_break_even_of_the_shapes():
-    tiles = _bench("tiles")
+def test_tile_crossovers_per_edge_are_the_lowest_break_even_of_the_shapes(bench):
+    tiles = bench("tiles")
     speedups = {(16, "768x768"): {0.1: 2.0, 0.25: 1.0, 0.5: 0.5}, (16, "3072x768"): {0.1: 2.0, 0.4: 1.0, 0.5: 0.5},
                 (8, "768x768"): {0.05: 0.5}, (8, "3072x768"): {0.05: 2.0, 0.1: 0.5},  # 8: never faster on one shape
                 (32, "768x768"): {0.1: 3.0, 0.7: 1.5}, (32, "3072x768"): {0.1: 3.0, 0.7: 1.2}}  # 32: faster everywhere measured
@@ -48,8 +52,8 @@ def test_tile_crossovers_per_edge_are_the_lowest_break_even_of_the_shapes():
     assert be["8"]["768x768"] is None and be["8"]["3072x768"] == pytest.approx(0.07) and be["16"] == {"768x768": 0.25, "3072x768": 0.4}
 
 
-def test_package_writes_one_entry_and_keeps_the_other(tmp_path):
-    kernels = _bench("kernels")
+def test_package_writes_one_entry_and_keeps_the_other(tmp_path, bench):
+    kernels = bench("csr_kernels")
     path = tmp_path / "kernel_crossovers.json"
     shipped = json.loads(kernels.CROSSOVERS.read_text())
     path.write_text(json.dumps(shipped))

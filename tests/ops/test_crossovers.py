@@ -12,7 +12,7 @@ def test_the_shipped_file_holds_the_measured_crossovers():
     assert crossovers.csr_crossover() == 0.22
     assert {b: crossovers.tile_crossover(b) for b in TILES} == {8: 0.0, 16: 0.23, 32: 0.39, 64: 0.61, 128: 0.69}
     doc = crossovers.kernel_crossovers()
-    for kind, script in (("csr", "benchmarks/kernels.py"), ("tile", "benchmarks/tiles.py")):
+    for kind, script in (("csr", "benchmarks/csr_kernels.py"), ("tile", "benchmarks/tiles.py")):
         assert doc[kind]["source"].startswith(script + " --package") and doc[kind]["results"]
         assert doc[kind]["measured"]["date"] and all(script in cmd for cmd in doc[kind]["measured"]["break_even"])
     runs = doc["csr"]["measured"]["break_even"].values()

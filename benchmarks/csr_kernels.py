@@ -1,10 +1,10 @@
 """Wall-clock speed of the CSR kernels against the masked-dense path, measured in the same run.
 
-    PYTHONPATH=. python benchmarks/kernels.py                 # both tables
-    PYTHONPATH=. python benchmarks/kernels.py --only layer    # per-layer table + crossover
-    PYTHONPATH=. python benchmarks/kernels.py --only step     # per-step table
-    PYTHONPATH=. python benchmarks/kernels.py --clock cpu --threads 1   # on a machine shared with other jobs
-    PYTHONPATH=. python benchmarks/kernels.py --only layer --clock cpu --threads 1 --package  # and ship the crossover
+    PYTHONPATH=. python benchmarks/csr_kernels.py                 # both tables
+    PYTHONPATH=. python benchmarks/csr_kernels.py --only layer    # per-layer table + crossover
+    PYTHONPATH=. python benchmarks/csr_kernels.py --only step     # per-step table
+    PYTHONPATH=. python benchmarks/csr_kernels.py --clock cpu --threads 1   # on a machine shared with other jobs
+    PYTHONPATH=. python benchmarks/csr_kernels.py --only layer --clock cpu --threads 1 --package  # and ship the crossover
 
 Per layer: forward + backward (input and weight gradients) of one sparse linear at GPT-2-small
 shapes with 1024 tokens, dense (masked-dense op) vs CSR, at several densities; the crossover is the
@@ -128,7 +128,7 @@ def measured(command: str, break_even: dict, tokens: int) -> dict:
 def csr_entry(rows: list[dict], command: str, tokens: int) -> dict:
     """The "csr" entry of the crossover file from the per-layer rows."""
     per_shape = {s: crossover(rows, s) for s in dict.fromkeys(r["shape"] for r in rows)}
-    return {"density": lowest(per_shape.values()), "source": "benchmarks/kernels.py --package: the lowest break-even density of the measured shapes",
+    return {"density": lowest(per_shape.values()), "source": "benchmarks/csr_kernels.py --package: the lowest break-even density of the measured shapes",
             "results": "printed tables (README.md, Sparse linear kernels)",
             "measured": measured(command, {s: rounded(c) for s, c in per_shape.items()}, tokens)}
 
