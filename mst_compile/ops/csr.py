@@ -20,7 +20,7 @@ Measured on the 2-core AVX-512 CPU (torch 2.13, fp32, 1024 tokens, GPT-2-small s
 work with torch's vectorized ``spmm_reduce`` kernel (~30 with the MKL sparse BLAS path of ``@``); the
 SDDMM at ~50 GFLOP/s (int32 indices: ~4x faster than int64). The transposes between token-major
 activations and the feature-major layout the sparse kernels need cost ~10% of the CSR time.
-Forward+backward breaks even around density 0.22-0.29 (at 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x,
+Forward+backward breaks even around density 0.18-0.29 (quiet to loaded machine) (at 0.2 CSR ran 1.1-1.4x faster, at 0.1 about 2x,
 at 0.05 about 3-3.5x, at 0.5 about 0.5-0.6x); "auto" takes CSR below the lowest break-even measured
 (``crossovers.csr_crossover``, written by ``benchmarks/csr_kernels.py --package``).
 """
