@@ -207,10 +207,7 @@ def _evaluate_and_log(run: RunState, done: int) -> None:
 def _checkpoint(run: RunState, step: int, name: str = rf.LAST) -> None:
     """Save the run after ``step`` as the newest checkpoint (or as best.pt); rank 0 writes. With --fsdp every
     rank joins the gather of the whole state, which rank 0 writes in the same format (train/sharded.py)."""
-    if run.sharded:
-        bad = first_nonfinite(run.model.named_parameters(), run.d)
-    else:
-        bad = next((n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = first_nonfinite(run.model.named_parameters(), run.d)  # every rank's shard (or replica) alike
     if bad is not None:  # a finite loss can still leave inf/NaN weights: never checkpoint them
         raise _diverged(f"weight {bad} became non-finite at step {step}", run.run_dir)
     whole = gather_state(run.acct.module, run.opt) if run.sharded else None

@@ -102,7 +102,8 @@ def load_state(sm, opt, model_state: dict, optim_state: dict, names: list[str]) 
 
 
 def first_nonfinite(named_params, d) -> str | None:
-    """The first parameter with an inf/NaN entry on any rank's shard (one collective for all of them)."""
+    """The first parameter with an inf/NaN entry on any rank's shard or replica (one collective for all of them;
+    none in a single process)."""
     named = list(named_params)
     bad = d.all_sum([float(not bool(torch.isfinite(local(p.detach())).all())) for _, p in named])
     return next((n for (n, _), b in zip(named, bad) if b), None)
