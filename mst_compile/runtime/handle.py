@@ -136,7 +136,7 @@ class MSTHandle:
 
     def lr_scale(self) -> float:
         """``(1/density)^config.lr_density_power`` at the current masks (1.0 when the power is 0): the
-        factor by which a sparse run's learning rate exceeds the dense curve (docs/design.md §3)."""
+        factor by which a sparse run's learning rate exceeds the dense curve (docs/design.md §8)."""
         power = self.config.lr_density_power
         return 1.0 if power == 0 else float(self.density()) ** -power
 
