@@ -129,7 +129,7 @@ def csr_entry(rows: list[dict], command: str, tokens: int) -> dict:
     """The "csr" entry of the crossover file from the per-layer rows."""
     per_shape = {s: crossover(rows, s) for s in dict.fromkeys(r["shape"] for r in rows)}
     return {"density": lowest(per_shape.values()), "source": "benchmarks/csr_kernels.py --package: the lowest break-even density of the measured shapes",
-            "results": "printed tables (README.md, Sparse linear kernels)",
+            "results": "benchmarks/results/csr/layer.md (the printed tables, saved)",
             "measured": measured(command, {s: rounded(c) for s, c in per_shape.items()}, tokens)}
 
 
