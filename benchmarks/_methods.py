@@ -62,6 +62,12 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            note="the learning rate follows the density: the curve times (1/density)"),
     Method("mst_lrd05", "MST, LR x density^-0.5", mst={"lr_density_power": 0.5},
            note="the learning rate follows the density: the curve times (1/density)^0.5"),
+    Method("mst_lrd05_z01", "MST, LR x density^-0.5, ultra drop 0.1",
+           mst={"lr_density_power": 0.5, "drop_fraction": (0.3, 0.1, 0.0)},
+           note="as density^-0.5, with a third of the topology churn in the ultra phase"),
+    Method("mst_lrd05_z0", "MST, LR x density^-0.5, fixed ultra masks",
+           mst={"lr_density_power": 0.5, "drop_fraction": (0.3, 0.0, 0.0)},
+           note="as density^-0.5, masks fixed from the end of the warm-up to restoration, which only grows"),
     Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
            note="RigL growth instead of Mixed-Growing"),
     Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
@@ -77,7 +83,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
 # what reproduce.py trains by default; the item-9 variants (a learning rate that follows density) run by name
-VARIANTS = ("mst_lrd1", "mst_lrd05")
+VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
 
