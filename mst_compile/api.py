@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .capture import capture
-from .capture_blocks import sparsify_blocks
+from .capture_blocks import sparsify_auto, sparsify_blocks
 from .config import MSTConfig
-from .constants import UNCOUNTED
+from .constants import UNCOUNTED, WHOLE_META
 from .fields import is_int
 from .passes.linear import opaque_weights
 from .passes.pipeline import rewrite_graph
@@ -40,7 +40,7 @@ def sparsify(
     seed: int = 0,
     example_inputs: Any = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    blocks: str | None = None,
+    blocks: str | None = "auto",
 ) -> torch.fx.GraphModule:
     """Capture ``model`` and rewrite it for Mixed Sparsity Training.
 
@@ -59,11 +59,14 @@ def sparsify(
     dense. ``sm.mst.skipped`` lists every weight matmul and attention site left dense, with why; the
     FLOP ledger charges them at dense cost on both sides.
 
-    ``blocks`` (``None``: one graph for the whole model) captures each child of an ``nn.ModuleList``
-    (``"transformer.h"``, or ``"auto"`` to find it) as its own rewritten GraphModule in its place, so
-    ``sm.transformer.h[i]`` can be wrapped per block (activation checkpointing, ``torch.compile``, FSDP2's
-    ``fully_shard``: docs/design.md §4); the sites, masks and training are those of whole-model capture
-    (docs/design.md §1, capture). Shard ``sm``, never ``model``: a sharded model is refused here.
+    ``blocks``: with ``"auto"`` (the default) each child of the model's ``nn.ModuleList`` of blocks is
+    captured as its own rewritten GraphModule in its place, so ``sm.transformer.h[i]`` is rewritten block
+    i and can be wrapped per block (activation checkpointing, ``torch.compile``, FSDP2's ``fully_shard``:
+    docs/design.md §4); a model without such a list, or one whose blocks fx cannot capture, is captured
+    whole (``sm.meta["mst_whole_why"]`` says why). A dotted path (``"transformer.h"``) names the list and
+    is refused rather than captured whole; ``None`` always captures one graph. The sites, masks and
+    training are the same either way (docs/design.md §1, capture). Shard ``sm``, never ``model``: a
+    sharded model is refused here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
@@ -74,15 +77,20 @@ def sparsify(
     run = None if total_steps is None else Schedule(cfg, total_steps)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
-    if blocks is None:
+    pieces, whole_why = None, "blocks=None"
+    if blocks == "auto":
+        pieces, whole_why = sparsify_auto(model, stride=cfg.stride, filter_fn=filter_fn, example_inputs=example_inputs)
+    elif blocks is not None:
+        pieces = sparsify_blocks(model, blocks, stride=cfg.stride, filter_fn=filter_fn, example_inputs=example_inputs)
+    if pieces is None:
         gm, how = capture(model, example_inputs)
         if how == "fx" and example_inputs is not None and opaque_weights(gm):
             gm, how = capture(model, example_inputs, fx=False)  # torch.export sees inside e.g. nn.MultiheadAttention
         lin, att = rewrite_graph(gm, stride=cfg.stride, filter_fn=filter_fn, modules=dict(model.named_modules()),
                                  example_inputs=gm.meta.get("example_inputs", example_inputs))
+        gm.meta[WHOLE_META] = whole_why
     else:  # one GraphModule per block, called by the top-level graph (capture_blocks.py)
-        gm, lin, att = sparsify_blocks(model, blocks, stride=cfg.stride, filter_fn=filter_fn, example_inputs=example_inputs)
-        how = "fx"
+        (gm, lin, att), how = pieces, "fx"
     lin.warn_if_empty()
     hidden = [s for s in lin.skipped if UNCOUNTED in s[1]]
     if hidden:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .constants import ATTENTION_PATTERNS
+from .constants import ATTENTION_PATTERNS, BLOCKS_META, WHOLE_META
 from .errors import ModelInputError, MstCompileError
 
 
@@ -102,7 +102,9 @@ def inspect(model_file: str, sparsity: float | None) -> None:
             click.echo("  ".join("-" * w for w in widths))
     if cfg.tile:
         click.echo(f"masks: constant on {cfg.tile}x{cfg.tile} tiles (densities are tile densities)")
-    click.echo(f"captured with {sm.mst.capture}; skipped: {len(sm.mst.skipped)}")
+    path = sm.meta.get(BLOCKS_META)
+    form = f"per block ({path}, {len(sm.get_submodule(path))} blocks)" if path else f"whole ({sm.meta.get(WHOLE_META)})"
+    click.echo(f"captured with {sm.mst.capture}, {form}; skipped: {len(sm.mst.skipped)}")
     for site, why in sm.mst.skipped:
         click.echo(f"  skipped {site}: {why}")
 

@@ -26,15 +26,15 @@ def fsdp2_before():
 
 def fsdp2_after():
     """Whole-model capture: sm's blocks are plain Modules of the hierarchy, not rewritten blocks."""
-    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8, blocks=None)
     for block in sm.h.children():  # a GraphModule keeps the hierarchy in plain Modules
         fully_shard(block)
     sm.mst.attach(torch.optim.AdamW(fully_shard(sm).parameters()))
 
 
 def fsdp2_documented():
-    """The supported order: per-block capture, fully_shard per rewritten block, then sm, then attach."""
-    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8, blocks="auto")
+    """The supported order: per-block capture (the default), fully_shard per rewritten block, then sm, then attach."""
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
     for block in sm.h:
         fully_shard(block)
     opt = torch.optim.AdamW(fully_shard(sm).parameters())

@@ -1,6 +1,7 @@
 """sparsify(..., blocks=...): one rewritten GraphModule per block in the model's own module tree, which
 trains exactly as whole-model capture does and takes per-block wrappers (checkpointing, torch.compile)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def _pair(make=tiny_gpt, **kw):
     torch.manual_seed(0)
     model = make()
     twin = copy.deepcopy(model)
-    return twin, mst_compile.sparsify(model, CFG, total_steps=T, seed=3, **kw), \
+    return twin, mst_compile.sparsify(model, CFG, total_steps=T, seed=3, blocks=None, **kw), \
         mst_compile.sparsify(twin, CFG, total_steps=T, seed=3, blocks="h", **kw)
 
 
@@ -76,10 +77,14 @@ def test_the_module_tree_and_names_are_the_models():
     torch.testing.assert_close(sm(x), whole(x), rtol=0, atol=0)
 
 
-def test_auto_finds_the_block_list():
+def test_the_default_finds_the_block_list_and_captures_per_block():
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), CFG, blocks="auto")
-    assert isinstance(sm.get_submodule("h.1"), torch.fx.GraphModule)
+    model = tiny_gpt()
+    sm = mst_compile.sparsify(model, CFG)
+    assert isinstance(sm.get_submodule("h.1"), torch.fx.GraphModule) and sm.meta["mst_blocks"] == "h"
+    whole = mst_compile.sparsify(model, CFG, blocks=None)
+    assert "mst_blocks" not in whole.meta and whole.meta["mst_whole_why"] == "blocks=None"
+    assert [s.name for s in sm.mst.sites] == [s.name for s in whole.mst.sites]
 
 
 def test_trains_identically_to_whole_model_capture():
@@ -288,6 +293,28 @@ class Untraceable(Branchy):
         return self.h[0](x)
 
 
+class _StockBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.mha, self.fc = nn.MultiheadAttention(d, 2, batch_first=True), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(x + self.mha(x, x, x, need_weights=False)[0])
+
+
+class StockBlocks(nn.Module):
+    """Blocks around nn.MultiheadAttention, which torch.fx calls as a whole: torch.export sees inside."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.h = nn.ModuleList([_StockBlock(d) for _ in range(2)])
+
+    def forward(self, x):
+        for b in self.h:
+            x = b(x)
+        return x
+
+
 class ReachesIn(Branchy):
     def forward(self, x):
         return self.h[0](x) @ self.h[0].fc.weight
@@ -297,8 +324,6 @@ class ReachesIn(Branchy):
     (tiny_gpt, "nope", ValueError, r"blocks='nope': GPT has no submodule 'nope'; pass the dotted path"),
     (tiny_gpt, "ln_f", ValueError, r"blocks='ln_f' is a LayerNorm, not an nn.ModuleList of blocks"),
     (tiny_gpt, 3, TypeError, r"blocks must be None, 'auto' or the dotted path of an nn.ModuleList, got int"),
-    (MLP, "auto", ValueError, r"blocks='auto' found no nn.ModuleList of same-class blocks .* in MLP; pass blocks="),
-    (TwoStacks, "auto", ValueError, r"blocks='auto' found several block lists \(enc, dec\) in TwoStacks"),
     (Branchy, "h", CaptureError, r"cannot capture Branchy with its blocks 'h' as leaves.*use blocks=None"),
     (Untraceable, "h", CaptureError, r"cannot capture block 'h.0' \(DataDependentBlock\).*use blocks=None"),
     (ReachesIn, "h", CaptureError, r"reads 'h.0.fc.weight' inside block 'h.0' instead of calling the block"),
@@ -307,6 +332,30 @@ def test_bad_blocks_are_refused_in_one_line(make, blocks, error, match):
     with pytest.raises(error, match=match) as e:
         mst_compile.sparsify(make(), blocks=blocks)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("make, why", [
+    (MLP, r"^blocks='auto' found no nn.ModuleList of same-class blocks that hold linear layers in MLP$"),
+    (TwoStacks, r"^blocks='auto' found several block lists \(enc, dec\) in TwoStacks$"),
+    (ReachesIn, r"^ReachesIn's forward reads 'h.0.fc.weight' inside block 'h.0' instead of calling the block"),
+    (StockBlocks, r"^weight 'h.0.mha.in_proj_weight' sits in a module torch.fx calls as a whole; per-block capture has no "
+                  r"torch.export route yet$"),
+])
+def test_the_default_captures_whole_what_it_cannot_capture_per_block(make, why):
+    """Whole-model capture as blocks=None gives it (same sites, same outputs), and the reason is kept."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(3, 5, 8) if make is not MLP else torch.randn(3, MLP().fc1.in_features)
+    sm, whole = mst_compile.sparsify(model, example_inputs=(x,)), mst_compile.sparsify(model, example_inputs=(x,), blocks=None)
+    assert "mst_blocks" not in sm.meta and "\n" not in sm.meta["mst_whole_why"]
+    assert re.search(why, sm.meta["mst_whole_why"]), sm.meta["mst_whole_why"]
+    assert [s.name for s in sm.mst.sites] == [s.name for s in whole.mst.sites] and sm.mst.capture == whole.mst.capture
+    torch.testing.assert_close(sm(x), whole(x), rtol=0, atol=0)
+
+
+def test_a_named_block_list_is_refused_where_the_default_falls_back():
+    with pytest.raises(CaptureError, match=r"'h.0.mha.in_proj_weight' sits in a module torch.fx calls as a whole.*blocks=None"):
+        mst_compile.sparsify(StockBlocks(), example_inputs=(torch.randn(2, 3, 8),), blocks="h")
 
 
 def test_a_per_block_module_exports_to_onnx_and_validates(tmp_path):

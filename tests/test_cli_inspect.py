@@ -26,6 +26,7 @@ def test_inspect_prints_plan_table():
     assert body and "384x128" in body[0] and "49,152" in body[0]
     total = [line for line in lines if line.startswith("total")][0]
     assert "0.150" in total and "100.0%" in total  # the default s_max = 0.85
+    assert "captured with fx, per block (h, 4 blocks); skipped: 0" in r.output
 
 
 @pytest.mark.parametrize("example,sites", [("hf_gpt2", 17), ("hf_llama", 29)])
@@ -93,7 +94,8 @@ def test_inspect_captures_a_file_as_train_does(tmp_path, hook):
     f.write_text(NEEDS_EXPORT + hook)
     r = CliRunner().invoke(main, ["inspect", str(f)])
     assert r.exit_code == 0, r.output
-    assert "captured with export; skipped: 0" in r.output
+    assert "captured with export, whole (cannot capture block 'h.0' (Block) with torch.fx.symbolic_trace (TypeError: " \
+           "slice indices must be integers" in r.output and "per-block capture has no torch.export route yet); skipped: 0" in r.output
     rows = [line.split() for line in r.output.splitlines()]
     assert sum(row[1:2] == ["linear"] for row in rows) == 9 and sum(row[1:2] == ["attention"] for row in rows) == 2
 

@@ -18,7 +18,7 @@ import sys
 
 from torch import Tensor, nn
 
-from ..constants import BLOCKS_META
+from ..constants import BLOCKS_META, WHOLE_META
 from ..errors import MstCompileError
 
 SUPPORTED = ("supported: DDP (sparsify the unsharded model, then wrap sm in DistributedDataParallel) or FSDP2 in this "
@@ -105,7 +105,8 @@ def fsdp2_layout(module: nn.Module, where: str) -> bool:
     for name, m in sharded[1:]:
         if name not in blocks:
             what = f"the rewritten blocks {path}.0 ... {path}.{len(blocks) - 1}" if blocks else \
-                "a rewritten block (sm was captured whole: sparsify(..., blocks='auto') keeps the blocks)"
+                (f"a rewritten block (sm was captured whole: {getattr(module, 'meta', {}).get(WHOLE_META, 'blocks=None')}; "
+                 "sparsify(..., blocks='<path of the ModuleList>') keeps the blocks or says why not)")
             raise MstCompileError(f"{where}: submodule {name!r} ({type(m).__name__}) was sharded by fully_shard, but it is "
                                   f"neither sm nor {what}; {SUPPORTED}")
     return True

@@ -15,11 +15,11 @@ from ..capture import quiet_torch
 from ..errors import CheckpointError
 
 
-def build(model, mst_config, tc, example_inputs, batch, d, blocks: str | None = None) -> Accounting:
+def build(model, mst_config, tc, example_inputs, batch, d, blocks: str | None = "auto") -> Accounting:
     """The module the loop trains, with its accounting: ``model`` sparsified (MST) or captured as it is
     (the dense baseline, whose FLOPs per token are measured once on ``batch``, the forward's inputs
-    for a (B, T) batch as ``ModelFile.inputs_for`` packs them), moved to the device. ``blocks``: MST captures
-    per block (``sparsify(..., blocks=...)``), as ``--fsdp`` needs to shard it."""
+    for a (B, T) batch as ``ModelFile.inputs_for`` packs them), moved to the device. ``blocks``: as
+    ``sparsify`` takes it (``--fsdp`` names the path, so a model it cannot capture per block is refused)."""
     with quiet_torch():
         if tc.dense:
             from ..capture import capture

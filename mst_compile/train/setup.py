@@ -80,8 +80,7 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
     torch.manual_seed(tc.seed)
     model = mf.model().to(d.device)
     inputs = mf.inputs_for(model)
-    if tc.fsdp:
-        check_blocks(model)
+    blocks = check_blocks(model) if tc.fsdp else "auto"  # --fsdp names the path: no fallback to a whole capture
     tc = tc.resolved(mst, max_sequence_length(model))
     limit = max_sequence_length(model)
     if limit is not None and tc.block_size > limit:
@@ -95,7 +94,7 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
 
     example = mf.capture_inputs(model, x0.to(d.device))
     try:
-        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d, blocks="auto" if tc.fsdp else None)  # --fsdp: per block
+        acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d, blocks=blocks)
     except CaptureError as e:
         raise mf.capture_error(e) from None
     if tc.fsdp:  # the model's modules are sm's: its parameters become the DTensors FSDP2 registers

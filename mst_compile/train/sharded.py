@@ -39,12 +39,12 @@ def refuse_options(tc, mst) -> None:
                               "alone, so the ranks could skip different steps; use --precision bf16, or drop --fsdp")
 
 
-def check_blocks(model) -> None:
-    """Refuse a model without the one ``nn.ModuleList`` of blocks that ``blocks="auto"`` finds."""
+def check_blocks(model) -> str:
+    """The path of the one ``nn.ModuleList`` of blocks that ``blocks="auto"`` finds; refuse a model without it."""
     from ..capture_blocks import find_blocks
 
     try:
-        find_blocks(model, "auto")
+        return find_blocks(model, "auto")[0]
     except ValueError as e:
         found = str(e).removeprefix("sparsify: ").split("; ")[0]
         raise MstCompileError(f"--fsdp shards the model per block, but {found}: drop --fsdp to train DDP replicas, or "

@@ -133,7 +133,7 @@ def test_fsdp2_of_sm_alone_is_accepted(group, opt):
 
 def test_fsdp2_on_blocks_of_sm(group):
     """Blocks sharded but sm not: the top-level weights would train unsynchronised."""
-    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8, blocks=None)
     fully_shard(sm.get_submodule("h.1"))
     optimizer = torch.optim.AdamW(sm.parameters())
     refused(lambda: sm.mst.attach(optimizer), "sm.mst.attach: submodule 'h.1' (FSDPModule) was sharded by fully_shard "
@@ -143,11 +143,11 @@ def test_fsdp2_on_blocks_of_sm(group):
 
 
 def test_fsdp2_on_a_module_that_is_no_rewritten_block(group):
-    whole = mst_compile.sparsify(tiny_gpt(), total_steps=8)  # whole-model capture: h.1 is a plain Module, no block
+    whole = mst_compile.sparsify(tiny_gpt(), total_steps=8, blocks=None)  # whole-model capture: h.1 is a plain Module, no block
     fully_shard(whole.get_submodule("h.1"))
     fully_shard(whole)
     refused(lambda: whole.mst.attach(None), "sm.mst.attach: submodule 'h.1' (FSDPModule) was sharded by fully_shard, "
-            "but it is neither sm nor a rewritten block (sm was captured whole")
+            "but it is neither sm nor a rewritten block (sm was captured whole: blocks=None")
     inner = per_block(shard_blocks=False, shard_root=False)
     fully_shard(inner.get_submodule("h.0.attn"))  # inside a rewritten block
     fully_shard(inner)
@@ -199,7 +199,7 @@ def test_fsdp1_after_sparsify(group, use_orig_params):
 
 def test_sharded_after_attach_is_refused_at_the_next_step(group):
     """attach(None) then sharding: the step would re-mask stale tensors, so it refuses before changing anything."""
-    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8)
+    sm = mst_compile.sparsify(tiny_gpt(), total_steps=8, blocks=None)
     sm.mst.attach(None)
     sm.mst.step()
     for block in sm.h.children():  # a GraphModule keeps the hierarchy in plain Modules
