@@ -68,6 +68,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("mst_lrd05_z0", "MST, LR x density^-0.5, fixed ultra masks",
            mst={"lr_density_power": 0.5, "drop_fraction": (0.3, 0.0, 0.0)},
            note="as density^-0.5, masks fixed from the end of the warm-up to restoration, which only grows"),
+    *(Method(f"mst_tile{b}", f"MST, {b}x{b} tiles", mst={"tile": b},
+             note=f"the defaults with every mask constant on {b}x{b} tiles (the blocked kernel where it pays)")
+      for b in (16, 32, 64)),
     Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
            note="RigL growth instead of Mixed-Growing"),
     Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
@@ -82,8 +85,8 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 # sized from MST's (predicted) result
 AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
-# what reproduce.py trains by default; the item-9 variants (a learning rate that follows density) run by name
-VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0")
+# what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
+VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
 
