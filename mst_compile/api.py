@@ -12,6 +12,7 @@ from .capture import capture
 from .capture_blocks import sparsify_auto, sparsify_blocks
 from .config import MSTConfig
 from .constants import UNCOUNTED, WHOLE_META
+from .errors import MstCompileError
 from .fields import is_int
 from .passes.linear import opaque_weights
 from .passes.pipeline import rewrite_graph
@@ -71,6 +72,10 @@ def sparsify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, "sparsify")  # before capture, whose failure on a sharded model would not say why
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:  # the density allocation counts the masks; a meta tensor has no values to count
+        raise MstCompileError(f"sparsify: {meta!r} of {type(model).__name__} is on the meta device; materialize the model "
+                              "first (model.to_empty(device=...) and its weight init), then sparsify and shard it")
     cfg = as_config(config)
     if not is_int(seed):
         raise ValueError(f"sparsify: seed={seed!r} is invalid: expected an integer")

@@ -53,3 +53,14 @@ def test_bad_arguments():
     with pytest.warns(UserWarning):
         sm = mst_compile.sparsify(NoLinear())  # nothing to sparsify: said, not an error
     assert sm.mst.sites == []
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_line():
+    """Meta-device init (build on meta, shard, materialize) comes after sparsify, never before: the
+    allocation counts mask values a meta tensor does not have."""
+    with torch.device("meta"):
+        model = MLP()
+    with pytest.raises(mst_compile.MstCompileError, match=r"^sparsify: 'fc1.weight' of MLP is on the meta device; "
+                       r"materialize the model first \(model.to_empty\(device=...\) and its weight init\)") as e:
+        mst_compile.sparsify(model)
+    assert "\n" not in str(e.value)
