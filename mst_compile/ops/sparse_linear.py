@@ -223,8 +223,9 @@ class SparseWeight(nn.Module):
         density = self.active() / self.numel if self.numel else 1.0
         if self.shard is not None:  # the sparse kernels need the whole mask's structure
             self.kernel = "dense"
-        elif self.tile is None:
-            self.kernel = choose_linear_kernel(density, self.mask.device, self.weight_shape, setting)
+        elif self.tile is None:  # under MSTConfig.tile only a tied embedding (§9): a forced tile kernel means auto
+            self.kernel = choose_linear_kernel(density, self.mask.device, self.weight_shape,
+                                               "auto" if setting in TILE_KERNELS else setting)
         else:
             self.kernel = choose_tile_kernel(self.name, density, self.mask.device, self.weight_shape, self.tile, setting)
         return self.kernel

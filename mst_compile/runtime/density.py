@@ -21,30 +21,42 @@ def _raw_scores(shapes: Mapping[str, Sequence[int]], distribution: str) -> dict[
 
 
 def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution: str = "er",
-             tile: int | None = None) -> dict[str, int]:
+             tile: int | None | Mapping[str, int | None] = None) -> dict[str, int]:
     """Active weight count (``tile=b``: active tile count) per tensor for a global ``sparsity`` under ``distribution``.
 
     ER: density_l = ε·(n_in + n_out)/(n_in·n_out) with ε chosen so Σ density_l·N_l equals the
     target; a tensor whose density would exceed 1 is made dense and ε is solved again over the rest.
-    ``distribution`` and ``sparsity`` are as ``MSTConfig`` and ``set_sparsity`` checked them.
+    ``tile`` may also map each tensor to its own edge (None: that tensor counts weights): ε is then
+    solved in weights (a tile of edge b weighs b² of them) and each group of the same edge is rounded
+    to its own exact total, so the realised density is exact within one tile. ``distribution`` and
+    ``sparsity`` are as ``MSTConfig`` and ``set_sparsity`` checked them.
     """
-    numel = {n: math.prod(s) if tile is None else n_tiles(s, tile) for n, s in shapes.items()}
-    total = sum(numel.values())
-    target = round((1.0 - sparsity) * total)
+    edge = dict(tile) if isinstance(tile, Mapping) else dict.fromkeys(shapes, tile)
+    numel = {n: math.prod(s) if edge[n] is None else n_tiles(s, edge[n]) for n, s in shapes.items()}
+    area = {n: 1 if edge[n] is None else edge[n] ** 2 for n in shapes}  # weights per counted unit
+    if len(set(area.values())) <= 1:  # one unit for every tensor: exact in it (b² cancels)
+        area = dict.fromkeys(shapes, 1)
+    total = sum(numel[n] * area[n] for n in shapes)
+    target = (1.0 - sparsity) * total
     raw = _raw_scores(shapes, distribution)
 
     dense: set[str] = set()
     while True:
         rest = [n for n in shapes if n not in dense]
-        budget = target - sum(numel[n] for n in dense)
-        denom = sum(raw[n] * numel[n] for n in rest)
+        budget = target - sum(numel[n] * area[n] for n in dense)
+        denom = sum(raw[n] * numel[n] * area[n] for n in rest)
         eps = budget / denom if denom > 0 else 0.0
         over = [n for n in rest if eps * raw[n] > 1.0]
         if not over:
             break
         dense.update(over)
     exact = {n: float(numel[n]) if n in dense else eps * raw[n] * numel[n] for n in shapes}
-    return _round_to_total(exact, numel, target)
+    counts: dict[str, int] = {}
+    for b in set(edge.values()):  # each unit rounded to its own total
+        group = [n for n in shapes if edge[n] == b]
+        counts.update(_round_to_total({n: exact[n] for n in group}, {n: numel[n] for n in group},
+                                      round(sum(exact[n] for n in group))))
+    return {n: counts[n] for n in shapes}
 
 
 def _round_to_total(exact: dict[str, float], cap: dict[str, int], target: int) -> dict[str, int]:

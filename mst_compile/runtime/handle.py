@@ -60,8 +60,9 @@ class MSTHandle:
         self.skipped = list(skipped or [])
         self.capture = capture
         self._hooks = [self._mask_grad_hook(n) for n in other_uses]
-        for site in self.weight_sites.values():
-            site.sparse.use_tiles(config.tile)
+        looked_up = set(other_uses)  # a tied embedding: tiles would blank whole blocks of its rows (§9)
+        for name, site in self.weight_sites.items():
+            site.sparse.use_tiles(None if name in looked_up else config.tile)
         self._scheduler = MSTScheduler(config, self.weight_sites, self._attention, module, self.skipped, run, seed)
 
     # -- training: the scheduler --------------------------------------------------------------

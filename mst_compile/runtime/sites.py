@@ -55,15 +55,10 @@ class WeightSite:
 Sites = dict[str, WeightSite]
 
 
-def tile_of(sites: Sites) -> int | None:
-    """The tile edge every site's mask is structured by (None: unstructured)."""
-    return next(iter(sites.values())).sparse.tile if sites else None
-
-
 def allocation(sites: Sites, sparsity: float, distribution: str) -> dict[str, int]:
     """Active count per weight (tiles, for tile-structured masks) for a global ``sparsity`` under
     ``distribution`` (docs/design.md §2, §9)."""
-    return allocate({n: s.shape for n, s in sites.items()}, sparsity, distribution, tile_of(sites))
+    return allocate({n: s.shape for n, s in sites.items()}, sparsity, distribution, {n: s.sparse.tile for n, s in sites.items()})
 
 
 def units(sites: Sites) -> dict[str, int]:

@@ -49,6 +49,20 @@ def test_er_over_tiles_follows_the_weights_shapes():
         assert d[n] == pytest.approx(eps * (o + i) / (o * i), abs=1.5 / (math.ceil(o / 8) * math.ceil(i / 8)))
 
 
+@pytest.mark.parametrize("s", [0.5, 0.8, 0.95])
+def test_allocation_of_tiles_and_one_weight_masked_by_element(s):
+    """A tied embedding keeps element masks among tiled weights: one ER ε over both, in weights."""
+    edges = {**dict.fromkeys(SHAPES, 8), "head": None}
+    counts = allocate(SHAPES, s, "er", tile=edges)
+    tiles = {n: math.ceil(o / 8) * math.ceil(i / 8) for n, (o, i) in SHAPES.items()}
+    weights = {n: 64 * tiles[n] if edges[n] else o * i for n, (o, i) in SHAPES.items()}  # edge tiles counted whole
+    active = sum(64 * c if edges[n] else c for n, c in counts.items())
+    assert abs(active - (1 - s) * sum(weights.values())) <= 64  # on target within one tile
+    eps = counts["fc"] / tiles["fc"] / ((128 + 32) / (128 * 32))
+    assert counts["head"] / (64 * 32) == pytest.approx(eps * (64 + 32) / (64 * 32), abs=0.02)
+    assert allocate(SHAPES, s, "er", tile=dict.fromkeys(SHAPES, 8)) == allocate(SHAPES, s, "er", tile=8)
+
+
 @pytest.mark.parametrize("n_target,zeta,frac", [(30, 0.3, 0.75), (20, 0.3, 1.0), (40, 0.2, 0.75), (30, 0.5, 0.0)])
 def test_tile_update_matches_a_dense_mask_oracle(n_target, zeta, frac):
     shape, b = (70, 45), 8  # edge tiles on both sides
@@ -105,24 +119,31 @@ def test_training_keeps_masks_tiled_and_on_target_through_all_phases(kernel):
     sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=T, seed=3)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2, weight_decay=0.1)
     sm.mst.attach(opt)
-    assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {kernel}
-    assert "wte.weight" in sm.mst.weight_sites  # the tied head: one mask for the lookup and the matmul
+    tiled = {n: s for n, s in sm.mst.weight_sites.items() if n != "wte.weight"}
+    assert {s.sparse.kernel for s in tiled.values()} == {kernel} and {s.sparse.tile for s in tiled.values()} == {8}
+    # the tied head: one mask for the lookup and the matmul, by weight (tiles would blank blocks of its rows)
+    emb = sm.mst.weight_sites["wte.weight"]
+    assert emb.sparse.tile is None and emb.sparse.kernel in ("dense", "csr")
     phases, data = set(), _batches()
     for _ in range(T):
         linear_before = sm.mst.flops.linear_mst
         _step(sm, opt, next(data))
         phases.add(sm.mst.phase)
         for n, s in sm.mst.weight_sites.items():
-            assert is_tile_constant(s.mask, 8), f"{n}: mask not constant on its tiles"
+            assert n not in tiled or is_tile_constant(s.mask, 8), f"{n}: mask not constant on its tiles"
             assert torch.all(s.param[~s.mask] == 0), f"{n}: a masked weight is not zero"
         if sm.mst.step_count % DT == 0 and sm.mst.step_count < T:
-            want = sm.mst.allocation(target_sparsity(sm.mst.step_count, sm.mst.schedule))
+            target = target_sparsity(sm.mst.step_count, sm.mst.schedule)
+            want = sm.mst.allocation(target)
             assert {n: s.active_units() for n, s in sm.mst.weight_sites.items()} == want
-            assert {n: int(s.mask.sum()) for n, s in sm.mst.weight_sites.items()} == {n: 64 * c for n, c in want.items()}
+            active = {n: int(s.mask.sum()) for n, s in sm.mst.weight_sites.items()}
+            assert active == {n: (64 if n in tiled else 1) * c for n, c in want.items()}
+            total = sum(s.param.numel() for s in sm.mst.weight_sites.values())  # on target within one tile
+            assert abs(sum(active.values()) - (1 - target) * total) <= 64
     assert phases == {"warmup", "ultra", "restoration"}
     assert sm.mst.last_update["grown_gradient"] + sm.mst.last_update["grown_random"] > 0
     # the ledger charges the tile density by the same formula, 6·d·n_in·n_out per row (the last step forms no dense gradient)
-    dens = {n: s.active_units() * 64 / s.param.numel() for n, s in sm.mst.weight_sites.items()}
+    dens = {n: s.active() / s.param.numel() for n, s in sm.mst.weight_sites.items()}
     want = sum(4 * 16 * 6 * dens[n] * p.numel() for n, p in sm.mst.parameters().items())
     assert sm.mst.flops.linear_mst - linear_before == pytest.approx(want, rel=1e-9)
 
@@ -187,6 +208,10 @@ def test_set_sparsity_keeps_the_largest_tiles():
     sm = mst_compile.sparsify(tiny_gpt(), CFG, total_steps=T, seed=3)
     sm.mst.set_sparsity(0.75)
     for n, s in sm.mst.weight_sites.items():
+        if n == "wte.weight":  # the tied embedding keeps its largest weights, one by one
+            kept = s.param[s.mask].abs()
+            assert len(kept) == sm.mst.allocation(0.75)[n] and kept.min() >= s.param[~s.mask].abs().max()
+            continue
         norms = [(s.param[r:r + 8, c:c + 8].norm().item(), bool(s.mask[r, c])) for r in range(0, s.shape[0], 8)
                  for c in range(0, s.shape[1], 8)]
         kept = [v for v, on in norms if on]
@@ -246,14 +271,15 @@ def test_hf_gpt2_trains_on_the_tile_kernel_and_exports(tmp_path):
     sm = mst_compile.sparsify(model, cfg, total_steps=12, seed=3, example_inputs={"input_ids": x})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sm.mst.attach(opt)
-    assert {s.sparse.kernel for s in sm.mst.weight_sites.values()} == {"tile"}
+    tiled = {n: s for n, s in sm.mst.weight_sites.items() if n != "transformer.wte.weight"}  # the tied head by weight
+    assert {s.sparse.kernel for s in tiled.values()} == {"tile"}
     g = torch.Generator().manual_seed(2)
     for _ in range(10):  # ends in restoration: dense attention, as the exported model runs
         b = torch.randint(0, 64, (4, 17), generator=g)
         F.cross_entropy(sm(input_ids=b[:, :-1]).logits.reshape(-1, 64), b[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
-    assert sm.mst.density() < 0.6 and all(is_tile_constant(m, 8) for m in sm.mst.masks().values())
+    assert sm.mst.density() < 0.6 and all(is_tile_constant(s.mask, 8) for s in tiled.values())
     sm.eval()
     with torch.no_grad():
         want = sm(input_ids=x).logits
