@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -265,6 +266,10 @@ def train(model_file: str, config_file: str | None, out: str | None, resume: str
         raise _Failure(f"{type(e).__name__}: {e}") from None
     if summary.get("rank", 0) == 0:
         click.echo(summary_line(summary))
+    if summary.get("world_size", 1) > 1:  # every file is written and the process group destroyed: leave
+        sys.stdout.flush()  # without interpreter teardown, where gloo's threads can abort a finished run
+        sys.stderr.flush()  # (SIGABRT, "terminate called without an active exception") and fail torchrun
+        os._exit(0)
 
 
 def _no_extra_arguments(extra: list[str], data: str | None) -> None:

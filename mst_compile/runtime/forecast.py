@@ -78,7 +78,8 @@ def forecast(fp: Footprint, run: schedule.Schedule, allocation: Callable[[float]
 
     phases = {p: PhaseCost(p) for p in PHASES}
     cost_cache: dict[tuple, tuple[float, float, float, float, float]] = {}
-    total = sum(numel.values())
+    size = {n: fp.linear[n][1] if n in fp.linear else numel[n] for n in numel}  # weights (units may be tiles)
+    total = sum(size.values())
     sched_cache: dict[tuple, tuple] = {}
     counts, version = counts_at(0), 0  # the initial masks follow s(0)
     per_step = [] if keep_steps else None
@@ -98,7 +99,7 @@ def forecast(fp: Footprint, run: schedule.Schedule, allocation: Callable[[float]
             density = {n: counts[n] / numel[n] for n in fp.linear}
             patterns = {(site, t): effective_pattern(pattern, stride, stride_scale, t)
                         for site, (pattern, stride_scale) in zip(sites, scheduled) for t in lengths}
-            overall = sum(counts[n] for n in numel) / total if total else 1.0  # sm.mst.density() then
+            overall = sum(counts[n] / numel[n] * size[n] for n in numel) / total if total else 1.0  # sm.mst.density()
             cost_cache[key] = (*fp.step_flops(density, probes, patterns, scale), overall)
         mst, dense, lin, att, overall = cost_cache[key]
         ph = phases[schedule.phase_at(i, run)]
