@@ -185,7 +185,7 @@ def sparsify_auto(model: nn.Module, *, stride: int | None, filter_fn: Callable[[
         path, _ = find_blocks(model, "auto")
         return sparsify_blocks(model, path, stride=stride, filter_fn=filter_fn, example_inputs=example_inputs), ""
     except (ValueError, CaptureError) as e:  # the model is not rewritten in place, so nothing is left half-done
-        return None, str(e).removeprefix("sparsify: ").split(": use blocks=None")[0].split("; pass blocks=")[0]
+        return None, str(e).removeprefix("sparsify: ").removesuffix(f": {_FIX}").split("; pass blocks=")[0]  # the refusal, not its advice
 
 
 def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,

@@ -33,9 +33,8 @@ def allocate(shapes: Mapping[str, Sequence[int]], sparsity: float, distribution:
     """
     edge = dict(tile) if isinstance(tile, Mapping) else dict.fromkeys(shapes, tile)
     numel = {n: math.prod(s) if edge[n] is None else n_tiles(s, edge[n]) for n, s in shapes.items()}
-    area = {n: 1 if edge[n] is None else edge[n] ** 2 for n in shapes}  # weights per counted unit
-    if len(set(area.values())) <= 1:  # one unit for every tensor: exact in it (b² cancels)
-        area = dict.fromkeys(shapes, 1)
+    # weights per counted unit; b² is a power of two, so one edge for every tensor stays exact in tiles
+    area = {n: 1 if edge[n] is None else edge[n] ** 2 for n in shapes}
     total = sum(numel[n] * area[n] for n in shapes)
     target = (1.0 - sparsity) * total
     raw = _raw_scores(shapes, distribution)
