@@ -63,8 +63,8 @@ def sparsify(
     ``blocks``: with ``"auto"`` (the default) each child of the model's ``nn.ModuleList`` of blocks is
     captured as its own rewritten GraphModule in its place, so ``sm.transformer.h[i]`` is rewritten block
     i and can be wrapped per block (activation checkpointing, ``torch.compile``, FSDP2's ``fully_shard``:
-    docs/design.md §4); a model without such a list, or one whose blocks fx cannot capture, is captured
-    whole (``sm.meta["mst_whole_why"]`` says why). A dotted path (``"transformer.h"``) names the list and
+    docs/design.md §4; where fx cannot capture a block, ``torch.export`` does, given ``example_inputs``); a
+    model without such a list, or whose blocks neither captures, is captured whole (``sm.meta["mst_whole_why"]`` says why). A dotted path (``"transformer.h"``) names the list and
     is refused rather than captured whole; ``None`` always captures one graph. The sites, masks and
     training are the same either way (docs/design.md §1, capture). Shard ``sm``, never ``model``: a
     sharded model is refused here.
@@ -95,7 +95,7 @@ def sparsify(
                                  example_inputs=gm.meta.get("example_inputs", example_inputs))
         gm.meta[WHOLE_META] = whole_why
     else:  # one GraphModule per block, called by the top-level graph (capture_blocks.py)
-        (gm, lin, att), how = pieces, "fx"
+        gm, lin, att, how = pieces
     lin.warn_if_empty()
     hidden = [s for s in lin.skipped if UNCOUNTED in s[1]]
     if hidden:

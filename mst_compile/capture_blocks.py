@@ -2,7 +2,7 @@
 
 ``blocks="auto"`` (the default) captures per block where the model allows it: one ``nn.ModuleList`` of
 same-class blocks holding its weight matmuls, a forward that only calls them, and pieces that
-``torch.fx`` traces and sees inside. Otherwise it falls back to whole-model capture and keeps why in
+``torch.fx`` traces and sees inside, or that ``torch.export`` captures (given ``example_inputs``). Otherwise it falls back to whole-model capture and keeps why in
 ``sm.meta[WHOLE_META]`` (``mstc inspect`` prints it); a named path never falls back, it is refused.
 
 Whole-model capture (``capture.py``) gives one graph that reads every weight directly, so nothing
@@ -16,7 +16,9 @@ The pieces' results are merged into what whole-model capture gives: sites named 
 names (a tied weight by its first name), in the order the inlined graph uses them (which the
 allocation and the random growth follow), one ``SparseWeight`` per parameter however many pieces
 use it, and the sparse weights read outside their sparse op (a tied embedding) found over all
-pieces. torch.export is not supported here: a piece that fx cannot trace is refused.
+pieces. Where fx cannot capture a piece (or sees a block weight only inside a module it calls as a
+whole), the pieces come from the whole model's ``torch.export`` graph cut at the blocks
+(``capture_split.py``), given ``example_inputs``; without them that is refused.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import torch
 from torch import fx, nn
 
 from .capture import inference, split_inputs
+from .capture_split import WHOLE, split_exported
 from .constants import ATTENTION_CONTAINER, BLOCKS_META, SPARSE_CONTAINER
 from .errors import CaptureError
 from .passes import PassResult
 from .passes.linear import LinearSite, opaque_weights, outside_reads
 from .passes.pipeline import rewrite_graph
 
-_FIX = "use blocks=None (whole-model capture)"
+_EXPORT = f"pass example_inputs (torch.export then captures it per block) or {WHOLE}"
 
 
 def find_blocks(model: nn.Module, blocks: Any) -> tuple[str, nn.ModuleList]:
@@ -54,7 +57,7 @@ def find_blocks(model: nn.Module, blocks: Any) -> tuple[str, nn.ModuleList]:
                          "nn.ModuleList of blocks; pass the dotted path of the ModuleList that holds them, 'auto', or None")
     if len(ml) == 0 or len({id(b) for b in ml}) != len(ml):
         raise ValueError(f"sparsify: blocks={blocks!r} is {'empty' if len(ml) == 0 else 'a list holding one module twice'}; "
-                         f"per-block capture needs distinct blocks: {_FIX}")
+                         f"per-block capture needs distinct blocks: {WHOLE}")
     return path, ml
 
 
@@ -99,19 +102,18 @@ def _trace_top(model: nn.Module, path: str, ml: nn.ModuleList) -> fx.GraphModule
         graph = tracer.trace(model)
     except Exception as e:
         raise CaptureError(f"sparsify: cannot capture {type(model).__name__} with its blocks {path!r} as leaves: "
-                           f"torch.fx.symbolic_trace failed ({_first_line(e)}); per-block capture has no "
-                           f"torch.export route yet: {_FIX}") from None
+                           f"torch.fx.symbolic_trace failed ({_first_line(e)})") from None
     names = {f"{path}.{i}" for i in range(len(ml))}
     for node in graph.nodes:
         inside = next((b for b in names if isinstance(node.target, str) and node.target.startswith(b + ".")), None)
         if node.op in ("call_module", "get_attr") and inside:
             raise CaptureError(f"sparsify: {type(model).__name__}'s forward reads {node.target!r} inside block {inside!r} "
-                               f"instead of calling the block; per-block capture needs blocks used only by calling them: {_FIX}")
+                               f"instead of calling the block; per-block capture needs blocks used only by calling them")
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     missing = sorted(names - called)
     if missing:
         raise CaptureError(f"sparsify: {type(model).__name__}'s forward never calls block {missing[0]!r}; per-block "
-                           f"capture needs every block of {path!r} called: {_FIX}")
+                           f"capture needs every block of {path!r} called")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _set(gm, path, nn.ModuleList(nn.Module() for _ in ml))
     return gm
@@ -129,7 +131,7 @@ def _trace_block(block: nn.Module, name: str) -> fx.GraphModule:
         gm = fx.symbolic_trace(block)
     except Exception as e:
         raise CaptureError(f"sparsify: cannot capture block {name!r} ({type(block).__name__}) with torch.fx.symbolic_trace "
-                           f"({_first_line(e)}); per-block capture has no torch.export route yet: {_FIX}") from None
+                           f"({_first_line(e)})") from None
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         node.meta["nn_module_stack"] = {name: (name, type(block)),
@@ -178,33 +180,34 @@ def _walk(top: fx.GraphModule, pieces: dict[str, fx.GraphModule]):
 
 
 def sparsify_auto(model: nn.Module, *, stride: int | None, filter_fn: Callable[[nn.Module, str], bool] | None,
-                  example_inputs: Any) -> tuple[tuple[fx.GraphModule, PassResult, PassResult] | None, str]:
+                  example_inputs: Any) -> tuple[tuple[fx.GraphModule, PassResult, PassResult, str] | None, str]:
     """``blocks="auto"``: :func:`sparsify_blocks` on the block list :func:`find_blocks` detects, or
     ``(None, why)`` when the model has none or a piece cannot be captured (whole-model capture follows)."""
     try:
         path, _ = find_blocks(model, "auto")
         return sparsify_blocks(model, path, stride=stride, filter_fn=filter_fn, example_inputs=example_inputs), ""
     except (ValueError, CaptureError) as e:  # the model is not rewritten in place, so nothing is left half-done
-        return None, str(e).removeprefix("sparsify: ").removesuffix(f": {_FIX}").split("; pass blocks=")[0]  # the refusal, not its advice
+        why = str(e).removeprefix("sparsify: ").removesuffix(f": {_EXPORT}").removesuffix(f": {WHOLE}")
+        return None, why.split("; pass blocks=")[0]  # the refusal, not its advice
 
 
 def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,
                     filter_fn: Callable[[nn.Module, str], bool] | None,
-                    example_inputs: Any) -> tuple[fx.GraphModule, PassResult, PassResult]:
-    """Capture ``model`` per block, rewrite every piece, and merge: ``(sm, linear result, attention result)``
-    as whole-model capture's passes would give them (site names, order, one SparseWeight per weight)."""
+                    example_inputs: Any) -> tuple[fx.GraphModule, PassResult, PassResult, str]:
+    """Capture ``model`` per block, rewrite every piece, and merge: ``(sm, linear result, attention result, how)``
+    as whole-model capture's passes would give them (site names, order, one SparseWeight per weight);
+    ``how`` is ``"fx"``, or ``"export"`` where fx cannot capture a piece and ``example_inputs`` are given."""
     path, ml = find_blocks(model, blocks)
-    top = _trace_top(model, path, ml)
-    names = [f"{path}.{i}" for i in range(len(ml))]
-    pieces = {n: _trace_block(b, n) for n, b in zip(names, ml)}
-    hidden = [f"{n}.{w}" for n, gm in [("", top), *pieces.items()] for w, _ in opaque_weights(gm)] \
-        if example_inputs is not None else []
-    if hidden:  # whole-model capture then goes through torch.export, which sees inside them
-        raise CaptureError(f"sparsify: weight {hidden[0].lstrip('.')!r} sits in a module torch.fx calls as a whole; "
-                           f"per-block capture has no torch.export route yet: {_FIX}")
+    try:
+        top, pieces, inputs, how = *_capture_fx(model, path, ml, example_inputs), "fx"
+    except CaptureError as e:
+        if example_inputs is None:
+            raise CaptureError(f"{e}: {_EXPORT}") from None
+        top, pieces, inputs = split_exported(model, path, ml, example_inputs)
+        how = "export"
     results = {"": rewrite_graph(top, stride=stride, filter_fn=filter_fn, modules=dict(model.named_modules()),
-                                 example_inputs=example_inputs)}
-    for (name, gm), block, inputs in zip(pieces.items(), ml, _block_inputs(model, ml, example_inputs)):
+                                 example_inputs=top.meta.get("example_inputs", example_inputs))}
+    for (name, gm), block, inputs in zip(pieces.items(), ml, inputs):
         def keep(module, fqn, name=name):
             return filter_fn(module, f"{name}.{fqn}" if fqn else name)
         results[name] = rewrite_graph(gm, stride=stride, filter_fn=filter_fn and keep,
@@ -219,7 +222,21 @@ def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,
     skipped = [(_full_name(pieces.get(n, top), canonical, s), why) for n, (lin, _) in results.items() for s, why in lin.skipped]
     lin = PassResult(top, "linear", list(lin_sites.values()), skipped, sorted(canonical[i] for i in other))
     att = PassResult(top, "attention", att_sites, [s for _, a in results.values() for s in a.skipped])
-    return top, lin, att
+    return top, lin, att, how
+
+
+def _capture_fx(model: nn.Module, path: str, ml: nn.ModuleList,
+                example_inputs: Any) -> tuple[fx.GraphModule, dict[str, fx.GraphModule], list]:
+    """``(top, pieces, inputs)`` by ``torch.fx``: the top level traced with the blocks as leaves, each
+    block traced on its own, each block's inputs in one forward of ``example_inputs``."""
+    top = _trace_top(model, path, ml)
+    names = [f"{path}.{i}" for i in range(len(ml))]
+    pieces = {n: _trace_block(b, n) for n, b in zip(names, ml)}
+    hidden = [f"{n}.{w}" for n, gm in [("", top), *pieces.items()] for w, _ in opaque_weights(gm)] \
+        if example_inputs is not None else []
+    if hidden:  # torch.export sees inside them
+        raise CaptureError(f"sparsify: weight {hidden[0].lstrip('.')!r} sits in a module torch.fx calls as a whole")
+    return top, pieces, _block_inputs(model, ml, example_inputs)
 
 
 def _merge_in_order(top: fx.GraphModule, pieces: dict[str, fx.GraphModule],

@@ -36,6 +36,7 @@ SPARSE_CONTAINER = "mst_sites"  # one SparseWeight per sparse parameter (passes/
 ATTENTION_CONTAINER = "mst_attn"  # one HybridSparseAttention per attention site (passes/attention.py)
 DENSE_CONTAINER = "mst_dense"  # matmuls left dense, wrapped so the ledger charges them (passes/dense.py)
 BLOCKS_META = "mst_blocks"  # sm.meta key: the blocks' ModuleList path of a per-block capture (capture_blocks.py)
+SHAPES_META = "mst_shapes_only"  # placeholder meta of a block cut from an exported graph: its value follows from shapes only
 WHOLE_META = "mst_whole_why"  # sm.meta key: why blocks="auto" captured the model whole (capture_blocks.py)
 
 # Additive attention masks: an entry at or below this blocks its key. exp(-1e4) is 0 in every float

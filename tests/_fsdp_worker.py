@@ -10,6 +10,8 @@
   model, optimizer and MST state against the uninterrupted FSDP2 run.
 - ``accumulate``: ``match`` with two micro-batches per step on each rank, each reduce-scattered and masked
   as it comes (the probe step's dense gradient must still be the sum of both).
+- ``hf``: ``match`` on a Hugging Face GPT-2 (tied head), which fx cannot trace: blocks cut from its
+  torch.export graph.
 - ``uneven``: ``match`` on 4 ranks and a GPT whose weights' rows do not divide by them (shorter shards,
   and an empty one of the tied embedding), with grown weights drawn from N(0, σ²).
 
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from _models import load_example
+from _models import hf_gpt2, load_example
 from _torchrun import end_rank
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -63,14 +65,15 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def loss_of(model, batch):
-    logits = model(batch[:, :-1])  # (B, T, vocab)
+    out = model(batch[:, :-1])
+    logits = getattr(out, "logits", out)  # (B, T, vocab); a Hugging Face model returns an output object
     return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
 
-def reference(model, cfg, data, group):
+def reference(model, cfg, data, group, example=None):
     """The single-process run: losses per step, the masks and update report after every update, the final
     weights and the FLOPs the ledger charged."""
-    sm = mst_compile.sparsify(model, cfg, total_steps=STEPS, seed=7)
+    sm = mst_compile.sparsify(model, cfg, total_steps=STEPS, seed=7, example_inputs=example)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
     sm.mst.attach(opt, process_group=group)
     losses, masks, norms = [], {}, []
@@ -87,10 +90,11 @@ def reference(model, cfg, data, group):
     return losses, masks, {n: p.detach().clone() for n, p in sm.named_parameters()}, sm.mst.flops.mst_total, norms
 
 
-def sharded(model, cfg, manual=False):
+def sharded(model, cfg, example=None):
     """sparsify per block, fully_shard every rewritten block then sm, AdamW over sm.parameters(), attach."""
-    sm = mst_compile.sparsify(model, cfg, blocks="auto", total_steps=STEPS, seed=7)
-    for block in sm.h:
+    sm = mst_compile.sparsify(model, cfg, blocks="auto", total_steps=STEPS, seed=7, example_inputs=example)
+    assert "mst_blocks" in sm.meta, sm.meta.get("mst_whole_why")
+    for block in sm.get_submodule(sm.meta["mst_blocks"]):
         fully_shard(block)
     fully_shard(sm)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
@@ -152,21 +156,22 @@ def compare_masks(got, want, errors):
                               f"({int((got[step][n] != m).sum())} entries)")
 
 
-def match(uneven: bool, micro: int = 1):
+def match(uneven: bool, micro: int = 1, hf: bool = False):
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group([r]) for r in range(world)]
     torch.manual_seed(0)
-    model = gpt(uneven)
+    model = hf_gpt2() if hf else gpt(uneven)
     cfg = config(uneven)
-    data = batches(model.wte.num_embeddings, model.block_size if uneven else 16)
-    ref_losses, ref_masks, ref_weights, ref_flops, ref_norms = reference(copy.deepcopy(model), cfg, data, groups[rank])
-    sm, opt = sharded(model, cfg)
+    data = batches(VOCAB, 16) if hf else batches(model.wte.num_embeddings, model.block_size if uneven else 16)
+    example = {"input_ids": data[0][:, :-1]} if hf else None  # fx cannot trace it: captured per block through torch.export
+    ref_losses, ref_masks, ref_weights, ref_flops, ref_norms = reference(copy.deepcopy(model), cfg, data, groups[rank], example)
+    sm, opt = sharded(model, cfg, example)
     sm.mst.attach(opt)
     errors = []
     for name, p in sm.named_parameters():
         if not isinstance(p, DTensor) or p.placements != (Shard(0),):
             errors.append(f"parameter {name} is not sharded by FSDP2: {type(p).__name__}")
-    if sm.get_parameter("lm_head.weight") is not sm.get_parameter("wte.weight"):
+    if sm.get_parameter("lm_head.weight") is not sm.get_parameter("transformer.wte.weight" if hf else "wte.weight"):
         errors.append("the tied head no longer shares the embedding")
     losses, masks, errs, norms = train(sm, opt, data, range(1, STEPS + 1), micro=micro)
     errors += errs
@@ -240,7 +245,8 @@ def resume(ckpt: str):
 
 def main(out_path: str, mode: str, ckpt: str | None = None) -> None:
     dist.init_process_group("gloo")
-    errors, info = resume(ckpt) if mode == "resume" else match(mode == "uneven", 2 if mode == "accumulate" else 1)
+    errors, info = resume(ckpt) if mode == "resume" else \
+        match(mode == "uneven", 2 if mode == "accumulate" else 1, hf=mode == "hf")
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, errors)
     if dist.get_rank() == 0:

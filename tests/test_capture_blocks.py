@@ -325,7 +325,8 @@ class ReachesIn(Branchy):
     (tiny_gpt, "ln_f", ValueError, r"blocks='ln_f' is a LayerNorm, not an nn.ModuleList of blocks"),
     (tiny_gpt, 3, TypeError, r"blocks must be None, 'auto' or the dotted path of an nn.ModuleList, got int"),
     (Branchy, "h", CaptureError, r"cannot capture Branchy with its blocks 'h' as leaves.*use blocks=None"),
-    (Untraceable, "h", CaptureError, r"cannot capture block 'h.0' \(DataDependentBlock\).*use blocks=None"),
+    (Untraceable, "h", CaptureError, r"cannot capture block 'h.0' \(DataDependentBlock\).*: pass example_inputs \(torch.export then "
+                                         r"captures it per block\) or use blocks=None"),
     (ReachesIn, "h", CaptureError, r"reads 'h.0.fc.weight' inside block 'h.0' instead of calling the block"),
 ])
 def test_bad_blocks_are_refused_in_one_line(make, blocks, error, match):
@@ -338,8 +339,6 @@ def test_bad_blocks_are_refused_in_one_line(make, blocks, error, match):
     (MLP, r"^blocks='auto' found no nn.ModuleList of same-class blocks that hold linear layers in MLP$"),
     (TwoStacks, r"^blocks='auto' found several block lists \(enc, dec\) in TwoStacks$"),
     (ReachesIn, r"^ReachesIn's forward reads 'h.0.fc.weight' inside block 'h.0' instead of calling the block"),
-    (StockBlocks, r"^weight 'h.0.mha.in_proj_weight' sits in a module torch.fx calls as a whole; per-block capture has no "
-                  r"torch.export route yet$"),
 ])
 def test_the_default_captures_whole_what_it_cannot_capture_per_block(make, why):
     """Whole-model capture as blocks=None gives it (same sites, same outputs), and the reason is kept."""
@@ -351,11 +350,6 @@ def test_the_default_captures_whole_what_it_cannot_capture_per_block(make, why):
     assert re.search(why, sm.meta["mst_whole_why"]), sm.meta["mst_whole_why"]
     assert [s.name for s in sm.mst.sites] == [s.name for s in whole.mst.sites] and sm.mst.capture == whole.mst.capture
     torch.testing.assert_close(sm(x), whole(x), rtol=0, atol=0)
-
-
-def test_a_named_block_list_is_refused_where_the_default_falls_back():
-    with pytest.raises(CaptureError, match=r"'h.0.mha.in_proj_weight' sits in a module torch.fx calls as a whole.*blocks=None"):
-        mst_compile.sparsify(StockBlocks(), example_inputs=(torch.randn(2, 3, 8),), blocks="h")
 
 
 def test_a_per_block_module_exports_to_onnx_and_validates(tmp_path):

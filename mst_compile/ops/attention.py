@@ -29,6 +29,14 @@ from .attention_kernels import hsa_kernel
 _KEEP = object()  # set_pattern(stride=...) default: keep the current stride
 
 
+def in_order(t: Tensor, order: tuple[int, ...]) -> Tensor:
+    """``t`` laid out in memory with its dims in ``order`` (outermost first); copied only if it is not."""
+    if all(t.stride(a) >= t.stride(b) * t.shape[b] for a, b in zip(order, order[1:]) if t.shape[a] > 1 and t.shape[b] > 1):
+        return t
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return t.permute(order).contiguous().permute(inverse)
+
+
 def check_pattern(pattern, who: str) -> str:
     """``pattern`` if it names an attention pattern; else one line naming ``who`` and the patterns."""
     if pattern not in PATTERNS:
@@ -191,6 +199,9 @@ class HybridSparseAttention(nn.Module):
         self.stride: int | None = None
         self.stride_scale = 1.0  # >1 widens the window and stride (a gradual return to dense attention)
         self._warned: set[str] = set()
+        # the captured op's memory order of its output dims, outermost first (torch.export: the graph may have
+        # dropped a .contiguous() that this order made a no-op, so later views rely on it); None: any order
+        self.layout: tuple[int, ...] | None = None
         self.set_pattern(pattern, stride=stride)
 
     def set_pattern(self, pattern: str, stride=_KEEP) -> None:
@@ -220,6 +231,10 @@ class HybridSparseAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale=None,
                 enable_gqa: bool = False) -> Tensor:
+        out = self._attend(q, k, v, attn_mask, scale, enable_gqa)
+        return out if self.layout is None else in_order(out, self.layout)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale, enable_gqa: bool) -> Tensor:
         squeeze = q.dim() == 3  # (B·H, T, D) from a bmm-style spelling
         if squeeze:
             q, k, v = q[None], k[None], v[None]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..constants import ATTENTION_CONTAINER, blocks
+from ..constants import ATTENTION_CONTAINER, SHAPES_META, blocks
 from ..ops.attention import HybridSparseAttention
 from . import PassResult
 from ._mask_eval import allowed_set, evaluate_masks
@@ -195,8 +195,10 @@ def _is_scores(node, depth: int = 0) -> bool:
     return is_op(node, WHERE) and _is_scores(node.args[1], depth + 1)
 
 
-def _depends_on_data(mask: fx.Node) -> bool:
-    """True when the mask reads the VALUES of a graph input (not only its shape)."""
+def depends_on_data(mask: fx.Node) -> bool:
+    """True when the mask reads the VALUES of a graph input (not only its shape). An input that a per-block
+    capture marked as computed from shapes alone (``SHAPES_META``: the causal mask a model builds once for
+    all its blocks) is not data."""
     seen, todo = set(), [mask]
     while todo:
         n = todo.pop()
@@ -204,6 +206,8 @@ def _depends_on_data(mask: fx.Node) -> bool:
             continue
         seen.add(n)
         if n.op == "placeholder":
+            if n.meta.get(SHAPES_META):
+                continue
             return True
         if shape_only(n):
             continue
@@ -238,6 +242,18 @@ def _verdict(m: _Match, value, data_dependent: bool) -> tuple[bool, str | None]:
     if not bool((allowed == causal).all()):
         return False, "the attention mask removes causal keys too (a window or block mask), not plain causal"
     return False, None
+
+
+def _layout(val) -> tuple[int, ...] | None:
+    """The dims of the captured attention output in memory order, outermost first (torch.export records
+    its strides); None where the graph does not say (torch.fx)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        strides = [int(getattr(s, "node", None).hint if isinstance(s, torch.SymInt) else s) for s in val.stride()]
+    except (TypeError, AttributeError):  # a symbolic stride without a hint
+        return None
+    return tuple(sorted(range(len(strides)), key=lambda d: -strides[d]))
 
 
 def _site_name(node: fx.Node, used: set[str]) -> str:
@@ -322,11 +338,12 @@ def rewrite_attention(
         if m.mask is not None and not isinstance(m.mask, fx.Node):
             keep, why = False, "the attention mask is not a graph value"
         else:
-            keep, why = _verdict(m, values.get(m.mask), m.mask is not None and _depends_on_data(m.mask))
+            keep, why = _verdict(m, values.get(m.mask), m.mask is not None and depends_on_data(m.mask))
         if why:
             result.skipped.append((name, why))
             continue
         module = HybridSparseAttention(name, pattern, stride, dropout_p=m.dropout_p)
+        module.layout = _layout(m.out.meta.get("val"))
         slot = f"attn_{len(list(container.children()))}"
         container.add_module(slot, module)
         with graph.inserting_before(m.out):
