@@ -42,7 +42,7 @@ class RunState:
     mst: MSTConfig
     d: Any  # distributed.Dist: rank, world, device and the collectives
     run_dir: Path
-    model: torch.nn.Module  # the user's model (its parameters are the ones trained)
+    model: torch.nn.Module  # the user's model (its parameters are the ones trained); under --fsdp sm, which holds the DTensors
     inputs: Any  # ModelFile.inputs_for(model): how a (B, T) batch of token ids is passed
     data: Any
     acct: Accounting  # the trained module and its figures
@@ -97,8 +97,9 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
         acct = build(model, mst, tc, example, inputs(x0.to(d.device)), d, blocks=blocks)
     except CaptureError as e:
         raise mf.capture_error(e) from None
-    if tc.fsdp:  # the model's modules are sm's: its parameters become the DTensors FSDP2 registers
-        shard(acct.module, d.device)
+    if tc.fsdp:  # FSDP2 registers its DTensors in sm's modules, which are not all the model's (a block cut from an
+        shard(acct.module, d.device)  # exported graph has modules of its own): from here on sm stands for the model
+        model = acct.module  # (the same parameter names, in the same order)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],

@@ -93,6 +93,46 @@ def test_two_rank_fsdp_run_equals_the_ddp_run_and_exports(tmp_path):
     assert (got - want).abs().max() < 1e-3
 
 
+HF_TINY = """
+import warnings
+
+import mst_compile
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def config():
+    return mst_compile.MSTConfig(update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4)
+
+
+def train_config():
+    return {"steps": 24, "batch_size": 4, "block_size": 32, "eval_iters": 2, "eval_interval": 8, "log_interval": 1,
+            "checkpoint_interval": 8, "lr": 3e-3}
+
+
+def model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(cfg)
+"""
+
+
+@distributed
+@pytest.mark.torchrun
+def test_a_hugging_face_model_trains_under_fsdp_as_under_ddp(tmp_path):
+    """A transformers v5 GPT-2 (fx cannot trace it: its blocks are cut from the torch.export graph) under
+    ``mstc train --fsdp`` on 2 ranks: the masks and losses of the 2-rank DDP run of the same model file."""
+    pytest.importorskip("transformers")
+    f = write(tmp_path, "hf.py", HF_TINY)
+    run_two_ranks("_trainer_fsdp_worker.py", f, tmp_path / "ddp", "ddp", timeout=300)
+    run_two_ranks("_trainer_fsdp_worker.py", f, tmp_path / "fsdp", "fsdp", timeout=300)
+    ddp, fsdp = _summary(tmp_path / "ddp"), _summary(tmp_path / "fsdp")
+    assert fsdp["sharding"] == "fsdp2" and fsdp["world_size"] == 2 and fsdp["ranks_identical"] == {"masks": True, "mst_state": True}
+    assert abs(fsdp["val_loss"] - ddp["val_loss"]) <= 1e-4 and fsdp["final_densities"] == ddp["final_densities"]
+    assert _mask_diff(_last(tmp_path / "ddp"), _last(tmp_path / "fsdp")) == 0
+
+
 @distributed
 @pytest.mark.torchrun
 def test_two_rank_fsdp_run_split_in_two_equals_the_whole(tmp_path):
