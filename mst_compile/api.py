@@ -64,7 +64,8 @@ def sparsify(
     captured as its own rewritten GraphModule in its place, so ``sm.transformer.h[i]`` is rewritten block
     i and can be wrapped per block (activation checkpointing, ``torch.compile``, FSDP2's ``fully_shard``:
     docs/design.md §4; where fx cannot capture a block, ``torch.export`` does, given ``example_inputs``); a
-    model without such a list, or whose blocks neither captures, is captured whole (``sm.meta["mst_whole_why"]`` says why). A dotted path (``"transformer.h"``) names the list and
+    model without such a list, or whose blocks neither captures, is captured whole (``sm.meta["mst_whole_why"]``
+    says why). A dotted path (``"transformer.h"``) names the list and
     is refused rather than captured whole; ``None`` always captures one graph. The sites, masks and
     training are the same either way (docs/design.md §1, capture). Shard ``sm``, never ``model``: a
     sharded model is refused here.

@@ -2,7 +2,8 @@
 
 ``blocks="auto"`` (the default) captures per block where the model allows it: one ``nn.ModuleList`` of
 same-class blocks holding its weight matmuls, a forward that only calls them, and pieces that
-``torch.fx`` traces and sees inside, or that ``torch.export`` captures (given ``example_inputs``). Otherwise it falls back to whole-model capture and keeps why in
+``torch.fx`` traces and sees inside, or that ``torch.export`` captures (given ``example_inputs``).
+Otherwise it falls back to whole-model capture and keeps why in
 ``sm.meta[WHOLE_META]`` (``mstc inspect`` prints it); a named path never falls back, it is refused.
 
 Whole-model capture (``capture.py``) gives one graph that reads every weight directly, so nothing
@@ -207,11 +208,11 @@ def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,
         how = "export"
     results = {"": rewrite_graph(top, stride=stride, filter_fn=filter_fn, modules=dict(model.named_modules()),
                                  example_inputs=top.meta.get("example_inputs", example_inputs))}
-    for (name, gm), block, inputs in zip(pieces.items(), ml, inputs):
+    for (name, gm), block, seen in zip(pieces.items(), ml, inputs):
         def keep(module, fqn, name=name):
             return filter_fn(module, f"{name}.{fqn}" if fqn else name)
         results[name] = rewrite_graph(gm, stride=stride, filter_fn=filter_fn and keep,
-                                      modules=dict(block.named_modules()), example_inputs=inputs)
+                                      modules=dict(block.named_modules()), example_inputs=seen)
     lin_sites, att_sites = _merge_in_order(top, pieces, results)
     other = set().union(*(outside_reads(g, set(lin_sites)) for g in [top, *pieces.values()]))
     _set(top, path, nn.ModuleList(pieces.values()))  # the rewritten blocks in the children's places

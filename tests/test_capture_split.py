@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import hf_gpt2, hf_llama, tiny_gpt
-from test_capture_blocks import CFG, T, StockBlocks, _batches, _StockBlock
+from test_capture_blocks import CFG, StockBlocks, T, _batches, _StockBlock
 from torch import nn
 
 import mst_compile
