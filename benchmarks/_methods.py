@@ -71,6 +71,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("mst_lrd05_norest", "MST, LR x density^-0.5, no restoration",
            mst={"lr_density_power": 0.5, "sparsity": 0.83, "final_sparsity": 0.83},
            note="as density^-0.5, ultra density to the end at 83% (the FLOPs of the defaults' restoration moved into it)"),
+    Method("mst_lrd05_w0", "MST, LR x density^-0.5, sparse from step 0",
+           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.82},
+           note="as density^-0.5 without the dense warm-up: 82% from step 0 (the warm-up's FLOPs moved into the ultra phase)"),
     *(Method(f"mst_tile{b}", f"MST, {b}x{b} tiles", mst={"tile": b},
              note=f"the defaults with every mask constant on {b}x{b} tiles (the blocked kernel where it pays)")
       for b in (16, 32, 64)),
@@ -89,7 +92,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
-VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest", "mst_tile16", "mst_tile32", "mst_tile64")
+VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest", "mst_lrd05_w0", "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
 
