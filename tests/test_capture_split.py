@@ -141,3 +141,27 @@ def test_exported_attention_keeps_the_output_layout_later_views_rely_on(monkeypa
         mod.set_pattern(pattern)
     sm.train()
     _logits(sm(b[1][:, :-1])).sum().backward()
+
+
+def test_blocks_cut_from_an_export_take_checkpointing_and_compile():
+    """A Hugging Face GPT-2's exported blocks under torch's activation checkpointing wrapper, and compiled one by
+    one (Dynamo, eager backend): the losses, masks and ledger of whole-model capture."""
+    pytest.importorskip("transformers")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    ids = _batches(1)[0][:, :-1]
+    batches = _batches(12)
+    sm, whole = _pair(hf_gpt2, {"input_ids": ids})
+    blocks = set(sm.transformer.h)
+    apply_activation_checkpointing(sm, check_fn=lambda m: m in blocks)
+    assert type(sm.transformer.h[0]).__name__ == "CheckpointWrapper"
+    want = _train(whole, batches)
+    assert _train(sm, batches) == pytest.approx(want, abs=1e-6, rel=0)
+    for (n, m), (_, w) in zip(sm.mst.masks().items(), whole.mst.masks().items()):
+        assert torch.equal(m, w), n
+    sm, _ = _pair(hf_gpt2, {"input_ids": ids})
+    torch._dynamo.reset()
+    for block in sm.transformer.h:
+        block.compile(backend="eager")
+    assert _train(sm, batches) == pytest.approx(want, abs=1e-6, rel=0)
+    assert sm.mst.flops.as_dict() == whole.mst.flops.as_dict()
