@@ -204,7 +204,13 @@ def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,
     except CaptureError as e:
         if example_inputs is None:
             raise CaptureError(f"{e}: {_EXPORT}") from None
-        top, pieces, inputs = split_exported(model, path, ml, example_inputs)
+        try:
+            top, pieces, inputs = split_exported(model, path, ml, example_inputs)
+        except CaptureError:
+            raise
+        except Exception as e:  # a graph the cut does not foresee: whole-model capture still takes the model
+            raise CaptureError(f"sparsify: cutting {type(model).__name__}'s exported graph at its blocks {path!r} failed "
+                               f"({_first_line(e)}): {WHOLE}") from None
         how = "export"
     results = {"": rewrite_graph(top, stride=stride, filter_fn=filter_fn, modules=dict(model.named_modules()),
                                  example_inputs=top.meta.get("example_inputs", example_inputs))}
