@@ -165,3 +165,18 @@ def test_blocks_cut_from_an_export_take_checkpointing_and_compile():
         block.compile(backend="eager")
     assert _train(sm, batches) == pytest.approx(want, abs=1e-6, rel=0)
     assert sm.mst.flops.as_dict() == whole.mst.flops.as_dict()
+
+
+def test_an_unforeseen_failure_of_the_cut_falls_back_to_whole_capture(monkeypatch):
+    from mst_compile import capture_split
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(capture_split, "_cut", boom)
+    x = torch.randn(2, 3, 8)
+    sm = mst_compile.sparsify(StockBlocks(), example_inputs=(x,))
+    assert "mst_blocks" not in sm.meta and sm.meta["mst_whole_why"] == \
+        "cutting StockBlocks's exported graph at its blocks 'h' failed (RuntimeError: boom)"
+    with pytest.raises(CaptureError, match=r"failed \(RuntimeError: boom\): use blocks=None"):
+        mst_compile.sparsify(StockBlocks(), example_inputs=(x,), blocks="h")
