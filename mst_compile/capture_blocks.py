@@ -116,13 +116,9 @@ def _trace_top(model: nn.Module, path: str, ml: nn.ModuleList) -> fx.GraphModule
         raise CaptureError(f"sparsify: {type(model).__name__}'s forward never calls block {missing[0]!r}; per-block "
                            f"capture needs every block of {path!r} called")
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _set(gm, path, nn.ModuleList(nn.Module() for _ in ml))
+    gm.set_submodule(path, nn.ModuleList(nn.Module() for _ in ml))
     return gm
 
-
-def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _trace_block(block: nn.Module, name: str) -> fx.GraphModule:
@@ -221,7 +217,7 @@ def sparsify_blocks(model: nn.Module, blocks: Any, *, stride: int | None,
                                       modules=dict(block.named_modules()), example_inputs=seen)
     lin_sites, att_sites = _merge_in_order(top, pieces, results)
     other = set().union(*(outside_reads(g, set(lin_sites)) for g in [top, *pieces.values()]))
-    _set(top, path, nn.ModuleList(pieces.values()))  # the rewritten blocks in the children's places
+    top.set_submodule(path, nn.ModuleList(pieces.values()))  # the rewritten blocks in the children's places
     top.meta[BLOCKS_META] = path
     canonical = {id(p): n for n, p in reversed(list(top.named_parameters(remove_duplicate=False)))}
     for pid, site in lin_sites.items():

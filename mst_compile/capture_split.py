@@ -14,6 +14,7 @@ not hold.
 from __future__ import annotations
 
 import operator
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -40,9 +41,9 @@ def split_exported(model: nn.Module, path: str, ml: nn.ModuleList,
     _outside_blocks(top, model, names)
     top.graph.lint()
     top.recompile()
-    _set(top, path, nn.ModuleList(pieces.values()))
+    top.set_submodule(path, nn.ModuleList(pieces.values()))
     inputs = _piece_inputs(top, pieces)
-    _set(top, path, nn.ModuleList(nn.Module() for _ in ml))
+    top.set_submodule(path, nn.ModuleList(nn.Module() for _ in ml))
     return top, pieces, inputs
 
 
@@ -56,7 +57,7 @@ def _outside_blocks(top: fx.GraphModule, model: nn.Module, names: list[str]) -> 
         if not node.users:
             top.graph.erase_node(node)
         elif node.target.startswith(under):
-            name = outside.get(id(_attr(top, node.target)))
+            name = outside.get(id(attrgetter(node.target)(top)))
             if name is None:
                 block = next(n for n in names if node.target.startswith(n + "."))
                 raise CaptureError(f"sparsify: {type(model).__name__}'s forward reads {node.target!r} inside block "
@@ -78,17 +79,17 @@ def _block_of(node: fx.Node, names: set[str]) -> str | None:
 def _runs(top: fx.GraphModule, names: list[str], model: str) -> dict[str, list[fx.Node]]:
     """Each block's nodes, checked to be one run of consecutive computing nodes."""
     order = [n for n in top.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    owner = [_block_of(n, set(names)) if n.op == "call_function" else None for n in order]  # export's _guards_fn: top
+    blocks = set(names)
+    owner = [_block_of(n, blocks) if n.op == "call_function" else None for n in order]  # export's _guards_fn: top
     runs: dict[str, list[fx.Node]] = {n: [] for n in names}
     last: dict[str, int] = {}
     for i, (node, name) in enumerate(zip(order, owner)):
         if name is None:
             continue
         if name in last and last[name] != i - 1:
-            between = next(order[j] for j in range(last[name] + 1, i) if owner[j] != name)
-            k = order.index(between)
+            j = next(j for j in range(last[name] + 1, i) if owner[j] != name)
             raise CaptureError(f"sparsify: block {name!r} of {model} does not run as one piece in its exported graph (op "
-                               f"{between.name!r} of {owner[k] or 'the top level'} runs between its ops: a block called twice, "
+                               f"{order[j].name!r} of {owner[j] or 'the top level'} runs between its ops: a block called twice, "
                                f"or a forward that computes inside a block's run); per-block capture through torch.export "
                                f"needs each block to run once, in one piece: {WHOLE}")
         runs[name].append(node)
@@ -117,7 +118,7 @@ def _cut(top: fx.GraphModule, name: str, block: nn.Module, nodes: list[fx.Node])
     def arg(x: fx.Node) -> fx.Node:
         if x in env:
             return env[x]
-        value = _attr(top, x.target)  # a get_attr of the flat graph: the same tensor, by its name in the block
+        value = attrgetter(x.target)(top)  # a get_attr of the flat graph: the same tensor, by its name in the block
         local = held.get(id(value))
         if local is None and isinstance(value, nn.Parameter):
             raise CaptureError(f"sparsify: block {name!r} reads parameter {x.target!r}, which it does not hold; per-block "
@@ -161,14 +162,6 @@ def _order_like(module: nn.Module, like: nn.Module) -> None:
             _order_like(child, like._modules[name])
 
 
-def _attr(gm: nn.Module, target: str) -> Any:
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
-def _set(gm: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _piece_inputs(top: fx.GraphModule, pieces: dict[str, fx.GraphModule]) -> list:
