@@ -23,15 +23,12 @@ whole), the pieces come from the whole model's ``torch.export`` graph cut at the
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import fx, nn
 
-from .capture import inference, split_inputs
-from .capture_split import WHOLE, split_exported
+from .capture_split import WHOLE, block_inputs, split_exported
 from .constants import ATTENTION_CONTAINER, BLOCKS_META, SPARSE_CONTAINER
 from .errors import CaptureError
 from .passes import PassResult
@@ -136,37 +133,6 @@ def _trace_block(block: nn.Module, name: str) -> fx.GraphModule:
     return gm
 
 
-def _block_inputs(model: nn.Module, ml: nn.ModuleList, example_inputs: Any) -> list:
-    """Each block's inputs in one forward of ``example_inputs`` (what its attention masks are evaluated
-    on), in ``split_inputs``' form; ``None`` each without example inputs or when that forward fails."""
-    seen: list = [None] * len(ml)
-    if example_inputs is None:
-        return seen
-
-    def record(i: int):
-        def hook(mod, args, kwargs):
-            if seen[i] is None and not kwargs:
-                seen[i] = tuple(args)
-            elif seen[i] is None:  # by name, as the block's graph names its placeholders
-                sig = inspect.signature(mod.forward)
-                bound = sig.bind(*args, **kwargs).arguments
-                var = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-                seen[i] = {**{n: v for n, v in bound.items() if n != var}, **bound.get(var, {})}
-        return hook
-
-    hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(ml)]
-    args, kwargs = split_inputs(example_inputs)
-    try:
-        with torch.no_grad(), inference(model):
-            model(*args, **kwargs)
-    except Exception:  # the masks are then reported as not evaluated, as without example inputs
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def _walk(top: fx.GraphModule, pieces: dict[str, fx.GraphModule]):
     """``(graph module, node)`` in the order of the inlined graph: each block call is its block's nodes."""
     for node in top.graph.nodes:
@@ -239,7 +205,7 @@ def _capture_fx(model: nn.Module, path: str, ml: nn.ModuleList,
         if example_inputs is not None else []
     if hidden:  # torch.export sees inside them
         raise CaptureError(f"sparsify: weight {hidden[0].lstrip('.')!r} sits in a module torch.fx calls as a whole")
-    return top, pieces, _block_inputs(model, ml, example_inputs)
+    return top, pieces, block_inputs(model, ml, example_inputs)
 
 
 def _merge_in_order(top: fx.GraphModule, pieces: dict[str, fx.GraphModule],

@@ -13,6 +13,7 @@ not hold.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from operator import attrgetter
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import capture, split_inputs
+from .capture import capture, inference, split_inputs
 from .constants import SHAPES_META
 from .errors import CaptureError
 from .passes.attention import depends_on_data
@@ -42,7 +43,7 @@ def split_exported(model: nn.Module, path: str, ml: nn.ModuleList,
     top.graph.lint()
     top.recompile()
     top.set_submodule(path, nn.ModuleList(pieces.values()))
-    inputs = _piece_inputs(top, pieces)
+    inputs = block_inputs(top, top.get_submodule(path), top.meta["example_inputs"])
     top.set_submodule(path, nn.ModuleList(nn.Module() for _ in ml))
     return top, pieces, inputs
 
@@ -162,18 +163,32 @@ def _order_like(module: nn.Module, like: nn.Module) -> None:
             _order_like(child, like._modules[name])
 
 
+def block_inputs(model: nn.Module, ml: nn.ModuleList, example_inputs: Any) -> list:
+    """Each block's inputs in one forward of ``example_inputs`` (what its attention masks are evaluated
+    on), in ``split_inputs``' form; ``None`` each without example inputs or when that forward fails."""
+    seen: list = [None] * len(ml)
+    if example_inputs is None:
+        return seen
 
+    def record(i: int):
+        def hook(mod, args, kwargs):
+            if seen[i] is None and not kwargs:
+                seen[i] = tuple(args)
+            elif seen[i] is None:  # by name, as the block's graph names its placeholders
+                sig = inspect.signature(mod.forward)
+                bound = sig.bind(*args, **kwargs).arguments
+                var = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+                seen[i] = {**{n: v for n, v in bound.items() if n != var}, **bound.get(var, {})}
+        return hook
 
-def _piece_inputs(top: fx.GraphModule, pieces: dict[str, fx.GraphModule]) -> list:
-    """Each piece's positional inputs in one forward of the example the top was exported with."""
-    seen: dict[str, tuple] = {}
-    hooks = [p.register_forward_pre_hook(lambda _m, args, name=n: seen.setdefault(name, tuple(args)))
-             for n, p in pieces.items()]
-    args, kwargs = split_inputs(top.meta["example_inputs"])
+    hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(ml)]
+    args, kwargs = split_inputs(example_inputs)
     try:
-        with torch.no_grad():
-            top(*args, **kwargs)
+        with torch.no_grad(), inference(model):
+            model(*args, **kwargs)
+    except Exception:  # the masks are then reported as not evaluated, as without example inputs
+        pass
     finally:
         for h in hooks:
             h.remove()
-    return [seen.get(n) for n in pieces]
+    return seen
