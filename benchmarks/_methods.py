@@ -80,9 +80,6 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("mst_lrd05_w05", "MST, LR x density^-0.5, 5% warm-up",
            mst={"lr_density_power": 0.5, "warmup_end": 0.05, "sparsity": 0.835},
            note="as density^-0.5 with half the dense warm-up: 83.5% ultra (the other half's FLOPs moved into it)"),
-    Method("mst_lrd0625_w0", "MST, LR x density^-0.625, sparse from step 0",
-           mst={"lr_density_power": 0.625, "warmup_end": 0.0, "sparsity": 0.82},
-           note="as the sparse-from-step-0 variant with p between the screened 0.5 and 0.75"),
     *(Method(f"mst_tile{b}", f"MST, {b}x{b} tiles", mst={"tile": b},
              note=f"the defaults with every mask constant on {b}x{b} tiles (the blocked kernel where it pays)")
       for b in (16, 32, 64)),
@@ -102,7 +99,7 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
 VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0",
-            "mst_lrd05_norest", "mst_lrd05_w0", "mst_lrd075_w0", "mst_lrd05_w05", "mst_lrd0625_w0",
+            "mst_lrd05_norest", "mst_lrd05_w0", "mst_lrd075_w0", "mst_lrd05_w05",
             "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
