@@ -30,28 +30,42 @@ def test_power_law_fit_recovers_the_law_and_its_crossings():
 
 
 @pytest.mark.slow
-def test_quick_run_writes_the_map(tmp_path, monkeypatch):
+def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch):
     monkeypatch.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))  # the workers inherit it
     rg = _regime()
     doc = rg.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "runs"), "--jobs", "2"])
-    points = doc["setup"]["points"]
-    assert len(points) == 2
-    runs = {(r["point"], r["method"]): r for r in doc["runs"]}
-    assert set(runs) == {(p["name"], m) for p in points for m in rg.METHODS}
+    points, lrs, seeds = doc["setup"]["points"], doc["setup"]["lrs"], doc["setup"]["seeds"]
+    assert len(points) == 2 and lrs == [2e-3, 4e-3] and seeds == [0, 1]
+    runs = {(r["point"], r["method"], r["lr"], r["seed"]): r for r in doc["runs"]}
+    assert len(runs) == len(doc["runs"])  # no run twice
+    # the screen: every method of every point at every LR, first seed
+    assert {k for k in runs if k[3] == 0} == {(p["name"], m, lr, 0) for p in points for m in rg.METHODS for lr in lrs}
+    s = doc["summary"]
     for p in points:
-        dense, mst, eq = (runs[(p["name"], m)] for m in ("dense", "mst", "dense_eq"))
-        assert mst["mst_flops"] < dense["mst_flops"] and dense["mst_flops"] == pytest.approx(dense["dense_flops"])
-        assert eq["steps"] == rg.reproduce._equal_flops_steps(mst) < dense["steps"]  # sized by MST's ledger total
+        best = {m: min(lrs, key=lambda lr: runs[(p["name"], m, lr, 0)]["val_loss"]) for m in rg.METHODS}
+        # the second seed: each method once, at its own best LR of the screen (the sized ones too)
+        assert {k for k in runs if k[0] == p["name"] and k[3] == 1} == {(p["name"], m, best[m], 1) for m in rg.METHODS}
+        at = {(m, seed): runs[(p["name"], m, best[m], seed)] for m in rg.METHODS for seed in seeds}
+        for seed in seeds:
+            dense, mst, eq = at[("dense", seed)], at[("mst", seed)], at[("dense_eq", seed)]
+            assert mst["mst_flops"] < dense["mst_flops"] and dense["mst_flops"] == pytest.approx(dense["dense_flops"])
+            assert eq["steps"] == rg.reproduce._equal_flops_steps(mst) < dense["steps"]  # sized by MST's ledger total
+            avg = at[("dense_avg", seed)]  # the dense model of MST's average active parameter count
+            assert avg["steps"] == dense["steps"] and avg["params"] < dense["params"]
+            assert avg["params"] == pytest.approx(mst["avg_active_params"], rel=0.25)  # the nearest width of a tiny model
         assert p["tokens_per_param"] == pytest.approx(p["steps"] * 16 * 8 / p["params"])
-        avg = runs[(p["name"], "dense_avg")]  # the dense model of MST's average active parameter count
-        assert avg["steps"] == dense["steps"] and avg["params"] < dense["params"]
-        assert avg["params"] == pytest.approx(mst["avg_active_params"], rel=0.25)  # the nearest width of a tiny model
+        row = next(r for r in s["points"] if r["name"] == p["name"])
+        for m in ("mst", "paper", "dense_eq", "dense_avg"):  # the gap: each seed against dense's run of that seed
+            gaps = [100 * (at[(m, x)]["val_loss"] - at[("dense", x)]["val_loss"]) / at[("dense", x)]["val_loss"] for x in seeds]
+            assert row["runs"][m]["lr"] == best[m] and row["runs"][m]["gaps_pct"] == pytest.approx(gaps)
+            assert row["runs"][m]["gap_pct"] == pytest.approx(sum(gaps) / len(gaps))
+        vs = [at[("mst", x)]["val_loss"] / at[("dense_avg", x)]["val_loss"] - 1 for x in seeds]
+        assert row["mst_vs_dense_avg"]["gaps_pct"] == pytest.approx([100 * v for v in vs])
         from mst_compile.train.metrics import read_jsonl
 
-        lrs = {m: [x["lr"] for x in read_jsonl(Path(runs[(p["name"], m)]["out"]) / "metrics.jsonl") if x["kind"] == "train"]
-               for m in ("dense", "mst", "paper", "dense_avg")}
-        assert lrs["mst"] == lrs["dense"] == lrs["paper"] == lrs["dense_avg"]  # one learning-rate curve for every method
-    s = doc["summary"]
+        curves = {m: [x["lr"] for x in read_jsonl(Path(runs[(p["name"], m, lrs[0], 0)]["out"]) / "metrics.jsonl")
+                      if x["kind"] == "train"] for m in ("dense", "mst", "paper", "dense_avg")}
+        assert curves["mst"] == curves["dense"] == curves["paper"] == curves["dense_avg"]  # one learning-rate curve for all
     assert s["measured_range"] == [min(p["tokens_per_param"] for p in points), max(p["tokens_per_param"] for p in points)]
     for m in ("mst", "paper"):
         assert len(s["series"][m]["points"]) == 2
@@ -59,4 +73,4 @@ def test_quick_run_writes_the_map(tmp_path, monkeypatch):
     assert (out / "regime.png").stat().st_size > 0
     assert json.loads((out / "regime.json").read_text())["summary"] == json.loads(json.dumps(s))
     md = (out / "regime.md").read_text()
-    assert "tokens/param" in md and "MST defaults" in md and "paper preset" in md
+    assert "tokens/param" in md and "MST defaults" in md and "paper preset" in md and "seeds 0, 1" in md
