@@ -72,6 +72,12 @@ def _args(argv):
     return a
 
 
+def _shown(path) -> str:
+    """A path as the tables show it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def _safe_run(spec: dict) -> dict:
     """One run; a run that diverges is a result (an infinite loss), not the end of the benchmark, and
     one that fails otherwise is an error record, so the runs already finished are still saved."""
@@ -210,7 +216,7 @@ def confirm(a) -> dict:
     doc = _load(a.out / "results.json")
     lrs = {**doc.get("setup", {}).get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
     doc.update(command=_commands(doc, a.argv),
-               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": str(a.tuned),
+               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": _shown(a.tuned),
                       "data": base.data, "d": base.d, "n_layer": base.n_layer, "n_head": base.n_head,
                       "block_size": base.block_size, "batch_size": base.batch_size, "lr_decay": base.lr_decay,
                       "final_eval_iters": base.final_eval_iters, "predicted_mst_flops": predicted["mst_flops"],
