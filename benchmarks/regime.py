@@ -71,8 +71,20 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="run folders, a finished run is reused (default: runs/regime[-fixed])")
     p.add_argument("--package", action="store_true", help=f"also write the fit to {PACKAGE_MAP.relative_to(ROOT)} (shrink family)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: two tiny points, a few dozen steps")
+    p.add_argument("--widths", dest="only", default=None, metavar="W,...", help="only the family's points of these widths, e.g. 64,48 (default: all)")
     a = p.parse_args(argv)
     a.points, a.block, a.batch = (QUICK_POINTS, 16, 8) if a.quick else (FAMILIES[a.family], BLOCK, BATCH)
+    if a.only:
+        widths = sorted({pt[0] for pt in a.points})
+        try:
+            wanted = {int(x) for x in a.only.split(",") if x.strip()}
+        except ValueError:
+            wanted = set()
+        if not wanted or not wanted <= set(widths):
+            p.error(f"--widths {a.only}: expected some of {','.join(map(str, widths))} (the {a.family} family's widths)")
+        a.points = [pt for pt in a.points if pt[0] in wanted]
+        if a.package:
+            p.error("--package writes the whole map's fit for mstc plan; run every point (drop --widths)")
     a.lrs = a.lrs or ("2e-3,4e-3" if a.quick else "1e-3,2e-3,4e-3,8e-3")
     a.seeds = a.seeds or ("0,1" if a.quick else "0,1,2")
     try:
@@ -157,7 +169,7 @@ def run_all(a, points: list[dict]) -> list[dict]:
 
 def write(a, points: list[dict], results: list[dict], wall_s: float) -> dict:
     doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else "")
-           + ("" if a.family == "shrink" else f" --family {a.family}")
+           + ("" if a.family == "shrink" else f" --family {a.family}") + (f" --widths {a.only}" if a.only else "")
            + f" --lrs {','.join(f'{x:g}' for x in a.lrs)} --seeds {','.join(map(str, a.seeds))}",
            "setup": {"block": a.block, "batch": a.batch, "lrs": a.lrs, "lr_schedule": a.lr_schedule, "seeds": a.seeds,
                      "quick": a.quick,

@@ -29,6 +29,15 @@ def test_power_law_fit_recovers_the_law_and_its_crossings():
     assert rg.fit_power_law(xs, [-1.0, -2.0, 3.0, -1.0, -0.5]) is None  # one positive gap: no fit
 
 
+def test_widths_pick_points_and_refuse_unknown_ones(capsys):
+    rg = _regime()
+    assert [pt[0] for pt in rg._args(["--widths", "64,16"]).points] == [64, 16]
+    for bad in (["--widths", "65"], ["--widths", "x"], ["--widths", "64", "--package"]):
+        with pytest.raises(SystemExit):
+            rg._args(bad)
+    assert "--widths 65: expected some of 16,24,32,48,64" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch):
     monkeypatch.setenv("MST_COMPILE_CACHE", str(tmp_path / "cache"))  # the workers inherit it
