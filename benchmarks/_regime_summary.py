@@ -159,9 +159,11 @@ def markdown(doc: dict) -> str:
     for m, label in (("mst", "MST defaults"), ("paper", "paper preset")):
         f = s["series"][m]
         fit = f["fit"]
-        law = "no fit (fewer than two positive gaps)" if fit is None else f"gap ≈ {fit['a']:.3g} · r^({-fit['b']:+.3f})%"
-        lines.append(f"- {label}: {law} (fitted to the mean gaps); ≤ 5% gap {_where(f['within_5pct_at'], lo, hi)}; ≤ 1% gap "
-                     f"{_where(f['within_1pct_at'], lo, hi)}.")
+        if fit is None:
+            lines.append(f"- {label}: no fit (fewer than two points with a positive mean gap), so no crossing either.")
+            continue
+        lines.append(f"- {label}: gap ≈ {fit['a']:.3g} · r^({-fit['b']:+.3f})% (fitted to the mean gaps); ≤ 5% gap "
+                     f"{_where(f['within_5pct_at'], lo, hi)}; ≤ 1% gap {_where(f['within_1pct_at'], lo, hi)}.")
     lines += ["", f"Command: `{doc['command']}` ({doc['wall_s'] / 60:.0f} min).", ""]
     return "\n".join(lines)
 

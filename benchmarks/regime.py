@@ -94,7 +94,7 @@ def _args(argv=None) -> argparse.Namespace:
         p.error(f"--lrs {a.lrs!r} / --seeds {a.seeds!r}: expected comma-separated numbers, e.g. --lrs 1e-3,2e-3 --seeds 0,1,2")
     if not a.lrs or not a.seeds or min(a.lrs) <= 0:
         p.error("--lrs and --seeds need at least one value each, the learning rates above 0")
-    suffix = "" if a.family == "shrink" else f"-{a.family}"
+    suffix = ("" if a.family == "shrink" else f"-{a.family}") + (f"-w{a.only.replace(',', '-')}" if a.only else "")  # a subset never overwrites the map
     a.work = Path(a.work or ROOT / "runs" / f"regime{suffix}")
     a.out = Path(a.out or ROOT / "benchmarks" / "results" / f"regime{suffix}")
     return a
