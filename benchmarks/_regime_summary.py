@@ -135,7 +135,8 @@ def markdown(doc: dict) -> str:
     lrs = setup.get("lrs", [setup.get("lr")])
     family = " one model trained longer," if "--family fixed" in doc["command"] else ""
     tuned = (f"each method at its own best peak LR of {', '.join(f'{x:g}' for x in lrs)} per point (picked at seed "
-             f"{seeds[0]}; † marks a best at the grid's edge)" if len(lrs) > 1 else f"lr {lrs[0]:g} (not tuned)")
+             f"{seeds[0]}; a best at the grid's edge got an octave more, until inside; † marks one still at the edge)"
+             if len(lrs) > 1 else f"lr {lrs[0]:g} (not tuned)")
     seeded = (f"seeds {', '.join(map(str, seeds))}: mean val loss, mean gap to dense paired by seed [its range]"
               if len(seeds) > 1 else f"seed {seeds[0]}")
     lines = [f"### When does MST pay off? ({family} built-in corpus)".replace("( ", "(") + (" (quick smoke run)" if setup["quick"] else ""), "",

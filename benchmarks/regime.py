@@ -20,7 +20,8 @@ evaluation train:
 
 The fair rules of ``fair.py``: every run on the same learning-rate curve (``--lr-schedule``, WSD by
 default, decaying over the last 20% of each run); every method of every point tries each peak LR of
-``--lrs`` at the first seed of ``--seeds`` (the same budget for all) and runs at its best one at the
+``--lrs`` at the first seed of ``--seeds`` (the same budget for all; a method whose best is the grid's
+largest or smallest LR gets an octave more, until its best is inside) and runs at its best one at the
 other seeds; gaps are paired by seed, and a method is said to end below another only where it does at
 every seed.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -129,7 +131,14 @@ def _run(spec: dict) -> dict:
             method = reproduce.METHODS[spec["method"]]
             cfg = reproduce.mst_config(method, spec["steps"], None, {}, None)
             return {**reproduce.final_record(spec, cfg, summary), "point": spec["point"]}
-    return {**reproduce.run_one(spec), "point": spec["point"]}
+    from mst_compile.train.loop import TrainingDiverged
+
+    try:
+        return {**reproduce.run_one(spec), "point": spec["point"]}
+    except TrainingDiverged as e:  # a diverged run is a result (an infinite loss), not the end of the map
+        return {k: spec[k] for k in ("name", "method", "d", "lr", "seed", "steps", "point")} | {
+            "val_loss": math.inf, "mst_flops": math.nan, "dense_flops": math.nan, "wall_s": 0.0, "final_density": math.nan,
+            "diverged": str(e).splitlines()[0]}
 
 
 def run_all(a, points: list[dict]) -> list[dict]:
@@ -143,14 +152,19 @@ def run_all(a, points: list[dict]) -> list[dict]:
     longest = sorted(points, key=lambda p: -p["steps"])
     results, t0 = [], time.time()
 
-    def pool(specs: list[dict], lr_of) -> None:
-        def sized(s: dict, r: dict) -> list[dict]:  # the dense models on MST's FLOPs and of its average size, once known
-            if s["method"] != "mst":
+    def sized_spec(p: dict, mst: dict, method: str, lr: float, seed: int) -> dict:
+        """The dense model on MST's FLOPs or of its average size, sized by an MST run of point ``p``."""
+        if method == "dense_eq":
+            return _spec(a, p, "dense_eq", reproduce._equal_flops_steps(mst), lr, seed)
+        width, heads = _frontier.width_for_params(mst["avg_active_params"], p["n_layer"], p["n_head"], a.block)
+        return _spec(a, {**p, "d": width, "n_head": heads}, "dense_avg", p["steps"], lr, seed)
+
+    def pool(specs: list[dict], lr_of=None) -> None:
+        def sized(s: dict, r: dict) -> list[dict]:  # the sized baselines follow each MST run, once its ledger is known
+            if lr_of is None or s["method"] != "mst" or "diverged" in r:
                 return []
             p = by_name[s["point"]]
-            width, heads = _frontier.width_for_params(r["avg_active_params"], p["n_layer"], p["n_head"], a.block)
-            return [_spec(a, p, "dense_eq", reproduce._equal_flops_steps(r), lr_of(p, "dense_eq", s["lr"]), s["seed"]),
-                    _spec(a, {**p, "d": width, "n_head": heads}, "dense_avg", p["steps"], lr_of(p, "dense_avg", s["lr"]), s["seed"])]
+            return [sized_spec(p, r, m, lr_of(p, m, s["lr"]), s["seed"]) for m in ("dense_eq", "dense_avg")]
 
         for _, r in reproduce.run_pool(specs, a.jobs, _run, sized):
             results.append(r)
@@ -159,6 +173,18 @@ def run_all(a, points: list[dict]) -> list[dict]:
     # 1. the screen: every method at every LR, first seed (the sized baselines at the LR of the MST run they follow)
     pool([_spec(a, p, m, p["steps"], lr, a.seeds[0]) for p in longest for lr in a.lrs for m in ("mst", "paper", "dense")],
          lambda p, m, lr: lr)
+    # fair.py's rule: a method whose best is the largest (smallest) LR it tried gets twice (half) that LR, until inside
+    while edges := [(key, c) for key, c in chosen_runs(results).items() if c["edge"] and math.isfinite(c["screen"][c["lr"]])]:
+        specs = []
+        for (name, m), c in edges:
+            tried, p = sorted(c["screen"]), by_name[name]
+            lr = 2 * tried[-1] if c["lr"] == tried[-1] else tried[0] / 2
+            if m in ("dense_eq", "dense_avg"):
+                mst = next(r for r in results if r["point"] == name and r["method"] == "mst" and "diverged" not in r)
+                specs.append(sized_spec(p, mst, m, lr, a.seeds[0]))
+            else:
+                specs.append(_spec(a, p, m, p["steps"], lr, a.seeds[0]))
+        pool(specs)
     # 2. the other seeds, each method at its own best LR
     best = {key: c["lr"] for key, c in chosen_runs(results).items()}
     if a.seeds[1:]:

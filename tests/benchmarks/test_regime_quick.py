@@ -47,11 +47,17 @@ def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch)
     assert len(points) == 2 and lrs == [2e-3, 4e-3] and seeds == [0, 1]
     runs = {(r["point"], r["method"], r["lr"], r["seed"]): r for r in doc["runs"]}
     assert len(runs) == len(doc["runs"])  # no run twice
-    # the screen: every method of every point at every LR, first seed
-    assert {k for k in runs if k[3] == 0} == {(p["name"], m, lr, 0) for p in points for m in rg.METHODS for lr in lrs}
+    # the screen: every method of every point at every LR of the grid, first seed, and an octave beyond it
+    # while its best is the largest (smallest) LR it tried (fair.py's rule)
+    screen = {k for k in runs if k[3] == 0}
+    assert screen >= {(p["name"], m, lr, 0) for p in points for m in rg.METHODS for lr in lrs}
     s = doc["summary"]
     for p in points:
-        best = {m: min(lrs, key=lambda lr: runs[(p["name"], m, lr, 0)]["val_loss"]) for m in rg.METHODS}
+        tried = {m: sorted(k[2] for k in screen if k[:2] == (p["name"], m)) for m in rg.METHODS}
+        best = {m: min(tried[m], key=lambda lr: runs[(p["name"], m, lr, 0)]["val_loss"]) for m in rg.METHODS}
+        for m in rg.METHODS:
+            assert all(b == pytest.approx(2 * a) for a, b in zip(tried[m], tried[m][1:]))  # octaves, no gap
+            assert tried[m][0] < best[m] < tried[m][-1]  # every best inside what its method tried
         # the second seed: each method once, at its own best LR of the screen (the sized ones too)
         assert {k for k in runs if k[0] == p["name"] and k[3] == 1} == {(p["name"], m, best[m], 1) for m in rg.METHODS}
         at = {(m, seed): runs[(p["name"], m, best[m], seed)] for m in rg.METHODS for seed in seeds}
