@@ -88,12 +88,10 @@ def summarize(points: list[dict], results: list[dict]) -> dict:
                               "reduction": None if d0 is None else d0["mst_flops"] / runs[0]["mst_flops"]}
             if gaps and m in series:
                 series[m].append((p["tokens_per_param"], _mean(gaps), row["runs"][m]["reduction"]))
-        mst, avg = row["runs"].get("mst"), row["runs"].get("dense_avg")
+        mst, avg = chosen.get((p["name"], "mst")), chosen.get((p["name"], "dense_avg"))
         if mst and avg:  # MST against the dense model of its average size, seed by seed
-            both = [s for s in mst["seeds"] if s in avg["seeds"]]
-            vs = [100.0 * (chosen[(p["name"], "mst")]["by_seed"][s]["val_loss"]
-                           - chosen[(p["name"], "dense_avg")]["by_seed"][s]["val_loss"])
-                  / chosen[(p["name"], "dense_avg")]["by_seed"][s]["val_loss"] for s in both]
+            both = sorted(set(mst["by_seed"]) & set(avg["by_seed"]))
+            vs = [gap_pct(mst["by_seed"][s], avg["by_seed"][s]) for s in both]
             row["mst_vs_dense_avg"] = {"seeds": both, "gaps_pct": vs, "verdict": _verdict(vs) if vs else None}
         rows.append(row)
     lo = min(p["tokens_per_param"] for p in points)
