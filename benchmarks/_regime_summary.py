@@ -206,13 +206,21 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def package_map(doc: dict) -> dict:
-    """The part ``mstc plan`` reads: per MST config (defaults, paper) the fit and the measured points."""
+    """The part ``mstc plan`` reads: per MST config (defaults, paper) the fit and the measured points, and the
+    defaults against the dense model of their average size by seed."""
     s, setup = doc["summary"], doc["setup"]
-    return {"source": doc["command"], "corpus": "built-in (Python standard library, bytes)",
-            "rules": {"lr_schedule": setup.get("lr_schedule"), "lrs": setup.get("lrs", [setup.get("lr")]),
-                      "seeds": setup.get("seeds", [setup.get("seed", 0)])},
-            "measured_range": s["measured_range"],
-            "configs": {name: {"fit": s["series"][m]["fit"], "points": s["series"][m]["points"],
-                               "within_5pct_at": s["series"][m]["within_5pct_at"],
-                               "within_1pct_at": s["series"][m]["within_1pct_at"]}
-                        for name, m in (("default", "mst"), ("paper", "paper"))}}
+    out = {"source": doc["command"], "corpus": "built-in (Python standard library, bytes)",
+           "rules": {"lr_schedule": setup.get("lr_schedule"), "lrs": setup.get("lrs", [setup.get("lr")]),
+                     "seeds": setup.get("seeds", [setup.get("seed", 0)])},
+           "measured_range": s["measured_range"],
+           "configs": {name: {"fit": s["series"][m]["fit"], "points": s["series"][m]["points"],
+                              "within_5pct_at": s["series"][m]["within_5pct_at"],
+                              "within_1pct_at": s["series"][m]["within_1pct_at"]}
+                       for name, m in (("default", "mst"), ("paper", "paper"))}}
+    # the defaults against the dense model of their average size, point by point (what `mstc plan` says to train instead)
+    out["configs"]["default"]["vs_dense_avg"] = [
+        {"tokens_per_param": p["tokens_per_param"], "dense_avg_params": p["runs"]["dense_avg"]["params"],
+         "dense_avg_reduction": p["runs"]["dense_avg"]["reduction"],
+         "gaps_pct": p["mst_vs_dense_avg"]["gaps_pct"], "verdict": p["mst_vs_dense_avg"]["verdict"]}
+        for p in s["points"] if p.get("mst_vs_dense_avg", {}).get("gaps_pct") and "dense_avg" in p["runs"]]
+    return out

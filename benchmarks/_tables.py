@@ -11,6 +11,13 @@ REDUCTION_BAR = 4.0  # MST must cut training FLOPs at least this much, and then 
 EQ_BAR = 20.0  # ... end at least this many % below the same dense model trained for MST's FLOPs,
 GAP_BAR = 20.0  # ... within this many % of the full dense run (a target),
 PUBLISHED_GAP = 1.0  # (the published claim: within 1%)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shown_path(path) -> str:
+    """A path as the tables and recorded commands show it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 
 def _find(results: list[dict], method: str, d: int) -> dict | None:

@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import reproduce
 from _fair_tables import confirm_markdown, pick, tune_markdown
+from _tables import shown_path
 
 RESULTS = ROOT / "benchmarks" / "results" / "fair"
 HELD_OUT = "/usr/include/c++"  # chosen before any run: a language and library this project never trained on
@@ -70,12 +71,6 @@ def _args(argv):
     a.base = reproduce._args(["--steps", str(a.steps), "--widths", "", "--methods", ",".join(a.methods), "--work", a.work,
                               "--jobs", str(a.jobs), *(["--data", a.data or HELD_OUT] if a.what == "confirm" else []), *rest])
     return a
-
-
-def _shown(path) -> str:
-    """A path as the tables show it: relative to the repository when inside it."""
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 
 def _safe_run(spec: dict) -> dict:
@@ -216,7 +211,7 @@ def confirm(a) -> dict:
     doc = _load(a.out / "results.json")
     lrs = {**doc.get("setup", {}).get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
     doc.update(command=_commands(doc, a.argv),
-               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": _shown(a.tuned),
+               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": shown_path(a.tuned),
                       "data": base.data, "d": base.d, "n_layer": base.n_layer, "n_head": base.n_head,
                       "block_size": base.block_size, "batch_size": base.batch_size, "lr_decay": base.lr_decay,
                       "final_eval_iters": base.final_eval_iters, "predicted_mst_flops": predicted["mst_flops"],

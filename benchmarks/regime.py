@@ -47,6 +47,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import _frontier  # noqa: E402
 import reproduce  # noqa: E402
 from _regime_summary import chosen_runs, crossing, fit_power_law, markdown, package_map, plot, summarize  # noqa: E402, F401
+from _tables import shown_path  # noqa: E402
 
 PACKAGE_MAP = ROOT / "mst_compile" / "regime_map.json"
 BLOCK, BATCH = 64, 64  # 4096 tokens per step at every point
@@ -98,7 +99,9 @@ def _args(argv=None) -> argparse.Namespace:
         p.error("--lrs and --seeds need at least one value each, the learning rates above 0")
     suffix = ("" if a.family == "shrink" else f"-{a.family}") + (f"-w{a.only.replace(',', '-')}" if a.only else "")  # a subset never overwrites the map
     a.work = Path(a.work or ROOT / "runs" / f"regime{suffix}")
-    a.out = Path(a.out or ROOT / "benchmarks" / "results" / f"regime{suffix}")
+    default_out = ROOT / "benchmarks" / "results" / f"regime{suffix}"
+    a.out_flag = "" if a.out is None or Path(a.out).resolve() == default_out else f" --out {shown_path(a.out)}"
+    a.out = Path(a.out or default_out)
     return a
 
 
@@ -195,7 +198,7 @@ def run_all(a, points: list[dict]) -> list[dict]:
 
 def write(a, points: list[dict], results: list[dict], wall_s: float) -> dict:
     doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else "")
-           + ("" if a.family == "shrink" else f" --family {a.family}") + (f" --widths {a.only}" if a.only else "")
+           + ("" if a.family == "shrink" else f" --family {a.family}") + (f" --widths {a.only}" if a.only else "") + a.out_flag
            + f" --lrs {','.join(f'{x:g}' for x in a.lrs)} --seeds {','.join(map(str, a.seeds))}",
            "setup": {"block": a.block, "batch": a.batch, "lrs": a.lrs, "lr_schedule": a.lr_schedule, "seeds": a.seeds,
                      "quick": a.quick,

@@ -1,7 +1,8 @@
 """The regime map: MST's gap to dense across training tokens per parameter, as ``benchmarks/regime.py
 --package`` fitted it (``regime_map.json``). ``mstc plan`` reads the expected gap of a run off it
-(``expected_gap``), and ``mstc train`` prints a note at start for a run where MST ends far from dense
-(``regime_note``).
+(``expected_gap``) and how the defaults fared against the dense model of their average size nearby
+(``versus_dense_avg``); ``mstc train`` prints a note at start for a run where MST ends far from dense or
+where that smaller dense model ended below it (``regime_note``).
 """
 from __future__ import annotations
 
@@ -21,13 +22,44 @@ def regime_map() -> dict | None:
     return json.loads(text)
 
 
-def _series_for(config: MSTConfig) -> tuple[str, str]:
-    """Which measured config of the map this one is (ignoring ΔT), and a note."""
+def _measured(config: MSTConfig) -> str | None:
+    """Which measured config of the map this one is (ignoring ΔT), None for neither."""
     neutral = dict(update_interval=None)
-    for name in ("default", "paper"):
-        if config.replace(**neutral) == MSTConfig(**{**PRESETS[name], **neutral}):
-            return name, f"this config is the {name} one"
-    return "default", "this config differs from both measured ones; read off the defaults' curve"
+    return next((name for name in ("default", "paper")
+                 if config.replace(**neutral) == MSTConfig(**{**PRESETS[name], **neutral})), None)
+
+
+def _series_for(config: MSTConfig) -> tuple[str, str]:
+    """The map's series to read for this config, and a note."""
+    name = _measured(config)
+    if name is None:
+        return "default", "this config differs from both measured ones; read off the defaults' curve"
+    return name, f"this config is the {name} one"
+
+
+def _nearest(points: list[dict], tokens_per_param: float) -> dict | None:
+    return min(points, key=lambda p: abs(math.log(p["tokens_per_param"] / tokens_per_param))) if points else None
+
+
+def versus_dense_avg(config: MSTConfig, tokens_per_param: float) -> dict | None:
+    """The map's measured point nearest ``tokens_per_param`` where the defaults met the dense model of
+    their average size: ``tokens_per_param``, ``dense_avg_params``, ``dense_avg_reduction``, MST's gap to
+    it by seed (``gaps_pct``, % of its loss) and the ``verdict`` (above / below / mixed). None for a
+    config other than the defaults (the map ran that comparison for them only) or a map without it."""
+    m = regime_map()
+    if m is None or _measured(config) != "default":
+        return None
+    return _nearest(m["configs"]["default"].get("vs_dense_avg", []), tokens_per_param)
+
+
+def versus_text(v: dict) -> str:
+    """One clause on a ``versus_dense_avg`` point, for `mstc plan` and the start-of-run note."""
+    seeds = " / ".join(f"{g:+.1f}%" for g in v["gaps_pct"])
+    where = {"above": "the dense model of MST's average size ended below MST at every seed",
+             "below": "MST ended below the dense model of its average size at every seed",
+             "mixed": "MST and the dense model of its average size came out mixed across seeds"}[v["verdict"]]
+    return (f"at {v['tokens_per_param']:,.0f} tokens/param on the map, {where} (MST {seeds}; that model: "
+            f"{v['dense_avg_params']:,} parameters, {v['dense_avg_reduction']:.1f}x fewer FLOPs than dense)")
 
 
 def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | None, bool, dict]:
@@ -39,7 +71,8 @@ def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | No
     fit = m["configs"][series]["fit"]
     lo, hi = m["measured_range"]
     info = {"series": series, "measured_range": [lo, hi], "fit": fit, "note": note,
-            "within_5pct_at": m["configs"][series]["within_5pct_at"], "source": m["source"]}
+            "within_5pct_at": m["configs"][series]["within_5pct_at"], "source": m["source"],
+            "vs_dense_avg": versus_dense_avg(config, tokens_per_param)}
     if fit is None:
         return None, True, {**info, "note": "the map has no fit for this config"}
     return fit["a"] * tokens_per_param ** (-fit["b"]), not lo <= tokens_per_param <= hi, info
@@ -47,16 +80,21 @@ def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | No
 
 def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
     """The note ``mstc train`` prints at start for a run below the tokens/param where the regime map
-    found MST within 5% of dense (None when it is not, or when there is no map)."""
+    found MST within 5% of dense, or near a point where the dense model of MST's average size ended
+    below it at every seed (None when neither, or when there is no map)."""
     m = regime_map()
     if m is None:
         return None
     series, _ = _series_for(config)
     c = m["configs"][series]
     x5, pts = c["within_5pct_at"], c["points"]
+    vs = versus_dense_avg(config, tokens_per_param)
+    smaller = "" if vs is None or vs["verdict"] != "above" else f"; {versus_text(vs)}: train that model instead"
+    ratio = f"{tokens_per_param:,.1f}" if tokens_per_param >= 1 else f"{tokens_per_param:.2g}"
     if x5 is not None and tokens_per_param >= x5:
-        return None
-    near = min(pts, key=lambda p: abs(math.log(p["tokens_per_param"] / tokens_per_param))) if pts else None
+        return None if not smaller else (f"this run trains {ratio} tokens per parameter{smaller}. "
+                                         "`mstc plan` shows the expected gap for a budget")
+    near = _nearest(pts, tokens_per_param)
     seen = "" if near is None else (f" (measured: {near['gap_pct']:+.1f}% at {near['tokens_per_param']:,.0f} tokens/param, "
                                     f"{near['reduction']:.1f}x fewer FLOPs)")
     lo, hi = m["measured_range"]
@@ -64,7 +102,6 @@ def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
              f"{lo:,.0f}-{hi:,.0f} tokens/param" if x5 is None else
              f"it comes within 5% of dense from about {x5:,.0f} tokens/param"
              + ("" if lo <= x5 <= hi else f" (extrapolated beyond the measured {lo:,.0f}-{hi:,.0f})"))
-    ratio = f"{tokens_per_param:,.1f}" if tokens_per_param >= 1 else f"{tokens_per_param:.2g}"
     return (f"this run trains {ratio} tokens per parameter; on the regime map (benchmarks/regime.py) MST "
-            f"with the {series} config ends further from dense at this ratio{seen}: {where}. "
+            f"with the {series} config ends further from dense at this ratio{seen}: {where}{smaller}. "
             "`mstc plan` shows the expected gap for a budget")

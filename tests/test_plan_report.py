@@ -33,6 +33,19 @@ def test_render_estimated():
     assert "about 400 parameters" in text
     assert "EXTRAPOLATED" in _plan(extrapolated=True).render()
     assert "expected gap      unknown (no map here)" in _plan(expected_gap=None, regime={"note": "no map here"}).render()
+    assert "fair benchmark that model ended below MST" in text  # no measured point: the README's comparison
+
+
+def test_render_the_average_size_dense_model_from_the_map():
+    vs = {"tokens_per_param": 16.0, "dense_avg_params": 28560, "dense_avg_reduction": 4.2, "gaps_pct": [4.0, 5.4, 3.6],
+          "verdict": "above"}
+    regime = {"measured_range": [10, 1000], "series": "default", "note": "n", "vs_dense_avg": vs}
+    text = " ".join(_plan(regime=regime).render().split())  # the text is wrapped
+    assert "Regime map: at 16 tokens/param on the map, the dense model of MST's average size ended below MST at every seed" in text
+    assert "(MST +4.0% / +5.4% / +3.6%; that model: 28,560 parameters, 4.2x fewer FLOPs than dense)" in text
+    assert "Train it instead" in text and "fair benchmark" not in text
+    mixed = " ".join(_plan(regime={**regime, "vs_dense_avg": {**vs, "verdict": "mixed"}}).render().split())
+    assert "came out mixed across seeds" in mixed and "Train it instead" not in mixed
 
 
 def test_render_timed_here():

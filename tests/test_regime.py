@@ -7,7 +7,11 @@ from mst_compile import MSTConfig, regime
 MAP = {"source": "test", "corpus": "test", "measured_range": [10.0, 1000.0], "configs": {
     "default": {"fit": {"a": 50.0, "b": 0.5}, "within_5pct_at": 100.0,
                 "points": [{"tokens_per_param": 10.0, "gap_pct": 15.8, "reduction": 2.0},
-                           {"tokens_per_param": 1000.0, "gap_pct": 1.6, "reduction": 2.5}]},
+                           {"tokens_per_param": 1000.0, "gap_pct": 1.6, "reduction": 2.5}],
+                "vs_dense_avg": [{"tokens_per_param": 10.0, "dense_avg_params": 2500, "dense_avg_reduction": 2.1,
+                                  "gaps_pct": [4.0, 5.5, 3.5], "verdict": "above"},
+                                 {"tokens_per_param": 100.0, "dense_avg_params": 900, "dense_avg_reduction": 2.4,
+                                  "gaps_pct": [-1.0, 0.5], "verdict": "mixed"}]},
     "paper": {"fit": None, "within_5pct_at": None, "points": []}}}
 
 
@@ -38,6 +42,33 @@ def test_the_note_only_below_the_five_percent_point(fake_map):
     assert note.startswith("this run trains 12.0 tokens per parameter")
     assert "+15.8% at 10 tokens/param, 2.0x fewer FLOPs" in note  # the nearest measured point
     assert "within 5% of dense from about 100 tokens/param" in note and "extrapolated" not in note
+
+
+def test_the_average_size_dense_model_nearby(fake_map):
+    v = regime.versus_dense_avg(MSTConfig(update_interval=7), 30.0)  # nearer 10 than 100 in log space
+    assert v["tokens_per_param"] == 10.0 and v["verdict"] == "above"
+    assert regime.versus_dense_avg(MSTConfig(), 500.0)["verdict"] == "mixed"  # beyond the last point: the last
+    # measured for the defaults only: none for the paper preset or another config
+    assert regime.versus_dense_avg(MSTConfig.preset("paper"), 50.0) is None
+    assert regime.versus_dense_avg(MSTConfig(sparsity=0.5), 50.0) is None
+    text = regime.versus_text(v)
+    assert "dense model of MST's average size ended below MST at every seed (MST +4.0% / +5.5% / +3.5%" in text
+    assert "2,500 parameters, 2.1x fewer FLOPs than dense" in text
+
+
+def test_the_note_says_to_train_the_smaller_dense_model_where_it_won(fake_map, monkeypatch):
+    note = regime.regime_note(MSTConfig(), 12.0)  # far from dense and beaten by the average-size model
+    assert "train that model instead" in note and "+15.8% at 10 tokens/param" in note
+    assert regime.regime_note(MSTConfig(sparsity=0.5), 12.0) is not None  # the gap note without the comparison
+    assert "train that model instead" not in regime.regime_note(MSTConfig(sparsity=0.5), 12.0)
+    # within 5% of dense: a note only where the average-size model ended below MST at every seed
+    won = {**MAP, "configs": {**MAP["configs"], "default": {**MAP["configs"]["default"], "vs_dense_avg": [
+        {**MAP["configs"]["default"]["vs_dense_avg"][1], "gaps_pct": [1.0, 0.5], "verdict": "above"}]}}}
+    monkeypatch.setattr(regime, "regime_map", lambda: won)
+    note = regime.regime_note(MSTConfig(), 500.0)
+    assert note.startswith("this run trains 500.0 tokens per parameter; at 100 tokens/param on the map") and "instead" in note
+    monkeypatch.setattr(regime, "regime_map", lambda: MAP)  # mixed there: no note
+    assert regime.regime_note(MSTConfig(), 500.0) is None
 
 
 def test_the_shipped_map_reads():

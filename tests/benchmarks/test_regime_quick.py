@@ -81,6 +81,10 @@ def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch)
         curves = {m: [x["lr"] for x in read_jsonl(Path(runs[(p["name"], m, lrs[0], 0)]["out"]) / "metrics.jsonl")
                       if x["kind"] == "train"] for m in ("dense", "mst", "paper", "dense_avg")}
         assert curves["mst"] == curves["dense"] == curves["paper"] == curves["dense_avg"]  # one learning-rate curve for all
+        vs_pkg = next(v for v in rg.package_map(doc)["configs"]["default"]["vs_dense_avg"]  # what mstc plan reads
+                      if v["tokens_per_param"] == p["tokens_per_param"])
+        assert vs_pkg["gaps_pct"] == pytest.approx([100 * v for v in vs]) and vs_pkg["dense_avg_params"] == at[("dense_avg", 0)]["params"]
+        assert vs_pkg["verdict"] == ("above" if min(vs) > 0 else "below" if max(vs) < 0 else "mixed")
     assert s["measured_range"] == [min(p["tokens_per_param"] for p in points), max(p["tokens_per_param"] for p in points)]
     for m in ("mst", "paper"):
         assert len(s["series"][m]["points"]) == 2
