@@ -30,11 +30,16 @@ def fit_power_law(xs: list[float], gaps: list[float]) -> dict | None:
     return {"a": math.exp(my - slope * mx), "b": -slope, "points": len(pts)}
 
 
+CROSSING_LIMIT = 1e9  # tokens/param beyond which a crossing is "not reached", not a number
+
+
 def crossing(fit: dict | None, gap: float) -> float | None:
-    """The tokens/param where the fitted gap falls to ``gap`` (%), None when the fit does not fall."""
+    """The tokens/param where the fitted gap falls to ``gap`` (%), None when the fit does not fall or
+    falls so slowly that it would cross beyond ``CROSSING_LIMIT`` (a nearly flat fit: overflow)."""
     if fit is None or fit["b"] <= 0:
         return None
-    return (fit["a"] / gap) ** (1.0 / fit["b"])
+    log_x = math.log(fit["a"] / gap) / fit["b"]
+    return None if log_x > math.log(CROSSING_LIMIT) else math.exp(log_x)
 
 
 def chosen_runs(results: list[dict]) -> dict[tuple[str, str], dict]:
@@ -109,9 +114,10 @@ def _r(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
-def _where(x: float | None, lo: float, hi: float) -> str:
+def _where(x: float | None, lo: float, hi: float, fit: dict) -> str:
     if x is None:
-        return "is not reached (the fitted gap grows with tokens/param)"
+        return ("is not reached (the fitted gap grows with tokens/param)" if fit["b"] <= 0 else
+                f"is not reached (the fitted gap falls too slowly: not before {CROSSING_LIMIT:.0e} tokens/param)")
     where = "inside" if lo <= x <= hi else "outside (extrapolated from)"
     return f"≈ {_r(x)} tokens/param, {where} the measured range"
 
@@ -162,7 +168,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"- {label}: no fit (fewer than two points with a positive mean gap), so no crossing either.")
             continue
         lines.append(f"- {label}: gap ≈ {fit['a']:.3g} · r^({-fit['b']:+.3f})% (fitted to the mean gaps); ≤ 5% gap "
-                     f"{_where(f['within_5pct_at'], lo, hi)}; ≤ 1% gap {_where(f['within_1pct_at'], lo, hi)}.")
+                     f"{_where(f['within_5pct_at'], lo, hi, fit)}; ≤ 1% gap {_where(f['within_1pct_at'], lo, hi, fit)}.")
     lines += ["", f"Command: `{doc['command']}` ({doc['wall_s'] / 60:.0f} min).", ""]
     return "\n".join(lines)
 

@@ -27,6 +27,11 @@ def test_power_law_fit_recovers_the_law_and_its_crossings():
     rising = rg.fit_power_law(xs, [1.0 * x ** 0.2 for x in xs])
     assert rising["b"] == pytest.approx(-0.2) and rg.crossing(rising, 5.0) is None  # a gap that grows never crosses
     assert rg.fit_power_law(xs, [-1.0, -2.0, 3.0, -1.0, -0.5]) is None  # one positive gap: no fit
+    flat = {"a": 20.0, "b": 1e-4, "points": 5}  # falls, but would cross 5% only at 10^6000 (a float overflows)
+    assert rg.crossing(flat, 5.0) is None and rg.crossing({"a": 20.0, "b": 0.1}, 5.0) == pytest.approx(4.0 ** 10)
+    from _regime_summary import _where
+
+    assert "falls too slowly" in _where(None, 16.0, 2000.0, flat) and "grows" in _where(None, 16.0, 2000.0, rising)
 
 
 def test_widths_pick_points_and_refuse_unknown_ones(capsys):
