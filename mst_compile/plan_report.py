@@ -81,7 +81,7 @@ class TrainingPlan:
         r = self.regime
         vs = r.get("vs_dense_avg")
         said = ("on the same tokens: MST's average active parameter count, where sparse pre-training ends (Jin et al. "
-                "2025). " + (f"Regime map: {versus_text(vs)}." + (" Train it instead unless your own comparison says "
+                "2025). " + (f"Measured: {versus_text(vs)}." + (" Train it instead unless your own comparison says "
                                                                    "otherwise." if vs["verdict"] == "above" else "")
                              if vs else "In this project's fair benchmark that model ended below MST (README, \"Measured "
                              "results\"): train it instead unless your own comparison says otherwise."))

@@ -41,7 +41,7 @@ def test_render_the_average_size_dense_model_from_the_map():
           "verdict": "above"}
     regime = {"measured_range": [10, 1000], "series": "default", "note": "n", "vs_dense_avg": vs}
     text = " ".join(_plan(regime=regime).render().split())  # the text is wrapped
-    assert "Regime map: at 16 tokens/param on the map, the dense model of MST's average size ended below MST at every seed" in text
+    assert "Measured: at 16 tokens/param on the map, the dense model of MST's average size ended below MST at every seed" in text
     assert "(MST +4.0% / +5.4% / +3.6%; that model: 28,560 parameters, 4.2x fewer FLOPs than dense)" in text
     assert "Train it instead" in text and "fair benchmark" not in text
     mixed = " ".join(_plan(regime={**regime, "vs_dense_avg": {**vs, "verdict": "mixed"}}).render().split())
