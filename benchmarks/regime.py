@@ -1,7 +1,7 @@
 """Where MST pays off: the gap to dense across training tokens per parameter (the regime map).
 
-    PYTHONPATH=. python benchmarks/regime.py              # the map: 5 points, tokens/param 16 → 2000, fair rules (~4 h on 2 cores)
-    PYTHONPATH=. python benchmarks/regime.py --lrs 2e-3 --seeds 0   # one untuned LR, one seed (~40 min)
+    PYTHONPATH=. python benchmarks/regime.py              # the map: 5 points, tokens/param 16 → 2000, fair rules (~2.7 h on 2 cores)
+    PYTHONPATH=. python benchmarks/regime.py --lrs 2e-3 --seeds 0 --out benchmarks/results/regime-one-lr   # one LR, one seed (~40 min)
     PYTHONPATH=. python benchmarks/regime.py --family fixed   # one model (d=32) trained 16 → 1000 tokens/param
     PYTHONPATH=. python benchmarks/regime.py --quick      # CI smoke run (2 tiny points, 2 LRs, 2 seeds)
     PYTHONPATH=. python benchmarks/regime.py --replot benchmarks/results/regime/regime.json
