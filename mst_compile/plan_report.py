@@ -80,11 +80,14 @@ class TrainingPlan:
         width = (self.avg_active_params / self.params) ** 0.5 if self.params else 1.0
         r = self.regime
         vs = r.get("vs_dense_avg")
-        said = ("on the same tokens: MST's average active parameter count, where sparse pre-training ends (Jin et al. "
-                "2025). " + (f"Measured: {versus_text(vs)}." + (" Train it instead unless your own comparison says "
-                                                                   "otherwise." if vs["verdict"] == "above" else "")
-                             if vs else "In this project's fair benchmark that model ended below MST (README, \"Measured "
-                             "results\"): train it instead unless your own comparison says otherwise."))
+        said = "on the same tokens: MST's average active parameter count, where sparse pre-training ends (Jin et al. 2025). "
+        if vs is None:  # no measured point for this config: the README's fair comparison
+            said += ("In this project's fair benchmark that model ended below MST (README, \"Measured results\"): train it "
+                     "instead unless your own comparison says otherwise.")
+        else:
+            said += f"Measured: {versus_text(vs)}."
+            if vs["verdict"] == "above":
+                said += " Train it instead unless your own comparison says otherwise."
         lines += [f"  dense to beat     a dense model of about {self.avg_active_params:,.0f} parameters (e.g. the same depth at {width:.2f}x the width)",
                   *textwrap.wrap(said, 112, initial_indent=" " * 20, subsequent_indent=" " * 20)]
         if self.expected_gap is None:
