@@ -74,6 +74,10 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("mst_lrd05_w0", "MST, LR x density^-0.5, sparse from step 0",
            mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.82},
            note="as density^-0.5 without the dense warm-up: 82% from step 0 (the warm-up's FLOPs moved into the ultra phase)"),
+    Method("mst_lrd05w_w0", "MST, each weight's LR x its density^-0.5, sparse from step 0",
+           mst={"lr_density_power": 0.5, "lr_density_scope": "weight", "warmup_end": 0.0, "sparsity": 0.82},
+           note="as the sparse-from-step-0 variant with each sparse weight's learning rate following its own density "
+                "(other parameters keep the curve)"),
     Method("mst_lrd075_w0", "MST, LR x density^-0.75, sparse from step 0",
            mst={"lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with the learning rate following density more steeply"),
@@ -99,7 +103,7 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
 VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0",
-            "mst_lrd05_norest", "mst_lrd05_w0", "mst_lrd075_w0", "mst_lrd05_w05",
+            "mst_lrd05_norest", "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd075_w0", "mst_lrd05_w05",
             "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 

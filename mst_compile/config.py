@@ -19,6 +19,7 @@ from .constants import (
     ATTENTION_PATTERNS,
     ATTENTION_RESTORES,
     DISTRIBUTIONS,
+    LR_DENSITY_SCOPES,
     PHASES,
     RESTORATION_SHAPES,
     SPARSE_KERNELS,
@@ -223,6 +224,10 @@ class MSTConfig:
     lr_density_power: float = knob(0.0, Number(0.0, 2.0, "a number in [0, 2] (0: the learning rate ignores density)"),
                                    "Scale the learning rate by (1/density)^POWER, density being the sparse weights' "
                                    "overall density at that step (0: off).")
+    lr_density_scope: str = knob("run", Choice(LR_DENSITY_SCOPES),
+                                 "Which density lr_density_power follows: run (the sparse weights' overall density, "
+                                 "applied to every parameter) or weight (each sparse weight's own; other parameters keep "
+                                 "the curve).")
     attention: str = knob("sparse", Choice(ATTENTION_PATTERNS), "Sparse attention pattern.")
     stride: int | None = knob(None, _STRIDE, "Sparse attention stride.", means="T/8")
     attention_phases: tuple[str, ...] = knob(PHASES, _Phases(),

@@ -17,6 +17,7 @@ LINEAR_KERNELS = ("dense", "csr", "tile", "triton")
 TILE_KERNELS = ("tile", "triton")  # the settings that need tile-structured masks (MSTConfig.tile)
 TILES = (8, 16, 32, 64, 128)  # MSTConfig.tile: the tile edges masks can be structured by
 LR_SCHEDULES = ("cosine", "wsd")
+LR_DENSITY_SCOPES = ("run", "weight")  # MSTConfig.lr_density_scope: one density for the run, or each weight's own
 DEFAULT_LR_DECAY = 0.2  # the WSD decay tail of a run without a restoration phase (ultra_end = 1)
 ATTENTION_RESTORES = ("switch", "widen")
 RESTORATION_SHAPES = ("late", "linear", "early")

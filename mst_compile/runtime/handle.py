@@ -136,10 +136,20 @@ class MSTHandle:
         return curve * self.lr_scale()
 
     def lr_scale(self) -> float:
-        """``(1/density)^config.lr_density_power`` at the current masks (1.0 when the power is 0): the
-        factor by which a sparse run's learning rate exceeds the dense curve (docs/design.md §8)."""
+        """``(1/density)^config.lr_density_power`` at the current masks (1.0 when the power is 0, or when
+        ``lr_density_scope="weight"``, which scales each sparse weight instead: :meth:`lr_scales`): the
+        factor by which every parameter's learning rate exceeds the dense curve (docs/design.md §8)."""
         power = self.config.lr_density_power
-        return 1.0 if power == 0 else float(self.density()) ** -power
+        return 1.0 if power == 0 or self.config.lr_density_scope == "weight" else float(self.density()) ** -power
+
+    def lr_scales(self) -> dict[str, float]:
+        """Under ``lr_density_scope="weight"``: ``{weight name: (1/its density)^lr_density_power}``, the
+        factor on top of :meth:`lr_multiplier` for each sparse weight (give each its own param group:
+        ``g["lr"] = peak * m * scales.get(name, 1.0)``); other parameters keep ``m``. ``{}`` otherwise."""
+        power = self.config.lr_density_power
+        if power == 0 or self.config.lr_density_scope != "weight":
+            return {}
+        return {n: max(s.density, 1e-12) ** -power for n, s in self.weight_sites.items()}
 
     @property
     def flops(self) -> FlopReport:

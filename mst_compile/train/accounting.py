@@ -72,6 +72,10 @@ class Accounting:
         """How far this run's learning rate sits above the trainer's curve (``MSTConfig.lr_density_power``)."""
         return 1.0
 
+    def lr_scales(self) -> dict[str, float]:
+        """Per sparse weight, a factor on top of ``lr_scale`` (``MSTConfig.lr_density_scope="weight"``)."""
+        return {}
+
     def densities(self) -> dict[str, float]:
         return {}
 
@@ -160,6 +164,9 @@ class MSTAccounting(Accounting):
 
     def lr_scale(self) -> float:
         return self.mst.lr_scale()
+
+    def lr_scales(self) -> dict[str, float]:
+        return self.mst.lr_scales()
 
     def densities(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.mst.densities().items()}

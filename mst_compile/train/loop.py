@@ -132,8 +132,9 @@ def _train_step(run: RunState, step: int, lr: float, stop: StopRequest) -> tuple
     """One optimizer step at ``lr``: (mean loss over all ranks, whether any rank asked to stop)."""
     tc, d, opt, prec = run.tc, run.d, run.opt, run.prec
     B, T = tc.batch_size, tc.block_size
+    scales = run.acct.lr_scales()  # {} unless MSTConfig.lr_density_scope="weight"
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * scales.get(g.get("mst_weight"), 1.0)
     for _attempt in range(MAX_SKIPS):  # fp16: a step the grad scaler skips (inf gradients) is redone
         loss_sum = 0.0
         for micro in range(tc.grad_accum):

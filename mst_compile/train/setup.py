@@ -100,10 +100,7 @@ def setup(mf: ModelFile, tc: TrainConfig, mst: MSTConfig, d, *, out, resume, pro
     if tc.fsdp:  # FSDP2 registers its DTensors in sm's modules, which are not all the model's (a block cut from an
         shard(acct.module, d.device)  # exported graph has modules of its own): from here on sm stands for the model
         model = acct.module  # (the same parameter names, in the same order)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    opt = torch.optim.AdamW(_param_groups(model, tc, acct), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     names = parameter_names(acct.module, opt) if tc.fsdp and resume is not None else None  # before attach (its docstring)
     acct.attach(opt)
     run = RunState(mf=mf, tc=tc, mst=mst, d=d, run_dir=run_dir, model=model, inputs=inputs, data=data, acct=acct,
@@ -146,6 +143,22 @@ def _check_vocabulary(model: torch.nn.Module, data) -> None:
     emb = input_embedding(model)
     if emb is not None and hi >= emb[1]:
         raise embedding_too_small(f"the data's largest token id is {hi} ({data.origin()})", hi, *emb)
+
+
+def _param_groups(model, tc: TrainConfig, acct) -> list[dict]:
+    """Weight decay on the matrices, none on the rest; under ``MSTConfig.lr_density_scope="weight"`` each
+    sparse weight in a group of its own, named by ``"mst_weight"``, whose lr the loop scales by its density."""
+    scaled = set(acct.lr_scales())
+    own = {id(p): n for n, p in acct.module.named_parameters() if n in scaled}  # the sparse weights by object
+    params = [p for p in model.parameters() if p.requires_grad]
+    found = {own[id(p)] for p in params if id(p) in own}
+    if found != scaled:  # every scaled weight must reach the optimizer, or its lr would silently stay put
+        raise MstCompileError(f"lr_density_scope='weight': the sparse weights {sorted(scaled - found)} are not trained "
+                              "parameters of the model; use lr_density_scope='run'")
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in own]
+    rest = [p for p in params if p.dim() < 2 and id(p) not in own]
+    return ([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            + [{"params": [p], "weight_decay": tc.weight_decay, "mst_weight": own[id(p)]} for p in params if id(p) in own])
 
 
 def _restore(run: RunState) -> None:
