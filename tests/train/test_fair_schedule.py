@@ -114,3 +114,71 @@ def test_lr_density_power_in_an_own_loop_and_refused_by_the_trainer_callback(tmp
 
     with pytest.raises(ValueError, match="lr_density_power=0.5 is not supported"):
         MSTCallback(cfg)
+
+
+def test_lr_density_scope_weight_scales_each_sparse_weight_by_its_own_density(tmp_path, monkeypatch):
+    """``lr_density_scope="weight"``: at every step each sparse weight's param group trains at the run's lr times
+    (numel / active entries of its own mask)^p, counted from the masks it trains with; every other parameter
+    (and the logged lr) keeps the curve. A run stopped halfway resumes with the same groups and ends where the
+    uninterrupted run ends."""
+    from mst_compile.train import loop
+
+    write(tmp_path, "tiny.py", TINY)
+    tc = TrainConfig(steps=STEPS, batch_size=2, block_size=32, eval_iters=1, eval_interval=STEPS, log_interval=1, lr=2e-3,
+                     warmup_steps=2)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=0.8, stride=4, lr_density_power=0.5,
+                                lr_density_scope="weight")
+    seen, step_once = [], loop._train_step
+
+    def watched(run, step, lr, stop):
+        masks = {n: m.clone() for n, m in run.acct.mst.masks().items()}  # what this step trains with
+        out = step_once(run, step, lr, stop)
+        seen.append((lr, masks, [(g.get("mst_weight"), g["lr"]) for g in run.opt.param_groups]))
+        return out
+
+    monkeypatch.setattr(loop, "_train_step", watched)
+    whole = train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "whole", progress=False)
+    assert len(seen) == STEPS
+    spread = []
+    for lr, masks, groups in seen:
+        named = {n: glr for n, glr in groups if n is not None}
+        assert set(named) == set(masks)  # one group per sparse weight
+        for name, mask in masks.items():
+            assert named[name] == pytest.approx(lr * (mask.numel() / float(mask.sum())) ** 0.5, rel=1e-9), name
+        assert all(glr == lr for n, glr in groups if n is None)  # layer norms, biases, position embedding: the curve
+        spread.append(max(named.values()) / min(named.values()))
+    assert max(spread) > 1.2  # ER gives the weights different densities, so their lrs differ
+    assert [r["lr"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "train"] == [s[0] for s in seen]
+
+    monkeypatch.setattr(loop, "_train_step", step_once)
+    with pytest.raises(loop.TrainingInterrupted):
+        train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "split", progress=False, stop_at=STEPS // 2)
+    resumed = train(tmp_path / "tiny.py", resume=tmp_path / "split", progress=False)
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+
+
+def test_lr_density_scope_weight_in_an_own_loop():
+    torch = pytest.importorskip("torch")
+    from _models import tiny_gpt
+
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.0, ultra_end=0.8, stride=4, lr_density_power=0.5,
+                                lr_density_scope="weight")
+    sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=STEPS, seed=0)
+    plain = mst_compile.sparsify(tiny_gpt(), cfg.replace(lr_density_power=0.0), total_steps=STEPS, seed=0)
+    plain.mst.attach(None)
+    opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
+    sm.mst.attach(opt)
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(4):
+        sm(x).float().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        plain.mst.step()
+        assert sm.mst.lr_scale() == 1.0  # no run-wide factor: the weights carry their own
+        assert sm.mst.lr_multiplier() == pytest.approx(plain.mst.lr_multiplier())
+        scales = sm.mst.lr_scales()
+        for name, mask in sm.mst.masks().items():
+            assert scales[name] == pytest.approx((mask.numel() / float(mask.sum())) ** 0.5)
+    assert plain.mst.lr_scales() == {}
+    with pytest.raises(ValueError, match="lr_density_scope"):
+        mst_compile.MSTConfig(lr_density_scope="layer")
