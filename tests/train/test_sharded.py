@@ -178,6 +178,24 @@ def test_fsdp_alone_is_one_rank_equal_to_the_unsharded_run(tmp_path):
 
 
 @distributed
+def test_fsdp_alone_with_a_learning_rate_per_weight_is_the_unsharded_run(tmp_path):
+    """``lr_density_scope="weight"``: a param group per sparse weight, each at its own density's lr; the sharded
+    run's groups hold the same weights (by name) and it ends bit-identical to the unsharded run."""
+    f = write(tmp_path, "tiny.py", TINY)
+    per_weight = {"update_interval": 2, "warmup_end": 0.0, "lr_density_power": 0.5, "lr_density_scope": "weight"}
+
+    def configs(**train_flags):
+        return configs_for_model_file(load_model_file(f), None, {"steps": 12, **train_flags}, per_weight)
+
+    plain = train(f, *configs(), out=tmp_path / "plain", progress=False)
+    sharded = train(f, *configs(fsdp=True), out=tmp_path / "fsdp", progress=False)
+    assert sharded["sharding"] == "fsdp2" and sharded["val_loss"] == plain["val_loss"]
+    _same_state(_last(tmp_path / "fsdp"), _last(tmp_path / "plain"))
+    groups = [g.get("mst_weight") for g in _last(tmp_path / "fsdp")["optimizer"]["param_groups"]]
+    assert sorted(g for g in groups if g) == sorted(plain["final_densities"])
+
+
+@distributed
 @pytest.mark.parametrize("flags", [{"grad_accum": 2}, {"precision": "bf16"}])
 def test_fsdp_alone_with_micro_batches_or_bf16_is_the_unsharded_run(tmp_path, flags):
     """Two micro-batches per step (DDP skips the all-reduce of the first, FSDP2 reduce-scatters and masks both), or
