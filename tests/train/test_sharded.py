@@ -154,8 +154,8 @@ def test_two_rank_fsdp_run_split_in_two_equals_the_whole(tmp_path):
     assert _train_steps(tmp_path / "one") == list(range(1, 17))
 
 
-def _configs(f: Path, **train_flags):
-    return configs_for_model_file(load_model_file(f), None, {"steps": 12, **train_flags}, {"update_interval": 2})
+def _configs(f: Path, mst: dict | None = None, **train_flags):
+    return configs_for_model_file(load_model_file(f), None, {"steps": 12, **train_flags}, {"update_interval": 2, **(mst or {})})
 
 
 @distributed
@@ -182,13 +182,9 @@ def test_fsdp_alone_with_a_learning_rate_per_weight_is_the_unsharded_run(tmp_pat
     """``lr_density_scope="weight"``: a param group per sparse weight, each at its own density's lr; the sharded
     run's groups hold the same weights (by name) and it ends bit-identical to the unsharded run."""
     f = write(tmp_path, "tiny.py", TINY)
-    per_weight = {"update_interval": 2, "warmup_end": 0.0, "lr_density_power": 0.5, "lr_density_scope": "weight"}
-
-    def configs(**train_flags):
-        return configs_for_model_file(load_model_file(f), None, {"steps": 12, **train_flags}, per_weight)
-
-    plain = train(f, *configs(), out=tmp_path / "plain", progress=False)
-    sharded = train(f, *configs(fsdp=True), out=tmp_path / "fsdp", progress=False)
+    per_weight = {"warmup_end": 0.0, "lr_density_power": 0.5, "lr_density_scope": "weight"}
+    plain = train(f, *_configs(f, per_weight), out=tmp_path / "plain", progress=False)
+    sharded = train(f, *_configs(f, per_weight, fsdp=True), out=tmp_path / "fsdp", progress=False)
     assert sharded["sharding"] == "fsdp2" and sharded["val_loss"] == plain["val_loss"]
     _same_state(_last(tmp_path / "fsdp"), _last(tmp_path / "plain"))
     groups = [g.get("mst_weight") for g in _last(tmp_path / "fsdp")["optimizer"]["param_groups"]]
