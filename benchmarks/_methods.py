@@ -4,8 +4,8 @@ Every method trains the same model with the same seed, data order, optimizer and
 (the trainer's ``--lr-schedule``, the same for dense and sparse runs; reproduce.py passes it to every
 run); only what MST does to the weights and the attention differs, and each method may have its own
 peak learning rate (``--lr-of``, tuned by ``fair.py tune``). ``MSTConfig`` defaults are docs/design.md §3-5
-(dense start, ramp to 90%, ultra until 80% of the run, restoration to 50%, Mixed-Growing 3:1, HSA
-in the ultra phase); the baselines switch parts of that off:
+(dense start, ramp to 85% over the first 10%, ultra until 80% of the run, restoration to 50%,
+Mixed-Growing 3:1, HSA in every phase); the baselines switch parts of that off:
 
 - static / SET / RigL are weight-sparsity methods from the literature: sparse from step 0 at a
   constant 90% (ER), one cosine-annealed drop fraction over the whole run (``warmup_end=0,
