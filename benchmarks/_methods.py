@@ -111,9 +111,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
-VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0",
-            "mst_lrd05_norest", "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd075_w0", "mst_lrd05_w05",
-            "mst_tile16", "mst_tile32", "mst_tile64")
+VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
+            "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd075_w0",
+            "mst_lrd05_w05", "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
 
