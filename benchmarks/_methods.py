@@ -87,6 +87,14 @@ METHODS: dict[str, Method] = {m.key: m for m in (
                 "drop_fraction": (0.0, 0.0, 0.0)},
            note="as the sparse-from-step-0 variant without restoration and without topology updates: ER masks fixed "
                 "at step 0, 80% to the end, HSA throughout (static sparsity that spends HSA's savings on weights)"),
+    Method("mst_lrd05_w0_dattn", "MST, LR x density^-0.5, sparse from step 0, no restoration, dense attention",
+           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.857, "final_sparsity": 0.857,
+                "attention": "dense"},
+           note="as the sparse-from-step-0 variant without restoration, with dense causal attention: HSA's savings "
+                "given back to the weights' budget (85.7% to the end, topology updates kept)"),
+    Method("mst_dattn", "MST, dense attention at equal FLOPs", mst={"attention": "dense", "sparsity": 0.914},
+           note="the defaults with dense causal attention and the ultra sparsity raised to 91.4% to keep their FLOPs "
+                "(HSA's ablation at equal FLOPs)"),
     Method("mst_lrd075_w0", "MST, LR x density^-0.75, sparse from step 0",
            mst={"lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with the learning rate following density more steeply"),
@@ -112,7 +120,8 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles) run by name
 VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
-            "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd075_w0",
+            "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd05_w0_dattn",
+            "mst_dattn", "mst_lrd075_w0",
             "mst_lrd05_w05", "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
