@@ -45,7 +45,7 @@ def tune_markdown(doc: dict) -> str:
     lrs = sorted({r["lr"] for r in runs} | set(s["lrs"]))  # the grid and any octave added beyond its edge
     schedules = s["schedules"] + sorted({r["lr_schedule"] for r in runs} - set(s["schedules"]))
     cell = {(r["method"], r["lr_schedule"], r["lr"]): r for r in runs}
-    lines = [f"### Peak-LR x schedule screening, {s['steps']} steps (built-in corpus, seed 0)", "",
+    lines = [f"### Peak-LR x schedule screening, {s['steps']} steps (built-in corpus, seed {s.get('seed', 0)})", "",
              f"Byte-level GPT (d={s['d']}, {s['n_layer']} layers, T={s['block_size']}, batch {s['batch_size']}); "
              f"WSD decays over the last {s['lr_decay']:.0%} of every run; final val loss on {s['final_eval_iters']} val "
              "batches, the same for every run. Bold: each method's best per schedule.", "",

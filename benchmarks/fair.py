@@ -6,7 +6,7 @@
 
 ``tune`` trains every method (dense, MST defaults, the paper preset, static sparse at MST's FLOPs, RigL,
 dense at MST's FLOPs and the smaller dense models, including the one of MST's average parameter count)
-at each peak LR of ``--lrs`` under each schedule of ``--schedules`` on the built-in corpus, seed 0, and
+at each peak LR of ``--lrs`` under each schedule of ``--schedules`` on the built-in corpus, seed 0 (``--seed``), and
 picks, per schedule, each method's best LR (lowest final val loss). A method whose best is the
 largest (smallest) LR it has tried gets one more run at twice (half) that LR, until every best is inside
 its grid: one rule for every method. The schedule of the headline is
@@ -178,6 +178,7 @@ def tune(a) -> dict:
                       "methods": had + [m for m in a.methods if m not in had], "d": base.d,
                       "n_layer": base.n_layer, "n_head": base.n_head, "block_size": base.block_size,
                       "batch_size": base.batch_size, "lr_decay": base.lr_decay, "final_eval_iters": base.final_eval_iters,
+                      "seed": base.seed,
                       "predicted_mst_flops": predicted["mst_flops"], "avg_active_params": predicted["avg_active_params"]})
     doc = _pool(a, specs, doc, tune_markdown)
     while a.widen and (edges := _edges(doc, schedules, a.methods)):

@@ -26,8 +26,11 @@ def test_tune_then_confirm_on_one_schedule_at_every_seed(tmp_path, module_env):
     fair = _load("fair")
     tune_out = tmp_path / "tune"
     tuned = fair.main(["tune", "--steps", "16", "--lrs", "1e-3,8e-3", "--schedules", "wsd,cosine", *TINY, "--no-widen",
-                       "--out", str(tune_out), "--work", str(tmp_path / "w1")])
+                       "--seed", "1", "--out", str(tune_out), "--work", str(tmp_path / "w1")])
     assert len(tuned["runs"]) == 3 * 2 * 2  # methods x LRs x schedules
+    # --seed reaches every run and the table says which seed screened
+    assert tuned["setup"]["seed"] == 1 and {r["seed"] for r in tuned["runs"]} == {1}
+    assert "(built-in corpus, seed 1)" in (tune_out / "results.md").read_text()
     from _fair_tables import best_lrs, pick
 
     schedule, lrs = pick(tuned)
