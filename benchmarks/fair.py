@@ -230,7 +230,8 @@ def main(argv=None) -> dict:
         (a.out / "results.md").write_text(render(doc))
         return doc
     t0 = time.time()
-    doc = tune(a) if a.what == "tune" else confirm(a)
+    with reproduce.workers(a.jobs):  # one set of workers for the screen and each widening round
+        doc = tune(a) if a.what == "tune" else confirm(a)
     doc["wall_s"] = doc.get("wall_s", 0.0) + time.time() - t0
     _save(doc, a.out, render)
     print(render(doc))

@@ -229,7 +229,8 @@ def main(argv=None) -> dict:
     for p in points:
         print(f"{p['name']}: {p['params']:,} params, {p['steps']} steps, {p['tokens_per_param']:,.0f} tokens/param", flush=True)
     t0 = time.time()
-    results = run_all(a, points)
+    with reproduce.workers(a.jobs):  # one set of workers for the screen, its widening and the other seeds
+        results = run_all(a, points)
     doc = write(a, points, results, time.time() - t0)
     plot(doc, a.out / "regime.png")
     if a.package and a.family == "shrink" and not a.quick:

@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
@@ -254,13 +255,28 @@ def run_all(a) -> list[dict]:
     return [r for _, r in run_pool(specs, a.jobs)]
 
 
+_SHARED: dict[int, ProcessPoolExecutor] = {}  # jobs -> the pool a ``workers`` block keeps for its run_pool calls
+
+
+@contextmanager
+def workers(jobs: int):
+    """Keep one pool of ``jobs`` worker processes for every ``run_pool`` call inside the block: a benchmark
+    that trains in several rounds (a screen, its widening, the other seeds) starts its workers once."""
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        _SHARED[jobs] = pool
+        try:
+            yield pool
+        finally:
+            del _SHARED[jobs]
+
+
 def run_pool(specs: list[dict], jobs: int, fn=None, then=None):
     """Run ``fn(spec)`` (default ``run_one``) for every spec, ``jobs`` at a time with one thread each,
     yielding (spec, result) as each finishes with a progress line. ``then(spec, result)`` may return
     further specs, which join the queue (a run sized by another run's result)."""
     fn = fn or run_one
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with nullcontext(_SHARED[jobs]) if jobs in _SHARED else workers(jobs) as pool:
         pending = {pool.submit(fn, s): s for s in specs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)

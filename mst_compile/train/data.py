@@ -145,9 +145,11 @@ def _is_val(path: Path, root: Path | None, val_fraction: float) -> bool:
 def _cache_folder(source: str, header: str, files: list[Path]) -> Path:
     """``<cache>/<name>-<key>``: the key hashes how the files are tokenized and their names, sizes and dates."""
     h = hashlib.sha1(header.encode())
+    folders: dict[Path, str] = {}  # each folder resolved once: Path.resolve per file was most of a small run's setup
     for f in files:
         st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        real = f.resolve() if f.is_symlink() else Path(folders.setdefault(f.parent, os.path.realpath(f.parent))) / f.name
+        h.update(f"{real}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     name = "stdlib" if source == "stdlib" else Path(source.rstrip("/*")).name or "data"
     return cache_dir() / f"{name}-{h.hexdigest()[:16]}"
 

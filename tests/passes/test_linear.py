@@ -173,20 +173,6 @@ def test_bad_input_errors():
         sm.mst.set_sparsity(1.2)
 
 
-@pytest.mark.slow
-def test_torch_compile_trains_one_step():
-    model, sm, x, run = _build("tiny_gpt")
-    sm.mst.set_sparsity(0.8)
-    opt = torch.optim.AdamW(sm.parameters(), lr=1e-2)
-    compiled = torch.compile(sm)
-    loss = compiled(x).square().mean()
-    loss.backward()
-    opt.step()
-    for n, p in sm.mst.parameters().items():
-        assert torch.all(p[~sm.mst.masks()[n]] == 0)
-    torch.testing.assert_close(compiled(x), sm(x))
-
-
 SPELLING_USES = {"w_t": 2, "w_T": 1, "w_io": 1, "w_lin": 1, "e_vd": 1, "e_de": 1, "e_perm": 1, "mm": 1, "conv": 1,
                  "bmm": 1, "left": 1, "wte.weight": 1}
 

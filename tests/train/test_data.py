@@ -65,6 +65,19 @@ def test_cache_is_reused_and_follows_changes(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_cache_key_follows_links_to_the_real_files(tmp_path):
+    """The same files reached through a linked folder share a cache; a linked file counts as its target."""
+    _corpus(tmp_path / "docs")
+    (tmp_path / "via").symlink_to(tmp_path / "docs")
+    files = sorted((tmp_path / "docs").glob("*.txt"))
+    linked = [tmp_path / "via" / f.name for f in files]
+    assert D._cache_folder("x", "h", linked) == D._cache_folder("x", "h", files)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.txt").symlink_to(files[0])
+    assert D._cache_folder("x", "h", [tmp_path / "other" / "a.txt"]) == D._cache_folder("x", "h", [files[0]])
+    assert D._cache_folder("x", "h", [files[1]]) != D._cache_folder("x", "h", [files[0]])
+
+
 def test_single_file_and_glob_fall_back_to_a_tail_split(tmp_path):
     f = tmp_path / "one.txt"
     f.write_bytes(bytes(range(32, 127)) * 20)
