@@ -113,15 +113,25 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("note",)}
 
 
+def _key(r: dict) -> tuple:
+    return r["name"], r["lr"], r["lr_schedule"]
+
+
 def _pool(a, specs: list[dict], doc: dict, render) -> dict:
-    done = {r["name"] for r in doc["runs"]}
-    todo = [s for s in specs if s["name"] not in done]
+    """Train the specs not yet in ``doc``; a run of the same name at another LR (a confirm after a new tune) is
+    trained again and replaces the old record."""
+    done = {_key(r) for r in doc["runs"]}
+    todo = [s for s in specs if _key(s) not in done]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {a.out / 'results.json'}; {len(todo)} to train", flush=True)
     for _, r in reproduce.run_pool(todo, a.jobs, fn=_safe_run):
         if "error" in r:
             print(f"  {r['name']} failed: {r['error']} (not saved; the next invocation tries it again)", file=sys.stderr, flush=True)
             continue
-        doc["runs"].append(_strip(r))
+        old = [x for x in doc["runs"] if x["name"] == r["name"]]
+        for x in old:
+            print(f"  {r['name']} at {r['lr_schedule']} {r['lr']:g} replaces the run at {x['lr_schedule']} {x['lr']:g} "
+                  f"(val {x['val_loss']:.4f})", flush=True)
+        doc["runs"] = [x for x in doc["runs"] if x["name"] != r["name"]] + [_strip(r)]
         _save(doc, a.out, render)
     return doc
 

@@ -149,6 +149,21 @@ def run_one(spec: dict) -> dict:
     return final_record(spec, cfg, summary)
 
 
+def same_run(spec: dict) -> None:
+    """Refuse to pick up a run folder trained with another learning rate, schedule, length, seed or batch:
+    its result would be reported under this spec's settings."""
+    saved = Path(spec["out"]) / "config.toml"
+    if not saved.is_file():
+        return
+    import tomllib
+
+    was = tomllib.loads(saved.read_text()).get("train", {})
+    for key in ("steps", "lr", "lr_schedule", "lr_decay", "seed", "batch_size", "block_size"):
+        if key in was and key in spec and was[key] != spec[key]:
+            raise SystemExit(f"run folder {spec['out']}: trained with {key} = {was[key]!r}, this run asks for {spec[key]!r}; "
+                             "pass another --work or remove the folder")
+
+
 def final_record(spec: dict, cfg, summary: dict) -> dict:
     """The table's record of a finished run: its final weights evaluated on ``final_eval_iters`` val batches."""
     import torch
@@ -277,6 +292,8 @@ def run_pool(specs: list[dict], jobs: int, fn=None, then=None):
     fn = fn or run_one
     t0 = time.time()
     with nullcontext(_SHARED[jobs]) if jobs in _SHARED else workers(jobs) as pool:
+        for s in specs:  # before any training starts
+            same_run(s)
         pending = {pool.submit(fn, s): s for s in specs}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -286,6 +303,7 @@ def run_pool(specs: list[dict], jobs: int, fn=None, then=None):
                 print(f"[{time.time() - t0:7.0f}s] {s['name']:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
                       f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
                 for extra in (then(s, r) if then else None) or ():
+                    same_run(extra)
                     pending[pool.submit(fn, extra)] = extra
                 yield s, r
 
