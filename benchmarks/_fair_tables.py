@@ -119,7 +119,7 @@ def confirm_markdown(doc: dict) -> str:
                      f"{max(losses) - min(losses):.4f} | {gap} | {red} | {statistics.fmean(r['wall_s'] for r in ok) / 60:.1f} min |")
     for lead in [m for m in ("mst", *VARIANTS) if m in by_method]:
         lines += _paired(lead, by_method, order, seeds)
-    lines += ["", f"Peak LRs from `{s['tuned']}`. {commands(doc)}. Wall times are from a shared 2-core machine: "
+    lines += ["", f"Peak LRs from {_tuned_from(s['tuned'])}. {commands(doc)}. Wall times are from a shared 2-core machine: "
               "compare FLOPs and losses, not minutes.", ""]
     return "\n".join(lines)
 
@@ -148,3 +148,13 @@ def _paired(lead: str, by_method: dict, order: list[str], seeds: list[int]) -> l
             f"pending ({len(signs)} of {len(seeds)} seeds)"
         lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {verdict} |")
     return lines
+
+
+def _tuned_from(tuned) -> str:
+    """``path`` (one tune file for every method), else the most common file and the methods read from others."""
+    if isinstance(tuned, str):
+        return f"`{tuned}`"
+    files = sorted(set(tuned.values()), key=lambda f: -list(tuned.values()).count(f))
+    others = "; ".join(f"{', '.join(METHODS[m].label for m in tuned if tuned[m] == f)} from `{f}`" for f in files[1:])
+    return f"`{files[0]}`" + (f" ({others})" if others else "")
+

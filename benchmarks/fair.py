@@ -220,9 +220,13 @@ def confirm(a) -> dict:
     first = [m.strip() for m in a.first.split(",") if m.strip()]
     specs.sort(key=lambda s: first.index(s["method"]) if s["method"] in first else len(first))  # stable: seeds, sizes kept
     doc = _load(a.out / "results.json")
-    lrs = {**doc.get("setup", {}).get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
+    before = doc.get("setup", {})
+    lrs = {**before.get("lrs", {}), **base.lr_of}  # a later confirm adds methods to the same table
+    tuned_from = before.get("tuned", {})  # which tune file each method's LR came from
+    tuned_from = {m: tuned_from for m in before.get("lrs", {})} if isinstance(tuned_from, str) else tuned_from
     doc.update(command=_commands(doc, a.argv),
-               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs, "tuned": shown_path(a.tuned),
+               setup={"steps": a.steps, "seeds": a.seeds, "schedule": schedule, "lrs": lrs,
+                      "tuned": {**tuned_from, **{m: shown_path(a.tuned) for m in base.lr_of}},
                       "data": base.data, "d": base.d, "n_layer": base.n_layer, "n_head": base.n_head,
                       "block_size": base.block_size, "batch_size": base.batch_size, "lr_decay": base.lr_decay,
                       "final_eval_iters": base.final_eval_iters, "predicted_mst_flops": predicted["mst_flops"],
