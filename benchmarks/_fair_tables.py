@@ -121,6 +121,10 @@ def confirm_markdown(doc: dict) -> str:
         lines += _paired(lead, by_method, order, seeds)
     lines += ["", f"Peak LRs from {_tuned_from(s['tuned'])}. {commands(doc)}. Wall times are from a shared 2-core machine: "
               "compare FLOPs and losses, not minutes.", ""]
+    if doc.get("superseded"):  # runs a later confirm at a new LR replaced
+        old = sorted(doc["superseded"], key=lambda r: (r["method"], r["seed"]))
+        lines += ["Superseded (a later confirm at a new LR replaced them; kept in results.json): " + "; ".join(
+            f"{METHODS[r['method']].label} seed {r['seed']} at {r['lr']:g}: {r['val_loss']:.4f}" for r in old) + ".", ""]
     return "\n".join(lines)
 
 

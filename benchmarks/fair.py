@@ -119,7 +119,7 @@ def _key(r: dict) -> tuple:
 
 def _pool(a, specs: list[dict], doc: dict, render) -> dict:
     """Train the specs not yet in ``doc``; a run of the same name at another LR (a confirm after a new tune) is
-    trained again and replaces the old record."""
+    trained again and its record replaces the old one, which moves to ``doc["superseded"]``."""
     done = {_key(r) for r in doc["runs"]}
     todo = [s for s in specs if _key(s) not in done]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {a.out / 'results.json'}; {len(todo)} to train", flush=True)
@@ -132,6 +132,7 @@ def _pool(a, specs: list[dict], doc: dict, render) -> dict:
             print(f"  {r['name']} at {r['lr_schedule']} {r['lr']:g} replaces the run at {x['lr_schedule']} {x['lr']:g} "
                   f"(val {x['val_loss']:.4f})", flush=True)
         doc["runs"] = [x for x in doc["runs"] if x["name"] != r["name"]] + [_strip(r)]
+        doc.setdefault("superseded", []).extend(old)  # kept, not lost: the text that quoted them can still be checked
         _save(doc, a.out, render)
     return doc
 

@@ -148,6 +148,7 @@ def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path
     doc = fair._pool(SimpleNamespace(out=tmp_path, jobs=1), specs, {"runs": [dict(r) for r in old]}, None)
     assert trained == ["mst/s0"]
     assert sorted((r["name"], r["lr"], r["val_loss"]) for r in doc["runs"]) == [("dense/s0", 2e-3, 1.5), ("mst/s0", 8e-3, 1.8)]
+    assert doc["superseded"] == [old[0]]  # the replaced record is kept beside the table, not lost
     assert "mst/s0 at wsd 0.008 replaces the run at wsd 0.004 (val 1.9000)" in capsys.readouterr().out
     from _fair_tables import _tuned_from  # the table names where each method's LR came from
 
