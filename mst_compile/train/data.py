@@ -148,7 +148,9 @@ def _cache_folder(source: str, header: str, files: list[Path]) -> Path:
     folders: dict[Path, str] = {}  # each folder resolved once: Path.resolve per file was most of a small run's setup
     for f in files:
         st = f.stat()
-        real = f.resolve() if f.is_symlink() else Path(folders.setdefault(f.parent, os.path.realpath(f.parent))) / f.name
+        if f.parent not in folders:
+            folders[f.parent] = os.path.realpath(f.parent)
+        real = f.resolve() if f.is_symlink() else Path(folders[f.parent]) / f.name
         h.update(f"{real}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     name = "stdlib" if source == "stdlib" else Path(source.rstrip("/*")).name or "data"
     return cache_dir() / f"{name}-{h.hexdigest()[:16]}"
