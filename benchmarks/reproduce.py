@@ -22,9 +22,6 @@ import shlex
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
-from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import _frontier
 from _methods import AFTER_MST, METHODS, ORDER, VARIANTS, mst_config, parse_overrides
+from _pool import run_pool, same_run, workers  # noqa: F401 (fair.py, regime.py and sweep.py use them from here)
 from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
@@ -106,12 +104,6 @@ def _args(argv=None) -> argparse.Namespace:
 
 
 # -- one run (in a worker process) -----------------------------------------------------------
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _model_file(spec: dict):
     """A ModelFile whose model() is examples/tiny_gpt.py's GPT at the spec's sizes."""
     from mst_compile.modelfile import ModelFile
@@ -147,21 +139,6 @@ def run_one(spec: dict) -> dict:
         shutil.rmtree(out)
     summary = train(mf, tc, cfg, out=out, progress=False)
     return final_record(spec, cfg, summary)
-
-
-def same_run(spec: dict) -> None:
-    """Refuse to pick up a run folder trained with another learning rate, schedule, length, seed or batch:
-    its result would be reported under this spec's settings."""
-    saved = Path(spec["out"]) / "config.toml"
-    if not saved.is_file():
-        return
-    import tomllib
-
-    was = tomllib.loads(saved.read_text()).get("train", {})
-    for key in ("steps", "lr", "lr_schedule", "lr_decay", "seed", "batch_size", "block_size"):
-        if key in was and key in spec and was[key] != spec[key]:
-            raise SystemExit(f"run folder {spec['out']}: trained with {key} = {was[key]!r}, this run asks for {spec[key]!r}; "
-                             "pass another --work or remove the folder")
 
 
 def final_record(spec: dict, cfg, summary: dict) -> dict:
@@ -267,45 +244,7 @@ def run_all(a) -> list[dict]:
         predicted = predict_mst_flops(a)
         a.predicted_mst_flops = predicted["mst_flops"]
         specs += sized_by_mst(a, predicted)  # sized up front: they run beside MST, not after it
-    return [r for _, r in run_pool(specs, a.jobs)]
-
-
-_SHARED: dict[int, ProcessPoolExecutor] = {}  # jobs -> the pool a ``workers`` block keeps for its run_pool calls
-
-
-@contextmanager
-def workers(jobs: int):
-    """Keep one pool of ``jobs`` worker processes for every ``run_pool`` call inside the block: a benchmark
-    that trains in several rounds (a screen, its widening, the other seeds) starts its workers once."""
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        _SHARED[jobs] = pool
-        try:
-            yield pool
-        finally:
-            del _SHARED[jobs]
-
-
-def run_pool(specs: list[dict], jobs: int, fn=None, then=None):
-    """Run ``fn(spec)`` (default ``run_one``) for every spec, ``jobs`` at a time with one thread each,
-    yielding (spec, result) as each finishes with a progress line. ``then(spec, result)`` may return
-    further specs, which join the queue (a run sized by another run's result)."""
-    fn = fn or run_one
-    t0 = time.time()
-    with nullcontext(_SHARED[jobs]) if jobs in _SHARED else workers(jobs) as pool:
-        for s in specs:  # before any training starts
-            same_run(s)
-        pending = {pool.submit(fn, s): s for s in specs}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                s = pending.pop(f)
-                r = f.result()
-                print(f"[{time.time() - t0:7.0f}s] {s['name']:18s} val {r['val_loss']:.4f}  FLOPs {r['mst_flops']:.3e}  "
-                      f"reduction {r['dense_flops'] / r['mst_flops']:.2f}x  ({r['wall_s']:.0f}s)", flush=True)
-                for extra in (then(s, r) if then else None) or ():
-                    same_run(extra)
-                    pending[pool.submit(fn, extra)] = extra
-                yield s, r
+    return [r for _, r in run_pool(specs, a.jobs, run_one)]
 
 
 def predict_mst_flops(a) -> dict:

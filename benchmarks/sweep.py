@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     rows, eqs = [], {}
-    for s, r in reproduce.run_pool(specs, a.jobs, then=dense_eq):
+    for s, r in reproduce.run_pool(specs, a.jobs, reproduce.run_one, then=dense_eq):
         if s["method"] == "dense_eq":
             eqs[s["variant"]] = r
             continue
