@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 
 from _methods import METHODS, VARIANTS
 
@@ -158,7 +159,7 @@ def _tuned_from(tuned) -> str:
     """``path`` (one tune file for every method), else the most common file and the methods read from others."""
     if isinstance(tuned, str):
         return f"`{tuned}`"
-    files = sorted(set(tuned.values()), key=lambda f: -list(tuned.values()).count(f))
+    files = [f for f, _ in Counter(tuned.values()).most_common()]
     others = "; ".join(f"{', '.join(METHODS[m].label for m in tuned if tuned[m] == f)} from `{f}`" for f in files[1:])
     return f"`{files[0]}`" + (f" ({others})" if others else "")
 
