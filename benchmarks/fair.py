@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import reproduce
 from _fair_tables import confirm_markdown, pick, tune_markdown
+from _pool import run_pool, workers
 from _tables import shown_path
 
 RESULTS = ROOT / "benchmarks" / "results" / "fair"
@@ -123,7 +124,7 @@ def _pool(a, specs: list[dict], doc: dict, render) -> dict:
     done = {_key(r) for r in doc["runs"]}
     todo = [s for s in specs if _key(s) not in done]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {a.out / 'results.json'}; {len(todo)} to train", flush=True)
-    for _, r in reproduce.run_pool(todo, a.jobs, fn=_safe_run):
+    for _, r in run_pool(todo, a.jobs, fn=_safe_run):
         if "error" in r:
             print(f"  {r['name']} failed: {r['error']} (not saved; the next invocation tries it again)", file=sys.stderr, flush=True)
             continue
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
         (a.out / "results.md").write_text(render(doc))
         return doc
     t0 = time.time()
-    with reproduce.workers(a.jobs):  # one set of workers for the screen and each widening round
+    with workers(a.jobs):  # one set of workers for the screen and each widening round
         doc = tune(a) if a.what == "tune" else confirm(a)
     doc["wall_s"] = doc.get("wall_s", 0.0) + time.time() - t0
     _save(doc, a.out, render)

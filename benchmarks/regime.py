@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import _frontier  # noqa: E402
+import _pool  # noqa: E402
 import reproduce  # noqa: E402
 from _regime_summary import chosen_runs, crossing, fit_power_law, markdown, package_map, plot, summarize  # noqa: E402, F401
 from _tables import shown_path  # noqa: E402
@@ -169,7 +170,7 @@ def run_all(a, points: list[dict]) -> list[dict]:
             p = by_name[s["point"]]
             return [sized_spec(p, r, m, lr_of(p, m, s["lr"]), s["seed"]) for m in ("dense_eq", "dense_avg")]
 
-        for _, r in reproduce.run_pool(specs, a.jobs, _run, sized):
+        for _, r in _pool.run_pool(specs, a.jobs, _run, sized):
             results.append(r)
             write(a, points, results, time.time() - t0)  # results as they go
 
@@ -229,7 +230,7 @@ def main(argv=None) -> dict:
     for p in points:
         print(f"{p['name']}: {p['params']:,} params, {p['steps']} steps, {p['tokens_per_param']:,.0f} tokens/param", flush=True)
     t0 = time.time()
-    with reproduce.workers(a.jobs):  # one set of workers for the screen, its widening and the other seeds
+    with _pool.workers(a.jobs):  # one set of workers for the screen, its widening and the other seeds
         results = run_all(a, points)
     doc = write(a, points, results, time.time() - t0)
     plot(doc, a.out / "regime.png")

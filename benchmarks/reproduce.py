@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import _frontier
 from _methods import AFTER_MST, METHODS, ORDER, VARIANTS, mst_config, parse_overrides
-from _pool import run_pool, same_run, workers  # noqa: F401 (fair.py, regime.py and sweep.py use them from here)
+from _pool import run_pool
 from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys

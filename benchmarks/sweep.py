@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reproduce
 from _methods import parse_overrides
+from _pool import run_pool
 from _tables import GAP_BAR, REDUCTION_BAR, _find, _plt, gap_pct, paired_se_pct
 
 
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     rows, eqs = [], {}
-    for s, r in reproduce.run_pool(specs, a.jobs, reproduce.run_one, then=dense_eq):
+    for s, r in run_pool(specs, a.jobs, reproduce.run_one, then=dense_eq):
         if s["method"] == "dense_eq":
             eqs[s["variant"]] = r
             continue

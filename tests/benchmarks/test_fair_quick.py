@@ -125,14 +125,13 @@ def test_a_stopped_benchmark_picks_up_where_it_was(tmp_path, module_env, monkeyp
     assert fair._safe_run({**spec, "out": str(early)})["val_loss"] == whole["val_loss"]
     # the same folder asked for at another LR is refused before anything trains, naming what differs
     with pytest.raises(SystemExit, match=r"run folder .*part: trained with lr = 0\.00\d+, this run asks for 0\.5; pass another --work"):
-        list(reproduce.run_pool([{**part, "lr": 0.5}], 1, fn=fair._safe_run))
+        list(fair.run_pool([{**part, "lr": 0.5}], 1, fn=fair._safe_run))
 
 
 def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path, monkeypatch, capsys):
     """Independent of training: runs already in the file at the spec's LR are skipped; a run of the same name at
     another LR is trained and its record replaces the old one (a later tune moved the method's LR)."""
     fair = _load("fair")
-    import reproduce
 
     old = [{"name": "mst/s0", "lr": 4e-3, "lr_schedule": "wsd", "val_loss": 1.9},
            {"name": "dense/s0", "lr": 2e-3, "lr_schedule": "wsd", "val_loss": 1.5}]
@@ -143,7 +142,7 @@ def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path
         trained.extend(s["name"] for s in todo)
         yield from ((s, {**s, "val_loss": 1.8}) for s in todo)
 
-    monkeypatch.setattr(reproduce, "run_pool", fake_pool)
+    monkeypatch.setattr(fair, "run_pool", fake_pool)
     monkeypatch.setattr(fair, "_save", lambda doc, out, render: None)
     doc = fair._pool(SimpleNamespace(out=tmp_path, jobs=1), specs, {"runs": [dict(r) for r in old]}, None)
     assert trained == ["mst/s0"]
