@@ -100,6 +100,11 @@ METHODS: dict[str, Method] = {m.key: m for m in (
              note=f"the defaults with dense causal attention in the {other} two blocks and HSA in the {where} two, the "
                   f"ultra sparsity raised to 88.2% to keep their FLOPs (HSA per layer)")
       for where, other, dense in (("lower", "upper", "23"), ("upper", "lower", "01"))),
+    Method("mst_hsa_lower_lrd05_w0", "MST, HSA in the lower two layers only, LR x density^-0.5, sparse from step 0",
+           mst={"attention_sites": {"h.[23].attn": "dense"}, "lr_density_power": 0.5, "warmup_end": 0.0,
+                "sparsity": 0.85},
+           note="the lower-blocks HSA split with the sparse-from-step-0 recipe: 85% from step 0 to keep the defaults' "
+                "FLOPs, restoration kept"),
     Method("mst_lrd075_w0", "MST, LR x density^-0.75, sparse from step 0",
            mst={"lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with the learning rate following density more steeply"),
@@ -127,7 +132,7 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 # HSA per layer) run by name
 VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
             "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd05_w0_dattn",
-            "mst_dattn", "mst_hsa_lower", "mst_hsa_upper", "mst_lrd075_w0",
+            "mst_dattn", "mst_hsa_lower", "mst_hsa_upper", "mst_hsa_lower_lrd05_w0", "mst_lrd075_w0",
             "mst_lrd05_w05", "mst_tile16", "mst_tile32", "mst_tile64")
 ORDER = tuple(m for m in METHODS if m not in VARIANTS)
 
