@@ -87,12 +87,13 @@ def inspect(model_file: str, sparsity: float | None) -> None:
     sites = sm.mst.sites
     alloc, units = sm.mst.allocation(s), sm.mst.units()  # tile counts under MSTConfig.tile
     shares = linear_flop_shares(sites)
+    order = list(sm.mst.attention_modules())  # what MSTConfig.attention_depth counts
     rows = [("site", "kind", "shape", "params", f"density@{s:g}", "linear FLOPs")]
     for e in sites:
         if e.kind == "linear":
             rows.append((e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", f"{alloc[e.name] / units[e.name]:.3f}", f"{shares[e.name]:.1%}"))
         else:
-            rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra"), "-"))
+            rows.append((e.name, e.kind, "-", "-", cfg.attention_pattern(e.name, "ultra", order), "-"))
     total = sum(e.params for e in sites if e.kind == "linear")
     active = sum(alloc[e.name] / units[e.name] * e.params for e in sites if e.kind == "linear")
     rows.append(("total", f"{len(sites)} sites", "", f"{total:,}", f"{active / max(total, 1):.3f}", "100.0%"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +192,9 @@ class MSTConfig:
     ``fnmatch`` glob (``"h.*.attn"``; ``*`` also crosses dots) to either one pattern, used in
     ``attention_phases`` with dense elsewhere, or a ``{phase: pattern}`` dict that sets only the
     phases it names. Rules apply in order and a later match overrides an earlier one, e.g.
-    ``{"h.*.attn": "local", "h.0.attn": "dense"}`` keeps the first layer dense. See
+    ``{"h.*.attn": "local", "h.0.attn": "dense"}`` keeps the first layer dense. ``attention_depth`` is the
+    same choice for any model: the first share of its sites (in the capture's order, from the input)
+    keep ``attention``, the deeper ones run dense causal attention, before any rule. See
     :meth:`attention_pattern`.
 
     ``tile`` makes the masks tile-structured (a variant of the method, docs/design.md §9).
@@ -232,6 +235,9 @@ class MSTConfig:
     stride: int | None = knob(None, _STRIDE, "Sparse attention stride.", means="T/8")
     attention_phases: tuple[str, ...] = knob(PHASES, _Phases(),
                                              "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.")
+    attention_depth: float = knob(1.0, Number(0.0, 1.0, "a fraction of the attention sites in [0, 1]"),
+                                  "Share of attention sites, first in the model's order, that run the sparse pattern "
+                                  "(rounded up); the deeper ones run dense causal attention (1: every site).")
     attention_sites: dict[str, str | dict[str, str]] | None = knob(
         None, _SiteRules(), "Per-site attention rule SITE=PATTERN or SITE=PHASE:PATTERN,... (SITE: name or glob; "
         "repeatable, later rules win), e.g. 'h.*.attn=local' 'h.0.attn=ultra:dense'.",
@@ -258,11 +264,19 @@ class MSTConfig:
             fail("MSTConfig", "sparse_kernel", self.sparse_kernel, "auto, dense or csr for unstructured masks: the tile "
                  "kernels need tile-structured masks; set tile (e.g. tile=32, --tile 32) or use sparse_kernel='auto'")
 
-    def attention_pattern(self, site: str, phase: str) -> str:
-        """The pattern attention site ``site`` runs in ``phase`` under this config."""
+    def attention_pattern(self, site: str, phase: str, sites: list[str] | None = None) -> str:
+        """The pattern attention site ``site`` runs in ``phase`` under this config. ``sites``: the model's
+        attention sites in order (the capture's), needed when ``attention_depth < 1``."""
         if phase not in PHASES:
             raise ValueError(f"MSTConfig.attention_pattern: phase={phase!r} is invalid: expected one of {', '.join(PHASES)}")
         pattern = self.attention if phase in self.attention_phases else "dense"
+        if self.attention_depth < 1.0:
+            order = list(sites or ())
+            if site not in order:
+                raise ValueError(f"MSTConfig.attention_pattern: attention_depth={self.attention_depth} needs the model's "
+                                 f"attention sites in order, and {site!r} is not one of {order}")
+            if order.index(site) >= math.ceil(self.attention_depth * len(order) - 1e-9):
+                pattern = "dense"
         for glob, rule in (self.attention_sites or {}).items():
             if fnmatch.fnmatchcase(site, glob):
                 if isinstance(rule, str):

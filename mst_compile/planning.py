@@ -96,7 +96,8 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, run, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride)
+    fc = forecast(fp, run, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride,
+                  order=list(sm.mst.attention_modules()))
     if hw is None:  # timed on this machine
         from . import timing
 
@@ -133,7 +134,7 @@ def _patterns_at(run, sites: list[str], step: int, T: int) -> dict[str, tuple[st
     from .runtime import schedule
 
     return {site: effective_pattern(pattern, run.config.stride, scale, T)
-            for site, (pattern, scale) in ((site, schedule.site_pattern(site, step, run)) for site in sites)}
+            for site, (pattern, scale) in ((site, schedule.site_pattern(site, step, run, sites)) for site in sites)}
 
 
 def _hardware(hardware: str, peak_flops: float | None, utilization: float | None) -> Hardware | None:

@@ -106,3 +106,15 @@ def test_inspect_advice_names_the_model_file_hooks(tmp_path):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert f"{f}: cannot capture M" in r.output and "define example_inputs() in unc.py" in r.output
     assert "example_inputs=" not in r.output and "filter_fn" not in r.output  # the Python API's advice
+
+
+
+def test_inspect_shows_attention_depth_per_site(tmp_path):
+    f = tmp_path / "deep.py"
+    f.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\nfrom tiny_gpt import GPT\nimport mst_compile\n"
+                 "def model():\n    return GPT(vocab_size=64, block_size=32, n_layer=4, n_head=2, n_embd=32)\n"
+                 "def config():\n    return mst_compile.MSTConfig(attention_depth=0.5)\n")
+    r = CliRunner().invoke(main, ["inspect", str(f)])
+    assert r.exit_code == 0, r.output
+    pattern = {line.split()[0]: line.split()[-2] for line in r.output.splitlines() if line.split()[1:2] == ["attention"]}
+    assert pattern == {"h.0.attn": "sparse", "h.1.attn": "sparse", "h.2.attn": "dense", "h.3.attn": "dense"}

@@ -39,7 +39,8 @@ def model_file(tmp_path, monkeypatch):
     MSTConfig(update_interval=2, warmup_end=0.25, stride=4, attention_phases=("ultra",), final_sparsity=0.0,
               ablation=Ablation(attention_restore="widen", restoration_shape="linear")),
     MSTConfig(update_interval=4, warmup_end=0.25, ultra_end=0.75, stride=4, tile=8),
-], ids=["defaults", "paper", "widen", "tiles"])
+    MSTConfig(update_interval=4, warmup_end=0.0, stride=4, attention_depth=0.5, lr_density_power=0.5),
+], ids=["defaults", "paper", "widen", "tiles", "depth"])
 def test_plan_equals_the_ledger_of_the_real_run(model_file, tmp_path, cfg):
     tc = TrainConfig(steps=STEPS, batch_size=B, block_size=T, eval_iters=1, eval_interval=STEPS, log_interval=1)
     summary = train(model_file, tc, cfg, out=tmp_path / "run", progress=False)

@@ -60,13 +60,17 @@ class Forecast:
 
 
 def forecast(fp: Footprint, run: schedule.Schedule, allocation: Callable[[float], Mapping[str, int]],
-             numel: Mapping[str, int], tokens_per_step: int, stride: int | None = None, keep_steps: bool = False) -> Forecast:
+             numel: Mapping[str, int], tokens_per_step: int, stride: int | None = None, keep_steps: bool = False,
+             order: list[str] | None = None) -> Forecast:
     """The ledger's MST and dense totals, per phase, of ``run.total_steps`` optimizer steps of
     ``tokens_per_step`` tokens each. ``allocation(s)`` gives the active count per sparse weight at
-    sparsity s (``sm.mst.allocation``), ``numel`` their sizes, ``stride`` the sites' stride (None: T/8)."""
+    sparsity s (``sm.mst.allocation``), ``numel`` their sizes, ``stride`` the sites' stride (None: T/8),
+    ``order`` the model's attention sites in order (``sm.mst.attention_modules()``; None: the order they
+    ran in ``fp``'s forward), which ``MSTConfig.attention_depth`` counts."""
     T = run.total_steps
     scale = tokens_per_step / fp.tokens
-    sites = sorted({site for site, *_ in fp.attention})
+    sites = list(dict.fromkeys(site for site, *_ in fp.attention))
+    order = sites if order is None else list(order)
     lengths = sorted({t for _, _, t, _ in fp.attention})
     alloc_cache: dict[float, Mapping[str, int]] = {}
 
@@ -93,7 +97,7 @@ def forecast(fp: Footprint, run: schedule.Schedule, allocation: Callable[[float]
         when = (schedule.phase_at(i, run), schedule.widening(i, run))  # all a site's pattern depends on
         scheduled = sched_cache.get(when)
         if scheduled is None:
-            scheduled = sched_cache[when] = tuple(schedule.site_pattern(site, i, run) for site in sites)
+            scheduled = sched_cache[when] = tuple(schedule.site_pattern(site, i, run, order) for site in sites)
         key = (version, probes, scheduled)
         if key not in cost_cache:
             density = {n: counts[n] / numel[n] for n in fp.linear}

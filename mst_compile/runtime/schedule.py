@@ -154,13 +154,14 @@ def widening(step: int, sched: Schedule) -> float | None:
     return 2.0 ** math.floor(4 * u) if u < 0.75 else None
 
 
-def site_pattern(site: str, step: int, sched: Schedule) -> tuple[str, float]:
+def site_pattern(site: str, step: int, sched: Schedule, sites: list[str] | None = None) -> tuple[str, float]:
     """(pattern, stride scale) the schedule gives attention site ``site`` at ``step``: the config's
-    pattern for the phase, or its ultra pattern widened while a widening restoration runs."""
-    pattern = sched.config.attention_pattern(site, phase_at(step, sched))
+    pattern for the phase, or its ultra pattern widened while a widening restoration runs. ``sites``:
+    the model's attention sites in order (``MSTConfig.attention_depth`` counts them)."""
+    pattern = sched.config.attention_pattern(site, phase_at(step, sched), sites)
     scale = widening(step, sched)
     if pattern == "dense" and scale is not None:
-        return sched.config.attention_pattern(site, "ultra"), scale
+        return sched.config.attention_pattern(site, "ultra", sites), scale
     return pattern, 1.0
 
 

@@ -244,7 +244,7 @@ class MSTScheduler(ResumableState):
         """(pattern, stride scale) of ``site`` now."""
         if site in self.pinned_attention:
             return self.pinned_attention[site], 1.0
-        return schedule.site_pattern(site, self.step, self.run)
+        return schedule.site_pattern(site, self.step, self.run, list(self.attention))
 
     def _sync_attention(self, force: bool = False) -> None:
         if not self.attention:
