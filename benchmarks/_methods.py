@@ -104,7 +104,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            mst={"attention_sites": {"h.[23].attn": "dense"}, "lr_density_power": 0.5, "warmup_end": 0.0,
                 "sparsity": 0.85},
            note="the lower-blocks HSA split with the sparse-from-step-0 recipe: 85% from step 0 to keep the defaults' "
-                "FLOPs, restoration kept"),
+                "FLOPs, restoration kept (on this 4-block model the glob is attention_depth=0.5)"),
     Method("mst_lrd075_w0", "MST, LR x density^-0.75, sparse from step 0",
            mst={"lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with the learning rate following density more steeply"),
