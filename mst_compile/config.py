@@ -275,7 +275,7 @@ class MSTConfig:
             if site not in order:
                 raise ValueError(f"MSTConfig.attention_pattern: attention_depth={self.attention_depth} needs the model's "
                                  f"attention sites in order, and {site!r} is not one of {order}")
-            if order.index(site) >= math.ceil(self.attention_depth * len(order) - 1e-9):
+            if order.index(site) >= math.ceil(self.attention_depth * len(order) - 1e-9):  # 0.3 * 10 is 3.0000000000000004
                 pattern = "dense"
         for glob, rule in (self.attention_sites or {}).items():
             if fnmatch.fnmatchcase(site, glob):
