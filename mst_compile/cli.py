@@ -84,10 +84,9 @@ def inspect(model_file: str, sparsity: float | None) -> None:
     except CaptureError as e:
         raise mf.capture_error(e) from None
     s = cfg.sparsity if sparsity is None else sparsity
-    sites = sm.mst.sites
+    sites, order = sm.mst.sites, list(sm.mst.attention_modules())  # order: what MSTConfig.attention_depth counts
     alloc, units = sm.mst.allocation(s), sm.mst.units()  # tile counts under MSTConfig.tile
     shares = linear_flop_shares(sites)
-    order = list(sm.mst.attention_modules())  # what MSTConfig.attention_depth counts
     rows = [("site", "kind", "shape", "params", f"density@{s:g}", "linear FLOPs")]
     for e in sites:
         if e.kind == "linear":

@@ -96,15 +96,14 @@ def plan(model, tokens: int, *, config: MSTConfig | dict | None = None, block_si
     fp = sm.mst.footprint(*args, **kwargs)
     say(f"walking the schedule: {steps:,} steps ...")
     numel = {n: sw.numel for n, sw in sm.mst.sparse_weights().items()}
-    fc = forecast(fp, run, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride,
-                  order=list(sm.mst.attention_modules()))
+    sites = list(sm.mst.attention_modules())  # in model order: what MSTConfig.attention_depth counts
+    fc = forecast(fp, run, sm.mst.allocation, sm.mst.units(), per_step, stride=cfg.stride, order=sites)
     if hw is None:  # timed on this machine
         from . import timing
 
         device = torch.device("cuda" if hardware.lower() == "local" and torch.cuda.is_available() else "cpu")
         b = timing.timed_batch(batch_size, T)
         say(f"timing a dense step and an MST step per phase on this machine ({timing.describe(device)}) at batch {b}, T={T} ...")
-        sites = list(sm.mst.attention_modules())
         states = {ph.phase: (max(0.0, 1.0 - ph.density), _patterns_at(run, sites, ph.first_step - 1 + ph.steps // 2, T))
                   for ph in fc.phases}  # each phase at its mean density, with the attention of its middle step
         times = timing.time_steps(net, sm, inputs, states, batch_size=batch_size, block_size=T, device=device)
