@@ -4,13 +4,15 @@ Every method trains the same model with the same seed, data order, optimizer and
 (the trainer's ``--lr-schedule``, the same for dense and sparse runs; reproduce.py passes it to every
 run); only what MST does to the weights and the attention differs, and each method may have its own
 peak learning rate (``--lr-of``, tuned by ``fair.py tune``). ``MSTConfig`` defaults are docs/design.md §3-5
-(dense start, ramp to 85% over the first 10%, ultra until 80% of the run, restoration to 50%,
-Mixed-Growing 3:1, HSA in every phase); the baselines switch parts of that off:
+(85% sparse from step 0 until 80% of the run, restoration to 50%, the LR curve times density^-0.5,
+Mixed-Growing 3:1, HSA in the first half of the blocks in every phase); ``mst_v0`` is the first defaults
+(a dense warm-up ramping to 85% over the first 10%, the LR curve as is, HSA in every block), which every
+MST variant below builds on; the baselines switch parts of MST off:
 
 - static / SET / RigL are weight-sparsity methods from the literature: sparse from step 0 at a
   constant 90% (ER), one cosine-annealed drop fraction over the whole run (``warmup_end=0,
   ultra_end=1`` makes the run one phase) and dense attention, as they were published.
-- the MST ablations keep every MST default except the one part they remove.
+- the MST ablations keep every first default (``mst_v0``) except the one part they remove.
 - dense at equal FLOPs is the dense model for as many steps as MST's ledger total buys, with its
   own warm-up and learning-rate curve fitted to that shorter run (its step count is known once MST has run).
 - the compute-fair baselines, sized once MST has run (``_frontier.py``): static sparse training at
@@ -34,7 +36,10 @@ from mst_compile.config import ABLATION_KEYS, KEYS, PRESETS
 
 _SCALED = "steps/30"  # an update_interval that follows the run length like the published recipe
 _CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense", "attention_phases": ("ultra",),
-                "update_interval": _SCALED}
+                "update_interval": _SCALED, "lr_density_power": 0.0}
+# the defaults before the fair comparison (dense warm-up over the first 10%, the LR curve as is, HSA in every block):
+# every MST variant below was measured on top of them, so each keeps them and its result files still reproduce
+_V0 = {"warmup_end": 0.1, "lr_density_power": 0.0, "attention_depth": 1.0}
 _PAPER = {**PRESETS["paper"], "update_interval": _SCALED}
 
 
@@ -54,67 +59,69 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("set", "SET 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 0.0}, note="random growth"),
     Method("rigl", "RigL 90%", mst={**_CONSTANT_90, "grow_gradient_fraction": 1.0}, note="gradient growth"),
     Method("mst", "MST (defaults)", note="this library's defaults (MSTConfig())"),
+    Method("mst_v0", "MST (first defaults)", mst=_V0,
+           note="the defaults before the fair comparison: dense warm-up, the LR curve as is, HSA in every block"),
     Method("paper", "MST (paper preset)", mst=_PAPER, note="MSTConfig.preset('paper'): the published recipe"),
-    Method("mst_no_sv", "MST w/o sparsity variation", mst={"schedule": "constant"},
+    Method("mst_no_sv", "MST w/o sparsity variation", mst={**_V0, "schedule": "constant"},
            note="constant 90% from step 0; phases still switch HSA and the drop fraction"),
-    Method("mst_no_hsa", "MST w/o HSA", mst={"attention": "dense"}, note="dense causal attention throughout"),
-    Method("mst_lrd1", "MST, LR x 1/density", mst={"lr_density_power": 1.0},
+    Method("mst_no_hsa", "MST w/o HSA", mst={**_V0, "attention": "dense"}, note="dense causal attention throughout"),
+    Method("mst_lrd1", "MST, LR x 1/density", mst={**_V0, "lr_density_power": 1.0},
            note="the learning rate follows the density: the curve times (1/density)"),
-    Method("mst_lrd05", "MST, LR x density^-0.5", mst={"lr_density_power": 0.5},
+    Method("mst_lrd05", "MST, LR x density^-0.5", mst={**_V0, "lr_density_power": 0.5},
            note="the learning rate follows the density: the curve times (1/density)^0.5"),
     Method("mst_lrd05_z01", "MST, LR x density^-0.5, ultra drop 0.1",
-           mst={"lr_density_power": 0.5, "drop_fraction": (0.3, 0.1, 0.0)},
+           mst={**_V0, "lr_density_power": 0.5, "drop_fraction": (0.3, 0.1, 0.0)},
            note="as density^-0.5, with a third of the topology churn in the ultra phase"),
     Method("mst_lrd05_z0", "MST, LR x density^-0.5, fixed ultra masks",
-           mst={"lr_density_power": 0.5, "drop_fraction": (0.3, 0.0, 0.0)},
+           mst={**_V0, "lr_density_power": 0.5, "drop_fraction": (0.3, 0.0, 0.0)},
            note="as density^-0.5, masks fixed from the end of the warm-up to restoration, which only grows"),
     Method("mst_lrd05_norest", "MST, LR x density^-0.5, no restoration",
-           mst={"lr_density_power": 0.5, "sparsity": 0.83, "final_sparsity": 0.83},
+           mst={**_V0, "lr_density_power": 0.5, "sparsity": 0.83, "final_sparsity": 0.83},
            note="as density^-0.5, ultra density to the end at 83% (the FLOPs of the defaults' restoration moved into it)"),
     Method("mst_lrd05_w0", "MST, LR x density^-0.5, sparse from step 0",
-           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.82},
+           mst={**_V0, "lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.82},
            note="as density^-0.5 without the dense warm-up: 82% from step 0 (the warm-up's FLOPs moved into the ultra phase)"),
     Method("mst_lrd05w_w0", "MST, each weight's LR x its density^-0.5, sparse from step 0",
-           mst={"lr_density_power": 0.5, "lr_density_scope": "weight", "warmup_end": 0.0, "sparsity": 0.82},
+           mst={**_V0, "lr_density_power": 0.5, "lr_density_scope": "weight", "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with each sparse weight's learning rate following its own density "
                 "(other parameters keep the curve)"),
     Method("mst_lrd05_w0_norest", "MST, LR x density^-0.5, sparse from step 0, no restoration",
-           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.8, "final_sparsity": 0.8},
+           mst={**_V0, "lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.8, "final_sparsity": 0.8},
            note="as the sparse-from-step-0 variant at 80% to the end (the FLOPs of the warm-up and the restoration "
                 "moved into the one sparse phase)"),
     Method("mst_lrd05_w0_fixed", "MST, LR x density^-0.5, sparse from step 0, fixed masks",
-           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.8, "final_sparsity": 0.8,
+           mst={**_V0, "lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.8, "final_sparsity": 0.8,
                 "drop_fraction": (0.0, 0.0, 0.0)},
            note="as the sparse-from-step-0 variant without restoration and without topology updates: ER masks fixed "
                 "at step 0, 80% to the end, HSA throughout (static sparsity that spends HSA's savings on weights)"),
     Method("mst_lrd05_w0_dattn", "MST, LR x density^-0.5, sparse from step 0, no restoration, dense attention",
-           mst={"lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.857, "final_sparsity": 0.857,
+           mst={**_V0, "lr_density_power": 0.5, "warmup_end": 0.0, "sparsity": 0.857, "final_sparsity": 0.857,
                 "attention": "dense"},
            note="as the sparse-from-step-0 variant without restoration, with dense causal attention: HSA's savings "
                 "given back to the weights' budget (85.7% to the end, topology updates kept)"),
-    Method("mst_dattn", "MST, dense attention at equal FLOPs", mst={"attention": "dense", "sparsity": 0.914},
+    Method("mst_dattn", "MST, dense attention at equal FLOPs", mst={**_V0, "attention": "dense", "sparsity": 0.914},
            note="the defaults with dense causal attention and the ultra sparsity raised to 91.4% to keep their FLOPs "
                 "(HSA's ablation at equal FLOPs)"),
     *(Method(f"mst_hsa_{where}", f"MST, HSA in the {where} two layers only, at equal FLOPs",
-             mst={"attention_sites": {f"h.[{dense}].attn": "dense"}, "sparsity": 0.882},
+             mst={**_V0, "attention_sites": {f"h.[{dense}].attn": "dense"}, "sparsity": 0.882},
              note=f"the defaults with dense causal attention in the {other} two blocks and HSA in the {where} two, the "
                   f"ultra sparsity raised to 88.2% to keep their FLOPs (HSA per layer)")
       for where, other, dense in (("lower", "upper", "23"), ("upper", "lower", "01"))),
     Method("mst_hsa_lower_lrd05_w0", "MST, HSA in the lower two layers only, LR x density^-0.5, sparse from step 0",
-           mst={"attention_sites": {"h.[23].attn": "dense"}, "lr_density_power": 0.5, "warmup_end": 0.0,
+           mst={**_V0, "attention_sites": {"h.[23].attn": "dense"}, "lr_density_power": 0.5, "warmup_end": 0.0,
                 "sparsity": 0.85},
            note="the lower-blocks HSA split with the sparse-from-step-0 recipe: 85% from step 0 to keep the defaults' "
                 "FLOPs, restoration kept (on this 4-block model the glob is attention_depth=0.5)"),
     Method("mst_lrd075_w0", "MST, LR x density^-0.75, sparse from step 0",
-           mst={"lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
+           mst={**_V0, "lr_density_power": 0.75, "warmup_end": 0.0, "sparsity": 0.82},
            note="as the sparse-from-step-0 variant with the learning rate following density more steeply"),
     Method("mst_lrd05_w05", "MST, LR x density^-0.5, 5% warm-up",
-           mst={"lr_density_power": 0.5, "warmup_end": 0.05, "sparsity": 0.835},
+           mst={**_V0, "lr_density_power": 0.5, "warmup_end": 0.05, "sparsity": 0.835},
            note="as density^-0.5 with half the dense warm-up: 83.5% ultra (the other half's FLOPs moved into it)"),
-    *(Method(f"mst_tile{b}", f"MST, {b}x{b} tiles", mst={"tile": b},
+    *(Method(f"mst_tile{b}", f"MST, {b}x{b} tiles", mst={**_V0, "tile": b},
              note=f"the defaults with every mask constant on {b}x{b} tiles (the blocked kernel where it pays)")
       for b in (16, 32, 64)),
-    Method("mst_grad_grow", "MST, gradient-only growth", mst={"grow_gradient_fraction": 1.0},
+    Method("mst_grad_grow", "MST, gradient-only growth", mst={**_V0, "grow_gradient_fraction": 1.0},
            note="RigL growth instead of Mixed-Growing"),
     Method("dense_eq", "dense at equal FLOPs", dense=True, note="fewer steps: MST's FLOP budget, LR schedule fitted"),
     Method("static_eq", "static sparse at MST's FLOPs", mst={**_CONSTANT_90, "drop_fraction": 0.0},

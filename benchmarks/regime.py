@@ -75,6 +75,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="run folders, a finished run is reused (default: runs/regime[-fixed])")
     p.add_argument("--package", action="store_true", help=f"also write the fit to {PACKAGE_MAP.relative_to(ROOT)} (shrink family)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: two tiny points, a few dozen steps")
+    p.add_argument("--reuse", default="", metavar="METHOD,...",
+                   help="take these methods' runs (dense, paper: they do not depend on MST's defaults) from the --out "
+                        "file of the same setup instead of training them again, e.g. after a change of the defaults")
     p.add_argument("--widths", dest="only", default=None, metavar="W,...", help="only the family's points of these widths, e.g. 64,48 (default: all)")
     a = p.parse_args(argv)
     a.points, a.block, a.batch = (QUICK_POINTS, 16, 8) if a.quick else (FAMILIES[a.family], BLOCK, BATCH)
@@ -98,6 +101,9 @@ def _args(argv=None) -> argparse.Namespace:
         p.error(f"--lrs {a.lrs!r} / --seeds {a.seeds!r}: expected comma-separated numbers, e.g. --lrs 1e-3,2e-3 --seeds 0,1,2")
     if not a.lrs or not a.seeds or min(a.lrs) <= 0:
         p.error("--lrs and --seeds need at least one value each, the learning rates above 0")
+    a.reuse = [m for m in a.reuse.split(",") if m.strip()]
+    if not set(a.reuse) <= {"dense", "paper"}:
+        p.error(f"--reuse {','.join(a.reuse)}: expected some of dense,paper (the others are sized from the MST defaults' runs)")
     suffix = ("" if a.family == "shrink" else f"-{a.family}") + (f"-w{a.only.replace(',', '-')}" if a.only else "")  # a subset never overwrites the map
     a.work = Path(a.work or ROOT / "runs" / f"regime{suffix}")
     default_out = ROOT / "benchmarks" / "results" / f"regime{suffix}"
@@ -145,6 +151,31 @@ def _run(spec: dict) -> dict:
             "diverged": str(e).splitlines()[0]}
 
 
+def reused_runs(a, points: list[dict]) -> list[dict]:
+    """The ``--reuse`` methods' runs from the last map at ``--out``, which must have this setup; a paper-preset run
+    must also have today's preset (a run of another recipe would be reported as this one)."""
+    if not a.reuse:
+        return []
+    path = a.out / "regime.json"
+    if not path.is_file():
+        raise SystemExit(f"--reuse {','.join(a.reuse)}: {shown_path(path)} does not exist; run without --reuse")
+    doc = json.loads(path.read_text())
+    setup = {"block": a.block, "batch": a.batch, "lrs": a.lrs, "lr_schedule": a.lr_schedule, "seeds": a.seeds,
+             "final_eval_iters": a.final_eval_iters if not a.quick else 2, "points": points}
+    if differ := [k for k, v in setup.items() if doc["setup"].get(k) != v]:
+        raise SystemExit(f"--reuse: {shown_path(path)} ran another setup ({', '.join(differ)} differ); run without --reuse")
+    runs = [{**r, "reused_from": doc.get("reused_from") or doc["command"]} for r in doc["runs"] if r["method"] in a.reuse]
+    from mst_compile import MSTConfig
+    from mst_compile.run_config import SAVED_BEFORE
+
+    for r in runs:  # a record older than a key ran at that key's value of then
+        if r["method"] == "paper" and MSTConfig.from_dict({**SAVED_BEFORE, **r["mst_config"]}) != reproduce.mst_config(
+                reproduce.METHODS["paper"], r["steps"], None, {}, None):
+            raise SystemExit(f"--reuse paper: run {r['name']} of {shown_path(path)} trained another recipe than today's "
+                             "paper preset; run without --reuse")
+    return runs
+
+
 def run_all(a, points: list[dict]) -> list[dict]:
     """Every method at every LR at the first seed, then each at its best LR at the other seeds."""
     from mst_compile.train.data import load_data
@@ -154,7 +185,8 @@ def run_all(a, points: list[dict]) -> list[dict]:
     a.out.mkdir(parents=True, exist_ok=True)
     by_name = {p["name"]: p for p in points}
     longest = sorted(points, key=lambda p: -p["steps"])
-    results, t0 = [], time.time()
+    results, t0 = reused_runs(a, points), time.time()
+    reused = {r["name"] for r in results}
 
     def sized_spec(p: dict, mst: dict, method: str, lr: float, seed: int) -> dict:
         """The dense model on MST's FLOPs or of its average size, sized by an MST run of point ``p``."""
@@ -170,7 +202,7 @@ def run_all(a, points: list[dict]) -> list[dict]:
             p = by_name[s["point"]]
             return [sized_spec(p, r, m, lr_of(p, m, s["lr"]), s["seed"]) for m in ("dense_eq", "dense_avg")]
 
-        for _, r in _pool.run_pool(specs, a.jobs, _run, sized):
+        for _, r in _pool.run_pool([s for s in specs if s["name"] not in reused], a.jobs, _run, sized):
             results.append(r)
             write(a, points, results, time.time() - t0)  # results as they go
 
@@ -200,7 +232,8 @@ def run_all(a, points: list[dict]) -> list[dict]:
 def write(a, points: list[dict], results: list[dict], wall_s: float) -> dict:
     doc = {"command": "PYTHONPATH=. python benchmarks/regime.py" + (" --quick" if a.quick else "")
            + ("" if a.family == "shrink" else f" --family {a.family}") + (f" --widths {a.only}" if a.only else "") + a.out_flag
-           + f" --lrs {','.join(f'{x:g}' for x in a.lrs)} --seeds {','.join(map(str, a.seeds))}",
+           + f" --lrs {','.join(f'{x:g}' for x in a.lrs)} --seeds {','.join(map(str, a.seeds))}"
+           + (f" --reuse {','.join(a.reuse)}" if a.reuse else ""),
            "setup": {"block": a.block, "batch": a.batch, "lrs": a.lrs, "lr_schedule": a.lr_schedule, "seeds": a.seeds,
                      "quick": a.quick,
                      "final_eval_iters": a.final_eval_iters if not a.quick else 2, "points": points},

@@ -182,8 +182,8 @@ class MSTConfig:
     """The MST recipe. Frozen: every field is validated once, here, so a config that exists is valid;
     change one with ``cfg.replace(sparsity=0.9)`` (validated again).
 
-    Sparsity variation (docs/design.md §3): dense start, cubic ramp to ``sparsity`` over
-    ``[0, warmup_end*T)``, constant ``sparsity`` until ``ultra_end*T``, then restoration down to
+    Sparsity variation (docs/design.md §3): a cubic ramp from dense to ``sparsity`` over ``[0, warmup_end*T)``
+    (none by default: sparse from step 0), constant ``sparsity`` until ``ultra_end*T``, then restoration down to
     ``final_sparsity`` at the run's end T (``sparsify(..., total_steps=T)``). ``schedule`` replaces all
     of that with any piecewise linear list of ``(step, sparsity)`` points.
 
@@ -207,7 +207,7 @@ class MSTConfig:
                            "Sparsity of the ultra-sparsification phase (s_max).")
     final_sparsity: float = knob(0.5, Number(0.0, 1.0, "a number in [0, 1)", hi_open=True),
                                  "Sparsity at the end of restoration (s_end).")
-    warmup_end: float = knob(0.1, Number(0.0, 1.0, "a fraction of the run in [0, 1]"),
+    warmup_end: float = knob(0.0, Number(0.0, 1.0, "a fraction of the run in [0, 1]"),
                              "End of the MST warm-up phase as a fraction of steps.")
     ultra_end: float = knob(0.8, Number(0.0, 1.0, "a fraction of the run in [0, 1]"),
                             "End of the ultra phase as a fraction of steps.")
@@ -224,7 +224,7 @@ class MSTConfig:
         "Drop fraction: one number for warm-up and ultra (restoration drops nothing), or WARMUP,ULTRA,RESTORATION.")
     grow_gradient_fraction: float = knob(0.75, Number(0.0, 1.0, "a number in [0, 1]"),
                                          "Share of regrown weights picked by gradient (rest random; 1: RigL, 0: SET).")
-    lr_density_power: float = knob(0.0, Number(0.0, 2.0, "a number in [0, 2] (0: the learning rate ignores density)"),
+    lr_density_power: float = knob(0.5, Number(0.0, 2.0, "a number in [0, 2] (0: the learning rate ignores density)"),
                                    "Scale the learning rate by (1/density)^POWER, density being the sparse weights' "
                                    "overall density at that step (0: off).")
     lr_density_scope: str = knob("run", Choice(LR_DENSITY_SCOPES),
@@ -235,7 +235,7 @@ class MSTConfig:
     stride: int | None = knob(None, _STRIDE, "Sparse attention stride.", means="T/8")
     attention_phases: tuple[str, ...] = knob(PHASES, _Phases(),
                                              "Phases that use the sparse attention pattern, e.g. ultra or warmup,ultra.")
-    attention_depth: float = knob(1.0, Number(0.0, 1.0, "a fraction of the attention sites in [0, 1]"),
+    attention_depth: float = knob(0.5, Number(0.0, 1.0, "a fraction of the attention sites in [0, 1]"),
                                   "Share of attention sites, first in the model's order, that run the sparse pattern "
                                   "(rounded up); the deeper ones run dense causal attention (1: every site).")
     attention_sites: dict[str, str | dict[str, str]] | None = knob(
@@ -356,5 +356,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": dict(update_interval=100, drop_fraction=(0.3, 0.3, 0.3), attention_phases=("ultra",),
                   ablation=Ablation(attention_restore="switch", grow_init_scale=0.0, restoration_shape="late"),
-                  final_sparsity=0.5, sparsity=0.9, warmup_end=0.1, ultra_end=0.8),
+                  final_sparsity=0.5, sparsity=0.9, warmup_end=0.1, ultra_end=0.8, lr_density_power=0.0, attention_depth=1.0),
 }

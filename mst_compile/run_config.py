@@ -151,11 +151,19 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
     return train, mst
 
 
+# Keys a run folder's [mst] table gained after the first saved format, with the value a run without them used
+# (today's defaults differ: a resumed or exported old run must keep the recipe it trained with).
+SAVED_BEFORE = {"lr_density_power": 0.0, "lr_density_scope": "run", "attention_depth": 1.0}
+
+
 def _upgrade_saved(mst: dict, train: dict) -> dict:
-    """A saved ``[mst]`` table in the spelling before ``Ablation``: the same run in today's keys. Its
+    """A saved ``[mst]`` table in an earlier spelling: the same run in today's keys. Keys it predates get the value
+    the run used (``SAVED_BEFORE``). In the spelling before ``Ablation``, its
     ``total_steps`` and ``seed`` were copies of ``[train]``'s steps and seed (the trainer wrote both), so they go;
     ``drop_fractions`` (when set) was the per-phase ζ; the ablation switches move to ``[mst.ablation]``."""
     mst = dict(mst)
+    for k, was in SAVED_BEFORE.items():  # a record written before the key existed ran at its default of then
+        mst.setdefault(k, was)
     for k, twin in (("total_steps", "steps"), ("seed", "seed")):
         if k in mst and (twin not in train or train[twin] == mst[k]):
             del mst[k]
