@@ -36,7 +36,7 @@ from mst_compile.config import ABLATION_KEYS, KEYS, PRESETS
 
 _SCALED = "steps/30"  # an update_interval that follows the run length like the published recipe
 _CONSTANT_90 = {"sparsity": 0.9, "warmup_end": 0.0, "ultra_end": 1.0, "attention": "dense", "attention_phases": ("ultra",),
-                "update_interval": _SCALED, "lr_density_power": 0.0}
+                "update_interval": _SCALED, "lr_density_power": 0.0, "attention_depth": 1.0}
 # the defaults before the fair comparison (dense warm-up over the first 10%, the LR curve as is, HSA in every block):
 # every MST variant below was measured on top of them, so each keeps them and its result files still reproduce
 _V0 = {"warmup_end": 0.1, "lr_density_power": 0.0, "attention_depth": 1.0}
@@ -137,7 +137,7 @@ AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_av
 
 # what reproduce.py trains by default; the variants (a learning rate that follows density, tiles, dense attention,
 # HSA per layer) run by name
-VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
+VARIANTS = ("mst_v0", "mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
             "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd05_w0_dattn",
             "mst_dattn", "mst_hsa_lower", "mst_hsa_upper", "mst_hsa_lower_lrd05_w0", "mst_lrd075_w0",
             "mst_lrd05_w05", "mst_tile16", "mst_tile32", "mst_tile64")

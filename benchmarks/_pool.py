@@ -30,6 +30,34 @@ def same_run(spec: dict) -> None:
                              "pass another --work or remove the folder")
 
 
+def same_recipe(out: str | Path, cfg) -> None:
+    """Refuse to pick up a sparse run folder trained with another MST recipe than ``cfg`` (a folder from before a
+    change of the defaults, say): its result would be reported as this recipe's."""
+    saved = Path(out) / "config.toml"
+    if not saved.is_file():
+        return
+    from mst_compile import MSTConfig
+    from mst_compile.run_config import read_config_file
+
+    was = MSTConfig.from_dict(read_config_file(saved)[1]).to_dict()
+    if differ := [f"{k} = {was[k]!r} (now {v!r})" for k, v in cfg.to_dict().items() if was[k] != v]:
+        raise SystemExit(f"run folder {out}: trained with another MST recipe ({', '.join(differ)}); "
+                         "pass another --work or remove the folder")
+
+
+def recorded_recipe(record: dict):
+    """The MSTConfig a result record ran (None for a dense run); a record older than a key ran at its value of then."""
+    from mst_compile import MSTConfig
+    from mst_compile.run_config import upgrade_saved
+
+    if record.get("mst_config") is None:
+        return None
+    try:
+        return MSTConfig.from_dict(upgrade_saved(record["mst_config"], {}))
+    except (TypeError, ValueError) as e:  # a record from before a key was removed: no recipe of today's
+        return f"unreadable: {e}"
+
+
 _SHARED: dict[int, ProcessPoolExecutor] = {}  # jobs -> the pool a ``workers`` block keeps for its run_pool calls
 
 

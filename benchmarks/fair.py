@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import reproduce
 from _fair_tables import confirm_markdown, pick, tune_markdown
-from _pool import run_pool, workers
+from _pool import recorded_recipe, run_pool, workers
 from _tables import shown_path
 
 RESULTS = ROOT / "benchmarks" / "results" / "fair"
@@ -114,6 +114,17 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("note",)}
 
 
+def _recipe(spec: dict):
+    method = reproduce.METHODS[spec["method"]]
+    return None if method.dense else reproduce.mst_config(method, spec["steps"], spec["update_interval"],
+                                                          spec["overrides"], spec.get("sized"))
+
+
+def _what(r: dict, recipe) -> tuple:
+    """What a run trained: its recipe and model size and length (a sized baseline follows the MST it was sized by)."""
+    return recipe, r["d"], r["n_layer"], r["steps"]
+
+
 def _key(r: dict) -> tuple:
     return r["name"], r["lr"], r["lr_schedule"]
 
@@ -121,8 +132,9 @@ def _key(r: dict) -> tuple:
 def _pool(a, specs: list[dict], doc: dict, render) -> dict:
     """Train the specs not yet in ``doc``; a run of the same name at another LR (a confirm after a new tune) is
     trained again and its record replaces the old one, which moves to ``doc["superseded"]``."""
-    done = {_key(r) for r in doc["runs"]}
-    todo = [s for s in specs if _key(s) not in done]
+    done = {_key(r): _what(r, recorded_recipe(r)) for r in doc["runs"]}
+    # a record of another recipe or size under this name (e.g. written before the defaults changed) is trained again
+    todo = [s for s in specs if done.get(_key(s)) != _what(s, _recipe(s))]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {a.out / 'results.json'}; {len(todo)} to train", flush=True)
     for _, r in run_pool(todo, a.jobs, fn=_safe_run):
         if "error" in r:

@@ -140,6 +140,8 @@ def _run(spec: dict) -> dict:
         if summary.get("steps") == spec["steps"]:
             method = reproduce.METHODS[spec["method"]]
             cfg = reproduce.mst_config(method, spec["steps"], None, {}, None)
+            if not method.dense:
+                _pool.same_recipe(out, cfg)
             return {**reproduce.final_record(spec, cfg, summary), "point": spec["point"]}
     from mst_compile.train.loop import TrainingDiverged
 
@@ -165,11 +167,8 @@ def reused_runs(a, points: list[dict]) -> list[dict]:
     if differ := [k for k, v in setup.items() if doc["setup"].get(k) != v]:
         raise SystemExit(f"--reuse: {shown_path(path)} ran another setup ({', '.join(differ)} differ); run without --reuse")
     runs = [{**r, "reused_from": doc.get("reused_from") or doc["command"]} for r in doc["runs"] if r["method"] in a.reuse]
-    from mst_compile import MSTConfig
-    from mst_compile.run_config import SAVED_BEFORE
-
-    for r in runs:  # a record older than a key ran at that key's value of then
-        if r["method"] == "paper" and MSTConfig.from_dict({**SAVED_BEFORE, **r["mst_config"]}) != reproduce.mst_config(
+    for r in runs:
+        if r["method"] == "paper" and _pool.recorded_recipe(r) != reproduce.mst_config(
                 reproduce.METHODS["paper"], r["steps"], None, {}, None):
             raise SystemExit(f"--reuse paper: run {r['name']} of {shown_path(path)} trained another recipe than today's "
                              "paper preset; run without --reuse")

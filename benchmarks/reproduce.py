@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import _frontier
 from _methods import AFTER_MST, METHODS, ORDER, VARIANTS, mst_config, parse_overrides
-from _pool import run_pool
+from _pool import recorded_recipe, run_pool, same_recipe
 from _tables import bar_verdict, markdown, plot_gap, plot_loss_vs_flops
 
 _FINAL_EVAL_KEY = 2**41  # batch keys of the final evaluation: not the trainer's eval or train keys
@@ -77,6 +77,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=10, help="batches per split per evaluation along the run")
     p.add_argument("--final-eval-iters", type=int, default=100, help="val batches of the final evaluation (the table's loss)")
     p.add_argument("--widths", default="256", help="extra widths trained dense + MST for the gap-vs-size plot ('' for none)")
+    p.add_argument("--size-by", default="mst", metavar="METHOD",
+                   help="the MST method whose FLOPs and average size the sized baselines (dense_eq, static_eq, "
+                        "dense_avg, the smaller dense models) match (default: mst, the defaults; mst_v0: the first defaults)")
     p.add_argument("--methods", default=",".join(ORDER), help=f"comma list from {','.join(METHODS)} (default: all but {','.join(VARIANTS)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="MSTConfig override for every MST run (not the static/SET/RigL baselines), e.g. final_sparsity=0.6")
@@ -95,6 +98,8 @@ def _args(argv=None) -> argparse.Namespace:
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if a.size_by not in METHODS or METHODS[a.size_by].dense or a.size_by in AFTER_MST:
+        p.error(f"--size-by {a.size_by}: expected an MST method, e.g. mst or mst_v0")
     try:
         a.overrides = parse_overrides(a.set)
     except ValueError as e:
@@ -131,6 +136,8 @@ def run_one(spec: dict) -> dict:
                      data=spec.get("data"))
     cfg = mst_config(method, steps, spec["update_interval"], spec["overrides"], spec.get("sized"))
     out = Path(spec["out"])
+    if not method.dense:
+        same_recipe(out, cfg)
     if (out / "summary.json").is_file():  # finished before the benchmark was stopped: only its record is missing
         return {**final_record(spec, cfg, json.loads((out / "summary.json").read_text())), "resumed": True}
     if (out / "checkpoints" / "last.pt").is_file():  # stopped mid-run: continue it from its last checkpoint
@@ -236,9 +243,9 @@ def run_all(a) -> list[dict]:
     load_data(a.data, None, 0.05)  # tokenize the corpus once before the workers read it
     a.work.mkdir(parents=True, exist_ok=True)
     # the headline pair first, then the long wide runs (they bound the wall time), then the rest
-    first = [m for m in ("dense", "mst") if m in a.methods]
+    first = [m for m in ("dense", a.size_by) if m in a.methods]
     specs = [_spec(a, m, a.d) for m in first]
-    specs += [_spec(a, m, w) for w in a.widths for m in ("dense", "mst")]
+    specs += [_spec(a, m, w) for w in a.widths for m in ("dense", a.size_by)]
     specs += [_spec(a, m, a.d) for m in a.methods if m not in first and m not in AFTER_MST]
     if any(m in AFTER_MST for m in a.methods):  # sized by MST's predicted budget, with or without the MST run
         predicted = predict_mst_flops(a)
@@ -253,12 +260,13 @@ def predict_mst_flops(a) -> dict:
     The ledger charges every sparse weight and attention site per row of its input, and the masks,
     patterns and dense-gradient steps follow the schedule alone, so the totals scale exactly with the
     batch: the batch-1 run's totals times ``batch_size`` are the full run's (checked in the table)."""
-    spec = {**_spec(a, "mst", a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1, "log_interval": 1,
-            "out": str(a.work / "mst_flops_batch1")}
+    spec = {**_spec(a, a.size_by, a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1,
+            "log_interval": 1, "out": str(a.work / f"{a.size_by}_flops_batch1")}
     done = Path(spec["out"]) / "record.json"
-    if done.is_file():  # a rerun into the same --work folder: that sizing run already finished
-        r = json.loads(done.read_text())
-    else:
+    cfg = mst_config(METHODS[a.size_by], a.steps, spec["update_interval"], spec["overrides"])
+    r = json.loads(done.read_text()) if done.is_file() else None  # a rerun into the same --work: that run finished
+    if r is None or recorded_recipe(r) != cfg:  # none yet, or one of another recipe (before the defaults changed)
+        shutil.rmtree(spec["out"], ignore_errors=True)
         r = run_one(spec)
         done.write_text(json.dumps(r))
     scale = a.batch_size
@@ -332,7 +340,7 @@ def run(a: argparse.Namespace, command: str) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(a, k) for k in ("steps", "d", "n_layer", "n_head", "block_size", "batch_size", "lr", "lr_of", "lr_schedule",
-                                        "lr_decay", "seed",
+                                        "lr_decay", "seed", "size_by",
                                         "update_interval", "widths", "evals", "eval_iters", "final_eval_iters", "jobs", "quick",
                                         "data")}
     setup["overrides"] = {k: v for k, v in a.overrides.items()}

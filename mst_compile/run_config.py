@@ -133,7 +133,7 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MstCompileError(f"config file {p} is not valid TOML: {e}") from None
     if "model" in doc and isinstance(doc.get("mst"), dict):  # a run folder's own record: may predate the recipe/ablation split
-        doc["mst"] = _upgrade_saved(doc["mst"], doc.get("train") if isinstance(doc.get("train"), dict) else {})
+        doc["mst"] = upgrade_saved(doc["mst"], doc.get("train") if isinstance(doc.get("train"), dict) else {})
     train, mst = {}, {}
     for key, value in doc.items():
         if key in ("train", "mst") and isinstance(value, dict):
@@ -151,12 +151,12 @@ def read_config_file(path: str | Path) -> tuple[dict, dict]:
     return train, mst
 
 
-# Keys a run folder's [mst] table gained after the first saved format, with the value a run without them used
-# (today's defaults differ: a resumed or exported old run must keep the recipe it trained with).
-SAVED_BEFORE = {"lr_density_power": 0.0, "lr_density_scope": "run", "attention_depth": 1.0}
+# What a run folder's [mst] table left out when it was written, for keys whose default has changed since (or that
+# did not exist yet): the value that run trained with, so a resumed or exported old run keeps its recipe.
+SAVED_BEFORE = {"warmup_end": 0.1, "lr_density_power": 0.0, "lr_density_scope": "run", "attention_depth": 1.0}
 
 
-def _upgrade_saved(mst: dict, train: dict) -> dict:
+def upgrade_saved(mst: dict, train: dict) -> dict:
     """A saved ``[mst]`` table in an earlier spelling: the same run in today's keys. Keys it predates get the value
     the run used (``SAVED_BEFORE``). In the spelling before ``Ablation``, its
     ``total_steps`` and ``seed`` were copies of ``[train]``'s steps and seed (the trainer wrote both), so they go;

@@ -19,7 +19,7 @@ from mst_compile.ops.sparse_linear import SparseWeight
 
 T = 40  # updates every 5 steps: 7 topology updates, through warm-up, ultra and restoration
 CFG = mst_compile.MSTConfig(update_interval=5, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25, ultra_end=0.75,
-                            drop_fraction=(0.5, 0.3, 0.2), stride=4)
+                            drop_fraction=(0.5, 0.3, 0.2), stride=4, attention_depth=1.0)
 
 
 def _pair(make=tiny_gpt, **kw):

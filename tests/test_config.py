@@ -6,9 +6,11 @@ from mst_compile.runtime.schedule import Schedule
 
 def test_defaults_match_design():
     c = MSTConfig()  # docs/design.md §3 and §8
-    assert (c.sparsity, c.final_sparsity, c.warmup_end, c.ultra_end) == (0.85, 0.5, 0.1, 0.8)
+    assert (c.sparsity, c.final_sparsity, c.warmup_end, c.ultra_end) == (0.85, 0.5, 0.0, 0.8)
+    assert (c.lr_density_power, c.lr_density_scope, c.attention_depth) == (0.5, "run", 0.5)
     assert (c.update_interval, c.grow_gradient_fraction) == (None, 0.75)
-    assert Schedule(c, 1000).interval == 19  # derived: five updates inside the 100-step warm-up
+    assert Schedule(c, 1000).interval == 33  # derived without a warm-up: T // 30
+    assert Schedule(c.replace(warmup_end=0.1), 1000).interval == 19  # five updates inside a 100-step warm-up
     assert c.drop_fraction == (0.3, 0.3, 0.0)  # restoration drops nothing
     assert MSTConfig(drop_fraction=0.2).drop_fraction == (0.2, 0.2, 0.0)  # one number: warm-up and ultra
     assert c.ablation == Ablation() and c.ablation.restoration_shape == "late"

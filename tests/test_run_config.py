@@ -48,13 +48,23 @@ def test_a_missing_file_is_named(tmp_path):
 
 def test_a_run_folders_record_in_the_old_spelling_reads_in_todays_keys(tmp_path):
     """What mstc wrote before the recipe/ablation split: [mst] repeated the run's steps and seed, held the
-    ablation switches and, when set, the per-phase drop_fractions."""
+    ablation switches and, when set, the per-phase drop_fractions. Keys it predates read as the values that run
+    trained with (the defaults of then: a dense warm-up, the LR curve as is, HSA at every site), not today's."""
     old = ('model = "m.py"\n[train]\nsteps = 60\nseed = 2\n[mst]\ntotal_steps = 60\nseed = 2\nsparsity = 0.8\n'
            'drop_fraction = 0.3\ndrop_fractions = [0.2, 0.2, 0.1]\ngrow_init_scale = 0.0\nrestoration_shape = "early"\n')
     train, mst = read_config_file(_write(tmp_path, old))
     assert train == {"steps": 60, "seed": 2}
     assert MSTConfig.from_dict(mst) == MSTConfig(sparsity=0.8, drop_fraction=(0.2, 0.2, 0.1),
-                                                 ablation=Ablation(grow_init_scale=0.0, restoration_shape="early"))
+                                                 ablation=Ablation(grow_init_scale=0.0, restoration_shape="early"),
+                                                 warmup_end=0.1, lr_density_power=0.0, attention_depth=1.0)
+    assert MSTConfig().replace(warmup_end=0.1, lr_density_power=0.0, attention_depth=1.0) != MSTConfig()
+
+
+def test_a_record_written_today_reads_back_as_written(tmp_path):
+    """The fill-in for old records never touches a record that names every key (what mstc writes now)."""
+    for cfg in (MSTConfig(), MSTConfig(warmup_end=0.3, lr_density_power=1.0, attention_depth=0.25)):
+        text = 'model = "m.py"\n' + dumps_config(TrainConfig(steps=60), cfg)
+        assert MSTConfig.from_dict(read_config_file(_write(tmp_path, text))[1]) == cfg
 
 
 def test_old_keys_in_a_hand_written_file_are_still_refused(tmp_path):

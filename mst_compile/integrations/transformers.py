@@ -14,7 +14,11 @@ Checkpoints: ``checkpoint-N/mst_state.pt`` holds ``sm.mst.state_dict()`` (masks,
 random generator, FLOP ledger); ``trainer.train(resume_from_checkpoint=...)`` restores it, so a
 resumed run equals the uninterrupted one.
 
-Logs: every ``on_log`` adds ``mst_phase``, ``mst_density``, ``mst_target_sparsity``, ``mst_flops``,
+Learning rate: with ``lr_density_power`` (on by default) the callback multiplies the Trainer scheduler's
+learning rate of each step by ``sm.mst.lr_scale()`` just before the optimizer steps (``mstc train``'s rule);
+the Trainer's logged ``learning_rate`` is the scheduler's, ``mst_lr_scale`` the factor on top of it.
+
+Logs: every ``on_log`` adds ``mst_phase``, ``mst_density``, ``mst_lr_scale``, ``mst_target_sparsity``, ``mst_flops``,
 ``mst_dense_flops`` and ``mst_flop_reduction`` (all ranks together) to the logs and to
 ``trainer.state.log_history``. Reporters that ``report_to`` adds run before the callbacks given to
 ``Trainer(callbacks=...)``; to have TensorBoard or W&B record MST's numbers, list the reporter after
@@ -81,6 +85,20 @@ def _refuse_sharded_trainer(args) -> None:
                               f"(in your own loop, {SUPPORTED})")
 
 
+def closed_form_scheduler(scheduler: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """The Trainer's scheduler (accelerate wraps it) when it computes each step's LR from the step alone, as every
+    ``transformers`` schedule but reduce-on-plateau does: only then can the callback scale the LR of a step without
+    the scaling feeding into the next one."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate.scheduler.AcceleratedScheduler
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        raise MstCompileError(
+            f"MSTCallback: MSTConfig.lr_density_power scales the learning rate of each step, which needs a scheduler "
+            f"that computes it from the step alone (a LambdaLR, as transformers' lr_scheduler_type values but "
+            f"reduce_lr_on_plateau are); the Trainer has a {type(inner).__name__}: use such a scheduler, or "
+            f"MSTConfig(lr_density_power=0)")
+    return inner
+
+
 class MSTCallback(TrainerCallback):
     """Runs Mixed Sparsity Training inside ``transformers.Trainer``.
 
@@ -96,10 +114,10 @@ class MSTCallback(TrainerCallback):
     def __init__(self, config: MSTConfig | dict | None = None, *, seed: int = 0, example_inputs: dict | None = None,
                  filter_fn: Callable[[nn.Module, str], bool] | None = None, resume_from: str | os.PathLike | None = None):
         self.config, self.seed = as_config(config), seed
-        if self.config.lr_density_power != 0:  # the Trainer's scheduler owns every learning rate
-            raise ValueError(f"MSTCallback: MSTConfig.lr_density_power={self.config.lr_density_power} is not supported: the "
-                             "Trainer's lr scheduler sets the learning rate; use lr_density_power=0 here, or mstc train / "
-                             "your own loop with sm.mst.lr_multiplier()")
+        if self.config.lr_density_power != 0 and self.config.lr_density_scope == "weight":  # one group per weight
+            raise ValueError("MSTCallback: MSTConfig.lr_density_scope='weight' is not supported: it needs a param group "
+                             "per sparse weight, which the Trainer's optimizer does not have; use lr_density_scope='run' "
+                             "here, or mstc train / your own loop with sm.mst.lr_scales()")
         if example_inputs is not None and not isinstance(example_inputs, dict):
             raise TypeError(f"MSTCallback(example_inputs=...) must be a dict of keyword inputs like "
                             f"{{'input_ids': tokens}}, got {type(example_inputs).__name__}")
@@ -107,13 +125,15 @@ class MSTCallback(TrainerCallback):
         self.sm: torch.fx.GraphModule | None = None
         self._model: nn.Module | None = None
         self._world = 1
+        self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # set when the LR follows the density
 
     # -- train begin: capture, attach, restore, take over the forward ----------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if model is None:
             raise MstCompileError("MSTCallback: the Trainer passed no model to on_train_begin")
         _refuse_sharded_trainer(args)
         opt = torch_optimizer(optimizer)  # checked before anything is captured or changed
+        self._scheduler = closed_form_scheduler(lr_scheduler) if self.config.lr_density_power != 0 else None
         device = next(model.parameters()).device
         example = self.example_inputs or example_tokens(model, device)
         try:
@@ -174,11 +194,21 @@ class MSTCallback(TrainerCallback):
         model.forward = forward
 
     # -- during training ------------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """The learning rate follows the density (``lr_density_power``): the scheduler's value of this step times
+        ``sm.mst.lr_scale()``, set just before the step. Idempotent (a step a loss scaler skips leaves the group at
+        the scaled value, set again from the scheduler next time); the scheduler's next step writes its own value back."""
+        if self.sm is None or self._scheduler is None:
+            return
+        scale = self.sm.mst.lr_scale()
+        for g, lr in zip(torch_optimizer(optimizer).param_groups, self._scheduler.get_last_lr(), strict=True):
+            g["lr"] = float(lr) * scale
+
     def metrics(self) -> dict[str, Any]:
         """MST's numbers now: phase, density, target sparsity and cumulative FLOPs of all ranks."""
         mst = self.sm.mst
         f = mst.flops
-        return {"mst_phase": mst.phase, "mst_density": float(mst.density()),
+        return {"mst_phase": mst.phase, "mst_density": float(mst.density()), "mst_lr_scale": float(mst.lr_scale()),
                 "mst_target_sparsity": float(mst.target_sparsity), "mst_flops": float(f.mst_total) * self._world,
                 "mst_dense_flops": float(f.dense_total) * self._world, "mst_flop_reduction": float(f.reduction)}
 

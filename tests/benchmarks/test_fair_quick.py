@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import mst_compile
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--d", "32", "--n-layer", "2", "--n-head", "2", "--block-size", "32", "--batch-size", "4", "--eval-iters", "1",
         "--final-eval-iters", "2", "--methods", "dense,mst,dense_avg", "--jobs", "2"]
@@ -133,9 +135,12 @@ def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path
     another LR is trained and its record replaces the old one (a later tune moved the method's LR)."""
     fair = _load("fair")
 
-    old = [{"name": "mst/s0", "lr": 4e-3, "lr_schedule": "wsd", "val_loss": 1.9},
-           {"name": "dense/s0", "lr": 2e-3, "lr_schedule": "wsd", "val_loss": 1.5}]
-    specs = [{"name": "mst/s0", "lr": 8e-3, "lr_schedule": "wsd"}, {"name": "dense/s0", "lr": 2e-3, "lr_schedule": "wsd"}]
+    size = {"d": 32, "n_layer": 2, "steps": 40, "update_interval": None, "overrides": {}}
+    today = {k: v for k, v in mst_compile.MSTConfig().to_dict().items()}
+    old = [{"name": "mst/s0", "method": "mst", "lr": 4e-3, "lr_schedule": "wsd", "val_loss": 1.9, **size, "mst_config": today},
+           {"name": "dense/s0", "method": "dense", "lr": 2e-3, "lr_schedule": "wsd", "val_loss": 1.5, **size}]
+    specs = [{"name": "mst/s0", "method": "mst", "lr": 8e-3, "lr_schedule": "wsd", **size},
+             {"name": "dense/s0", "method": "dense", "lr": 2e-3, "lr_schedule": "wsd", **size}]
     trained = []
 
     def fake_pool(todo, jobs, fn):
@@ -149,6 +154,16 @@ def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path
     assert sorted((r["name"], r["lr"], r["val_loss"]) for r in doc["runs"]) == [("dense/s0", 2e-3, 1.5), ("mst/s0", 8e-3, 1.8)]
     assert doc["superseded"] == [old[0]]  # the replaced record is kept beside the table, not lost
     assert "mst/s0 at wsd 0.008 replaces the run at wsd 0.004 (val 1.9000)" in capsys.readouterr().out
+    # at the same LR, a record of another recipe (the first defaults, from before the defaults changed; its record
+    # predates attention_depth) or of another model size is trained again, never reported as today's run
+    first = {k: v for k, v in today.items() if k != "attention_depth"} | {"warmup_end": 0.1, "lr_density_power": 0.0}
+    stale = [{**old[0], "lr": 8e-3, "mst_config": first}, {**old[1], "d": 24}]
+    trained.clear()
+    fair._pool(SimpleNamespace(out=tmp_path, jobs=1), specs, {"runs": stale}, None)
+    assert trained == ["mst/s0", "dense/s0"]
+    trained.clear()
+    fair._pool(SimpleNamespace(out=tmp_path, jobs=1), specs, {"runs": [{**old[0], "lr": 8e-3}, old[1]]}, None)
+    assert trained == []  # the same recipe and size: kept
     from _fair_tables import _tuned_from  # the table names where each method's LR came from
 
     assert _tuned_from({"dense": "t500.json", "static_eq": "t500.json", "mst": "t3000.json"}) == \

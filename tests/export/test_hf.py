@@ -81,7 +81,7 @@ def _greedy(sm, prompt, n):
 
 @pytest.mark.slow
 def test_sparse_attention_runs_as_trained_after_reload(tmp_path):
-    model, sm, _ = _trained(mst_compile.MSTConfig(stride=4, **SPARSE), 5, hf_llama)  # grouped-query attention
+    model, sm, _ = _trained(mst_compile.MSTConfig(stride=4, attention_depth=1.0, **SPARSE), 5, hf_llama)  # grouped-query attention
     assert set(sm.mst.attention_patterns().values()) == {"sparse"}
     sm.eval()
     folder = export_hf(model, tmp_path / "hf", sm)
@@ -120,7 +120,9 @@ def test_default_stride_is_the_trained_one(tmp_path):
     with pytest.raises(mst_compile.MstCompileError, match=r"give the length the model trained at \(block_size=...\)"):
         export_hf(model, tmp_path / "unused", sm)
     folder = export_hf(model, tmp_path / "hf", sm, block_size=16)  # trained on 16 tokens: stride 2
-    assert {e["stride"] for e in json.loads((folder / "config.json").read_text())["mst_attention"].values()} == {2}
+    # the defaults' attention_depth=0.5: HSA in the first of the two layers, dense causal in the second
+    assert json.loads((folder / "config.json").read_text())["mst_attention"] == {
+        "0": {"pattern": "sparse", "stride": 2}, "1": {"pattern": "dense", "stride": None}}
     loaded = _load(folder)
     sm.eval()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -181,7 +183,7 @@ def test_cli_exports_a_run_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # elsewhere: the run folder records the model file by absolute path
     r = CliRunner().invoke(main, ["export", "work/run", "--format", "hf", "out"])
     assert r.exit_code == 0, r.output
-    assert "masks folded in, attention at the end of training sparse (config.json selects the mst_hsa" in r.output
+    assert "masks folded in, attention at the end of training mixed (config.json selects the mst_hsa" in r.output
     loaded = _load(tmp_path / "out")
     ck = torch.load(work / "run/checkpoints/last.pt", weights_only=True)
     for n, p in loaded.state_dict().items():
@@ -189,7 +191,7 @@ def test_cli_exports_a_run_from_another_folder(tmp_path, monkeypatch):
             assert torch.equal(p, ck["model"][n]), n
     assert read_summary(tmp_path / "out")["run"]["step"] == 8
     # blocks of 16 tokens: the default stride 16 / 8 = 2 is kept; the run loaded in PyTorch agrees
-    assert {e["stride"] for e in json.loads((tmp_path / "out/config.json").read_text())["mst_attention"].values()} == {2}
+    assert json.loads((tmp_path / "out/config.json").read_text())["mst_attention"]["0"] == {"pattern": "sparse", "stride": 2}
     trained = mst_compile.load("work/run")
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

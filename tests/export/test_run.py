@@ -20,7 +20,8 @@ from mst_compile.modelfile import load_model_file
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-# 64 positions, trained on blocks of 32, with HSA in every phase (the defaults) and the default stride
+# 64 positions, trained on blocks of 32, with HSA in every phase in the first of its two blocks (the defaults'
+# attention_depth=0.5) and the default stride
 MODEL = f'''
 import sys
 sys.path.insert(0, {str(EXAMPLES)!r})
@@ -68,11 +69,16 @@ def _one_line(r) -> str:
     return r.output
 
 
-def _oracle_sdpa(stride: int):
-    """Causal SDPA restricted to the sparse pattern (i - j < l or (i - j) % l == 0) by a dense mask."""
+def _oracle_sdpa(stride: int, sparse_blocks: int = 1, n_layer: int = 2):
+    """Causal SDPA restricted to the sparse pattern (i - j < l or (i - j) % l == 0) by a dense mask in the first
+    ``sparse_blocks`` of every ``n_layer`` calls (the blocks run in order), dense causal in the others."""
     sdpa = F.scaled_dot_product_attention
+    calls = []
 
     def attend(q, k, v, is_causal=False, **kw):
+        calls.append(1)
+        if (len(calls) - 1) % n_layer >= sparse_blocks:
+            return sdpa(q, k, v, is_causal=True, **kw)
         d = torch.arange(q.shape[-2])[:, None] - torch.arange(k.shape[-2])[None, :]  # (T, T) i - j
         return sdpa(q, k, v, attn_mask=(d >= 0) & ((d < stride) | (d % stride == 0)), **kw)
 

@@ -80,7 +80,8 @@ def test_patched_forward_is_the_models_loss_through_the_sparse_ops():
     want = model(input_ids=x, labels=x)
     cb = MSTCallback(CFG, seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cb.on_train_begin(_args("unused"), TrainerState(max_steps=8), None, model=model, optimizer=opt)
+    cb.on_train_begin(_args("unused"), TrainerState(max_steps=8), None, model=model, optimizer=opt,
+                      lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0))
     calls = []
     hooks = [sw.register_forward_pre_hook(lambda m, a: calls.append(1)) for sw in cb.sm.mst.sparse_weights().values()]
     got = model(input_ids=x, labels=x, attention_mask=torch.ones_like(x))
@@ -113,6 +114,49 @@ def test_trainer_runs_mst(tmp_path):
         sd = torch.load(tmp_path / f"checkpoint-{step}" / STATE_FILE, weights_only=True)
         assert sd["step"] == step
     assert "forward" not in trainer.model.__dict__  # the model's own forward after training
+
+
+class _LrSpy(TrainerCallback):
+    """Listed after MSTCallback: the learning rate each optimizer step runs with, and the masks' density then."""
+
+    def __init__(self, mst_cb):
+        self.mst_cb, self.seen = mst_cb, []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        masks = self.mst_cb.sm.mst.masks().values()
+        density = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        self.seen.append((state.global_step, [g["lr"] for g in optimizer.param_groups], density))
+
+
+def test_the_learning_rate_follows_the_density_in_the_trainer(tmp_path):
+    """lr_density_power=0.5: every optimizer step runs at the Trainer's linear schedule (3e-3 · (1 − k/8), computed
+    here) times (1/density)^0.5 of the masks at that step; the log names the factor."""
+    cb = MSTCallback(CFG.replace(lr_density_power=0.5), seed=5)
+    spy = _LrSpy(cb)
+    trainer, _ = _train(tmp_path, cb=cb, extra=[spy])
+    assert [k for k, _, _ in spy.seen] == list(range(8))
+    for k, lrs, density in spy.seen:
+        want = 3e-3 * (1 - k / 8) * density ** -0.5
+        assert lrs == pytest.approx([want] * len(lrs), rel=1e-6), f"step {k}"
+    assert min(d for _, _, d in spy.seen) < 0.5  # the factor was well above 1 somewhere
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["mst_lr_scale"] == pytest.approx(cb.sm.mst.density() ** -0.5)
+
+
+def test_a_learning_rate_that_cannot_follow_the_density_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lr_density_scope='weight' is not supported"):
+        MSTCallback(CFG.replace(lr_density_power=0.5, lr_density_scope="weight"))
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=Blocks(), callbacks=[MSTCallback(CFG, seed=5)],
+                          optimizers=(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2)))
+        with pytest.raises(mst_compile.MstCompileError, match="the Trainer has a StepLR: use such a scheduler"):
+            trainer.train()
+    assert trainer.state.global_step == 0
+    # with the power off the same scheduler is the Trainer's business
+    _train(tmp_path / "off", cb=MSTCallback(CFG.replace(lr_density_power=0.0), seed=5), max_steps=2)
 
 
 class _StopAt(TrainerCallback):

@@ -26,7 +26,7 @@ RULES = {"h.*.attn": {"warmup": "local", "ultra": "strided"}, "h.1.attn": "spars
 
 # -- the config field ----------------------------------------------------------------------------
 def test_attention_sites_resolve_per_site_and_phase_later_rules_win():
-    c = MSTConfig(attention="sparse", attention_phases=("ultra",), attention_sites=RULES)
+    c = MSTConfig(attention="sparse", attention_phases=("ultra",), attention_sites=RULES, attention_depth=1.0)
     got = {(s, p): c.attention_pattern(s, p) for s in ("h.0.attn", "h.1.attn", "other") for p in ("warmup", "ultra", "restoration")}
     assert got == {
         ("h.0.attn", "warmup"): "local", ("h.0.attn", "ultra"): "strided", ("h.0.attn", "restoration"): "dense",
@@ -90,7 +90,8 @@ def _run(sm, opt, steps, seen):
 
 
 def _sparsified(**kw):
-    cfg = MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, attention_phases=("ultra",), **kw)
+    cfg = MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75, stride=4, attention_phases=("ultra",),
+                    attention_depth=1.0, **kw)
     torch.manual_seed(0)
     sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=12)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)

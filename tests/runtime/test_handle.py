@@ -87,8 +87,8 @@ def test_set_attention_pins_sites_until_handed_back():
     assert set(sm.mst.attention_patterns().values()) == {"local"}
     sm.mst.set_attention({sites[0]: "strided"}, stride=4)
     assert sm.mst.attention_patterns()[sites[0]] == "strided" and sm.mst.attention_modules()[sites[0]].stride == 4
-    sm.mst.set_attention(None)  # back to the schedule: step 0 is warm-up, an attention phase by default
-    assert set(sm.mst.attention_patterns().values()) == {"sparse"}
+    sm.mst.set_attention(None)  # back to the schedule: HSA in the first half of the sites (attention_depth=0.5)
+    assert sm.mst.attention_patterns() == {sites[0]: "sparse", sites[1]: "dense"}
     with pytest.raises(ValueError, match="unknown attention sites"):
         sm.mst.set_attention({"nope": "dense"})
     with pytest.raises(ValueError, match="got 1 patterns for 2"):

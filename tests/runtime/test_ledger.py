@@ -24,7 +24,7 @@ def _step(sm, opt, x):
 
 def test_dense_count_matches_flop_counter_mode():
     torch.manual_seed(0)
-    sm = mst_compile.sparsify(tiny_gpt(), {"update_interval": 5, "attention_phases": ["ultra"]}, total_steps=100)  # step 1: dense
+    sm = mst_compile.sparsify(tiny_gpt(), {"update_interval": 5, "attention_phases": ["ultra"], "warmup_end": 0.1}, total_steps=100)  # step 1: dense
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
     x = torch.randint(0, 64, (B, TT))
@@ -45,7 +45,7 @@ def test_dense_count_matches_flop_counter_mode():
 def test_mst_count_uses_densities_and_the_attention_pattern():
     torch.manual_seed(0)
     cfg = mst_compile.MSTConfig(update_interval=40, warmup_end=0.0, sparsity=0.75,
-                                attention="local", stride=4)
+                                attention="local", stride=4, attention_depth=1.0)
     sm = mst_compile.sparsify(tiny_gpt(), cfg, total_steps=100)
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)
@@ -168,7 +168,7 @@ def test_dense_total_is_the_whole_model_flop_counter_count(name):
     model = make()
     x = torch.randint(0, vocab, (B, TT), generator=torch.Generator().manual_seed(0))
     mm, bmm = _flop_counter(model, x, kw)
-    sm = mst_compile.sparsify(model, {"update_interval": 5, "attention_phases": ["ultra"]}, total_steps=100,
+    sm = mst_compile.sparsify(model, {"update_interval": 5, "attention_phases": ["ultra"], "warmup_end": 0.1}, total_steps=100,
                               example_inputs={kw: x} if kw else (x,))  # step 1: dense weights, dense attention
     opt = torch.optim.SGD(sm.parameters(), lr=0.0)
     sm.mst.attach(opt)

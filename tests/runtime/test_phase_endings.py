@@ -49,7 +49,7 @@ def test_widen_through_a_training_run_and_the_ledger_charges_each_width():
 
     T_run = 40
     cfg = mst_compile.MSTConfig(update_interval=2, ablation=mst_compile.Ablation(attention_restore="widen"),
-                                attention_phases=("ultra",))  # restoration [32, 40] widens instead of turning dense
+                                attention_phases=("ultra",), attention_depth=1.0)  # restoration [32, 40] widens, every site
     model = tiny_gpt()
     sm = mst_compile.sparsify(model, cfg, total_steps=T_run)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
@@ -127,7 +127,7 @@ def test_trainer_follows_the_phase_aware_learning_rate(tmp_path):
     write(tmp_path, "tiny.py", TINY)
     tc = TrainConfig(steps=24, batch_size=2, block_size=32, eval_iters=1, eval_interval=24, log_interval=1,
                      lr=2e-3, warmup_steps=2, lr_schedule="wsd")
-    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75)
+    cfg = mst_compile.MSTConfig(update_interval=2, warmup_end=0.25, ultra_end=0.75, lr_density_power=0.0)  # the curve alone
     train(tmp_path / "tiny.py", tc, cfg, out=tmp_path / "run", progress=False)
     lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"}
     for step, lr in lrs.items():

@@ -121,26 +121,29 @@ def test_bad_input():
     with pytest.raises(ValueError, match="past total_steps=100"):
         run(100, schedule=[(0, 0.5), (200, 0.9)])
     with pytest.raises(ValueError, match="warmup phase .* contains no topology update"):
-        run(50, update_interval=100)
+        run(50, update_interval=100, warmup_end=0.1)
     with pytest.raises(ValueError, match="ultra phase .* contains no topology update"):
         run(50, update_interval=50, warmup_end=0.0)  # one at step 50 would come after the last step
     with pytest.raises(ValueError, match="restoration phase .* the density would never be restored"):
         run(100, update_interval=10, warmup_end=0.2, ultra_end=0.95)
     with pytest.raises(ValueError, match=r"warmup phase \[0, 100\) .* expected update_interval <= 20"):
-        run(1000, update_interval=100)
+        run(1000, update_interval=100, warmup_end=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run(1000, update_interval=50)
+        run(1000, update_interval=50, warmup_end=0.1)
         run(1000)  # the derived interval always fits
+        run(1000, warmup_end=0.1)
 
 
 def test_derived_update_interval_gives_the_warmup_five_updates():
     for T in (60, 100, 1000, 3000, 100_000):
-        cfg = run(T)
+        cfg = run(T, warmup_end=0.1)
         assert sum(1 for k in update_steps(cfg) if phase_at(k, cfg) == "warmup") >= 5, T
-    assert run(3000).interval == 59
-    assert run(100_000).interval == 100  # capped: more updates buy nothing but probes
+    assert run(3000, warmup_end=0.1).interval == 59
+    assert run(100_000, warmup_end=0.1).interval == 100  # capped: more updates buy nothing but probes
     assert run(3000, update_interval=7).interval == 7
+    # without a warm-up (the defaults): 30 updates a run, the published 100 at 3000 steps, capped at 100
+    assert (run(3000).interval, run(600).interval, run(100_000).interval, run(20).interval) == (100, 20, 100, 1)
 
 
 def test_wsd_lr_is_flat_until_restoration_then_decays_to_the_floor():

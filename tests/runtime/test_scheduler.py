@@ -12,7 +12,7 @@ from mst_compile.runtime.schedule import Schedule, drop_fraction, phase_at, targ
 
 T, DT = 24, 3
 CFG = mst_compile.MSTConfig(update_interval=DT, sparsity=0.8, final_sparsity=0.5, warmup_end=0.25,
-                            ultra_end=0.75, drop_fraction=(0.5, 0.3, 0.2), distribution="er")
+                            ultra_end=0.75, drop_fraction=(0.5, 0.3, 0.2), distribution="er", attention_depth=1.0)
 RUN = Schedule(CFG, T)
 
 

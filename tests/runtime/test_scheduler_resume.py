@@ -58,7 +58,7 @@ def test_resume_is_bitwise_identical(attach_before_load):
         sm_c.mst.attach(opt_c)
     opt_c.load_state_dict(ckpt["opt"])
     assert sm_c.mst.step_count == N and sm_c.mst.phase == "ultra"
-    assert set(sm_c.mst.attention_patterns().values()) == {CFG.attention}
+    assert list(sm_c.mst.attention_patterns().values()) == [CFG.attention, "dense"]  # attention_depth=0.5
     _train(sm_c, opt_c, data[N:])
 
     for n, m in sm_a.mst.masks().items():
