@@ -169,3 +169,19 @@ def test_a_confirm_at_a_new_lr_trains_again_and_replaces_the_old_record(tmp_path
     assert _tuned_from({"dense": "t500.json", "static_eq": "t500.json", "mst": "t3000.json"}) == \
         "`t500.json` (MST (defaults) from `t3000.json`)"
     assert _tuned_from("t500.json") == _tuned_from({"dense": "t500.json"}) == "`t500.json`"
+
+
+def test_a_run_folder_of_another_recipe_is_never_picked_up(tmp_path):
+    """A folder a benchmark finds (a rerun into the same --work) trained with the first defaults is refused in one
+    line naming what differs when today's defaults are asked for; a folder of the same recipe is picked up."""
+    _load("fair")
+    from _pool import same_recipe
+
+    from mst_compile.run_config import TrainConfig, dumps_config
+
+    first = mst_compile.MSTConfig(warmup_end=0.1, lr_density_power=0.0, attention_depth=1.0)
+    (tmp_path / "config.toml").write_text('model = "m.py"\n' + dumps_config(TrainConfig(steps=40), first))
+    with pytest.raises(SystemExit, match=r"trained with another MST recipe \(warmup_end = 0\.1 \(now 0\.0\), "
+                                         r"lr_density_power = 0\.0 \(now 0\.5\), attention_depth = 1\.0 \(now 0\.5\)\)"):
+        same_recipe(tmp_path, mst_compile.MSTConfig())
+    same_recipe(tmp_path, first)

@@ -83,9 +83,11 @@ def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch)
         assert row["mst_vs_dense_avg"]["gaps_pct"] == pytest.approx([100 * v for v in vs])
         from mst_compile.train.metrics import read_jsonl
 
-        curves = {m: [x["lr"] for x in read_jsonl(Path(runs[(p["name"], m, lrs[0], 0)]["out"]) / "metrics.jsonl")
+        curves = {m: [x["lr"] * x["density"] ** (0.5 if m == "mst" else 0.0)  # the defaults' factor (1/density)^0.5 off
+                      for x in read_jsonl(Path(runs[(p["name"], m, lrs[0], 0)]["out"]) / "metrics.jsonl")
                       if x["kind"] == "train"] for m in ("dense", "mst", "paper", "dense_avg")}
-        assert curves["mst"] == curves["dense"] == curves["paper"] == curves["dense_avg"]  # one learning-rate curve for all
+        assert curves["mst"] == pytest.approx(curves["dense"], rel=1e-12)
+        assert curves["dense"] == curves["paper"] == curves["dense_avg"]  # one learning-rate curve for all
         vs_pkg = next(v for v in rg.package_map(doc)["configs"]["default"]["vs_dense_avg"]  # what mstc plan reads
                       if v["tokens_per_param"] == p["tokens_per_param"])
         assert vs_pkg["gaps_pct"] == pytest.approx([100 * v for v in vs]) and vs_pkg["dense_avg_params"] == at[("dense_avg", 0)]["params"]
@@ -98,3 +100,20 @@ def test_quick_run_tunes_every_method_and_pairs_the_seeds(tmp_path, monkeypatch)
     assert json.loads((out / "regime.json").read_text())["summary"] == json.loads(json.dumps(s))
     md = (out / "regime.md").read_text()
     assert "tokens/param" in md and "MST defaults" in md and "paper preset" in md and "seeds 0, 1" in md
+    # --reuse dense,paper (after a change of the defaults): exactly those runs come back from the last map, and only
+    # from a map of the same setup whose paper runs trained today's preset
+    args = ["--quick", "--out", str(out), "--work", str(tmp_path / "runs2")]
+    reused = rg.reused_runs(rg._args([*args, "--reuse", "dense,paper"]), points)
+    assert sorted(r["name"] for r in reused) == sorted(r["name"] for r in doc["runs"] if r["method"] in ("dense", "paper"))
+    assert rg.reused_runs(rg._args(args), points) == []
+    with pytest.raises(SystemExit, match="ran another setup \\(lrs differ\\)"):
+        rg.reused_runs(rg._args([*args, "--reuse", "dense", "--lrs", "1e-3,2e-3"]), points)
+    stale = json.loads((out / "regime.json").read_text())
+    for r in stale["runs"]:
+        if r["method"] == "paper":
+            r["mst_config"]["sparsity"] = 0.8
+    (out / "regime.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match="trained another recipe than today's paper preset"):
+        rg.reused_runs(rg._args([*args, "--reuse", "paper"]), points)
+    with pytest.raises(SystemExit):
+        rg._args([*args, "--reuse", "mst"])  # MST's own runs (and what is sized from them) always train again
