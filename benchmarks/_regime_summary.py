@@ -170,6 +170,10 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {label}: gap ≈ {fit['a']:.3g} · r^({-fit['b']:+.3f})% (fitted to the mean gaps); ≤ 5% gap "
                      f"{_where(f['within_5pct_at'], lo, hi, fit)}; ≤ 1% gap {_where(f['within_1pct_at'], lo, hi, fit)}.")
     lines += ["", f"Command: `{doc['command']}` ({doc['wall_s'] / 60:.0f} min).", ""]
+    if reused := sorted({r["method"] for r in doc["runs"] if "reused_from" in r}):
+        source = next(r["reused_from"] for r in doc["runs"] if "reused_from" in r)
+        lines += [f"The {', '.join(reused)} runs are those of an earlier map (`{source}`), taken over by `--reuse`: their "
+                  "recipes are unchanged, but their wall times come from that run, not side by side with MST's.", ""]
     return "\n".join(lines)
 
 

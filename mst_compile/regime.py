@@ -79,29 +79,35 @@ def expected_gap(config: MSTConfig, tokens_per_param: float) -> tuple[float | No
 
 
 def regime_note(config: MSTConfig, tokens_per_param: float) -> str | None:
-    """The note ``mstc train`` prints at start for a run below the tokens/param where the regime map
-    found MST within 5% of dense, or near a point where the dense model of MST's average size ended
-    below it at every seed (None when neither, or when there is no map)."""
+    """The note ``mstc train`` prints at start for a run where the regime map's fit (read at the nearest end of
+    the measured range outside it) has MST more than 5% from dense, or near a point where the dense model of
+    MST's average size ended below it at every seed (None when neither, or when there is no map)."""
     m = regime_map()
     if m is None:
         return None
     series, _ = _series_for(config)
     c = m["configs"][series]
-    x5, pts = c["within_5pct_at"], c["points"]
+    x5, pts, fit = c["within_5pct_at"], c["points"], c["fit"]
+    lo, hi = m["measured_range"]
+    near = _nearest(pts, tokens_per_param)
+    # the fit inside the measured range (not extrapolated for a warning); without a fit, the nearest point
+    here = (fit["a"] * min(max(tokens_per_param, lo), hi) ** -fit["b"] if fit is not None
+            else None if near is None else near["gap_pct"])
     vs = versus_dense_avg(config, tokens_per_param)
     smaller = "" if vs is None or vs["verdict"] != "above" else f"; {versus_text(vs)}: train that model instead"
     ratio = f"{tokens_per_param:,.1f}" if tokens_per_param >= 1 else f"{tokens_per_param:.2g}"
-    if x5 is not None and tokens_per_param >= x5:
+    if here is None or here <= 5.0 or (x5 is not None and tokens_per_param >= x5):
         return None if not smaller else (f"this run trains {ratio} tokens per parameter{smaller}. "
                                          "`mstc plan` shows the expected gap for a budget")
-    near = _nearest(pts, tokens_per_param)
     seen = "" if near is None else (f" (measured: {near['gap_pct']:+.1f}% at {near['tokens_per_param']:,.0f} tokens/param, "
                                     f"{near['reduction']:.1f}x fewer FLOPs)")
-    lo, hi = m["measured_range"]
-    where = ("it stays above 5% across the measured range "
-             f"{lo:,.0f}-{hi:,.0f} tokens/param" if x5 is None else
-             f"it comes within 5% of dense from about {x5:,.0f} tokens/param"
-             + ("" if lo <= x5 <= hi else f" (extrapolated beyond the measured {lo:,.0f}-{hi:,.0f})"))
+    if x5 is not None:
+        where = f"it comes within 5% of dense from about {x5:,.0f} tokens/param" + (
+            "" if lo <= x5 <= hi else f" (extrapolated beyond the measured {lo:,.0f}-{hi:,.0f})")
+    elif fit is not None and fit["b"] < 0:
+        where = f"the gap grows with tokens per parameter across the measured range {lo:,.0f}-{hi:,.0f}"
+    else:
+        where = f"it stays above 5% across the measured range {lo:,.0f}-{hi:,.0f} tokens/param"
     return (f"this run trains {ratio} tokens per parameter; on the regime map (benchmarks/regime.py) MST "
-            f"with the {series} config ends further from dense at this ratio{seen}: {where}{smaller}. "
-            "`mstc plan` shows the expected gap for a budget")
+            f"with the {series} config ends about {here:.0f}% above dense at this ratio by the map's fit{seen}: "
+            f"{where}{smaller}. `mstc plan` shows the expected gap for a budget")

@@ -40,8 +40,22 @@ def test_the_note_only_below_the_five_percent_point(fake_map):
     assert regime.regime_note(MSTConfig(), 100.0) is None
     note = regime.regime_note(MSTConfig(), 12.0)
     assert note.startswith("this run trains 12.0 tokens per parameter")
+    assert "ends about 14% above dense at this ratio by the map's fit" in note  # 50 / sqrt(12)
     assert "+15.8% at 10 tokens/param, 2.0x fewer FLOPs" in note  # the nearest measured point
     assert "within 5% of dense from about 100 tokens/param" in note and "extrapolated" not in note
+    assert "about 16% above" in regime.regime_note(MSTConfig(), 1.0)  # below the map: read at its end (10), not beyond
+
+
+def test_the_note_where_the_gap_grows_with_tokens_per_param(monkeypatch):
+    """A map whose fitted gap grows (MST nearest dense on few tokens per parameter): a note where the fit, inside the
+    measured range, is above 5%, none below it, and it says which way the gap goes."""
+    grows = {**MAP, "configs": {**MAP["configs"], "default": {
+        **MAP["configs"]["default"], "fit": {"a": 1.0, "b": -0.5}, "within_5pct_at": None, "vs_dense_avg": []}}}
+    monkeypatch.setattr(regime, "regime_map", lambda: grows)
+    assert regime.regime_note(MSTConfig(), 16.0) is None and regime.regime_note(MSTConfig(), 0.5) is None  # 4%, 3.2%
+    note = regime.regime_note(MSTConfig(), 400.0)  # 1 · 400^0.5 = 20%
+    assert "ends about 20% above dense" in note and "the gap grows with tokens per parameter across the measured range 10-1,000" in note
+    assert "about 32% above" in regime.regime_note(MSTConfig(), 1e6)  # read at the measured end, not extrapolated
 
 
 def test_the_average_size_dense_model_nearby(fake_map):
