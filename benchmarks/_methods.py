@@ -135,9 +135,9 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 # sized from MST's (predicted) result
 AFTER_MST = ("dense_eq", "static_eq", "dense_narrow", "dense_shallow", "dense_avg")
 
-# what reproduce.py trains by default; the variants (a learning rate that follows density, tiles, dense attention,
-# HSA per layer) run by name
-VARIANTS = ("mst_v0", "mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
+# what reproduce.py trains by default (the first defaults too: the ablations mst_no_sv, mst_no_hsa and mst_grad_grow
+# are of them); the variants (a learning rate that follows density, tiles, dense attention, HSA per layer) run by name
+VARIANTS = ("mst_lrd1", "mst_lrd05", "mst_lrd05_z01", "mst_lrd05_z0", "mst_lrd05_norest",
             "mst_lrd05_w0", "mst_lrd05w_w0", "mst_lrd05_w0_norest", "mst_lrd05_w0_fixed", "mst_lrd05_w0_dattn",
             "mst_dattn", "mst_hsa_lower", "mst_hsa_upper", "mst_hsa_lower_lrd05_w0", "mst_lrd075_w0",
             "mst_lrd05_w05", "mst_tile16", "mst_tile32", "mst_tile64")

@@ -50,20 +50,25 @@ def test_quick_run_trains_every_method(quick):
     # one learning-rate curve: every run of the same length has the same lr, step by step, dense or sparse
     from mst_compile.train.metrics import read_jsonl
 
-    lrs = {n: [x["lr"] for x in read_jsonl(Path(r["out"]) / "metrics.jsonl") if x["kind"] == "train"] for n, r in runs.items()}
+    # (the defaults' lr_density_power multiplies the curve by (1/density)^p, the density logged beside it)
+    power = {n: (r.get("mst_config") or {}).get("lr_density_power", 0.0) for n, r in runs.items()}
+    lrs = {n: [x["lr"] * x["density"] ** power[n] for x in read_jsonl(Path(r["out"]) / "metrics.jsonl") if x["kind"] == "train"]
+           for n, r in runs.items()}
+    assert power["mst"] == 0.5 and power["mst_no_sv"] == power["static"] == 0.0
     for name, r in runs.items():
         if r["steps"] == dense["steps"]:
-            assert lrs[name] == lrs["dense"], name
+            assert lrs[name] == pytest.approx(lrs["dense"], rel=1e-12), name
     assert lrs["dense"][-1] < lrs["dense"][len(lrs["dense"]) // 2]  # and it decays
     # sparse methods spend fewer FLOPs; the three constant-90% baselines spend the same
-    for name in ("static", "set", "rigl", "mst", "paper", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "static_eq"):
+    for name in ("static", "set", "rigl", "mst", "mst_v0", "paper", "mst_no_sv", "mst_no_hsa", "mst_grad_grow", "static_eq"):
         assert runs[name]["mst_flops"] < 0.6 * dense["mst_flops"], name
     # SET grows at random, so it never forms the dense gradient that RigL pays for before each update
     assert runs["set"]["mst_flops"] == pytest.approx(runs["static"]["mst_flops"])
     assert runs["set"]["mst_flops"] < runs["rigl"]["mst_flops"]
-    # HSA only removes attention work; gradient-only growth changes which weights grow, not how many
-    assert runs["mst_no_hsa"]["mst_flops"] > runs["mst"]["mst_flops"]
-    assert runs["mst_grad_grow"]["mst_flops"] == pytest.approx(runs["mst"]["mst_flops"])
+    # HSA only removes attention work; gradient-only growth changes which weights grow, not how many (both ablate
+    # the first defaults, mst_v0)
+    assert runs["mst_no_hsa"]["mst_flops"] > runs["mst_v0"]["mst_flops"]
+    assert runs["mst_grad_grow"]["mst_flops"] == pytest.approx(runs["mst_v0"]["mst_flops"])
     # dense at equal FLOPs: MST's budget to within one dense step
     eq = runs["dense_eq"]
     assert eq["steps"] < dense["steps"]
@@ -111,7 +116,7 @@ def test_quick_run_writes_table_json_and_plots(quick):
     assert bar["vs_static_pct"] == pytest.approx(100 * (mst["val_loss"] / static["val_loss"] - 1))
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| width")) and "---" not in line]
-    assert len(rows) == 14 + 2  # fourteen methods, then the two widths
+    assert len(rows) == 15 + 2  # fifteen methods, then the two widths
     assert "| dense (baseline) | 40 |" in md and "| 1.00x |" in md and "--quick" in md
     for name in ("loss_vs_flops", "gap_vs_params"):
         img = mpimg.imread(out / f"{name}.png")
