@@ -205,7 +205,7 @@ class MSTCallback(TrainerCallback):
             g["lr"] = float(lr) * scale
 
     def metrics(self) -> dict[str, Any]:
-        """MST's numbers now: phase, density, target sparsity and cumulative FLOPs of all ranks."""
+        """MST's numbers now: phase, density, the LR factor, target sparsity and cumulative FLOPs of all ranks."""
         mst = self.sm.mst
         f = mst.flops
         return {"mst_phase": mst.phase, "mst_density": float(mst.density()), "mst_lr_scale": float(mst.lr_scale()),
