@@ -115,9 +115,7 @@ def _strip(r: dict) -> dict:
 
 
 def _recipe(spec: dict):
-    method = reproduce.METHODS[spec["method"]]
-    return None if method.dense else reproduce.mst_config(method, spec["steps"], spec["update_interval"],
-                                                          spec["overrides"], spec.get("sized"))
+    return None if reproduce.METHODS[spec["method"]].dense else reproduce.spec_config(spec)
 
 
 def _what(r: dict, recipe) -> tuple:

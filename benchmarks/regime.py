@@ -139,7 +139,7 @@ def _run(spec: dict) -> dict:
         summary = json.loads(done.read_text())
         if summary.get("steps") == spec["steps"]:
             method = reproduce.METHODS[spec["method"]]
-            cfg = reproduce.mst_config(method, spec["steps"], None, {}, None)
+            cfg = reproduce.spec_config(spec)
             if not method.dense:
                 _pool.same_recipe(out, cfg)
             return {**reproduce.final_record(spec, cfg, summary), "point": spec["point"]}

@@ -120,6 +120,11 @@ def _model_file(spec: dict):
     return ModelFile(_frontier.GPT_FILE, SimpleNamespace(model=lambda: gpt(**sizes))), gpt, sizes
 
 
+def spec_config(spec: dict):
+    """The MSTConfig the run of ``spec`` trains (a dense method's is unused: ``MSTConfig()``)."""
+    return mst_config(METHODS[spec["method"]], spec["steps"], spec["update_interval"], spec["overrides"], spec.get("sized"))
+
+
 def run_one(spec: dict) -> dict:
     """Train one method with the trainer, then evaluate its final weights on ``final_eval_iters`` val batches.
 
@@ -136,7 +141,7 @@ def run_one(spec: dict) -> dict:
                      seed=spec["seed"], eval_interval=max(1, steps // spec["evals"]), eval_iters=spec["eval_iters"],
                      log_interval=spec.get("log_interval") or max(1, steps // 100), device="cpu", dense=method.dense,
                      data=spec.get("data"))
-    cfg = mst_config(method, steps, spec["update_interval"], spec["overrides"], spec.get("sized"))
+    cfg = spec_config(spec)
     out = Path(spec["out"])
     if not method.dense:
         same_recipe(out, cfg)
@@ -265,7 +270,7 @@ def predict_mst_flops(a) -> dict:
     spec = {**_spec(a, a.size_by, a.d), "batch_size": 1, "evals": 1, "eval_iters": 1, "final_eval_iters": 1,
             "log_interval": 1, "out": str(a.work / f"{a.size_by}_flops_batch1")}
     done = Path(spec["out"]) / "record.json"
-    cfg = mst_config(METHODS[a.size_by], a.steps, spec["update_interval"], spec["overrides"])
+    cfg = spec_config(spec)
     r = json.loads(done.read_text()) if done.is_file() else None  # a rerun into the same --work: that run finished
     if r is None or recorded_recipe(r) != cfg:  # none yet, or one of another recipe (before the defaults changed)
         shutil.rmtree(spec["out"], ignore_errors=True)
